@@ -1,0 +1,367 @@
+//! Wiring: discovery, node registration, listeners and the admin endpoint; reload and drain.
+//!
+//! `run` is what `routemesh run` calls once the config is valid. It binds every port before
+//! reporting ready, follows reload requests (SIGHUP in main.rs) by swapping only what changed,
+//! and on shutdown revokes the node lease, stops accepting and drains connections up to
+//! `drain_timeout`.
+
+use std::collections::BTreeMap;
+use std::net::SocketAddr;
+use std::sync::Arc;
+use std::sync::atomic::Ordering;
+use std::time::{Duration, SystemTime, UNIX_EPOCH};
+
+use arc_swap::ArcSwap;
+use tokio::net::TcpListener;
+use tokio::sync::{mpsc, watch};
+use tokio::task::JoinHandle;
+use tokio_util::sync::CancellationToken;
+
+use crate::admin::{self, AdminState};
+use crate::config::{Config, DiscoveryBackend, ListenerConfig, Protocol, ServiceName, ServiceSettings};
+use crate::discovery::keys::{NodeRecord, PublishedListener};
+use crate::discovery::node::{LeaseSettings, Registration};
+use crate::discovery::{self, DiscoveryStatus, Publisher};
+use crate::metrics::Metrics;
+use crate::proxy::listener::{self, Connections};
+use crate::proxy::{self, ListenerCtx};
+use crate::snapshot::{SharedSnapshot, Snapshot};
+
+/// Start-up failures (the daemon exits non-zero with this message).
+#[derive(Debug, thiserror::Error)]
+pub enum AppError {
+    #[error("cannot bind {what} {addr}: {source}")]
+    Bind {
+        what: String,
+        addr: SocketAddr,
+        #[source]
+        source: std::io::Error,
+    },
+}
+
+/// Requests from main.rs to the running app.
+#[derive(Debug)]
+pub enum Control {
+    /// Re-read the config file (SIGHUP).
+    Reload,
+}
+
+/// A running accept loop; stopping it hands the socket back so a changed listener keeps its
+/// port without a rebind gap.
+struct RunningListener {
+    config: ListenerConfig,
+    stop: CancellationToken,
+    handle: JoinHandle<TcpListener>,
+}
+
+struct Listeners {
+    running: BTreeMap<SocketAddr, RunningListener>,
+    conns: Connections,
+    snapshot: SharedSnapshot,
+    metrics: Arc<Metrics>,
+}
+
+impl Listeners {
+    fn spawn(&mut self, cfg: ListenerConfig, socket: TcpListener, config: &Config) {
+        let stop = CancellationToken::new();
+        let ctx = Arc::new(ListenerCtx {
+            name: cfg.name.clone(),
+            service: cfg.service.clone(),
+            snapshot: self.snapshot.clone(),
+            metrics: self.metrics.clone(),
+        });
+        let _ = config; // HTTP listeners read limits from it
+        let conns = self.conns.clone();
+        let name = cfg.name.clone();
+        let protocol = cfg.protocol;
+        let stop2 = stop.clone();
+        let handle = tokio::spawn(async move {
+            match protocol {
+                Protocol::Tcp | Protocol::Http => {
+                    listener::accept_loop(name, &socket, stop2, conns, move |s, peer| {
+                        proxy::tcp::handle(ctx.clone(), s, peer)
+                    })
+                    .await
+                }
+            }
+            socket
+        });
+        tracing::info!(listener = %cfg.name, addr = %cfg.listen, protocol = cfg.protocol.as_str(), service = %cfg.service, "listening");
+        self.running.insert(
+            cfg.listen,
+            RunningListener {
+                config: cfg,
+                stop,
+                handle,
+            },
+        );
+    }
+
+    /// Makes the running set match `config`: unchanged listeners are left alone, changed ones
+    /// get a new accept loop on the same socket, removed ones stop accepting (their open
+    /// connections run on), new ones are bound. Fails without changing anything when a new
+    /// port cannot be bound.
+    async fn apply(&mut self, config: &Config) -> Result<(), AppError> {
+        let mut fresh = Vec::new();
+        for l in &config.listeners {
+            if !self.running.contains_key(&l.listen) {
+                let socket = listener::bind(l.listen).map_err(|source| AppError::Bind {
+                    what: format!("listener {}", l.name),
+                    addr: l.listen,
+                    source,
+                })?;
+                fresh.push((l.clone(), socket));
+            }
+        }
+        let wanted: BTreeMap<SocketAddr, &ListenerConfig> =
+            config.listeners.iter().map(|l| (l.listen, l)).collect();
+        let addrs: Vec<SocketAddr> = self.running.keys().copied().collect();
+        for addr in addrs {
+            let changed = match wanted.get(&addr) {
+                None => true,
+                Some(w) => **w != self.running[&addr].config || self.needs_restart(config),
+            };
+            if !changed {
+                continue;
+            }
+            let r = self.running.remove(&addr).expect("key from the map");
+            r.stop.cancel();
+            let socket = match r.handle.await {
+                Ok(s) => s,
+                Err(_) => continue,
+            };
+            match wanted.get(&addr) {
+                Some(w) => self.spawn((*w).clone(), socket, config),
+                None => tracing::info!(listener = %r.config.name, addr = %addr, "listener removed"),
+            }
+        }
+        for (l, socket) in fresh {
+            self.spawn(l, socket, config);
+        }
+        Ok(())
+    }
+
+    fn needs_restart(&self, _config: &Config) -> bool {
+        false
+    }
+
+    async fn stop_all(&mut self) {
+        for (_, r) in std::mem::take(&mut self.running) {
+            r.stop.cancel();
+            let _ = r.handle.await;
+        }
+    }
+}
+
+fn node_record(config: &Config, started: u64) -> NodeRecord {
+    NodeRecord {
+        advertise: config.node.advertise,
+        version: env!("CARGO_PKG_VERSION").to_string(),
+        started,
+        listeners: config
+            .listeners
+            .iter()
+            .map(|l| PublishedListener {
+                name: l.name.clone(),
+                port: l.listen.port(),
+                protocol: l.protocol.as_str().to_string(),
+                service: l.service.to_string(),
+            })
+            .collect(),
+    }
+}
+
+fn registration(config: &Config, started: u64) -> Arc<Registration> {
+    Arc::new(Registration {
+        node: config.node.name.clone(),
+        record: node_record(config, started),
+        tasks: config.tasks.clone(),
+    })
+}
+
+fn settings_of(config: &Config) -> Arc<BTreeMap<ServiceName, ServiceSettings>> {
+    Arc::new(config.services.clone())
+}
+
+/// Runs the daemon until `shutdown`; `control` carries reload requests.
+pub async fn run(
+    config: Config,
+    mut control: mpsc::Receiver<Control>,
+    shutdown: CancellationToken,
+) -> Result<(), AppError> {
+    let metrics = Metrics::new();
+    let snapshot: SharedSnapshot = Arc::new(ArcSwap::from_pointee(Snapshot::default()));
+    let status = Arc::new(DiscoveryStatus::default());
+    let started = SystemTime::now()
+        .duration_since(UNIX_EPOCH)
+        .map(|d| d.as_secs())
+        .unwrap_or(0);
+
+    // Admin first, so /healthz answers while the rest starts.
+    let admin_socket = listener::bind(config.admin.listen).map_err(|source| AppError::Bind {
+        what: "admin listener".into(),
+        addr: config.admin.listen,
+        source,
+    })?;
+    let admin_state = Arc::new(AdminState {
+        node: config.node.name.clone(),
+        snapshot: snapshot.clone(),
+        discovery: status.clone(),
+        metrics: metrics.clone(),
+        listeners_bound: Default::default(),
+        draining: Default::default(),
+    });
+    let admin_stop = CancellationToken::new();
+    let admin_task = tokio::spawn(admin::serve(
+        admin_socket,
+        admin_state.clone(),
+        admin_stop.clone(),
+    ));
+    tracing::info!(addr = %config.admin.listen, "admin listening");
+
+    let mut listeners = Listeners {
+        running: BTreeMap::new(),
+        conns: Connections::default(),
+        snapshot: snapshot.clone(),
+        metrics: metrics.clone(),
+    };
+    listeners.apply(&config).await?;
+    admin_state.listeners_bound.store(true, Ordering::Release);
+
+    // Discovery: the one writer of the snapshot.
+    let (settings_tx, settings_rx) = watch::channel(settings_of(&config));
+    let (registration_tx, registration_rx) = watch::channel(registration(&config, started));
+    let discovery_stop = CancellationToken::new();
+    let lease_stop = CancellationToken::new();
+    let mut background: Vec<JoinHandle<()>> = Vec::new();
+    let mut lease_task: Option<JoinHandle<()>> = None;
+    let mut static_publisher = None;
+    let mut publisher = Publisher::new(
+        &config.discovery.prefix,
+        settings_of(&config),
+        snapshot.clone(),
+        status.clone(),
+    );
+    match config.discovery.backend {
+        DiscoveryBackend::Static => {
+            discovery::static_::publish_tasks(
+                &mut publisher,
+                &config.discovery.prefix,
+                &config.tasks,
+            );
+            tracing::info!(tasks = config.tasks.len(), "static routing table published");
+            static_publisher = Some(publisher);
+        }
+        DiscoveryBackend::Etcd => {
+            background.push(tokio::spawn(discovery::etcd::run(
+                config.discovery.clone(),
+                publisher,
+                settings_rx,
+                discovery_stop.clone(),
+            )));
+            lease_task = Some(tokio::spawn(discovery::node::run(
+                LeaseSettings {
+                    endpoints: config.discovery.endpoints.clone(),
+                    prefix: config.discovery.prefix.clone(),
+                    ttl: config.discovery.node_ttl,
+                    dial_timeout: config.discovery.dial_timeout,
+                },
+                registration_rx,
+                lease_stop.clone(),
+            )));
+        }
+    }
+
+    let mut current = config;
+    loop {
+        tokio::select! {
+            _ = shutdown.cancelled() => break,
+            msg = control.recv() => match msg {
+                Some(Control::Reload) => {
+                    reload(&mut current, &mut listeners, &settings_tx, &registration_tx, static_publisher.as_mut(), &metrics, started).await;
+                }
+                None => break,
+            },
+        }
+    }
+
+    // Shutdown: leave the cluster first, then stop accepting, then drain.
+    tracing::info!("shutting down: revoking the node lease, then draining");
+    admin_state.draining.store(true, Ordering::Relaxed);
+    lease_stop.cancel();
+    if let Some(t) = lease_task {
+        let _ = tokio::time::timeout(current.discovery.dial_timeout * 2, t).await;
+    }
+    listeners.stop_all().await;
+    let conns = listeners.conns.clone();
+    conns.tracker.close();
+    let open = conns.tracker.len();
+    if open > 0 {
+        tracing::info!(open, timeout = ?current.node.drain_timeout, "draining open connections");
+    }
+    if tokio::time::timeout(current.node.drain_timeout, conns.tracker.wait())
+        .await
+        .is_err()
+    {
+        tracing::warn!(open = conns.tracker.len(), "drain timeout reached; closing the remaining connections");
+        conns.hard_stop.cancel();
+        let _ = tokio::time::timeout(Duration::from_secs(2), conns.tracker.wait()).await;
+    }
+    discovery_stop.cancel();
+    for t in background {
+        let _ = tokio::time::timeout(Duration::from_secs(2), t).await;
+    }
+    admin_stop.cancel();
+    let _ = admin_task.await;
+    tracing::info!("stopped");
+    Ok(())
+}
+
+/// Re-reads the config file; an invalid file is refused whole and the old config stays.
+async fn reload(
+    current: &mut Config,
+    listeners: &mut Listeners,
+    settings_tx: &watch::Sender<Arc<BTreeMap<ServiceName, ServiceSettings>>>,
+    registration_tx: &watch::Sender<Arc<Registration>>,
+    static_publisher: Option<&mut Publisher>,
+    metrics: &Metrics,
+    started: u64,
+) {
+    let next = match Config::load(&current.source) {
+        Ok(c) => c,
+        Err(e) => {
+            metrics.config_reloads_total.with_label_values(&["error"]).inc();
+            tracing::error!("config reload refused, keeping the running config:\n{e}");
+            return;
+        }
+    };
+    if next.admin.listen != current.admin.listen
+        || next.node.name != current.node.name
+        || next.discovery.backend != current.discovery.backend
+        || next.discovery.endpoints != current.discovery.endpoints
+        || next.discovery.prefix != current.discovery.prefix
+    {
+        tracing::warn!("config reload: [admin], node.name and [discovery] changes need a restart; they are ignored until then");
+    }
+    if let Err(e) = listeners.apply(&next).await {
+        metrics.config_reloads_total.with_label_values(&["error"]).inc();
+        tracing::error!(error = %e, "config reload refused, keeping the running config");
+        return;
+    }
+    let _ = settings_tx.send(settings_of(&next));
+    let _ = registration_tx.send(registration(&next, started));
+    if let Some(p) = static_publisher {
+        p.set_settings(settings_of(&next));
+        discovery::static_::publish_tasks(p, &current.discovery.prefix, &next.tasks);
+    }
+    // Keep what needs a restart as it runs.
+    let mut next = next;
+    next.admin = current.admin.clone();
+    next.node.name = current.node.name.clone();
+    next.discovery.backend = current.discovery.backend.clone();
+    next.discovery.endpoints = current.discovery.endpoints.clone();
+    next.discovery.prefix = current.discovery.prefix.clone();
+    *current = next;
+    metrics.config_reloads_total.with_label_values(&["success"]).inc();
+    tracing::info!("config reloaded");
+}

@@ -1,0 +1,354 @@
+//! The cluster commands: `task add|rm`, `service ls|ps`, `node ls`. They talk to etcd directly
+//! with the same key schema the daemons use. Errors are one line on stderr, exit 1.
+
+use std::collections::BTreeMap;
+use std::net::SocketAddr;
+use std::process::ExitCode;
+use std::time::Duration;
+
+use etcd_client::{Client, GetOptions, PutOptions};
+use serde_json::json;
+
+use super::{ClusterArgs, NodeCmd, ServiceCmd, TaskCmd, table};
+use crate::config::{self, Config, NodeName, ServiceName, TaskId};
+use crate::discovery::etcd::connect;
+use crate::discovery::keys::{
+    TaskRecord, node_alive_key, node_info_key, service_prefix, task_key, watch_prefix,
+};
+use crate::discovery::table::{RoutingTable, Update};
+
+pub enum Op {
+    Task(TaskCmd),
+    Service(ServiceCmd),
+    Node(NodeCmd),
+}
+
+/// A cluster command's failure: printed as `error: …`.
+#[derive(Debug, thiserror::Error)]
+pub enum CliError {
+    #[error("{0}")]
+    Usage(String),
+    #[error("{0}")]
+    Config(#[from] config::ConfigError),
+    #[error("cannot reach etcd at {endpoints}: {reason}")]
+    Unreachable { endpoints: String, reason: String },
+}
+
+const TIMEOUT: Duration = Duration::from_secs(5);
+
+struct Target {
+    endpoints: Vec<String>,
+    prefix: String,
+    json: bool,
+}
+
+fn target(args: &ClusterArgs) -> Result<Target, CliError> {
+    let file = match &args.config {
+        Some(path) => Some(Config::load(path)?),
+        None => None,
+    };
+    let endpoints = match (&args.etcd, &file) {
+        (Some(list), _) => list
+            .split(',')
+            .map(|s| s.trim().trim_end_matches('/').to_string())
+            .filter(|s| !s.is_empty())
+            .collect(),
+        (None, Some(c)) => c.discovery.endpoints.clone(),
+        (None, None) => vec![config::DEFAULT_ENDPOINT.to_string()],
+    };
+    if endpoints.is_empty() {
+        return Err(CliError::Usage("--etcd names no endpoint".into()));
+    }
+    let endpoints = endpoints
+        .into_iter()
+        .map(|e| {
+            if e.contains("://") {
+                e
+            } else {
+                format!("http://{e}")
+            }
+        })
+        .collect();
+    let prefix = match (&args.prefix, &file) {
+        (Some(p), _) => p.trim_end_matches('/').to_string(),
+        (None, Some(c)) => c.discovery.prefix.clone(),
+        (None, None) => config::DEFAULT_PREFIX.to_string(),
+    };
+    if !prefix.starts_with('/') {
+        return Err(CliError::Usage(format!(
+            "--prefix {prefix:?} must start with '/'"
+        )));
+    }
+    Ok(Target {
+        endpoints,
+        prefix,
+        json: args.json,
+    })
+}
+
+pub fn main(op: Op) -> ExitCode {
+    let rt = match tokio::runtime::Builder::new_current_thread()
+        .enable_all()
+        .build()
+    {
+        Ok(rt) => rt,
+        Err(e) => {
+            eprintln!("error: cannot start the runtime: {e}");
+            return ExitCode::FAILURE;
+        }
+    };
+    match rt.block_on(dispatch(op)) {
+        Ok(out) => {
+            print!("{out}");
+            ExitCode::SUCCESS
+        }
+        Err(e) => {
+            eprintln!("error: {e}");
+            ExitCode::FAILURE
+        }
+    }
+}
+
+async fn dispatch(op: Op) -> Result<String, CliError> {
+    match op {
+        Op::Task(TaskCmd::Add {
+            service,
+            addr,
+            id,
+            node,
+            weight,
+            cluster,
+        }) => task_add(&target(&cluster)?, &service, &addr, id, node, weight).await,
+        Op::Task(TaskCmd::Rm {
+            service,
+            id,
+            cluster,
+        }) => task_rm(&target(&cluster)?, &service, &id).await,
+        Op::Service(ServiceCmd::Ls { cluster }) => service_ls(&target(&cluster)?).await,
+        Op::Service(ServiceCmd::Ps { service, cluster }) => {
+            service_ps(&target(&cluster)?, &service).await
+        }
+        Op::Node(NodeCmd::Ls { cluster }) => node_ls(&target(&cluster)?).await,
+    }
+}
+
+fn unreachable(t: &Target, e: impl std::fmt::Display) -> CliError {
+    CliError::Unreachable {
+        endpoints: t.endpoints.join(","),
+        reason: e.to_string(),
+    }
+}
+
+async fn client(t: &Target) -> Result<Client, CliError> {
+    connect(&t.endpoints, Duration::from_secs(2))
+        .await
+        .map_err(|e| unreachable(t, e))
+}
+
+/// Runs one etcd request with the CLI's time bound.
+async fn bounded<T, F>(t: &Target, f: F) -> Result<T, CliError>
+where
+    F: std::future::Future<Output = Result<T, etcd_client::Error>>,
+{
+    match tokio::time::timeout(TIMEOUT, f).await {
+        Ok(Ok(v)) => Ok(v),
+        Ok(Err(e)) => Err(unreachable(t, e)),
+        Err(_) => Err(unreachable(t, format!("no answer within {TIMEOUT:?}"))),
+    }
+}
+
+async fn load_table(t: &Target) -> Result<RoutingTable, CliError> {
+    let mut c = client(t).await?;
+    let resp = bounded(
+        t,
+        c.get(watch_prefix(&t.prefix), Some(GetOptions::new().with_prefix())),
+    )
+    .await?;
+    let mut table = RoutingTable::new(&t.prefix);
+    for bad in table.apply(Update::Reset {
+        revision: resp.header().map(|h| h.revision()).unwrap_or(0),
+        kvs: resp
+            .kvs()
+            .iter()
+            .map(|kv| (kv.key().to_vec(), kv.value().to_vec()))
+            .collect(),
+    }) {
+        eprintln!("warning: skipping malformed entry {}: {}", bad.key, bad.reason);
+    }
+    Ok(table)
+}
+
+fn usage<T, E: std::fmt::Display>(r: Result<T, E>) -> Result<T, CliError> {
+    r.map_err(|e| CliError::Usage(e.to_string()))
+}
+
+async fn task_add(
+    t: &Target,
+    service: &str,
+    addr: &str,
+    id: Option<String>,
+    node: Option<String>,
+    weight: u32,
+) -> Result<String, CliError> {
+    let service = usage(ServiceName::new(service))?;
+    let addr: SocketAddr = addr.parse().map_err(|_| {
+        CliError::Usage(format!(
+            "{addr:?} is not an IP:PORT address (e.g. 10.0.0.2:80 or [::1]:80)"
+        ))
+    })?;
+    if weight > 1000 {
+        return Err(CliError::Usage(format!(
+            "--weight {weight} is out of range 0..=1000"
+        )));
+    }
+    let node = node.map(|n| usage(NodeName::new(&n))).transpose()?;
+    let id = match id {
+        Some(id) => usage(TaskId::new(&id))?,
+        None => TaskId::derived(node.as_ref(), addr),
+    };
+    let mut c = client(t).await?;
+    let mut options = None;
+    if let Some(node) = &node {
+        let alive = bounded(t, c.get(node_alive_key(&t.prefix, node), None)).await?;
+        match alive.kvs().first() {
+            Some(kv) if kv.lease() != 0 => {
+                options = Some(PutOptions::new().with_lease(kv.lease()));
+            }
+            _ => {
+                let info = bounded(t, c.get(node_info_key(&t.prefix, node), None)).await?;
+                return Err(CliError::Usage(if info.kvs().is_empty() {
+                    format!("unknown node {node}: `routemesh node ls` lists the nodes")
+                } else {
+                    format!(
+                        "node {node} is Down: its tasks would vanish at once; pick a Ready node"
+                    )
+                }));
+            }
+        }
+    }
+    let rec = TaskRecord { addr, node, weight };
+    bounded(
+        t,
+        c.put(task_key(&t.prefix, &service, &id), rec.to_json(), options),
+    )
+    .await?;
+    Ok(if t.json {
+        format!("{}\n", json!({ "id": id.as_str(), "service": service.as_str() }))
+    } else {
+        format!("{id}\n")
+    })
+}
+
+async fn task_rm(t: &Target, service: &str, id: &str) -> Result<String, CliError> {
+    let service = usage(ServiceName::new(service))?;
+    let id = usage(TaskId::new(id))?;
+    let mut c = client(t).await?;
+    let resp = bounded(t, c.delete(task_key(&t.prefix, &service, &id), None)).await?;
+    if resp.deleted() == 0 {
+        return Err(CliError::Usage(format!(
+            "service {service} has no task {id}: `routemesh service ps {service}` lists them"
+        )));
+    }
+    Ok(if t.json {
+        format!("{}\n", json!({ "removed": id.as_str() }))
+    } else {
+        format!("{id}\n")
+    })
+}
+
+fn node_status(table: &RoutingTable, node: Option<&NodeName>) -> &'static str {
+    match node {
+        None => "-",
+        Some(n) => match table.nodes.get(n) {
+            None => "Unknown",
+            Some(e) if e.is_ready() => "Ready",
+            Some(_) => "Down",
+        },
+    }
+}
+
+async fn service_ls(t: &Target) -> Result<String, CliError> {
+    let table = load_table(t).await?;
+    let mut rows = Vec::new();
+    let mut out = Vec::new();
+    for (name, tasks) in &table.tasks {
+        let routable = tasks
+            .values()
+            .filter(|r| table.node_allows(r.node.as_ref()) && r.weight > 0)
+            .count();
+        rows.push(vec![
+            name.to_string(),
+            format!("{routable}/{}", tasks.len()),
+        ]);
+        out.push(json!({ "name": name.as_str(), "tasks": tasks.len(), "routable": routable }));
+    }
+    Ok(if t.json {
+        format!("{}\n", serde_json::Value::Array(out))
+    } else {
+        table::render(&["NAME", "TASKS"], &rows)
+    })
+}
+
+async fn service_ps(t: &Target, service: &str) -> Result<String, CliError> {
+    let service = usage(ServiceName::new(service))?;
+    let table = load_table(t).await?;
+    let empty = BTreeMap::new();
+    let tasks = table.tasks.get(&service).unwrap_or(&empty);
+    if tasks.is_empty() && !t.json {
+        let _ = service_prefix(&t.prefix, &service);
+    }
+    let mut rows = Vec::new();
+    let mut out = Vec::new();
+    for (id, r) in tasks {
+        let status = node_status(&table, r.node.as_ref());
+        let node = r.node.as_ref().map(|n| n.to_string()).unwrap_or("-".into());
+        rows.push(vec![
+            id.to_string(),
+            r.addr.to_string(),
+            node.clone(),
+            status.to_string(),
+        ]);
+        out.push(json!({
+            "id": id.as_str(),
+            "addr": r.addr.to_string(),
+            "node": r.node.as_ref().map(|n| n.as_str()),
+            "node_status": status,
+            "weight": r.weight,
+        }));
+    }
+    Ok(if t.json {
+        format!("{}\n", serde_json::Value::Array(out))
+    } else {
+        table::render(&["ID", "ADDR", "NODE", "NODE STATUS"], &rows)
+    })
+}
+
+async fn node_ls(t: &Target) -> Result<String, CliError> {
+    let table = load_table(t).await?;
+    let mut rows = Vec::new();
+    let mut out = Vec::new();
+    for (name, e) in &table.nodes {
+        let status = if e.is_ready() { "Ready" } else { "Down" };
+        let rec = e.record();
+        let addr = rec
+            .and_then(|r| r.advertise)
+            .map(|a| a.to_string())
+            .unwrap_or("-".into());
+        let version = rec
+            .map(|r| r.version.clone())
+            .filter(|v| !v.is_empty())
+            .unwrap_or("-".into());
+        rows.push(vec![
+            name.to_string(),
+            addr.clone(),
+            status.to_string(),
+            version.clone(),
+        ]);
+        out.push(json!({ "name": name.as_str(), "address": addr, "status": status, "version": version }));
+    }
+    Ok(if t.json {
+        format!("{}\n", serde_json::Value::Array(out))
+    } else {
+        table::render(&["NAME", "ADDRESS", "STATUS", "VERSION"], &rows)
+    })
+}

@@ -1,0 +1,222 @@
+//! The command line (a contract): `run`, `check`, and the cluster commands `task`, `service`,
+//! `node` that read and write etcd like `docker service ps` / `docker node ls`.
+
+pub mod cluster;
+pub mod table;
+
+use std::path::PathBuf;
+use std::process::ExitCode;
+
+use clap::{Args, Parser, Subcommand};
+use tokio::sync::mpsc;
+use tokio_util::sync::CancellationToken;
+
+use crate::app::{self, Control};
+use crate::config::{Config, DiscoveryBackend, LogFormat};
+
+#[derive(Debug, Parser)]
+#[command(name = "routemesh", version, about = "Ingress routing-mesh load balancer")]
+pub struct Cli {
+    #[command(subcommand)]
+    pub command: Command,
+}
+
+#[derive(Debug, Subcommand)]
+pub enum Command {
+    /// Run the node daemon.
+    Run {
+        /// Config file (TOML).
+        #[arg(short, long, value_name = "FILE")]
+        config: PathBuf,
+    },
+    /// Validate a config file: every error as FILE:LINE:COL, exit 2; or a summary, exit 0.
+    Check {
+        #[arg(short, long, value_name = "FILE")]
+        config: PathBuf,
+    },
+    /// Register and remove tasks.
+    #[command(subcommand)]
+    Task(TaskCmd),
+    /// List services and their tasks.
+    #[command(subcommand)]
+    Service(ServiceCmd),
+    /// List nodes.
+    #[command(subcommand)]
+    Node(NodeCmd),
+}
+
+/// Where the cluster commands find etcd.
+#[derive(Debug, Args, Clone)]
+pub struct ClusterArgs {
+    /// etcd endpoints, comma-separated.
+    #[arg(long, env = "ROUTEMESH_ETCD", value_name = "URL[,URL…]", global = true)]
+    pub etcd: Option<String>,
+    /// Key prefix.
+    #[arg(long, env = "ROUTEMESH_PREFIX", global = true)]
+    pub prefix: Option<String>,
+    /// Take endpoints and prefix from this config file.
+    #[arg(short, long, value_name = "FILE", global = true)]
+    pub config: Option<PathBuf>,
+    /// Print JSON instead of a table.
+    #[arg(long, global = true)]
+    pub json: bool,
+}
+
+#[derive(Debug, Subcommand)]
+pub enum TaskCmd {
+    /// Register a task; prints its id.
+    Add {
+        service: String,
+        /// IP:PORT of the task.
+        addr: String,
+        #[arg(long)]
+        id: Option<String>,
+        /// Attach the task to this node's liveness lease: it vanishes when the node dies.
+        #[arg(long)]
+        node: Option<String>,
+        #[arg(long, default_value_t = 1)]
+        weight: u32,
+        #[command(flatten)]
+        cluster: ClusterArgs,
+    },
+    /// Remove a task.
+    Rm {
+        service: String,
+        id: String,
+        #[command(flatten)]
+        cluster: ClusterArgs,
+    },
+}
+
+#[derive(Debug, Subcommand)]
+pub enum ServiceCmd {
+    /// Services with their task counts.
+    Ls {
+        #[command(flatten)]
+        cluster: ClusterArgs,
+    },
+    /// Tasks of one service.
+    Ps {
+        service: String,
+        #[command(flatten)]
+        cluster: ClusterArgs,
+    },
+}
+
+#[derive(Debug, Subcommand)]
+pub enum NodeCmd {
+    /// Nodes with their status.
+    Ls {
+        #[command(flatten)]
+        cluster: ClusterArgs,
+    },
+}
+
+/// Runs a parsed command line; the exit code follows the contract (2 for config errors).
+pub fn main(cli: Cli) -> ExitCode {
+    match cli.command {
+        Command::Check { config } => match Config::load(&config) {
+            Ok(c) => {
+                println!(
+                    "{}: ok: node {}, {} listener(s), {} service setting(s), {} task(s), discovery {}",
+                    config.display(),
+                    c.node.name,
+                    c.listeners.len(),
+                    c.services.len(),
+                    c.tasks.len(),
+                    match c.discovery.backend {
+                        DiscoveryBackend::Etcd => "etcd",
+                        DiscoveryBackend::Static => "static",
+                    }
+                );
+                ExitCode::SUCCESS
+            }
+            Err(e) => {
+                eprintln!("{e}");
+                ExitCode::from(2)
+            }
+        },
+        Command::Run { config } => match Config::load(&config) {
+            Ok(c) => run_daemon(c),
+            Err(e) => {
+                eprintln!("{e}");
+                ExitCode::from(2)
+            }
+        },
+        Command::Task(cmd) => cluster::main(cluster::Op::Task(cmd)),
+        Command::Service(cmd) => cluster::main(cluster::Op::Service(cmd)),
+        Command::Node(cmd) => cluster::main(cluster::Op::Node(cmd)),
+    }
+}
+
+fn init_tracing(config: &Config) {
+    use tracing_subscriber::EnvFilter;
+    let filter = EnvFilter::try_from_default_env()
+        .or_else(|_| EnvFilter::try_new(&config.log.level))
+        .unwrap_or_else(|_| EnvFilter::new("info"));
+    let builder = tracing_subscriber::fmt()
+        .with_env_filter(filter)
+        .with_ansi(std::io::IsTerminal::is_terminal(&std::io::stderr()))
+        .with_writer(std::io::stderr);
+    let _ = match config.log.format {
+        LogFormat::Text => builder.try_init(),
+        LogFormat::Json => builder.json().try_init(),
+    };
+}
+
+fn run_daemon(config: Config) -> ExitCode {
+    init_tracing(&config);
+    let runtime = match tokio::runtime::Builder::new_multi_thread()
+        .worker_threads(config.runtime.worker_threads)
+        .enable_all()
+        .build()
+    {
+        Ok(rt) => rt,
+        Err(e) => {
+            eprintln!("error: cannot start the runtime: {e}");
+            return ExitCode::FAILURE;
+        }
+    };
+    runtime.block_on(async move {
+        let shutdown = CancellationToken::new();
+        let (control_tx, control_rx) = mpsc::channel(4);
+        if let Err(e) = spawn_signal_handlers(shutdown.clone(), control_tx) {
+            eprintln!("error: cannot install signal handlers: {e}");
+            return ExitCode::FAILURE;
+        }
+        tracing::info!(node = %config.node.name, version = env!("CARGO_PKG_VERSION"), "routemesh starting");
+        match app::run(config, control_rx, shutdown).await {
+            Ok(()) => ExitCode::SUCCESS,
+            Err(e) => {
+                tracing::error!("{e}");
+                eprintln!("error: {e}");
+                ExitCode::FAILURE
+            }
+        }
+    })
+}
+
+fn spawn_signal_handlers(
+    shutdown: CancellationToken,
+    control: mpsc::Sender<Control>,
+) -> std::io::Result<()> {
+    use tokio::signal::unix::{SignalKind, signal};
+    let mut term = signal(SignalKind::terminate())?;
+    let mut int = signal(SignalKind::interrupt())?;
+    let mut hup = signal(SignalKind::hangup())?;
+    tokio::spawn(async move {
+        loop {
+            tokio::select! {
+                _ = term.recv() => { tracing::info!("SIGTERM received"); shutdown.cancel(); }
+                _ = int.recv() => { tracing::info!("SIGINT received"); shutdown.cancel(); }
+                _ = hup.recv() => {
+                    tracing::info!("SIGHUP received: reloading the config");
+                    let _ = control.try_send(Control::Reload);
+                    continue;
+                }
+            }
+            break;
+        }
+    });
+    Ok(())
+}

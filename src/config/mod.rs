@@ -1,0 +1,1067 @@
+//! The validated configuration: typed values, defaults filled, every problem reported at once.
+//!
+//! `load` reads a TOML file, deserializes the raw shape (`file.rs`), collects unknown keys and
+//! invalid values with their `file:line:col`, and returns a [`Config`] only when there are
+//! none. Nothing here binds sockets or talks to etcd; this module imports nothing else of
+//! the project.
+
+pub mod error;
+pub mod file;
+pub mod names;
+
+use std::collections::{BTreeMap, BTreeSet};
+use std::net::{IpAddr, SocketAddr};
+use std::ops::Range;
+use std::path::{Path, PathBuf};
+use std::time::Duration;
+
+use serde::Serialize;
+
+pub use error::{ConfigError, ConfigIssue};
+use error::Issues;
+use file::{RawConfig, S};
+pub use names::{NameError, NodeName, ServiceName, TaskId};
+
+/// A whole, valid configuration.
+#[derive(Debug, Clone)]
+pub struct Config {
+    /// The file it came from (reloads read it again).
+    pub source: PathBuf,
+    pub node: NodeConfig,
+    pub discovery: DiscoveryConfig,
+    pub admin: AdminConfig,
+    pub listeners: Vec<ListenerConfig>,
+    /// Settings of services named in the file; services seen only in etcd get the defaults.
+    pub services: BTreeMap<ServiceName, ServiceSettings>,
+    /// Tasks this node hosts (etcd backend) or the whole table (static backend).
+    pub tasks: Vec<TaskConfig>,
+    pub http: HttpLimits,
+    pub log: LogConfig,
+    pub runtime: RuntimeConfig,
+}
+
+#[derive(Debug, Clone)]
+pub struct NodeConfig {
+    /// Unique per node; the key of its liveness records.
+    pub name: NodeName,
+    /// Address clients use for this node (shown by `node ls`, used by DNS answers).
+    pub advertise: Option<IpAddr>,
+    /// How long open connections may run after SIGTERM.
+    pub drain_timeout: Duration,
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum DiscoveryBackend {
+    Etcd,
+    Static,
+}
+
+#[derive(Debug, Clone)]
+pub struct DiscoveryConfig {
+    pub backend: DiscoveryBackend,
+    /// All etcd members; the client fails over between them.
+    pub endpoints: Vec<String>,
+    /// Key prefix without a trailing slash, e.g. `/routemesh`.
+    pub prefix: String,
+    /// Lease TTL for this node and the tasks it hosts.
+    pub node_ttl: Duration,
+    /// A full re-list every so often, guarding against lost watch events.
+    pub resync_interval: Duration,
+    /// Bound on connecting to etcd and on each request.
+    pub dial_timeout: Duration,
+}
+
+#[derive(Debug, Clone)]
+pub struct AdminConfig {
+    pub listen: SocketAddr,
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize)]
+#[serde(rename_all = "snake_case")]
+pub enum Protocol {
+    Tcp,
+    Http,
+}
+
+impl Protocol {
+    pub fn as_str(self) -> &'static str {
+        match self {
+            Protocol::Tcp => "tcp",
+            Protocol::Http => "http",
+        }
+    }
+}
+
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct ListenerConfig {
+    /// Metric label and log field; default `<protocol>-<port>`.
+    pub name: String,
+    pub listen: SocketAddr,
+    pub protocol: Protocol,
+    /// The default route.
+    pub service: ServiceName,
+    /// HTTP routes, first match wins (http listeners only).
+    pub routes: Vec<RouteConfig>,
+}
+
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct RouteConfig {
+    /// Exact host or `*.suffix`, lower-cased, no port.
+    pub host: Option<String>,
+    pub path_prefix: Option<String>,
+    pub service: ServiceName,
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize)]
+#[serde(rename_all = "snake_case")]
+pub enum Balance {
+    RoundRobin,
+    LeastConn,
+    P2c,
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize)]
+#[serde(rename_all = "snake_case")]
+pub enum UpstreamProtocol {
+    Http1,
+    H2c,
+}
+
+/// Per-service settings, shared by every listener that routes to the service.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize)]
+pub struct ServiceSettings {
+    pub balance: Balance,
+    #[serde(with = "humantime_serde_compat")]
+    pub connect_timeout: Duration,
+    /// Other tasks tried after a failed or timed-out connect.
+    pub retries: u32,
+    pub upstream_protocol: UpstreamProtocol,
+    #[serde(with = "humantime_serde_compat")]
+    pub request_timeout: Duration,
+}
+
+impl Default for ServiceSettings {
+    fn default() -> Self {
+        ServiceSettings {
+            balance: Balance::RoundRobin,
+            connect_timeout: Duration::from_secs(1),
+            retries: 2,
+            upstream_protocol: UpstreamProtocol::Http1,
+            request_timeout: Duration::from_secs(60),
+        }
+    }
+}
+
+mod humantime_serde_compat {
+    use std::time::Duration;
+    pub fn serialize<S: serde::Serializer>(d: &Duration, s: S) -> Result<S::Ok, S::Error> {
+        s.serialize_str(&humantime::format_duration(*d).to_string())
+    }
+}
+
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct TaskConfig {
+    pub service: ServiceName,
+    pub addr: SocketAddr,
+    pub id: TaskId,
+    pub weight: u32,
+}
+
+/// Listener-wide HTTP limits.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct HttpLimits {
+    pub max_header_bytes: usize,
+    pub max_headers: usize,
+    pub header_read_timeout: Duration,
+    pub idle_timeout: Duration,
+    /// 0 = unlimited.
+    pub max_body_bytes: u64,
+}
+
+impl Default for HttpLimits {
+    fn default() -> Self {
+        HttpLimits {
+            max_header_bytes: 65536,
+            max_headers: 100,
+            header_read_timeout: Duration::from_secs(10),
+            idle_timeout: Duration::from_secs(60),
+            max_body_bytes: 0,
+        }
+    }
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum LogFormat {
+    Text,
+    Json,
+}
+
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct LogConfig {
+    /// A tracing filter directive (`info`, `routemesh=debug`); RUST_LOG wins when set.
+    pub level: String,
+    pub format: LogFormat,
+    /// One line per HTTP request.
+    pub access: bool,
+}
+
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct RuntimeConfig {
+    /// Tokio worker threads; default the number of cores.
+    pub worker_threads: usize,
+}
+
+pub const DEFAULT_ADMIN: &str = "127.0.0.1:9901";
+pub const DEFAULT_ENDPOINT: &str = "http://127.0.0.1:2379";
+pub const DEFAULT_PREFIX: &str = "/routemesh";
+
+impl Config {
+    /// Reads and validates `path`.
+    pub fn load(path: &Path) -> Result<Config, ConfigError> {
+        let source = std::fs::read_to_string(path).map_err(|e| {
+            ConfigError::single(path, format!("cannot read the config file: {e}"))
+        })?;
+        Config::parse(path, &source)
+    }
+
+    /// Validates `source` as if read from `path`.
+    pub fn parse(path: &Path, source: &str) -> Result<Config, ConfigError> {
+        let mut issues = Issues::new(source);
+        let table = match toml::de::DeTable::parse(source) {
+            Ok(t) => t,
+            Err(e) => {
+                issues.at(
+                    e.span().unwrap_or(0..0),
+                    format!("invalid TOML: {}", e.message().trim()),
+                );
+                return Err(issues.into_error(path));
+            }
+        };
+        let mut unknown: Vec<Vec<String>> = Vec::new();
+        let raw: RawConfig = match toml::Deserializer::parse(source)
+            .and_then(|de| serde_ignored::deserialize(de, |p| unknown.push(path_segments(&p))))
+        {
+            Ok(raw) => raw,
+            Err(e) => {
+                issues.at(
+                    e.span().unwrap_or(0..0),
+                    format!("{} (see config/example.toml)", e.message().trim()),
+                );
+                return Err(issues.into_error(path));
+            }
+        };
+        for segments in unknown {
+            let span = span_of(table.get_ref(), &segments).unwrap_or(0..0);
+            let key = segments.join(".");
+            issues.at(
+                span,
+                format!(
+                    "unknown key `{key}`: remove it or check its spelling (config/example.toml lists every key)"
+                ),
+            );
+        }
+        let config = validate(path, raw, &mut issues);
+        if issues.is_empty() {
+            Ok(config)
+        } else {
+            Err(issues.into_error(path))
+        }
+    }
+
+    /// The settings a service gets: its `[service.NAME]` table or the defaults.
+    pub fn service_settings(&self, name: &ServiceName) -> ServiceSettings {
+        self.services.get(name).cloned().unwrap_or_default()
+    }
+}
+
+/// The key path of an ignored value, without serde's internal wrappers (Spanned's fields).
+fn path_segments(path: &serde_ignored::Path<'_>) -> Vec<String> {
+    use serde_ignored::Path as P;
+    let mut out = Vec::new();
+    let mut cur = path;
+    loop {
+        match cur {
+            P::Root => break,
+            P::Seq { parent, index } => {
+                out.push(index.to_string());
+                cur = parent;
+            }
+            P::Map { parent, key } => {
+                if !key.starts_with("$__") {
+                    out.push(key.clone());
+                }
+                cur = parent;
+            }
+            P::Some { parent } | P::NewtypeStruct { parent } | P::NewtypeVariant { parent } => {
+                cur = parent
+            }
+        }
+    }
+    out.reverse();
+    out
+}
+
+/// The span of the key at `segments` (array indices as numbers) in the parsed document.
+fn span_of(table: &toml::de::DeTable<'_>, segments: &[String]) -> Option<Range<usize>> {
+    use toml::de::DeValue;
+    let (first, rest) = segments.split_first()?;
+    let (key, value) = table.iter().find(|(k, _)| k.get_ref().as_ref() == first)?;
+    if rest.is_empty() {
+        return Some(key.span());
+    }
+    let mut value = value;
+    let mut rest = rest;
+    // Walk through arrays (of tables) by index.
+    while let DeValue::Array(items) = value.get_ref() {
+        let (idx, r) = rest.split_first()?;
+        value = items.get(idx.parse::<usize>().ok()?)?;
+        rest = r;
+        if rest.is_empty() {
+            return Some(value.span());
+        }
+    }
+    match value.get_ref() {
+        DeValue::Table(t) => span_of(t, rest).or(Some(key.span())),
+        _ => Some(key.span()),
+    }
+}
+
+fn span<T>(s: &S<T>) -> Range<usize> {
+    s.span()
+}
+
+fn duration(issues: &mut Issues, v: &Option<S<String>>, default: Duration, key: &str) -> Duration {
+    let Some(v) = v else { return default };
+    match humantime::parse_duration(v.get_ref().trim()) {
+        Ok(d) => d,
+        Err(e) => {
+            issues.at(
+                span(v),
+                format!(
+                    "`{key}`: {:?} is not a duration ({e}); write a string like \"500ms\", \"3s\" or \"1m\"",
+                    v.get_ref()
+                ),
+            );
+            default
+        }
+    }
+}
+
+fn positive_duration(
+    issues: &mut Issues,
+    v: &Option<S<String>>,
+    default: Duration,
+    key: &str,
+) -> Duration {
+    let d = duration(issues, v, default, key);
+    if d.is_zero() {
+        if let Some(v) = v {
+            issues.at(span(v), format!("`{key}` must be greater than zero"));
+        }
+        return default;
+    }
+    d
+}
+
+fn int_in(
+    issues: &mut Issues,
+    v: &Option<S<i64>>,
+    default: i64,
+    range: std::ops::RangeInclusive<i64>,
+    key: &str,
+) -> i64 {
+    let Some(v) = v else { return default };
+    let n = *v.get_ref();
+    if range.contains(&n) {
+        n
+    } else {
+        issues.at(
+            span(v),
+            format!(
+                "`{key}` = {n} is out of range: use a whole number from {} to {}",
+                range.start(),
+                range.end()
+            ),
+        );
+        default
+    }
+}
+
+fn name<T>(
+    issues: &mut Issues,
+    v: &S<String>,
+    key: &str,
+    make: fn(&str) -> Result<T, NameError>,
+) -> Option<T> {
+    match make(v.get_ref()) {
+        Ok(n) => Some(n),
+        Err(e) => {
+            issues.at(span(v), format!("`{key}`: {e}"));
+            None
+        }
+    }
+}
+
+fn socket_addr(issues: &mut Issues, v: &S<String>, key: &str) -> Option<SocketAddr> {
+    match v.get_ref().trim().parse::<SocketAddr>() {
+        Ok(a) => Some(a),
+        Err(_) => {
+            issues.at(
+                span(v),
+                format!(
+                    "`{key}`: {:?} is not an IP:PORT address; write e.g. \"0.0.0.0:80\", \"10.0.0.2:1884\" or \"[::1]:80\"",
+                    v.get_ref()
+                ),
+            );
+            None
+        }
+    }
+}
+
+fn one_of<T: Copy>(
+    issues: &mut Issues,
+    v: &Option<S<String>>,
+    default: T,
+    choices: &[(&str, T)],
+    key: &str,
+) -> T {
+    let Some(v) = v else { return default };
+    match choices.iter().find(|(s, _)| *s == v.get_ref()) {
+        Some((_, t)) => *t,
+        None => {
+            let names: Vec<String> = choices.iter().map(|(s, _)| format!("\"{s}\"")).collect();
+            issues.at(
+                span(v),
+                format!(
+                    "`{key}` = {:?} is not supported: use one of {}",
+                    v.get_ref(),
+                    names.join(", ")
+                ),
+            );
+            default
+        }
+    }
+}
+
+/// This machine's host name, the default node name.
+pub fn hostname() -> String {
+    std::fs::read_to_string("/proc/sys/kernel/hostname")
+        .or_else(|_| std::fs::read_to_string("/etc/hostname"))
+        .map(|s| s.trim().to_string())
+        .ok()
+        .filter(|s| !s.is_empty())
+        .unwrap_or_else(|| "localhost".to_string())
+}
+
+fn validate(path: &Path, raw: RawConfig, issues: &mut Issues) -> Config {
+    // [node]
+    let node_raw = raw.node.map(|n| n.into_inner()).unwrap_or_default();
+    let node_name = match &node_raw.name {
+        Some(v) => name(issues, v, "node.name", NodeName::new),
+        None => {
+            let host = hostname();
+            let cleaned: String = host
+                .chars()
+                .map(|c| {
+                    if c.is_ascii_alphanumeric() || matches!(c, '.' | '_' | '-') {
+                        c
+                    } else {
+                        '-'
+                    }
+                })
+                .take(128)
+                .collect();
+            NodeName::new(&cleaned).ok()
+        }
+    }
+    .unwrap_or_else(|| NodeName::new("node").expect("valid literal"));
+    let advertise = node_raw
+        .advertise
+        .as_ref()
+        .and_then(|v| match v.get_ref().trim().parse::<IpAddr>() {
+            Ok(ip) => Some(ip),
+            Err(_) => {
+                issues.at(
+                    span(v),
+                    format!(
+                        "`node.advertise`: {:?} is not an IP address; write the address clients use for this node, e.g. \"10.0.0.1\"",
+                        v.get_ref()
+                    ),
+                );
+                None
+            }
+        });
+    let drain_timeout = duration(
+        issues,
+        &node_raw.drain_timeout,
+        Duration::from_secs(10),
+        "node.drain_timeout",
+    );
+
+    // [discovery]
+    let d = raw.discovery.map(|d| d.into_inner()).unwrap_or_default();
+    let backend = one_of(
+        issues,
+        &d.backend,
+        DiscoveryBackend::Etcd,
+        &[
+            ("etcd", DiscoveryBackend::Etcd),
+            ("static", DiscoveryBackend::Static),
+        ],
+        "discovery.backend",
+    );
+    let endpoints = match &d.endpoints {
+        None => vec![DEFAULT_ENDPOINT.to_string()],
+        Some(list) => {
+            if list.get_ref().is_empty() {
+                issues.at(
+                    span(list),
+                    "`discovery.endpoints` is empty: list every etcd member, e.g. [\"http://10.0.0.1:2379\"]",
+                );
+            }
+            let mut out = Vec::new();
+            for ep in list.get_ref() {
+                let s = ep.get_ref().trim();
+                let rest = s
+                    .strip_prefix("http://")
+                    .or_else(|| s.strip_prefix("https://"));
+                let valid = rest.is_some_and(|r| {
+                    let hostport = r.trim_end_matches('/');
+                    hostport.rsplit_once(':').is_some_and(|(h, p)| {
+                        !h.is_empty() && p.parse::<u16>().is_ok_and(|p| p > 0)
+                    })
+                });
+                if valid {
+                    out.push(s.trim_end_matches('/').to_string());
+                } else {
+                    issues.at(
+                        span(ep),
+                        format!(
+                            "`discovery.endpoints`: {s:?} is not an etcd URL; write \"http://HOST:PORT\" (or https://)"
+                        ),
+                    );
+                }
+            }
+            out
+        }
+    };
+    let prefix = match &d.prefix {
+        None => DEFAULT_PREFIX.to_string(),
+        Some(p) => {
+            let s = p.get_ref().trim_end_matches('/');
+            if !p.get_ref().starts_with('/') || s.is_empty() || s.contains("//") {
+                issues.at(
+                    span(p),
+                    format!(
+                        "`discovery.prefix` = {:?}: write an absolute key prefix such as \"/routemesh\"",
+                        p.get_ref()
+                    ),
+                );
+                DEFAULT_PREFIX.to_string()
+            } else {
+                s.to_string()
+            }
+        }
+    };
+    let node_ttl = positive_duration(
+        issues,
+        &d.node_ttl,
+        Duration::from_secs(3),
+        "discovery.node_ttl",
+    );
+    if let Some(v) = &d.node_ttl
+        && (node_ttl.subsec_nanos() != 0 || node_ttl > Duration::from_secs(3600))
+    {
+        issues.at(
+            span(v),
+            "`discovery.node_ttl` must be a whole number of seconds from 1s to 1h (etcd leases count seconds; etcd raises TTLs below 2s to 2s)",
+        );
+    }
+    let resync_interval = positive_duration(
+        issues,
+        &d.resync_interval,
+        Duration::from_secs(300),
+        "discovery.resync_interval",
+    );
+    let dial_timeout = positive_duration(
+        issues,
+        &d.dial_timeout,
+        Duration::from_secs(2),
+        "discovery.dial_timeout",
+    );
+
+    // [admin]
+    let admin_raw = raw.admin.map(|a| a.into_inner()).unwrap_or_default();
+    let admin_listen = admin_raw
+        .listen
+        .as_ref()
+        .and_then(|v| socket_addr(issues, v, "admin.listen"))
+        .unwrap_or_else(|| DEFAULT_ADMIN.parse().expect("valid literal"));
+
+    // [[listener]]
+    let mut listeners = Vec::new();
+    let mut seen_names = BTreeSet::new();
+    let mut seen_addrs = BTreeSet::new();
+    for l in &raw.listener {
+        let l_span = span(l);
+        let l = l.get_ref();
+        let protocol = one_of(
+            issues,
+            &l.protocol,
+            Protocol::Tcp,
+            &[("tcp", Protocol::Tcp), ("http", Protocol::Http)],
+            "listener.protocol",
+        );
+        let listen = match &l.listen {
+            Some(v) => socket_addr(issues, v, "listener.listen"),
+            None => {
+                issues.at(
+                    l_span.clone(),
+                    "[[listener]] needs `listen`, e.g. listen = \"0.0.0.0:80\"",
+                );
+                None
+            }
+        };
+        let service = match &l.service {
+            Some(v) => name(issues, v, "listener.service", ServiceName::new),
+            None => {
+                issues.at(
+                    l_span.clone(),
+                    "[[listener]] needs `service`: the service its connections go to",
+                );
+                None
+            }
+        };
+        let mut routes = Vec::new();
+        for r in &l.route {
+            if protocol != Protocol::Http {
+                issues.at(
+                    span(r),
+                    "[[listener.route]] is only for protocol = \"http\" listeners: remove it or change the protocol",
+                );
+                continue;
+            }
+            let r_span = span(r);
+            let r = r.get_ref();
+            let host = r.host.as_ref().and_then(|h| {
+                let v = h.get_ref().trim().to_ascii_lowercase();
+                let bare = v.strip_prefix("*.").unwrap_or(&v);
+                let ok = !bare.is_empty()
+                    && bare
+                        .bytes()
+                        .all(|b| b.is_ascii_alphanumeric() || matches!(b, b'.' | b'-'));
+                if ok {
+                    Some(v)
+                } else {
+                    issues.at(
+                        span(h),
+                        format!(
+                            "`route.host` = {:?}: write a host name (\"api.example.com\") or a wildcard (\"*.example.com\"), without port",
+                            h.get_ref()
+                        ),
+                    );
+                    None
+                }
+            });
+            let path_prefix = r.path_prefix.as_ref().and_then(|p| {
+                if p.get_ref().starts_with('/') {
+                    Some(p.get_ref().clone())
+                } else {
+                    issues.at(
+                        span(p),
+                        format!("`route.path_prefix` = {:?} must start with '/'", p.get_ref()),
+                    );
+                    None
+                }
+            });
+            let service = match &r.service {
+                Some(v) => name(issues, v, "route.service", ServiceName::new),
+                None => {
+                    issues.at(r_span, "[[listener.route]] needs `service`");
+                    None
+                }
+            };
+            if let Some(service) = service {
+                routes.push(RouteConfig {
+                    host,
+                    path_prefix,
+                    service,
+                });
+            }
+        }
+        let (Some(listen), Some(service)) = (listen, service) else {
+            continue;
+        };
+        let lname = match &l.name {
+            Some(v) => {
+                if v.get_ref().is_empty()
+                    || v.get_ref().len() > 64
+                    || !v
+                        .get_ref()
+                        .bytes()
+                        .all(|b| b.is_ascii_alphanumeric() || matches!(b, b'.' | b'_' | b'-'))
+                {
+                    issues.at(
+                        span(v),
+                        "`listener.name`: use 1-64 characters from A-Z a-z 0-9 . _ -",
+                    );
+                }
+                v.get_ref().clone()
+            }
+            None => format!("{}-{}", protocol.as_str(), listen.port()),
+        };
+        let at = l.name.as_ref().map(span).unwrap_or(l_span.clone());
+        if !seen_names.insert(lname.clone()) {
+            issues.at(
+                at,
+                format!(
+                    "two listeners are named {lname:?}: give each [[listener]] a distinct `name`"
+                ),
+            );
+        }
+        if !seen_addrs.insert(listen) {
+            let at = l.listen.as_ref().map(span).unwrap_or(l_span);
+            issues.at(
+                at,
+                format!("two listeners bind {listen}: each `listen` address may appear once"),
+            );
+        }
+        listeners.push(ListenerConfig {
+            name: lname,
+            listen,
+            protocol,
+            service,
+            routes,
+        });
+    }
+    if listeners.iter().any(|l| l.listen == admin_listen) {
+        issues.at(
+            0..0,
+            format!("the admin listener and a [[listener]] both bind {admin_listen}"),
+        );
+    }
+
+    // [service.NAME]
+    let mut services = BTreeMap::new();
+    for (key, s) in &raw.service {
+        let sname = match ServiceName::new(key) {
+            Ok(n) => n,
+            Err(e) => {
+                issues.at(span(s), format!("[service.{key}]: {e}"));
+                continue;
+            }
+        };
+        let s = s.get_ref();
+        let def = ServiceSettings::default();
+        let settings = ServiceSettings {
+            balance: one_of(
+                issues,
+                &s.balance,
+                def.balance,
+                &[
+                    ("round_robin", Balance::RoundRobin),
+                    ("least_conn", Balance::LeastConn),
+                    ("p2c", Balance::P2c),
+                ],
+                "service.balance",
+            ),
+            connect_timeout: positive_duration(
+                issues,
+                &s.connect_timeout,
+                def.connect_timeout,
+                "service.connect_timeout",
+            ),
+            retries: int_in(issues, &s.retries, 2, 0..=100, "service.retries") as u32,
+            upstream_protocol: one_of(
+                issues,
+                &s.upstream_protocol,
+                def.upstream_protocol,
+                &[
+                    ("http1", UpstreamProtocol::Http1),
+                    ("h2c", UpstreamProtocol::H2c),
+                ],
+                "service.upstream_protocol",
+            ),
+            request_timeout: positive_duration(
+                issues,
+                &s.request_timeout,
+                def.request_timeout,
+                "service.request_timeout",
+            ),
+        };
+        services.insert(sname, settings);
+    }
+
+    // [[task]]
+    let mut tasks: Vec<TaskConfig> = Vec::new();
+    let mut seen_tasks = BTreeSet::new();
+    for t in &raw.task {
+        let t_span = span(t);
+        let t = t.get_ref();
+        let service = match &t.service {
+            Some(v) => name(issues, v, "task.service", ServiceName::new),
+            None => {
+                issues.at(
+                    t_span.clone(),
+                    "[[task]] needs `service`: the service this task serves",
+                );
+                None
+            }
+        };
+        let addr = match &t.addr {
+            Some(v) => socket_addr(issues, v, "task.addr"),
+            None => {
+                issues.at(
+                    t_span.clone(),
+                    "[[task]] needs `addr`, the task's IP:PORT, e.g. addr = \"10.0.0.2:1884\"",
+                );
+                None
+            }
+        };
+        let weight = int_in(issues, &t.weight, 1, 0..=1000, "task.weight") as u32;
+        let id = t
+            .id
+            .as_ref()
+            .and_then(|v| name(issues, v, "task.id", TaskId::new));
+        let (Some(service), Some(addr)) = (service, addr) else {
+            continue;
+        };
+        let node_for_id = (backend == DiscoveryBackend::Etcd).then_some(&node_name);
+        let id = id.unwrap_or_else(|| TaskId::derived(node_for_id, addr));
+        if !seen_tasks.insert((service.clone(), id.clone())) {
+            issues.at(
+                t.id.as_ref().map(span).unwrap_or(t_span),
+                format!("task {id} of service {service} is defined twice: give each a distinct `id`"),
+            );
+        }
+        tasks.push(TaskConfig {
+            service,
+            addr,
+            id,
+            weight,
+        });
+    }
+
+    // [http]
+    let h = raw.http.map(|h| h.into_inner()).unwrap_or_default();
+    let hd = HttpLimits::default();
+    let http = HttpLimits {
+        max_header_bytes: int_in(
+            issues,
+            &h.max_header_bytes,
+            hd.max_header_bytes as i64,
+            1024..=16 * 1024 * 1024,
+            "http.max_header_bytes",
+        ) as usize,
+        max_headers: int_in(
+            issues,
+            &h.max_headers,
+            hd.max_headers as i64,
+            1..=10_000,
+            "http.max_headers",
+        ) as usize,
+        header_read_timeout: positive_duration(
+            issues,
+            &h.header_read_timeout,
+            hd.header_read_timeout,
+            "http.header_read_timeout",
+        ),
+        idle_timeout: positive_duration(
+            issues,
+            &h.idle_timeout,
+            hd.idle_timeout,
+            "http.idle_timeout",
+        ),
+        max_body_bytes: int_in(
+            issues,
+            &h.max_body_bytes,
+            0,
+            0..=i64::MAX,
+            "http.max_body_bytes",
+        ) as u64,
+    };
+
+    // [log]
+    let lg = raw.log.map(|l| l.into_inner()).unwrap_or_default();
+    let level = match &lg.level {
+        None => "info".to_string(),
+        Some(v) => {
+            let s = v.get_ref().trim();
+            if s.is_empty() || s.contains(char::is_whitespace) {
+                issues.at(
+                    span(v),
+                    "`log.level`: write a level (\"error\", \"warn\", \"info\", \"debug\", \"trace\") or a filter like \"routemesh=debug\"",
+                );
+            }
+            s.to_string()
+        }
+    };
+    let log = LogConfig {
+        level,
+        format: one_of(
+            issues,
+            &lg.format,
+            LogFormat::Text,
+            &[("text", LogFormat::Text), ("json", LogFormat::Json)],
+            "log.format",
+        ),
+        access: lg.access.as_ref().map(|v| *v.get_ref()).unwrap_or(false),
+    };
+
+    // [runtime]
+    let rt = raw.runtime.map(|r| r.into_inner()).unwrap_or_default();
+    let cores = std::thread::available_parallelism()
+        .map(|n| n.get())
+        .unwrap_or(1);
+    let runtime = RuntimeConfig {
+        worker_threads: int_in(
+            issues,
+            &rt.worker_threads,
+            cores as i64,
+            1..=1024,
+            "runtime.worker_threads",
+        ) as usize,
+    };
+
+    Config {
+        source: path.to_path_buf(),
+        node: NodeConfig {
+            name: node_name,
+            advertise,
+            drain_timeout,
+        },
+        discovery: DiscoveryConfig {
+            backend,
+            endpoints,
+            prefix,
+            node_ttl,
+            resync_interval,
+            dial_timeout,
+        },
+        admin: AdminConfig {
+            listen: admin_listen,
+        },
+        listeners,
+        services,
+        tasks,
+        http,
+        log,
+        runtime,
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn parse(src: &str) -> Result<Config, ConfigError> {
+        Config::parse(Path::new("t.toml"), src)
+    }
+
+    #[test]
+    fn empty_file_gives_defaults() {
+        let c = parse("").unwrap();
+        assert_eq!(c.discovery.backend, DiscoveryBackend::Etcd);
+        assert_eq!(c.discovery.endpoints, vec![DEFAULT_ENDPOINT.to_string()]);
+        assert_eq!(c.discovery.prefix, "/routemesh");
+        assert_eq!(c.discovery.node_ttl, Duration::from_secs(3));
+        assert_eq!(c.admin.listen, DEFAULT_ADMIN.parse().unwrap());
+        assert_eq!(c.node.drain_timeout, Duration::from_secs(10));
+        assert!(c.listeners.is_empty());
+        assert_eq!(c.http, HttpLimits::default());
+    }
+
+    #[test]
+    fn example_toml_parses() {
+        let path = Path::new(env!("CARGO_MANIFEST_DIR")).join("config/example.toml");
+        let c = Config::load(&path).unwrap_or_else(|e| panic!("{e}"));
+        assert_eq!(c.node.name.as_str(), "n1");
+        assert!(!c.listeners.is_empty());
+    }
+
+    #[test]
+    fn full_contract_parses() {
+        let c = parse(
+            r#"
+[node]
+name = "n1"
+advertise = "10.0.0.1"
+drain_timeout = "10s"
+[discovery]
+backend = "etcd"
+endpoints = ["http://127.0.0.1:2379"]
+prefix = "/routemesh"
+node_ttl = "3s"
+[admin]
+listen = "127.0.0.1:9901"
+[[listener]]
+name = "mqtt"
+listen = "0.0.0.0:1883"
+protocol = "tcp"
+service = "mqtt"
+[service.mqtt]
+balance = "round_robin"
+connect_timeout = "1s"
+retries = 2
+[[task]]
+service = "mqtt"
+addr = "10.0.0.2:1884"
+id = "mqtt-1"
+"#,
+        )
+        .unwrap();
+        assert_eq!(c.listeners[0].name, "mqtt");
+        assert_eq!(c.tasks[0].id.as_str(), "mqtt-1");
+        assert_eq!(
+            c.service_settings(&ServiceName::new("mqtt").unwrap()).retries,
+            2
+        );
+    }
+
+    #[test]
+    fn default_listener_name_and_task_id() {
+        let c = parse(
+            "[node]\nname=\"n9\"\n[[listener]]\nlisten=\"0.0.0.0:1883\"\nservice=\"m\"\n[[task]]\nservice=\"m\"\naddr=\"10.0.0.2:1884\"\n",
+        )
+        .unwrap();
+        assert_eq!(c.listeners[0].name, "tcp-1883");
+        assert_eq!(c.tasks[0].id.as_str(), "n9-10-0-0-2-1884");
+    }
+
+    #[test]
+    fn every_error_reported_with_position() {
+        let src = "[node]\nnmae = \"x\"\ndrain_timeout = \"ten\"\n[discovery]\nbackend = \"zk\"\n[[listener]]\nlisten = \"nowhere\"\nservice = \"web\"\nbogus = 1\n";
+        let err = parse(src).unwrap_err();
+        let text = err.to_string();
+        assert!(text.contains("t.toml:2:1: unknown key `node.nmae`"), "{text}");
+        assert!(text.contains("t.toml:3:17:"), "{text}");
+        assert!(text.contains("t.toml:5:11:"), "{text}");
+        assert!(text.contains("t.toml:7:10:"), "{text}");
+        assert!(text.contains("t.toml:9:1: unknown key `listener.0.bogus`"), "{text}");
+        assert_eq!(err.issues.len(), 5, "{text}");
+    }
+
+    #[test]
+    fn wrong_type_and_syntax_are_positioned() {
+        let err = parse("[service.web]\nretries = \"two\"\n").unwrap_err();
+        assert_eq!(err.issues[0].line, 2, "{err}");
+        let err = parse("[node\n").unwrap_err();
+        assert_eq!(err.issues[0].line, 1, "{err}");
+        assert!(err.to_string().contains("invalid TOML"));
+    }
+
+    #[test]
+    fn duplicates_are_errors() {
+        let err = parse(
+            "[[listener]]\nlisten=\"127.0.0.1:80\"\nservice=\"a\"\n[[listener]]\nlisten=\"127.0.0.1:80\"\nservice=\"b\"\n",
+        )
+        .unwrap_err();
+        assert!(err.to_string().contains("two listeners bind"), "{err}");
+    }
+
+    #[test]
+    fn node_ttl_must_be_whole_seconds() {
+        let err = parse("[discovery]\nnode_ttl = \"1500ms\"\n").unwrap_err();
+        assert!(err.to_string().contains("whole number of seconds"), "{err}");
+    }
+}

@@ -1,0 +1,228 @@
+//! etcd discovery: one consistent get of the prefix, then a watch from that revision + 1.
+//! Each watch response becomes table updates and one published snapshot. A broken, canceled
+//! or compacted watch backs off, lists again and resets the table (nothing lost, nothing
+//! applied twice). A periodic full re-list guards against lost watch events. While etcd is
+//! unreachable the last snapshot keeps serving.
+
+use std::collections::BTreeMap;
+use std::sync::Arc;
+use std::time::Duration;
+
+use etcd_client::{Client, ConnectOptions, EventType, GetOptions, WatchOptions};
+use tokio::sync::watch;
+use tokio_util::sync::CancellationToken;
+
+use super::Publisher;
+use super::keys::watch_prefix;
+use super::table::Update;
+use crate::config::{DiscoveryConfig, ServiceName, ServiceSettings};
+
+/// Why a discovery round ended.
+#[derive(Debug, thiserror::Error)]
+pub enum DiscoveryError {
+    #[error("etcd request failed: {0}")]
+    Etcd(#[from] etcd_client::Error),
+    #[error("etcd did not answer within {0:?}")]
+    Timeout(Duration),
+    #[error("watch canceled by etcd: {0}")]
+    Canceled(String),
+    #[error("watch start revision compacted (oldest available {0})")]
+    Compacted(i64),
+    #[error("watch stream closed")]
+    Closed,
+}
+
+/// Connection options shared by the daemon and the CLI.
+pub fn connect_options(dial_timeout: Duration) -> ConnectOptions {
+    ConnectOptions::new()
+        .with_connect_timeout(dial_timeout)
+        // HTTP/2 pings find a dead member quickly, so a watch on it breaks and resyncs.
+        .with_keep_alive(Duration::from_secs(1), dial_timeout)
+        .with_keep_alive_while_idle(true)
+        // A member cut off from the quorum cancels our watch instead of going silent.
+        .with_require_leader(true)
+}
+
+/// Creates a client over all endpoints (the client balances and fails over between them).
+pub async fn connect(endpoints: &[String], dial_timeout: Duration) -> Result<Client, DiscoveryError> {
+    tokio::time::timeout(
+        dial_timeout * 2,
+        Client::connect(endpoints, Some(connect_options(dial_timeout))),
+    )
+    .await
+    .map_err(|_| DiscoveryError::Timeout(dial_timeout * 2))?
+    .map_err(DiscoveryError::from)
+}
+
+/// Runs until `shutdown`: keeps `publisher`'s table in step with etcd.
+pub async fn run(
+    cfg: DiscoveryConfig,
+    mut publisher: Publisher,
+    mut settings: watch::Receiver<Arc<BTreeMap<ServiceName, ServiceSettings>>>,
+    shutdown: CancellationToken,
+) {
+    let mut backoff = Backoff::new();
+    let mut client: Option<Client> = None;
+    loop {
+        let round = async {
+            let c = match &client {
+                Some(c) => c.clone(),
+                None => {
+                    let c = connect(&cfg.endpoints, cfg.dial_timeout).await?;
+                    client = Some(c.clone());
+                    c
+                }
+            };
+            sync_and_watch(&cfg, c, &mut publisher, &mut settings, &mut backoff).await
+        };
+        let result = tokio::select! {
+            r = round => r,
+            _ = shutdown.cancelled() => return,
+        };
+        publisher.status().set_up(false);
+        match result {
+            Ok(()) => tracing::debug!("periodic re-list of etcd"),
+            Err(e) => {
+                let delay = backoff.next();
+                tracing::warn!(error = %e, retry_in = ?delay, "etcd discovery interrupted; serving the last routing snapshot");
+                tokio::select! {
+                    _ = tokio::time::sleep(delay) => {}
+                    _ = shutdown.cancelled() => return,
+                }
+            }
+        }
+    }
+}
+
+/// One round: list, publish, then watch until the watch breaks or the re-list timer fires
+/// (`Ok`).
+async fn sync_and_watch(
+    cfg: &DiscoveryConfig,
+    mut client: Client,
+    publisher: &mut Publisher,
+    settings: &mut watch::Receiver<Arc<BTreeMap<ServiceName, ServiceSettings>>>,
+    backoff: &mut Backoff,
+) -> Result<(), DiscoveryError> {
+    let prefix = watch_prefix(&cfg.prefix);
+    let resp = tokio::time::timeout(
+        cfg.dial_timeout * 2,
+        client.get(prefix.as_bytes(), Some(GetOptions::new().with_prefix())),
+    )
+    .await
+    .map_err(|_| DiscoveryError::Timeout(cfg.dial_timeout * 2))??;
+    let revision = resp.header().map(|h| h.revision()).unwrap_or(0);
+    let kvs = resp
+        .kvs()
+        .iter()
+        .map(|kv| (kv.key().to_vec(), kv.value().to_vec()))
+        .collect();
+    publisher.apply([Update::Reset { revision, kvs }]);
+    publisher.publish();
+    tracing::info!(revision, keys = resp.kvs().len(), "routing table synced from etcd");
+
+    let mut stream = tokio::time::timeout(
+        cfg.dial_timeout * 2,
+        client.watch(
+            prefix.as_bytes(),
+            Some(
+                WatchOptions::new()
+                    .with_prefix()
+                    .with_start_revision(revision + 1)
+                    .with_progress_notify(),
+            ),
+        ),
+    )
+    .await
+    .map_err(|_| DiscoveryError::Timeout(cfg.dial_timeout * 2))??;
+    publisher.status().set_up(true);
+    backoff.reset();
+    let relist = tokio::time::sleep(cfg.resync_interval);
+    tokio::pin!(relist);
+    loop {
+        tokio::select! {
+            msg = stream.message() => {
+                let Some(resp) = msg? else { return Err(DiscoveryError::Closed) };
+                if resp.compact_revision() > 0 {
+                    return Err(DiscoveryError::Compacted(resp.compact_revision()));
+                }
+                if resp.canceled() {
+                    return Err(DiscoveryError::Canceled(resp.cancel_reason().to_string()));
+                }
+                let mut updates: Vec<Update> = resp
+                    .events()
+                    .iter()
+                    .filter_map(|ev| {
+                        let kv = ev.kv()?;
+                        Some(match ev.event_type() {
+                            EventType::Put => Update::Put {
+                                key: kv.key().to_vec(),
+                                value: kv.value().to_vec(),
+                            },
+                            EventType::Delete => Update::Delete { key: kv.key().to_vec() },
+                        })
+                    })
+                    .collect();
+                if let Some(h) = resp.header() {
+                    updates.push(Update::Revision(h.revision()));
+                }
+                publisher.apply(updates);
+                publisher.publish();
+            }
+            changed = settings.changed() => {
+                if changed.is_ok() {
+                    let s = settings.borrow_and_update().clone();
+                    publisher.set_settings(s);
+                    publisher.publish();
+                }
+            }
+            _ = &mut relist => return Ok(()),
+        }
+    }
+}
+
+/// Exponential backoff with jitter: 100 ms doubling to 5 s.
+pub struct Backoff {
+    next: Duration,
+}
+
+impl Default for Backoff {
+    fn default() -> Self {
+        Self::new()
+    }
+}
+
+impl Backoff {
+    pub const MIN: Duration = Duration::from_millis(100);
+    pub const MAX: Duration = Duration::from_secs(5);
+
+    pub fn new() -> Backoff {
+        Backoff { next: Self::MIN }
+    }
+    pub fn reset(&mut self) {
+        self.next = Self::MIN;
+    }
+    pub fn next(&mut self) -> Duration {
+        let d = self.next;
+        self.next = (self.next * 2).min(Self::MAX);
+        // ±20 % jitter so that nodes do not retry in lockstep.
+        let jitter = 0.8 + fastrand::f64() * 0.4;
+        d.mul_f64(jitter)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn backoff_grows_and_caps() {
+        let mut b = Backoff::new();
+        let first = b.next();
+        assert!(first <= Duration::from_millis(120));
+        for _ in 0..20 {
+            assert!(b.next() <= Backoff::MAX.mul_f64(1.2));
+        }
+        b.reset();
+        assert!(b.next() <= Duration::from_millis(120));
+    }
+}

@@ -1,0 +1,266 @@
+//! The etcd key schema (a contract: orchestrators and scripts write these keys directly).
+//!
+//! ```text
+//! {prefix}/tasks/{service}/{task_id}  {"addr":"IP:PORT","node":"NAME","weight":1}   any writer
+//! {prefix}/nodes/{node}/alive         {"advertise":..,"version":..,"started":..}      node lease
+//! {prefix}/nodes/{node}/info          {"advertise":..,"version":..,"listeners":[..]}  permanent
+//! ```
+//! A node is Ready while its `alive` key exists and Down when only `info` remains. Pure: no
+//! IO, no clock.
+
+use std::net::{IpAddr, SocketAddr};
+
+use serde::{Deserialize, Serialize};
+
+use crate::config::{NodeName, ServiceName, TaskId};
+
+/// What a key under the prefix names.
+#[derive(Debug, Clone, PartialEq, Eq, PartialOrd, Ord)]
+pub enum Key {
+    Task(ServiceName, TaskId),
+    NodeAlive(NodeName),
+    NodeInfo(NodeName),
+}
+
+/// A key under the prefix that does not fit the schema.
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+pub enum KeyError {
+    #[error("key is not valid UTF-8")]
+    NotUtf8,
+    #[error("unrecognised key layout (expected tasks/SERVICE/ID or nodes/NAME/alive|info)")]
+    Layout,
+    #[error("{0}")]
+    Name(#[from] crate::config::NameError),
+}
+
+/// A value that does not fit the schema.
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+pub enum ValueError {
+    #[error("value is not valid JSON for this key: {0}")]
+    Json(String),
+    #[error("`addr` {0:?} is not an IP:PORT address")]
+    Addr(String),
+    #[error("`node`: {0}")]
+    Node(crate::config::NameError),
+    #[error("`weight` {0} is out of range 0..=1000")]
+    Weight(u64),
+}
+
+pub fn tasks_prefix(prefix: &str) -> String {
+    format!("{prefix}/tasks/")
+}
+
+pub fn service_prefix(prefix: &str, service: &ServiceName) -> String {
+    format!("{prefix}/tasks/{service}/")
+}
+
+pub fn task_key(prefix: &str, service: &ServiceName, id: &TaskId) -> String {
+    format!("{prefix}/tasks/{service}/{id}")
+}
+
+pub fn node_alive_key(prefix: &str, node: &NodeName) -> String {
+    format!("{prefix}/nodes/{node}/alive")
+}
+
+pub fn node_info_key(prefix: &str, node: &NodeName) -> String {
+    format!("{prefix}/nodes/{node}/info")
+}
+
+/// Everything discovery watches.
+pub fn watch_prefix(prefix: &str) -> String {
+    format!("{prefix}/")
+}
+
+impl Key {
+    /// Classifies `key` (raw bytes from etcd). `None` when it is outside `{prefix}/`.
+    pub fn parse(prefix: &str, key: &[u8]) -> Option<Result<Key, KeyError>> {
+        let root = watch_prefix(prefix);
+        let rest = key.strip_prefix(root.as_bytes())?;
+        let Ok(rest) = std::str::from_utf8(rest) else {
+            return Some(Err(KeyError::NotUtf8));
+        };
+        let parts: Vec<&str> = rest.split('/').collect();
+        Some(match parts.as_slice() {
+            ["tasks", service, id] => ServiceName::new(service)
+                .and_then(|s| Ok(Key::Task(s, TaskId::new(id)?)))
+                .map_err(KeyError::from),
+            ["nodes", node, "alive"] => NodeName::new(node)
+                .map(Key::NodeAlive)
+                .map_err(KeyError::from),
+            ["nodes", node, "info"] => NodeName::new(node)
+                .map(Key::NodeInfo)
+                .map_err(KeyError::from),
+            _ => Err(KeyError::Layout),
+        })
+    }
+}
+
+/// `{prefix}/tasks/{service}/{id}`: where a task runs.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct TaskRecord {
+    pub addr: SocketAddr,
+    /// The node that hosts it; when that node is Down the task is out of routing.
+    pub node: Option<NodeName>,
+    pub weight: u32,
+}
+
+#[derive(Serialize, Deserialize)]
+struct TaskWire {
+    addr: String,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    node: Option<String>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    weight: Option<u64>,
+}
+
+impl TaskRecord {
+    pub fn parse(value: &[u8]) -> Result<TaskRecord, ValueError> {
+        let wire: TaskWire =
+            serde_json::from_slice(value).map_err(|e| ValueError::Json(e.to_string()))?;
+        let addr = wire
+            .addr
+            .trim()
+            .parse::<SocketAddr>()
+            .map_err(|_| ValueError::Addr(wire.addr.clone()))?;
+        let node = match wire.node.as_deref() {
+            None | Some("") => None,
+            Some(n) => Some(NodeName::new(n).map_err(ValueError::Node)?),
+        };
+        let weight = match wire.weight {
+            None => 1,
+            Some(w) if w <= 1000 => w as u32,
+            Some(w) => return Err(ValueError::Weight(w)),
+        };
+        Ok(TaskRecord { addr, node, weight })
+    }
+
+    pub fn to_json(&self) -> String {
+        let wire = TaskWire {
+            addr: self.addr.to_string(),
+            node: self.node.as_ref().map(|n| n.to_string()),
+            weight: (self.weight != 1).then_some(self.weight as u64),
+        };
+        serde_json::to_string(&wire).expect("plain struct serializes")
+    }
+}
+
+/// A listener as published in the node's info record (for `node ls` and DNS SRV answers).
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct PublishedListener {
+    pub name: String,
+    pub port: u16,
+    pub protocol: String,
+    pub service: String,
+}
+
+/// The node records (`alive` and `info` share one shape).
+#[derive(Debug, Clone, PartialEq, Eq, Default, Serialize, Deserialize)]
+pub struct NodeRecord {
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub advertise: Option<IpAddr>,
+    #[serde(default)]
+    pub version: String,
+    /// Unix seconds when the daemon started.
+    #[serde(default)]
+    pub started: u64,
+    #[serde(default)]
+    pub listeners: Vec<PublishedListener>,
+}
+
+impl NodeRecord {
+    pub fn parse(value: &[u8]) -> Result<NodeRecord, ValueError> {
+        serde_json::from_slice(value).map_err(|e| ValueError::Json(e.to_string()))
+    }
+
+    pub fn to_json(&self) -> String {
+        serde_json::to_string(self).expect("plain struct serializes")
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn keys_round_trip() {
+        let s = ServiceName::new("web").unwrap();
+        let t = TaskId::new("w-1").unwrap();
+        let n = NodeName::new("n1").unwrap();
+        let p = "/routemesh";
+        assert_eq!(
+            Key::parse(p, task_key(p, &s, &t).as_bytes()),
+            Some(Ok(Key::Task(s.clone(), t)))
+        );
+        assert_eq!(
+            Key::parse(p, node_alive_key(p, &n).as_bytes()),
+            Some(Ok(Key::NodeAlive(n.clone())))
+        );
+        assert_eq!(
+            Key::parse(p, node_info_key(p, &n).as_bytes()),
+            Some(Ok(Key::NodeInfo(n)))
+        );
+        assert_eq!(Key::parse(p, b"/other/tasks/a/b"), None);
+        assert_eq!(Key::parse(p, b"/routemeshx/tasks/a/b"), None);
+        assert_eq!(
+            Key::parse(p, b"/routemesh/tasks/a"),
+            Some(Err(KeyError::Layout))
+        );
+        assert!(matches!(
+            Key::parse(p, b"/routemesh/tasks/a b/c"),
+            Some(Err(KeyError::Name(_)))
+        ));
+        assert_eq!(
+            Key::parse(p, b"/routemesh/tasks/\xff/c"),
+            Some(Err(KeyError::NotUtf8))
+        );
+    }
+
+    #[test]
+    fn task_values() {
+        let r = TaskRecord::parse(br#"{"addr":"10.0.0.2:80","node":"n2","weight":3}"#).unwrap();
+        assert_eq!(r.addr, "10.0.0.2:80".parse().unwrap());
+        assert_eq!(r.node.as_ref().unwrap().as_str(), "n2");
+        assert_eq!(r.weight, 3);
+        assert_eq!(TaskRecord::parse(r.to_json().as_bytes()).unwrap(), r);
+        let r = TaskRecord::parse(br#"{"addr":"[::1]:80"}"#).unwrap();
+        assert_eq!(r.weight, 1);
+        assert!(r.node.is_none());
+        assert!(matches!(
+            TaskRecord::parse(b"not json"),
+            Err(ValueError::Json(_))
+        ));
+        assert!(matches!(
+            TaskRecord::parse(br#"{"addr":"nowhere"}"#),
+            Err(ValueError::Addr(_))
+        ));
+        assert!(matches!(
+            TaskRecord::parse(br#"{"addr":5}"#),
+            Err(ValueError::Json(_))
+        ));
+        assert!(matches!(
+            TaskRecord::parse(br#"{"addr":"1.2.3.4:5","weight":-1}"#),
+            Err(ValueError::Json(_))
+        ));
+        assert!(matches!(
+            TaskRecord::parse(br#"{"addr":"1.2.3.4:5","weight":5000}"#),
+            Err(ValueError::Weight(5000))
+        ));
+        assert!(matches!(
+            TaskRecord::parse(br#"{"addr":"1.2.3.4:5","node":"a/b"}"#),
+            Err(ValueError::Node(_))
+        ));
+    }
+
+    #[test]
+    fn node_values() {
+        let r = NodeRecord {
+            advertise: Some("10.0.0.1".parse().unwrap()),
+            version: "0.1.0".into(),
+            started: 5,
+            listeners: vec![],
+        };
+        assert_eq!(NodeRecord::parse(r.to_json().as_bytes()).unwrap(), r);
+        assert_eq!(NodeRecord::parse(b"{}").unwrap(), NodeRecord::default());
+        assert!(NodeRecord::parse(b"[").is_err());
+    }
+}

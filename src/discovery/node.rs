@@ -1,0 +1,208 @@
+//! This node's presence in etcd: a lease (TTL `node_ttl`) kept alive, the node's `alive`
+//! record and its `[[task]]` entries written under it, and a permanent `info` record so that
+//! `node ls` can show the node as Down once the lease is gone. When the lease is lost (etcd
+//! outage longer than the TTL) a new one is granted and everything is written again. On
+//! shutdown the lease is revoked first, so other nodes drop our tasks at once.
+
+use std::sync::Arc;
+use std::time::Duration;
+
+use etcd_client::{Client, PutOptions, Txn, TxnOp};
+use tokio::sync::watch;
+use tokio_util::sync::CancellationToken;
+
+use super::etcd::{Backoff, DiscoveryError, connect};
+use super::keys::{NodeRecord, TaskRecord, node_alive_key, node_info_key, task_key};
+use crate::config::{NodeName, TaskConfig};
+
+/// What this node registers.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Registration {
+    pub node: NodeName,
+    pub record: NodeRecord,
+    pub tasks: Vec<TaskConfig>,
+}
+
+/// Settings of the keeper.
+#[derive(Debug, Clone)]
+pub struct LeaseSettings {
+    pub endpoints: Vec<String>,
+    pub prefix: String,
+    pub ttl: Duration,
+    pub dial_timeout: Duration,
+}
+
+/// Runs until `shutdown`, then revokes the lease (bounded by the dial timeout).
+pub async fn run(
+    settings: LeaseSettings,
+    mut registration: watch::Receiver<Arc<Registration>>,
+    shutdown: CancellationToken,
+) {
+    let mut backoff = Backoff::new();
+    let mut client: Option<Client> = None;
+    let mut lease: Option<i64> = None;
+    loop {
+        let round = async {
+            let c = match &client {
+                Some(c) => c.clone(),
+                None => match connect(&settings.endpoints, settings.dial_timeout).await {
+                    Ok(c) => {
+                        client = Some(c.clone());
+                        c
+                    }
+                    Err(e) => return e,
+                },
+            };
+            keep(&settings, c, &mut lease, &mut registration, &mut backoff).await
+        };
+        let err = tokio::select! {
+            e = round => e,
+            _ = shutdown.cancelled() => break,
+        };
+        let delay = backoff.next();
+        tracing::warn!(error = %err, retry_in = ?delay, "node lease keeper interrupted");
+        tokio::select! {
+            _ = tokio::time::sleep(delay) => {}
+            _ = shutdown.cancelled() => break,
+        }
+    }
+    if let (Some(mut c), Some(id)) = (client, lease) {
+        match tokio::time::timeout(settings.dial_timeout, c.lease_revoke(id)).await {
+            Ok(Ok(_)) => tracing::info!(lease = id, "node lease revoked"),
+            Ok(Err(e)) => tracing::warn!(error = %e, "could not revoke the node lease"),
+            Err(_) => tracing::warn!("timed out revoking the node lease"),
+        }
+    }
+}
+
+/// Grants (or reuses) the lease, writes the records, and keeps the lease alive. Returns only
+/// on error.
+async fn keep(
+    s: &LeaseSettings,
+    mut client: Client,
+    lease: &mut Option<i64>,
+    registration: &mut watch::Receiver<Arc<Registration>>,
+    backoff: &mut Backoff,
+) -> DiscoveryError {
+    let bound = s.dial_timeout * 2;
+    let ttl_secs = s.ttl.as_secs().max(1) as i64;
+    let mut written: Option<Arc<Registration>> = None;
+    loop {
+        // A lease we held before an interruption may still be valid: keep it if so.
+        let id = match *lease {
+            Some(id) => id,
+            None => match tokio::time::timeout(bound, client.lease_grant(ttl_secs, None)).await {
+                Ok(Ok(r)) => {
+                    tracing::info!(lease = r.id(), ttl = r.ttl(), "node lease granted");
+                    *lease = Some(r.id());
+                    written = None;
+                    r.id()
+                }
+                Ok(Err(e)) => return e.into(),
+                Err(_) => return DiscoveryError::Timeout(bound),
+            },
+        };
+        let (mut keeper, mut responses) =
+            match tokio::time::timeout(bound, client.lease_keep_alive(id)).await {
+                Ok(Ok(k)) => k,
+                Ok(Err(e)) => return e.into(),
+                Err(_) => return DiscoveryError::Timeout(bound),
+            };
+        // First keepalive tells whether the lease still exists.
+        if let Err(e) = keeper.keep_alive().await {
+            return e.into();
+        }
+        match tokio::time::timeout(bound, responses.message()).await {
+            Ok(Ok(Some(r))) if r.ttl() > 0 => {}
+            Ok(Ok(_)) => {
+                tracing::warn!(lease = id, "node lease expired; registering again");
+                *lease = None;
+                continue;
+            }
+            Ok(Err(e)) => return e.into(),
+            Err(_) => return DiscoveryError::Timeout(bound),
+        }
+        let mut interval = tokio::time::interval(s.ttl / 3);
+        interval.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+        loop {
+            let current = registration.borrow_and_update().clone();
+            if written.as_ref() != Some(&current) {
+                if let Err(e) = write(&mut client, s, id, written.as_deref(), &current, bound).await
+                {
+                    return e;
+                }
+                tracing::info!(node = %current.node, tasks = current.tasks.len(), "node registered in etcd");
+                written = Some(current);
+                backoff.reset();
+            }
+            tokio::select! {
+                _ = interval.tick() => {}
+                _ = registration.changed() => continue,
+            }
+            if let Err(e) = keeper.keep_alive().await {
+                return e.into();
+            }
+            match tokio::time::timeout(bound, responses.message()).await {
+                Ok(Ok(Some(r))) if r.ttl() > 0 => {}
+                Ok(Ok(_)) => {
+                    tracing::warn!(lease = id, "node lease expired; registering again");
+                    *lease = None;
+                    break;
+                }
+                Ok(Err(e)) => return e.into(),
+                Err(_) => return DiscoveryError::Timeout(bound),
+            }
+        }
+    }
+}
+
+/// Writes the node records and tasks in one transaction; removes tasks no longer configured.
+async fn write(
+    client: &mut Client,
+    s: &LeaseSettings,
+    lease: i64,
+    old: Option<&Registration>,
+    new: &Registration,
+    bound: Duration,
+) -> Result<(), DiscoveryError> {
+    let leased = || Some(PutOptions::new().with_lease(lease));
+    let mut ops = vec![
+        TxnOp::put(
+            node_info_key(&s.prefix, &new.node),
+            new.record.to_json(),
+            None,
+        ),
+        TxnOp::put(
+            node_alive_key(&s.prefix, &new.node),
+            new.record.to_json(),
+            leased(),
+        ),
+    ];
+    for t in &new.tasks {
+        let rec = TaskRecord {
+            addr: t.addr,
+            node: Some(new.node.clone()),
+            weight: t.weight,
+        };
+        ops.push(TxnOp::put(
+            task_key(&s.prefix, &t.service, &t.id),
+            rec.to_json(),
+            leased(),
+        ));
+    }
+    if let Some(old) = old {
+        for t in &old.tasks {
+            if !new
+                .tasks
+                .iter()
+                .any(|n| n.service == t.service && n.id == t.id)
+            {
+                ops.push(TxnOp::delete(task_key(&s.prefix, &t.service, &t.id), None));
+            }
+        }
+    }
+    tokio::time::timeout(bound, client.txn(Txn::new().and_then(ops)))
+        .await
+        .map_err(|_| DiscoveryError::Timeout(bound))??;
+    Ok(())
+}

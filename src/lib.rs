@@ -1,0 +1,25 @@
+//! routemesh: an ingress routing-mesh load balancer. Every node runs the same daemon; a
+//! connection to a published port of any node reaches a live task of its service.
+//!
+//! Crate map:
+//! - `config`    the TOML file: raw shape, validation with file:line:col, the names newtypes
+//! - `discovery` the one writer: etcd list + watch (or static), node lease, routing table
+//! - `snapshot`  immutable routing state published to readers; per-task runtime state
+//! - `balance`   selectors built per snapshot: round robin, least connections, P2C
+//! - `proxy`     listeners, upstream connect with failover, the TCP proxy
+//! - `admin`     /healthz /readyz /routes /metrics
+//! - `metrics`   the Prometheus registry and metric families
+//! - `app`       wiring, reload and drain
+//! - `cli`       the command line
+//! - `ratelimit` rate-limited logging for the data path
+
+pub mod admin;
+pub mod app;
+pub mod balance;
+pub mod cli;
+pub mod config;
+pub mod discovery;
+pub mod metrics;
+pub mod proxy;
+pub mod ratelimit;
+pub mod snapshot;

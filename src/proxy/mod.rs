@@ -1,0 +1,25 @@
+//! The data path: listeners accept connections, pick a task of the service from the current
+//! snapshot, connect (trying other tasks when one is dead) and forward bytes.
+//!
+//! Reads the snapshot and balancers; never writes routing state (passive failures go to the
+//! task's shared atomic state). Owns no config parsing and no discovery.
+
+pub mod listener;
+pub mod tcp;
+pub mod upstream;
+
+use std::sync::Arc;
+
+use crate::config::ServiceName;
+use crate::metrics::Metrics;
+use crate::snapshot::SharedSnapshot;
+
+/// What a listener's connections need; one per listener, shared by its connections.
+pub struct ListenerCtx {
+    /// Metric label and log field.
+    pub name: String,
+    /// The service its connections go to.
+    pub service: ServiceName,
+    pub snapshot: SharedSnapshot,
+    pub metrics: Arc<Metrics>,
+}

@@ -1,0 +1,120 @@
+//! Connecting to a task: pick, connect with the service's timeout, and on failure eject that
+//! task on this node and try another, up to `retries` more, so the client is served by a live
+//! task whenever one exists. Shared by the TCP and HTTP proxies.
+
+use std::io;
+use std::net::SocketAddr;
+use std::sync::Arc;
+
+use tokio::net::{TcpSocket, TcpStream};
+
+use crate::metrics::Metrics;
+use crate::ratelimit::LogLimiter;
+use crate::snapshot::{InFlight, Service, Task, now_ms};
+
+/// Why no upstream connection could be made.
+#[derive(Debug, thiserror::Error)]
+pub enum ConnectError {
+    #[error("no live task for service {service}")]
+    NoLiveTask { service: String },
+    #[error("all {attempts} connect attempts to service {service} failed; last: {last}")]
+    AllFailed {
+        service: String,
+        attempts: usize,
+        #[source]
+        last: io::Error,
+    },
+}
+
+/// A connected task, counted as in flight until dropped.
+pub struct Upstream {
+    pub stream: TcpStream,
+    pub task: Arc<Task>,
+    pub in_flight: InFlight,
+    /// Attempts it took (1 = first try).
+    pub attempts: usize,
+}
+
+static CONNECT_FAILED_LOG: LogLimiter = LogLimiter::new(1000);
+
+/// Opens one TCP connection with `timeout`, TCP_NODELAY and keepalive set.
+pub async fn dial(addr: SocketAddr, timeout: std::time::Duration) -> io::Result<TcpStream> {
+    let socket = if addr.is_ipv4() {
+        TcpSocket::new_v4()?
+    } else {
+        TcpSocket::new_v6()?
+    };
+    socket.set_nodelay(true)?;
+    let stream = tokio::time::timeout(timeout, socket.connect(addr))
+        .await
+        .map_err(|_| io::Error::new(io::ErrorKind::TimedOut, "connect timed out"))??;
+    set_keepalive(&stream);
+    Ok(stream)
+}
+
+/// TCP keepalive so that a peer that vanished is noticed on long idle connections.
+pub fn set_keepalive(stream: &TcpStream) {
+    let ka = socket2::TcpKeepalive::new()
+        .with_time(std::time::Duration::from_secs(60))
+        .with_interval(std::time::Duration::from_secs(10))
+        .with_retries(6);
+    let _ = socket2::SockRef::from(stream).set_tcp_keepalive(&ka);
+}
+
+/// Connects to a task of `svc`, failing over to other tasks.
+pub async fn connect(svc: &Service, metrics: &Metrics) -> Result<Upstream, ConnectError> {
+    let max_attempts = 1 + svc.settings.retries as usize;
+    let mut tried: Vec<usize> = Vec::new();
+    let mut last: Option<io::Error> = None;
+    while tried.len() < max_attempts {
+        let Some(i) = svc.pick(&tried, now_ms()) else {
+            break;
+        };
+        if !tried.is_empty() {
+            metrics
+                .retries_total
+                .with_label_values(&[svc.name.as_str()])
+                .inc();
+        }
+        tried.push(i);
+        let task = svc.tasks[i].clone();
+        let in_flight = task.state.begin();
+        match dial(task.addr, svc.settings.connect_timeout).await {
+            Ok(stream) => {
+                task.state.succeed();
+                return Ok(Upstream {
+                    stream,
+                    task,
+                    in_flight,
+                    attempts: tried.len(),
+                });
+            }
+            Err(e) => {
+                drop(in_flight);
+                task.state.eject(now_ms(), format!("connect: {e}"));
+                metrics
+                    .upstream_connect_errors_total
+                    .with_label_values(&[svc.name.as_str(), task.id.as_str()])
+                    .inc();
+                if let Some(suppressed) = CONNECT_FAILED_LOG.allow() {
+                    tracing::warn!(service = %svc.name, task = %task.id, addr = %task.addr, error = %e, suppressed, "upstream connect failed; trying another task");
+                }
+                last = Some(e);
+            }
+        }
+    }
+    metrics
+        .no_live_task_total
+        .with_label_values(&[svc.name.as_str()])
+        .inc();
+    match last {
+        None => Err(ConnectError::NoLiveTask {
+            service: svc.name.to_string(),
+        }),
+        Some(last) => Err(ConnectError::AllFailed {
+            service: svc.name.to_string(),
+            attempts: tried.len(),
+            last,
+        }),
+    }
+}
