@@ -56,6 +56,9 @@ struct RunningListener {
 
 struct Listeners {
     running: BTreeMap<SocketAddr, RunningListener>,
+    /// The `[http]` limits and access-log flag the running contexts were built with.
+    http: crate::config::HttpLimits,
+    access_log: bool,
     conns: Connections,
     snapshot: SharedSnapshot,
     metrics: Arc<Metrics>,
@@ -69,17 +72,25 @@ impl Listeners {
             service: cfg.service.clone(),
             snapshot: self.snapshot.clone(),
             metrics: self.metrics.clone(),
+            routes: cfg.routes.clone(),
+            http: config.http.clone(),
+            access_log: config.log.access,
         });
-        let _ = config; // HTTP listeners read limits from it
         let conns = self.conns.clone();
         let name = cfg.name.clone();
         let protocol = cfg.protocol;
         let stop2 = stop.clone();
         let handle = tokio::spawn(async move {
             match protocol {
-                Protocol::Tcp | Protocol::Http => {
+                Protocol::Tcp => {
                     listener::accept_loop(name, &socket, stop2, conns, move |s, peer| {
                         proxy::tcp::handle(ctx.clone(), s, peer)
+                    })
+                    .await
+                }
+                Protocol::Http => {
+                    listener::accept_loop(name, &socket, stop2, conns, move |s, peer| {
+                        proxy::http::handle(ctx.clone(), s, peer)
                     })
                     .await
                 }
@@ -138,11 +149,14 @@ impl Listeners {
         for (l, socket) in fresh {
             self.spawn(l, socket, config);
         }
+        self.http = config.http.clone();
+        self.access_log = config.log.access;
         Ok(())
     }
 
-    fn needs_restart(&self, _config: &Config) -> bool {
-        false
+    /// Listener-wide settings that live in the listener context.
+    fn needs_restart(&self, config: &Config) -> bool {
+        self.http != config.http || self.access_log != config.log.access
     }
 
     async fn stop_all(&mut self) {
@@ -221,6 +235,8 @@ pub async fn run(
 
     let mut listeners = Listeners {
         running: BTreeMap::new(),
+        http: config.http.clone(),
+        access_log: config.log.access,
         conns: Connections::default(),
         snapshot: snapshot.clone(),
         metrics: metrics.clone(),

@@ -233,13 +233,16 @@ impl Service {
     /// Picks a task not in `tried`: first among healthy, non-ejected tasks; when none is
     /// left, among those that are only passively ejected (fail open: passive evidence alone
     /// never takes the last tasks out). Actively unhealthy tasks are never picked.
-    pub fn pick(&self, tried: &[usize], now: u64) -> Option<usize> {
+    /// `hash` is the connection's or request's key hash for consistent hashing.
+    pub fn pick(&self, tried: &[usize], now: u64, hash: Option<u64>) -> Option<usize> {
         let base = |i: usize| -> bool {
             !tried.contains(&i) && self.tasks[i].state.health() != Health::Unhealthy
         };
         self.selector
-            .pick(&self.tasks, &|i| base(i) && !self.tasks[i].state.is_ejected(now))
-            .or_else(|| self.selector.pick(&self.tasks, &base))
+            .pick(&self.tasks, hash, &|i| {
+                base(i) && !self.tasks[i].state.is_ejected(now)
+            })
+            .or_else(|| self.selector.pick(&self.tasks, hash, &base))
     }
 
     /// Tasks that would be picked now (healthy and not ejected).
@@ -405,7 +408,7 @@ mod tests {
         let s = Snapshot::build(&t, &BTreeMap::new(), &Snapshot::default());
         let svc = s.service(&web()).unwrap();
         for _ in 0..10 {
-            assert_eq!(svc.pick(&[], now_ms()), Some(0));
+            assert_eq!(svc.pick(&[], now_ms(), None), Some(0));
         }
         assert_eq!(svc.tasks[1].status(now_ms()), TaskStatus::NodeDown);
         assert_eq!(svc.live_count(now_ms()), 1);
@@ -422,13 +425,13 @@ mod tests {
         let now = now_ms();
         svc.tasks[0].state.eject(now, "refused".into());
         for _ in 0..10 {
-            assert_eq!(svc.pick(&[], now), Some(1));
+            assert_eq!(svc.pick(&[], now, None), Some(1));
         }
         // Every other task tried: the ejected one is still offered (fail open).
-        assert_eq!(svc.pick(&[1], now), Some(0));
-        assert_eq!(svc.pick(&[0, 1], now), None);
+        assert_eq!(svc.pick(&[1], now, None), Some(0));
+        assert_eq!(svc.pick(&[0, 1], now, None), None);
         svc.tasks[1].state.set_health(Health::Unhealthy);
-        assert_eq!(svc.pick(&[], now), Some(0));
+        assert_eq!(svc.pick(&[], now, None), Some(0));
     }
 
     #[test]

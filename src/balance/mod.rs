@@ -33,11 +33,20 @@ impl Selector {
             Balance::RoundRobin => Selector::RoundRobin(RoundRobin::new(tasks, candidates)),
             Balance::LeastConn => Selector::LeastConn(LeastConn::new(candidates)),
             Balance::P2c => Selector::P2c(P2c::new(candidates)),
+            // Placeholder until the Maglev table lands: hashing falls back to round robin.
+            Balance::Maglev => Selector::RoundRobin(RoundRobin::new(tasks, candidates)),
         }
     }
 
-    /// Picks a task index for which `usable` holds, or `None` when there is none.
-    pub fn pick(&self, tasks: &[Arc<Task>], usable: &dyn Fn(usize) -> bool) -> Option<usize> {
+    /// Picks a task index for which `usable` holds, or `None` when there is none. `hash` is
+    /// the request's key hash for consistent-hashing selectors (others ignore it).
+    pub fn pick(
+        &self,
+        tasks: &[Arc<Task>],
+        hash: Option<u64>,
+        usable: &dyn Fn(usize) -> bool,
+    ) -> Option<usize> {
+        let _ = hash;
         match self {
             Selector::RoundRobin(s) => s.pick(usable),
             Selector::LeastConn(s) => s.pick(tasks, usable),

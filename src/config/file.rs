@@ -79,6 +79,21 @@ pub struct RawService {
     pub retries: Option<S<i64>>,
     pub upstream_protocol: Option<S<String>>,
     pub request_timeout: Option<S<String>>,
+    pub hash_key: Option<S<String>>,
+    pub peek_timeout: Option<S<String>>,
+    pub max_connect_bytes: Option<S<i64>>,
+    pub health: Option<S<RawHealth>>,
+}
+
+#[derive(Debug, Default, Deserialize)]
+pub struct RawHealth {
+    pub kind: Option<S<String>>,
+    pub path: Option<S<String>>,
+    pub expect_status: Option<S<String>>,
+    pub interval: Option<S<String>>,
+    pub timeout: Option<S<String>>,
+    pub unhealthy_threshold: Option<S<i64>>,
+    pub healthy_threshold: Option<S<i64>>,
 }
 
 #[derive(Debug, Default, Deserialize)]

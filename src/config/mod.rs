@@ -118,6 +118,60 @@ pub enum Balance {
     RoundRobin,
     LeastConn,
     P2c,
+    /// Consistent hashing on `hash_key` (Maglev lookup table).
+    Maglev,
+}
+
+/// What a consistent-hash balancer hashes.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize)]
+#[serde(rename_all = "snake_case")]
+pub enum HashKey {
+    /// The MQTT CONNECT's client identifier (tcp listeners).
+    MqttClientId,
+    /// The client's IP address.
+    SourceIp,
+    /// An HTTP request header (lower-cased name).
+    Header(String),
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize)]
+#[serde(rename_all = "snake_case")]
+pub enum HealthKind {
+    Tcp,
+    Http,
+}
+
+/// Active health checks of a service's tasks, run by every node that serves it.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize)]
+pub struct HealthSettings {
+    pub kind: HealthKind,
+    /// Request path of `http` checks.
+    pub path: String,
+    /// Inclusive range of passing statuses.
+    pub expect_status: (u16, u16),
+    #[serde(with = "humantime_serde_compat")]
+    pub interval: Duration,
+    #[serde(with = "humantime_serde_compat")]
+    pub timeout: Duration,
+    /// Consecutive failures that make a task unhealthy.
+    pub unhealthy_threshold: u32,
+    /// Consecutive passes that make it healthy again.
+    pub healthy_threshold: u32,
+}
+
+impl Default for HealthSettings {
+    /// Without a `[service.NAME.health]` section: a TCP connect check every 2 s.
+    fn default() -> Self {
+        HealthSettings {
+            kind: HealthKind::Tcp,
+            path: "/".into(),
+            expect_status: (200, 399),
+            interval: Duration::from_secs(2),
+            timeout: Duration::from_millis(500),
+            unhealthy_threshold: 2,
+            healthy_threshold: 1,
+        }
+    }
 }
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize)]
@@ -138,6 +192,14 @@ pub struct ServiceSettings {
     pub upstream_protocol: UpstreamProtocol,
     #[serde(with = "humantime_serde_compat")]
     pub request_timeout: Duration,
+    /// What `balance = "maglev"` hashes (default: the client's IP).
+    pub hash_key: HashKey,
+    /// How long a tcp listener waits for the first packet it must parse (MQTT CONNECT).
+    #[serde(with = "humantime_serde_compat")]
+    pub peek_timeout: Duration,
+    /// Most bytes buffered before routing on the first packet.
+    pub max_connect_bytes: usize,
+    pub health: HealthSettings,
 }
 
 impl Default for ServiceSettings {
@@ -148,6 +210,10 @@ impl Default for ServiceSettings {
             retries: 2,
             upstream_protocol: UpstreamProtocol::Http1,
             request_timeout: Duration::from_secs(60),
+            hash_key: HashKey::SourceIp,
+            peek_timeout: Duration::from_secs(5),
+            max_connect_bytes: 65536,
+            health: HealthSettings::default(),
         }
     }
 }
@@ -440,6 +506,61 @@ fn one_of<T: Copy>(
             );
             default
         }
+    }
+}
+
+fn health_settings(issues: &mut Issues, raw: Option<&S<file::RawHealth>>) -> HealthSettings {
+    let def = HealthSettings::default();
+    let Some(raw) = raw else { return def };
+    let h = raw.get_ref();
+    // An explicit section starts from the documented section defaults (interval 1s).
+    let interval_default = Duration::from_secs(1);
+    let expect_status = match &h.expect_status {
+        None => def.expect_status,
+        Some(v) => {
+            let text = v.get_ref().trim();
+            let parsed = match text.split_once('-') {
+                Some((a, b)) => a.trim().parse::<u16>().ok().zip(b.trim().parse::<u16>().ok()),
+                None => text.parse::<u16>().ok().map(|c| (c, c)),
+            };
+            match parsed {
+                Some((a, b)) if (100..=599).contains(&a) && (100..=599).contains(&b) && a <= b => (a, b),
+                _ => {
+                    issues.at(
+                        span(v),
+                        format!("`health.expect_status` = {text:?}: write a status or a range like \"200-399\""),
+                    );
+                    def.expect_status
+                }
+            }
+        }
+    };
+    let path = match &h.path {
+        None => def.path.clone(),
+        Some(p) if p.get_ref().starts_with('/') && !p.get_ref().contains(char::is_whitespace) => {
+            p.get_ref().clone()
+        }
+        Some(p) => {
+            issues.at(span(p), "`health.path` must start with '/' and contain no spaces");
+            def.path.clone()
+        }
+    };
+    let interval = positive_duration(issues, &h.interval, interval_default, "health.interval");
+    let timeout = positive_duration(issues, &h.timeout, def.timeout, "health.timeout");
+    HealthSettings {
+        kind: one_of(
+            issues,
+            &h.kind,
+            def.kind,
+            &[("tcp", HealthKind::Tcp), ("http", HealthKind::Http)],
+            "health.kind",
+        ),
+        path,
+        expect_status,
+        interval,
+        timeout,
+        unhealthy_threshold: int_in(issues, &h.unhealthy_threshold, 2, 1..=100, "health.unhealthy_threshold") as u32,
+        healthy_threshold: int_in(issues, &h.healthy_threshold, 1, 1..=100, "health.healthy_threshold") as u32,
     }
 }
 
@@ -762,6 +883,7 @@ fn validate(path: &Path, raw: RawConfig, issues: &mut Issues) -> Config {
                     ("round_robin", Balance::RoundRobin),
                     ("least_conn", Balance::LeastConn),
                     ("p2c", Balance::P2c),
+                    ("maglev", Balance::Maglev),
                 ],
                 "service.balance",
             ),
@@ -788,7 +910,49 @@ fn validate(path: &Path, raw: RawConfig, issues: &mut Issues) -> Config {
                 def.request_timeout,
                 "service.request_timeout",
             ),
+            hash_key: match &s.hash_key {
+                None => def.hash_key.clone(),
+                Some(v) => match v.get_ref().as_str() {
+                    "mqtt_client_id" => HashKey::MqttClientId,
+                    "source_ip" => HashKey::SourceIp,
+                    h if h.starts_with("header:")
+                        && h.len() > 7
+                        && h[7..].bytes().all(|b| b.is_ascii_alphanumeric() || b == b'-' || b == b'_') =>
+                    {
+                        HashKey::Header(h[7..].to_ascii_lowercase())
+                    }
+                    other => {
+                        issues.at(
+                            span(v),
+                            format!("`service.hash_key` = {other:?}: use \"mqtt_client_id\", \"source_ip\" or \"header:NAME\""),
+                        );
+                        def.hash_key.clone()
+                    }
+                },
+            },
+            peek_timeout: positive_duration(
+                issues,
+                &s.peek_timeout,
+                def.peek_timeout,
+                "service.peek_timeout",
+            ),
+            max_connect_bytes: int_in(
+                issues,
+                &s.max_connect_bytes,
+                def.max_connect_bytes as i64,
+                16..=16 * 1024 * 1024,
+                "service.max_connect_bytes",
+            ) as usize,
+            health: health_settings(issues, s.health.as_ref()),
         };
+        if s.hash_key.is_some() && settings.balance != Balance::Maglev {
+            if let Some(v) = &s.hash_key {
+                issues.at(
+                    span(v),
+                    "`service.hash_key` only applies to balance = \"maglev\": set the balance or remove the key",
+                );
+            }
+        }
         services.insert(sname, settings);
     }
 

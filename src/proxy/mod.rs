@@ -4,13 +4,14 @@
 //! Reads the snapshot and balancers; never writes routing state (passive failures go to the
 //! task's shared atomic state). Owns no config parsing and no discovery.
 
+pub mod http;
 pub mod listener;
 pub mod tcp;
 pub mod upstream;
 
 use std::sync::Arc;
 
-use crate::config::ServiceName;
+use crate::config::{HttpLimits, RouteConfig, ServiceName};
 use crate::metrics::Metrics;
 use crate::snapshot::SharedSnapshot;
 
@@ -22,4 +23,10 @@ pub struct ListenerCtx {
     pub service: ServiceName,
     pub snapshot: SharedSnapshot,
     pub metrics: Arc<Metrics>,
+    /// HTTP listeners: routes, first match wins (the default route is `service`).
+    pub routes: Vec<RouteConfig>,
+    /// HTTP listeners: limits from `[http]`.
+    pub http: HttpLimits,
+    /// HTTP listeners: one log line per request.
+    pub access_log: bool,
 }

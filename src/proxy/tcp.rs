@@ -30,7 +30,7 @@ pub async fn handle(ctx: Arc<ListenerCtx>, client: TcpStream, peer: SocketAddr) 
     // Load the snapshot, keep only the service, drop the guard before any await.
     let service = ctx.snapshot.load().service(&ctx.service);
     let up = match service {
-        Some(svc) => upstream::connect(&svc, &ctx.metrics).await,
+        Some(svc) => upstream::connect(&svc, &ctx.metrics, None).await,
         None => {
             ctx.metrics
                 .no_live_task_total

@@ -61,13 +61,18 @@ pub fn set_keepalive(stream: &TcpStream) {
     let _ = socket2::SockRef::from(stream).set_tcp_keepalive(&ka);
 }
 
-/// Connects to a task of `svc`, failing over to other tasks.
-pub async fn connect(svc: &Service, metrics: &Metrics) -> Result<Upstream, ConnectError> {
+/// Connects to a task of `svc`, failing over to other tasks. `hash` is the key hash for
+/// consistent-hashing services (`None` otherwise).
+pub async fn connect(
+    svc: &Service,
+    metrics: &Metrics,
+    hash: Option<u64>,
+) -> Result<Upstream, ConnectError> {
     let max_attempts = 1 + svc.settings.retries as usize;
     let mut tried: Vec<usize> = Vec::new();
     let mut last: Option<io::Error> = None;
     while tried.len() < max_attempts {
-        let Some(i) = svc.pick(&tried, now_ms()) else {
+        let Some(i) = svc.pick(&tried, now_ms(), hash) else {
             break;
         };
         if !tried.is_empty() {
