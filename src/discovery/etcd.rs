@@ -43,15 +43,66 @@ pub fn connect_options(dial_timeout: Duration) -> ConnectOptions {
         .with_require_leader(true)
 }
 
-/// Creates a client over all endpoints (the client balances and fails over between them).
-pub async fn connect(endpoints: &[String], dial_timeout: Duration) -> Result<Client, DiscoveryError> {
-    tokio::time::timeout(
-        dial_timeout * 2,
-        Client::connect(endpoints, Some(connect_options(dial_timeout))),
-    )
-    .await
-    .map_err(|_| DiscoveryError::Timeout(dial_timeout * 2))?
-    .map_err(DiscoveryError::from)
+/// Connects to one member, checking that it answers (the client itself connects lazily).
+async fn connect_one(endpoint: &str, dial_timeout: Duration) -> Result<Client, DiscoveryError> {
+    let bound = dial_timeout * 2;
+    let attempt = async {
+        let mut c = Client::connect([endpoint], Some(connect_options(dial_timeout))).await?;
+        c.status().await?;
+        Ok::<_, etcd_client::Error>(c)
+    };
+    tokio::time::timeout(bound, attempt)
+        .await
+        .map_err(|_| DiscoveryError::Timeout(bound))?
+        .map_err(DiscoveryError::from)
+}
+
+/// Failover over the members of a cluster: each connect tries the members in turn, starting
+/// after the one that failed last, and returns the first that answers. One client talks to
+/// one member, so a dead member is left at once instead of being retried at random.
+#[derive(Debug, Clone)]
+pub struct Members {
+    endpoints: Vec<String>,
+    next: usize,
+}
+
+impl Members {
+    pub fn new(endpoints: &[String]) -> Members {
+        Members {
+            endpoints: endpoints.to_vec(),
+            next: 0,
+        }
+    }
+
+    /// The first member, from the rotation point on, that answers.
+    pub async fn connect(&mut self, dial_timeout: Duration) -> Result<Client, DiscoveryError> {
+        let mut last = DiscoveryError::Closed;
+        for _ in 0..self.endpoints.len() {
+            let ep = &self.endpoints[self.next % self.endpoints.len()];
+            match connect_one(ep, dial_timeout).await {
+                Ok(c) => return Ok(c),
+                Err(e) => {
+                    tracing::debug!(endpoint = %ep, error = %e, "etcd member unreachable; trying the next");
+                    last = e;
+                    self.next = (self.next + 1) % self.endpoints.len();
+                }
+            }
+        }
+        Err(last)
+    }
+
+    /// Marks the member in use as failed: the next connect starts with another one.
+    pub fn rotate(&mut self) {
+        self.next = (self.next + 1) % self.endpoints.len().max(1);
+    }
+}
+
+/// Connects to the first answering member of `endpoints` (used by the CLI).
+pub async fn connect(
+    endpoints: &[String],
+    dial_timeout: Duration,
+) -> Result<Client, DiscoveryError> {
+    Members::new(endpoints).connect(dial_timeout).await
 }
 
 /// Runs until `shutdown`: keeps `publisher`'s table in step with etcd.
@@ -62,13 +113,14 @@ pub async fn run(
     shutdown: CancellationToken,
 ) {
     let mut backoff = Backoff::new();
+    let mut members = Members::new(&cfg.endpoints);
     let mut client: Option<Client> = None;
     loop {
         let round = async {
             let c = match &client {
                 Some(c) => c.clone(),
                 None => {
-                    let c = connect(&cfg.endpoints, cfg.dial_timeout).await?;
+                    let c = members.connect(cfg.dial_timeout).await?;
                     client = Some(c.clone());
                     c
                 }
@@ -79,10 +131,13 @@ pub async fn run(
             r = round => r,
             _ = shutdown.cancelled() => return,
         };
-        publisher.status().set_up(false);
         match result {
             Ok(()) => tracing::debug!("periodic re-list of etcd"),
             Err(e) => {
+                publisher.status().set_up(false);
+                // Reconnect, starting with another member.
+                client = None;
+                members.rotate();
                 let delay = backoff.next();
                 tracing::warn!(error = %e, retry_in = ?delay, "etcd discovery interrupted; serving the last routing snapshot");
                 tokio::select! {
@@ -118,7 +173,11 @@ async fn sync_and_watch(
         .collect();
     publisher.apply([Update::Reset { revision, kvs }]);
     publisher.publish();
-    tracing::info!(revision, keys = resp.kvs().len(), "routing table synced from etcd");
+    tracing::info!(
+        revision,
+        keys = resp.kvs().len(),
+        "routing table synced from etcd"
+    );
 
     let mut stream = tokio::time::timeout(
         cfg.dial_timeout * 2,

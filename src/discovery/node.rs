@@ -11,7 +11,7 @@ use etcd_client::{Client, PutOptions, Txn, TxnOp};
 use tokio::sync::watch;
 use tokio_util::sync::CancellationToken;
 
-use super::etcd::{Backoff, DiscoveryError, connect};
+use super::etcd::{Backoff, DiscoveryError, Members};
 use super::keys::{NodeRecord, TaskRecord, node_alive_key, node_info_key, task_key};
 use crate::config::{NodeName, TaskConfig};
 
@@ -39,13 +39,14 @@ pub async fn run(
     shutdown: CancellationToken,
 ) {
     let mut backoff = Backoff::new();
+    let mut members = Members::new(&settings.endpoints);
     let mut client: Option<Client> = None;
     let mut lease: Option<i64> = None;
     loop {
         let round = async {
             let c = match &client {
                 Some(c) => c.clone(),
-                None => match connect(&settings.endpoints, settings.dial_timeout).await {
+                None => match members.connect(settings.dial_timeout).await {
                     Ok(c) => {
                         client = Some(c.clone());
                         c
@@ -59,12 +60,17 @@ pub async fn run(
             e = round => e,
             _ = shutdown.cancelled() => break,
         };
+        client = None;
+        members.rotate();
         let delay = backoff.next();
         tracing::warn!(error = %err, retry_in = ?delay, "node lease keeper interrupted");
         tokio::select! {
             _ = tokio::time::sleep(delay) => {}
             _ = shutdown.cancelled() => break,
         }
+    }
+    if client.is_none() && lease.is_some() {
+        client = members.connect(settings.dial_timeout).await.ok();
     }
     if let (Some(mut c), Some(id)) = (client, lease) {
         match tokio::time::timeout(settings.dial_timeout, c.lease_revoke(id)).await {
