@@ -5,10 +5,11 @@
 //! - `config`    the TOML file: raw shape, validation with file:line:col, the names newtypes
 //! - `discovery` the one writer: etcd list + watch (or static), node lease, routing table
 //! - `snapshot`  immutable routing state published to readers; per-task runtime state
-//! - `balance`   selectors built per snapshot: round robin, least connections, P2C
+//! - `balance`   selectors built per snapshot: round robin, least connections, P2C, Maglev
 //! - `proxy`     listeners, upstream connect with failover, the TCP proxy
 //! - `admin`     /healthz /readyz /routes /metrics
 //! - `metrics`   the Prometheus registry and metric families
+//! - `mqtt`      the MQTT CONNECT parser behind client-id routing (pure)
 //! - `app`       wiring, reload and drain
 //! - `cli`       the command line
 //! - `ratelimit` rate-limited logging for the data path
@@ -20,6 +21,7 @@ pub mod cli;
 pub mod config;
 pub mod discovery;
 pub mod metrics;
+pub mod mqtt;
 pub mod proxy;
 pub mod ratelimit;
 pub mod snapshot;

@@ -36,6 +36,8 @@ pub struct Metrics {
     pub config_reloads_total: IntCounterVec,
     pub build_info: IntGaugeVec,
     pub health_checks_total: IntCounterVec,
+    /// First packets of MQTT client-id routed listeners refused before any upstream connect.
+    pub mqtt_connect_errors_total: IntCounterVec,
 }
 
 fn reg<T: prometheus::core::Collector + Clone + 'static>(r: &Registry, c: T) -> T {
@@ -221,6 +223,17 @@ impl Metrics {
                         "Active health checks by result.",
                     ),
                     &["service", "result"],
+                )
+                .unwrap(),
+            ),
+            mqtt_connect_errors_total: reg(
+                &r,
+                IntCounterVec::new(
+                    Opts::new(
+                        "routemesh_mqtt_connect_errors_total",
+                        "MQTT first packets refused (connection closed, no upstream opened), by reason.",
+                    ),
+                    &["service", "reason"],
                 )
                 .unwrap(),
             ),

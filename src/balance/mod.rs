@@ -5,6 +5,7 @@
 //! a predicate, from health and ejection state) and not connecting (that is `proxy`).
 
 mod least_conn;
+pub mod maglev;
 mod p2c;
 mod round_robin;
 
@@ -14,6 +15,7 @@ use crate::config::Balance;
 use crate::snapshot::Task;
 
 pub use least_conn::LeastConn;
+pub use maglev::{Maglev, ip_hash, key_hash};
 pub use p2c::P2c;
 pub use round_robin::RoundRobin;
 
@@ -23,6 +25,7 @@ pub enum Selector {
     RoundRobin(RoundRobin),
     LeastConn(LeastConn),
     P2c(P2c),
+    Maglev(Maglev),
 }
 
 impl Selector {
@@ -33,8 +36,7 @@ impl Selector {
             Balance::RoundRobin => Selector::RoundRobin(RoundRobin::new(tasks, candidates)),
             Balance::LeastConn => Selector::LeastConn(LeastConn::new(candidates)),
             Balance::P2c => Selector::P2c(P2c::new(candidates)),
-            // Placeholder until the Maglev table lands: hashing falls back to round robin.
-            Balance::Maglev => Selector::RoundRobin(RoundRobin::new(tasks, candidates)),
+            Balance::Maglev => Selector::Maglev(Maglev::new(tasks, candidates)),
         }
     }
 
@@ -46,11 +48,11 @@ impl Selector {
         hash: Option<u64>,
         usable: &dyn Fn(usize) -> bool,
     ) -> Option<usize> {
-        let _ = hash;
         match self {
             Selector::RoundRobin(s) => s.pick(usable),
             Selector::LeastConn(s) => s.pick(tasks, usable),
             Selector::P2c(s) => s.pick(tasks, usable),
+            Selector::Maglev(s) => s.pick(hash, usable),
         }
     }
 
@@ -60,6 +62,7 @@ impl Selector {
             Selector::RoundRobin(s) => s.candidates(),
             Selector::LeastConn(s) => s.candidates(),
             Selector::P2c(s) => s.candidates(),
+            Selector::Maglev(s) => s.candidates(),
         }
     }
 }
