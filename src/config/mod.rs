@@ -832,19 +832,20 @@ fn validate(path: &Path, raw: RawConfig, issues: &mut Issues) -> Config {
             None => format!("{}-{}", protocol.as_str(), listen.port()),
         };
         let at = l.name.as_ref().map(span).unwrap_or(l_span.clone());
-        if !seen_names.insert(lname.clone()) {
+        let dup_addr = !seen_addrs.insert(listen);
+        if dup_addr {
+            let at = l.listen.as_ref().map(span).unwrap_or(l_span.clone());
+            issues.at(
+                at,
+                format!("two listeners bind {listen}: each `listen` address may appear once"),
+            );
+        }
+        if !seen_names.insert(lname.clone()) && !dup_addr {
             issues.at(
                 at,
                 format!(
                     "two listeners are named {lname:?}: give each [[listener]] a distinct `name`"
                 ),
-            );
-        }
-        if !seen_addrs.insert(listen) {
-            let at = l.listen.as_ref().map(span).unwrap_or(l_span);
-            issues.at(
-                at,
-                format!("two listeners bind {listen}: each `listen` address may appear once"),
             );
         }
         listeners.push(ListenerConfig {

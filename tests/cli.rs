@@ -1,0 +1,139 @@
+//! The cluster CLI against a real etcd and real daemons: `task add|rm`, `service ls|ps`,
+//! `node ls`, with tables and `--json`, and one-line errors.
+
+mod support;
+
+use std::time::Duration;
+
+use support::{Daemon, Etcd, TcpBackend, cli, eventually, free_addr, hello, output_text};
+
+fn ok(args: &[&str]) -> String {
+    let out = cli(args);
+    assert!(out.status.success(), "{args:?}: {}", output_text(&out));
+    String::from_utf8(out.stdout).unwrap()
+}
+
+fn fails(args: &[&str]) -> String {
+    let out = cli(args);
+    assert!(!out.status.success(), "{args:?} should fail: {}", output_text(&out));
+    let err = String::from_utf8(out.stderr).unwrap();
+    assert_eq!(err.trim().lines().count(), 1, "one clear line: {err}");
+    assert!(err.starts_with("error: "), "{err}");
+    err
+}
+
+fn node_config(etcd: &Etcd, name: &str, listen: std::net::SocketAddr) -> String {
+    format!(
+        "[node]\nname = \"{name}\"\nadvertise = \"127.0.0.1\"\n[discovery]\nendpoints = [\"{}\"]\nnode_ttl = \"2s\"\n\
+         [[listener]]\nlisten = \"{listen}\"\nservice = \"web\"\n",
+        etcd.endpoint()
+    )
+}
+
+#[test]
+fn task_add_ps_ls_rm() {
+    let etcd = Etcd::start();
+    let ep = etcd.endpoint();
+    let backend = TcpBackend::start("web-1");
+    let listen = free_addr();
+    let mut n1 = Daemon::start(&node_config(&etcd, "n1", listen));
+    n1.wait_ready();
+
+    let addr = backend.addr().to_string();
+    let id = ok(&["task", "add", "web", &addr, "--etcd", &ep, "--id", "w1"]);
+    assert_eq!(id.trim(), "w1");
+    eventually(Duration::from_secs(10), "task routable", || {
+        hello(listen).ok().as_deref() == Some("web-1")
+    });
+    // Derived id, attached to n1's lease.
+    let derived = ok(&[
+        "task", "add", "web", "127.0.0.1:9", "--etcd", &ep, "--node", "n1",
+    ]);
+    assert_eq!(derived.trim(), "n1-127-0-0-1-9");
+
+    let ls = ok(&["service", "ls", "--etcd", &ep]);
+    let mut lines = ls.lines();
+    let header = lines.next().unwrap();
+    assert!(header.starts_with("NAME") && header.contains("TASKS"), "{ls}");
+    assert!(lines.next().unwrap().split_whitespace().eq(["web", "2/2"]), "{ls}");
+
+    let ps = ok(&["service", "ps", "web", "--etcd", &ep]);
+    assert!(ps.starts_with("ID"), "{ps}");
+    assert!(ps.lines().next().unwrap().contains("NODE STATUS"), "{ps}");
+    assert!(ps.contains(&format!("w1")) && ps.contains(&addr), "{ps}");
+    assert!(
+        ps.lines()
+            .any(|l| l.starts_with("n1-127-0-0-1-9") && l.contains("n1") && l.ends_with("Ready")),
+        "{ps}"
+    );
+    let json: serde_json::Value =
+        serde_json::from_str(&ok(&["service", "ps", "web", "--etcd", &ep, "--json"])).unwrap();
+    assert_eq!(json.as_array().unwrap().len(), 2);
+
+    let nodes = ok(&["node", "ls", "--etcd", &ep]);
+    assert!(nodes.lines().next().unwrap().split_whitespace().eq(["NAME", "ADDRESS", "STATUS", "VERSION"]));
+    let row: Vec<&str> = nodes.lines().nth(1).unwrap().split_whitespace().collect();
+    assert_eq!(row[..3], ["n1", "127.0.0.1", "Ready"], "{nodes}");
+
+    // The node dies: its lease-bound task vanishes, the permanent one stays, n1 is Down.
+    n1.kill();
+    eventually(Duration::from_secs(8), "node-bound task gone", || {
+        !ok(&["service", "ps", "web", "--etcd", &ep]).contains("n1-127-0-0-1-9")
+    });
+    let nodes: serde_json::Value =
+        serde_json::from_str(&ok(&["node", "ls", "--etcd", &ep, "--json"])).unwrap();
+    assert_eq!(nodes[0]["status"], "Down", "{nodes}");
+    let err = fails(&["task", "add", "web", "127.0.0.1:9", "--etcd", &ep, "--node", "n1"]);
+    assert!(err.contains("Down"), "{err}");
+
+    assert_eq!(ok(&["task", "rm", "web", "w1", "--etcd", &ep]).trim(), "w1");
+    assert!(!ok(&["service", "ps", "web", "--etcd", &ep]).contains("w1"));
+    let err = fails(&["task", "rm", "web", "w1", "--etcd", &ep]);
+    assert!(err.contains("no task w1"), "{err}");
+}
+
+#[test]
+fn env_and_config_file_select_the_cluster() {
+    let etcd = Etcd::start();
+    let out = support::util::run_bounded(
+        std::process::Command::new(support::bin())
+            .args(["task", "add", "api", "127.0.0.1:81", "--id", "a1"])
+            .env("ROUTEMESH_ETCD", etcd.endpoint())
+            .env("ROUTEMESH_PREFIX", "/other"),
+        None,
+        Duration::from_secs(30),
+    )
+    .unwrap();
+    assert!(out.status.success(), "{}", output_text(&out));
+    assert!(etcd.get("/other/tasks/api/a1").is_some());
+
+    let dir = support::util::tempdir("cli");
+    let cfg = dir.path().join("c.toml");
+    std::fs::write(
+        &cfg,
+        format!(
+            "[discovery]\nendpoints = [\"{}\"]\nprefix = \"/other\"\n",
+            etcd.endpoint()
+        ),
+    )
+    .unwrap();
+    let ls = ok(&["service", "ls", "-c", cfg.to_str().unwrap()]);
+    assert!(ls.contains("api"), "{ls}");
+}
+
+#[test]
+fn errors_are_one_clear_line() {
+    let etcd = Etcd::start();
+    let ep = etcd.endpoint();
+    let err = fails(&["task", "add", "web", "not-an-addr", "--etcd", &ep]);
+    assert!(err.contains("IP:PORT"), "{err}");
+    let err = fails(&["task", "add", "we/b", "127.0.0.1:1", "--etcd", &ep]);
+    assert!(err.contains("service name"), "{err}");
+    let err = fails(&["task", "add", "web", "127.0.0.1:1", "--etcd", &ep, "--node", "ghost"]);
+    assert!(err.contains("unknown node ghost"), "{err}");
+    let dead = format!("http://{}", support::dead_addr());
+    let err = fails(&["service", "ls", "--etcd", &dead]);
+    assert!(err.contains("cannot reach etcd"), "{err}");
+    let err = fails(&["node", "ls", "--etcd", &dead]);
+    assert!(err.contains(&dead), "{err}");
+}
