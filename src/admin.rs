@@ -133,7 +133,11 @@ fn route(state: &AdminState, req: Request<Incoming>) -> Response<Full<Bytes>> {
 }
 
 /// The snapshot as this node sees it (also the shape `service ps` reads).
-pub fn routes_json(node: &NodeName, snap: &Snapshot, discovery: &DiscoveryStatus) -> serde_json::Value {
+pub fn routes_json(
+    node: &NodeName,
+    snap: &Snapshot,
+    discovery: &DiscoveryStatus,
+) -> serde_json::Value {
     let now = now_ms();
     let mut services: Vec<_> = snap.services.values().collect();
     services.sort_by(|a, b| a.name.cmp(&b.name));

@@ -18,7 +18,9 @@ use tokio::task::JoinHandle;
 use tokio_util::sync::CancellationToken;
 
 use crate::admin::{self, AdminState};
-use crate::config::{Config, DiscoveryBackend, ListenerConfig, Protocol, ServiceName, ServiceSettings};
+use crate::config::{
+    Config, DiscoveryBackend, ListenerConfig, Protocol, ServiceName, ServiceSettings,
+};
 use crate::discovery::keys::{NodeRecord, PublishedListener};
 use crate::discovery::node::{LeaseSettings, Registration};
 use crate::discovery::{self, DiscoveryStatus, Publisher};
@@ -319,7 +321,10 @@ pub async fn run(
         .await
         .is_err()
     {
-        tracing::warn!(open = conns.tracker.len(), "drain timeout reached; closing the remaining connections");
+        tracing::warn!(
+            open = conns.tracker.len(),
+            "drain timeout reached; closing the remaining connections"
+        );
         conns.hard_stop.cancel();
         let _ = tokio::time::timeout(Duration::from_secs(2), conns.tracker.wait()).await;
     }
@@ -346,7 +351,10 @@ async fn reload(
     let next = match Config::load(&current.source) {
         Ok(c) => c,
         Err(e) => {
-            metrics.config_reloads_total.with_label_values(&["error"]).inc();
+            metrics
+                .config_reloads_total
+                .with_label_values(&["error"])
+                .inc();
             tracing::error!("config reload refused, keeping the running config:\n{e}");
             return;
         }
@@ -357,10 +365,15 @@ async fn reload(
         || next.discovery.endpoints != current.discovery.endpoints
         || next.discovery.prefix != current.discovery.prefix
     {
-        tracing::warn!("config reload: [admin], node.name and [discovery] changes need a restart; they are ignored until then");
+        tracing::warn!(
+            "config reload: [admin], node.name and [discovery] changes need a restart; they are ignored until then"
+        );
     }
     if let Err(e) = listeners.apply(&next).await {
-        metrics.config_reloads_total.with_label_values(&["error"]).inc();
+        metrics
+            .config_reloads_total
+            .with_label_values(&["error"])
+            .inc();
         tracing::error!(error = %e, "config reload refused, keeping the running config");
         return;
     }
@@ -374,10 +387,13 @@ async fn reload(
     let mut next = next;
     next.admin = current.admin.clone();
     next.node.name = current.node.name.clone();
-    next.discovery.backend = current.discovery.backend.clone();
+    next.discovery.backend = current.discovery.backend;
     next.discovery.endpoints = current.discovery.endpoints.clone();
     next.discovery.prefix = current.discovery.prefix.clone();
     *current = next;
-    metrics.config_reloads_total.with_label_values(&["success"]).inc();
+    metrics
+        .config_reloads_total
+        .with_label_values(&["success"])
+        .inc();
     tracing::info!("config reloaded");
 }

@@ -15,7 +15,11 @@ fn ok(args: &[&str]) -> String {
 
 fn fails(args: &[&str]) -> String {
     let out = cli(args);
-    assert!(!out.status.success(), "{args:?} should fail: {}", output_text(&out));
+    assert!(
+        !out.status.success(),
+        "{args:?} should fail: {}",
+        output_text(&out)
+    );
     let err = String::from_utf8(out.stderr).unwrap();
     assert_eq!(err.trim().lines().count(), 1, "one clear line: {err}");
     assert!(err.starts_with("error: "), "{err}");
@@ -47,20 +51,33 @@ fn task_add_ps_ls_rm() {
     });
     // Derived id, attached to n1's lease.
     let derived = ok(&[
-        "task", "add", "web", "127.0.0.1:9", "--etcd", &ep, "--node", "n1",
+        "task",
+        "add",
+        "web",
+        "127.0.0.1:9",
+        "--etcd",
+        &ep,
+        "--node",
+        "n1",
     ]);
     assert_eq!(derived.trim(), "n1-127-0-0-1-9");
 
     let ls = ok(&["service", "ls", "--etcd", &ep]);
     let mut lines = ls.lines();
     let header = lines.next().unwrap();
-    assert!(header.starts_with("NAME") && header.contains("TASKS"), "{ls}");
-    assert!(lines.next().unwrap().split_whitespace().eq(["web", "2/2"]), "{ls}");
+    assert!(
+        header.starts_with("NAME") && header.contains("TASKS"),
+        "{ls}"
+    );
+    assert!(
+        lines.next().unwrap().split_whitespace().eq(["web", "2/2"]),
+        "{ls}"
+    );
 
     let ps = ok(&["service", "ps", "web", "--etcd", &ep]);
     assert!(ps.starts_with("ID"), "{ps}");
     assert!(ps.lines().next().unwrap().contains("NODE STATUS"), "{ps}");
-    assert!(ps.contains(&format!("w1")) && ps.contains(&addr), "{ps}");
+    assert!(ps.contains("w1") && ps.contains(&addr), "{ps}");
     assert!(
         ps.lines()
             .any(|l| l.starts_with("n1-127-0-0-1-9") && l.contains("n1") && l.ends_with("Ready")),
@@ -71,7 +88,14 @@ fn task_add_ps_ls_rm() {
     assert_eq!(json.as_array().unwrap().len(), 2);
 
     let nodes = ok(&["node", "ls", "--etcd", &ep]);
-    assert!(nodes.lines().next().unwrap().split_whitespace().eq(["NAME", "ADDRESS", "STATUS", "VERSION"]));
+    assert!(
+        nodes
+            .lines()
+            .next()
+            .unwrap()
+            .split_whitespace()
+            .eq(["NAME", "ADDRESS", "STATUS", "VERSION"])
+    );
     let row: Vec<&str> = nodes.lines().nth(1).unwrap().split_whitespace().collect();
     assert_eq!(row[..3], ["n1", "127.0.0.1", "Ready"], "{nodes}");
 
@@ -83,7 +107,16 @@ fn task_add_ps_ls_rm() {
     let nodes: serde_json::Value =
         serde_json::from_str(&ok(&["node", "ls", "--etcd", &ep, "--json"])).unwrap();
     assert_eq!(nodes[0]["status"], "Down", "{nodes}");
-    let err = fails(&["task", "add", "web", "127.0.0.1:9", "--etcd", &ep, "--node", "n1"]);
+    let err = fails(&[
+        "task",
+        "add",
+        "web",
+        "127.0.0.1:9",
+        "--etcd",
+        &ep,
+        "--node",
+        "n1",
+    ]);
     assert!(err.contains("Down"), "{err}");
 
     assert_eq!(ok(&["task", "rm", "web", "w1", "--etcd", &ep]).trim(), "w1");
@@ -129,7 +162,16 @@ fn errors_are_one_clear_line() {
     assert!(err.contains("IP:PORT"), "{err}");
     let err = fails(&["task", "add", "we/b", "127.0.0.1:1", "--etcd", &ep]);
     assert!(err.contains("service name"), "{err}");
-    let err = fails(&["task", "add", "web", "127.0.0.1:1", "--etcd", &ep, "--node", "ghost"]);
+    let err = fails(&[
+        "task",
+        "add",
+        "web",
+        "127.0.0.1:1",
+        "--etcd",
+        &ep,
+        "--node",
+        "ghost",
+    ]);
     assert!(err.contains("unknown node ghost"), "{err}");
     let dead = format!("http://{}", support::dead_addr());
     let err = fails(&["service", "ls", "--etcd", &dead]);

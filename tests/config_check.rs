@@ -49,15 +49,45 @@ fn each_error_path_is_positioned_and_explained() {
     one_error("[node]\nname = \"a b\"\n", 2, 8, "node name");
     one_error("[node]\nadvertise = \"host\"\n", 2, 13, "not an IP address");
     one_error("[node]\ndrain_timeout = \"soon\"\n", 2, 17, "\"500ms\"");
-    one_error("[discovery]\nbackend = \"zk\"\n", 2, 11, "\"etcd\", \"static\"");
-    one_error("[discovery]\nendpoints = [\"127.0.0.1:2379\"]\n", 2, 14, "http://HOST:PORT");
+    one_error(
+        "[discovery]\nbackend = \"zk\"\n",
+        2,
+        11,
+        "\"etcd\", \"static\"",
+    );
+    one_error(
+        "[discovery]\nendpoints = [\"127.0.0.1:2379\"]\n",
+        2,
+        14,
+        "http://HOST:PORT",
+    );
     one_error("[discovery]\nendpoints = []\n", 2, 13, "empty");
-    one_error("[discovery]\nprefix = \"routemesh\"\n", 2, 10, "absolute key prefix");
-    one_error("[discovery]\nnode_ttl = \"1500ms\"\n", 2, 12, "whole number of seconds");
-    one_error("[discovery]\nnode_ttl = \"0s\"\n", 2, 12, "greater than zero");
+    one_error(
+        "[discovery]\nprefix = \"routemesh\"\n",
+        2,
+        10,
+        "absolute key prefix",
+    );
+    one_error(
+        "[discovery]\nnode_ttl = \"1500ms\"\n",
+        2,
+        12,
+        "whole number of seconds",
+    );
+    one_error(
+        "[discovery]\nnode_ttl = \"0s\"\n",
+        2,
+        12,
+        "greater than zero",
+    );
     one_error("[admin]\nlisten = \"localhost\"\n", 2, 10, "IP:PORT");
     one_error("[[listener]]\nservice = \"web\"\n", 1, 1, "needs `listen`");
-    one_error("[[listener]]\nlisten = \"127.0.0.1:1\"\n", 1, 1, "needs `service`");
+    one_error(
+        "[[listener]]\nlisten = \"127.0.0.1:1\"\n",
+        1,
+        1,
+        "needs `service`",
+    );
     one_error(
         "[[listener]]\nlisten = \"127.0.0.1:1\"\nservice = \"w\"\nprotocol = \"udp\"\n",
         4,
@@ -76,13 +106,33 @@ fn each_error_path_is_positioned_and_explained() {
         1,
         "only for protocol = \"http\"",
     );
-    one_error("[service.web]\nbalance = \"random\"\n", 2, 11, "\"round_robin\"");
+    one_error(
+        "[service.web]\nbalance = \"random\"\n",
+        2,
+        11,
+        "\"round_robin\"",
+    );
     one_error("[service.web]\nretries = 500\n", 2, 11, "from 0 to 100");
     one_error("[service.web]\nretries = \"two\"\n", 2, 11, "invalid type");
     one_error("[service.\"a/b\"]\n", 1, 1, "service name");
-    one_error("[[task]]\naddr = \"127.0.0.1:1\"\n", 1, 1, "needs `service`");
-    one_error("[[task]]\nservice = \"w\"\naddr = \"127.0.0.1\"\n", 3, 8, "IP:PORT");
-    one_error("[[task]]\nservice = \"w\"\naddr = \"127.0.0.1:1\"\nweight = 5000\n", 4, 10, "0 to 1000");
+    one_error(
+        "[[task]]\naddr = \"127.0.0.1:1\"\n",
+        1,
+        1,
+        "needs `service`",
+    );
+    one_error(
+        "[[task]]\nservice = \"w\"\naddr = \"127.0.0.1\"\n",
+        3,
+        8,
+        "IP:PORT",
+    );
+    one_error(
+        "[[task]]\nservice = \"w\"\naddr = \"127.0.0.1:1\"\nweight = 5000\n",
+        4,
+        10,
+        "0 to 1000",
+    );
     one_error(
         "[[task]]\nservice = \"w\"\naddr = \"127.0.0.1:1\"\nid = \"x\"\n[[task]]\nservice = \"w\"\naddr = \"127.0.0.1:2\"\nid = \"x\"\n",
         8,
@@ -121,7 +171,10 @@ fn unreadable_file_and_run_refuse_bad_config() {
     let out = cli(&["run", "-c", p.to_str().unwrap()]);
     assert_eq!(out.status.code(), Some(2), "{}", output_text(&out));
     assert!(output_text(&out).contains(":5:1: unknown key `node.bogus`"));
-    assert!(std::net::TcpStream::connect(listen).is_err(), "nothing was bound");
+    assert!(
+        std::net::TcpStream::connect(listen).is_err(),
+        "nothing was bound"
+    );
 }
 
 #[test]

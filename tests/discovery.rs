@@ -54,7 +54,9 @@ fn tasks_added_and_removed_in_etcd_reach_the_proxy() {
     let mut d = Daemon::start(&etcd_config("n1", &[etcd.endpoint()], listen, ""));
     d.wait_ready();
     etcd.put(&format!("{P}/tasks/echo/a"), &task_json(a.addr()));
-    eventually(WAIT, "task a routable", || hello(listen).ok().as_deref() == Some("a"));
+    eventually(WAIT, "task a routable", || {
+        hello(listen).ok().as_deref() == Some("a")
+    });
     etcd.put(&format!("{P}/tasks/echo/b"), &task_json(b.addr()));
     eventually(WAIT, "both tasks served", || seen(listen, 4).len() == 2);
     etcd.del(&format!("{P}/tasks/echo/a"));
@@ -124,12 +126,17 @@ fn a_killed_node_takes_its_tasks_away_and_sigterm_revokes_at_once() {
 
     // A clean stop revokes the lease: tasks go at once, not after the TTL.
     let l3 = free_addr();
-    let cfg = etcd_config("n3", &[etcd.endpoint()], l3, &task).replace("node_ttl = \"2s\"", "node_ttl = \"30s\"");
+    let cfg = etcd_config("n3", &[etcd.endpoint()], l3, &task)
+        .replace("node_ttl = \"2s\"", "node_ttl = \"30s\"");
     let mut n3 = Daemon::start(&cfg);
-    eventually(WAIT, "n3's task registered", || task_ids(&n2, "echo") == ["w1"]);
+    eventually(WAIT, "n3's task registered", || {
+        task_ids(&n2, "echo") == ["w1"]
+    });
     let started = Instant::now();
     assert!(n3.terminate().success());
-    eventually(WAIT, "n3's task removed", || task_ids(&n2, "echo").is_empty());
+    eventually(WAIT, "n3's task removed", || {
+        task_ids(&n2, "echo").is_empty()
+    });
     assert!(
         started.elapsed() < Duration::from_secs(5),
         "revoked, not expired after 30 s"
@@ -159,7 +166,10 @@ fn malformed_values_are_skipped_and_named() {
         );
     }
     let log = d.log();
-    assert!(log.contains("/routemesh/tasks/echo/bad-json"), "key named in the log");
+    assert!(
+        log.contains("/routemesh/tasks/echo/bad-json"),
+        "key named in the log"
+    );
     // A bad update through the watch is skipped too, and the service keeps working.
     etcd.put(&format!("{P}/tasks/echo/later"), "[]");
     d.wait_for_log("/routemesh/tasks/echo/later", WAIT);
@@ -188,16 +198,22 @@ fn etcd_outage_keeps_traffic_flowing_and_resyncs() {
         assert_eq!(hello(listen).unwrap(), "a");
     }
     eventually(WAIT, "discovery reported down", || {
-        d.admin_get("/metrics").1.contains("routemesh_discovery_up 0")
+        d.admin_get("/metrics")
+            .1
+            .contains("routemesh_discovery_up 0")
     });
     assert_eq!(d.ready_status(), 200, "still ready: it synced once");
     etcd.start_again();
     etcd.put(&format!("{P}/tasks/echo/b"), &task_json(b.addr()));
-    eventually(Duration::from_secs(15), "resynced after etcd returned", || {
-        seen(listen, 4).len() == 2
-    });
+    eventually(
+        Duration::from_secs(15),
+        "resynced after etcd returned",
+        || seen(listen, 4).len() == 2,
+    );
     eventually(WAIT, "discovery up again", || {
-        d.admin_get("/metrics").1.contains("routemesh_discovery_up 1")
+        d.admin_get("/metrics")
+            .1
+            .contains("routemesh_discovery_up 1")
     });
 }
 
@@ -251,18 +267,24 @@ fn losing_one_member_of_three_does_not_interrupt_discovery() {
         // The survivors may need an election first.
         let key = format!("{P}/tasks/echo/{name}2");
         let value = task_json(addr);
-        eventually(Duration::from_secs(15), "put accepted by the survivors", || {
-            cluster.try_etcdctl(&["put", &key, &value]).is_ok()
-        });
-        eventually(Duration::from_secs(15), "change seen with a member down", || {
-            task_ids(&d, "echo").contains(&format!("{name}2"))
-        });
+        eventually(
+            Duration::from_secs(15),
+            "put accepted by the survivors",
+            || cluster.try_etcdctl(&["put", &key, &value]).is_ok(),
+        );
+        eventually(
+            Duration::from_secs(15),
+            "change seen with a member down",
+            || task_ids(&d, "echo").contains(&format!("{name}2")),
+        );
         assert!(hello(listen).is_ok());
         cluster.member_mut(victim).start_again();
         let member = cluster.member(victim);
         eventually(Duration::from_secs(15), "restarted member healthy", || {
             member.try_etcdctl(&["endpoint", "health"]).is_ok()
-                && member.try_etcdctl(&["get", "--consistency=l", "/probe"]).is_ok()
+                && member
+                    .try_etcdctl(&["get", "--consistency=l", "/probe"])
+                    .is_ok()
         });
     }
 }

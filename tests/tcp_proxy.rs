@@ -82,11 +82,15 @@ fn least_conn_prefers_the_idle_task() {
         backend_of_first.active() == 0
     });
     // Give the proxy a moment to see the close too, then the freed task wins again.
-    support::eventually(Duration::from_secs(5), "least_conn picks the freed task", || {
-        let (c, name) = connect_and_greet(listen).unwrap();
-        drop(c);
-        name == first
-    });
+    support::eventually(
+        Duration::from_secs(5),
+        "least_conn picks the freed task",
+        || {
+            let (c, name) = connect_and_greet(listen).unwrap();
+            drop(c);
+            name == first
+        },
+    );
 }
 
 #[test]
@@ -113,7 +117,11 @@ fn refused_task_fails_over_to_a_live_one() {
     let listen = free_addr();
     let d = Daemon::start(&static_config(listen, &[dead_addr(), live.addr()], ""));
     for _ in 0..20 {
-        assert_eq!(hello(listen).unwrap(), "live", "no client pays for the dead task");
+        assert_eq!(
+            hello(listen).unwrap(),
+            "live",
+            "no client pays for the dead task"
+        );
     }
     let (_, metrics) = d.admin_get("/metrics");
     assert!(
@@ -204,7 +212,10 @@ fn sigterm_drains_open_connections_then_exits_zero() {
     let started = Instant::now();
     let status = d.terminate();
     assert!(status.success(), "exit 0 after drain: {status:?}");
-    assert!(started.elapsed() >= Duration::from_millis(900), "waited for the drain");
+    assert!(
+        started.elapsed() >= Duration::from_millis(900),
+        "waited for the drain"
+    );
     assert!(started.elapsed() < Duration::from_secs(10));
     // The open connection was closed at the drain timeout.
     open.set_read_timeout(Some(Duration::from_secs(5))).unwrap();

@@ -71,8 +71,9 @@ mod tests {
     fn ties_rotate() {
         let tasks: Vec<_> = (0..3).map(|i| test_task(i, 1)).collect();
         let lc = LeastConn::new(vec![0, 1, 2]);
-        let picks: std::collections::BTreeSet<_> =
-            (0..3).map(|_| lc.pick(&tasks, &|_| true).unwrap()).collect();
+        let picks: std::collections::BTreeSet<_> = (0..3)
+            .map(|_| lc.pick(&tasks, &|_| true).unwrap())
+            .collect();
         assert_eq!(picks.len(), 3);
     }
 }

@@ -161,7 +161,10 @@ async fn load_table(t: &Target) -> Result<RoutingTable, CliError> {
     let mut c = client(t).await?;
     let resp = bounded(
         t,
-        c.get(watch_prefix(&t.prefix), Some(GetOptions::new().with_prefix())),
+        c.get(
+            watch_prefix(&t.prefix),
+            Some(GetOptions::new().with_prefix()),
+        ),
     )
     .await?;
     let mut table = RoutingTable::new(&t.prefix);
@@ -173,7 +176,10 @@ async fn load_table(t: &Target) -> Result<RoutingTable, CliError> {
             .map(|kv| (kv.key().to_vec(), kv.value().to_vec()))
             .collect(),
     }) {
-        eprintln!("warning: skipping malformed entry {}: {}", bad.key, bad.reason);
+        eprintln!(
+            "warning: skipping malformed entry {}: {}",
+            bad.key, bad.reason
+        );
     }
     Ok(table)
 }
@@ -233,7 +239,10 @@ async fn task_add(
     )
     .await?;
     Ok(if t.json {
-        format!("{}\n", json!({ "id": id.as_str(), "service": service.as_str() }))
+        format!(
+            "{}\n",
+            json!({ "id": id.as_str(), "service": service.as_str() })
+        )
     } else {
         format!("{id}\n")
     })
@@ -344,7 +353,9 @@ async fn node_ls(t: &Target) -> Result<String, CliError> {
             status.to_string(),
             version.clone(),
         ]);
-        out.push(json!({ "name": name.as_str(), "address": addr, "status": status, "version": version }));
+        out.push(
+            json!({ "name": name.as_str(), "address": addr, "status": status, "version": version }),
+        );
     }
     Ok(if t.json {
         format!("{}\n", serde_json::Value::Array(out))

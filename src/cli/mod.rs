@@ -15,7 +15,11 @@ use crate::app::{self, Control};
 use crate::config::{Config, DiscoveryBackend, LogFormat};
 
 #[derive(Debug, Parser)]
-#[command(name = "routemesh", version, about = "Ingress routing-mesh load balancer")]
+#[command(
+    name = "routemesh",
+    version,
+    about = "Ingress routing-mesh load balancer"
+)]
 pub struct Cli {
     #[command(subcommand)]
     pub command: Command,

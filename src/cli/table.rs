@@ -38,7 +38,10 @@ mod tests {
     fn columns_align() {
         let t = render(
             &["NAME", "TASKS"],
-            &[vec!["web".into(), "2/2".into()], vec!["mqtt-broker".into(), "1/1".into()]],
+            &[
+                vec!["web".into(), "2/2".into()],
+                vec!["mqtt-broker".into(), "1/1".into()],
+            ],
         );
         assert_eq!(
             t,

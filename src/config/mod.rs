@@ -17,8 +17,8 @@ use std::time::Duration;
 
 use serde::Serialize;
 
-pub use error::{ConfigError, ConfigIssue};
 use error::Issues;
+pub use error::{ConfigError, ConfigIssue};
 use file::{RawConfig, S};
 pub use names::{NameError, NodeName, ServiceName, TaskId};
 
@@ -284,9 +284,8 @@ pub const DEFAULT_PREFIX: &str = "/routemesh";
 impl Config {
     /// Reads and validates `path`.
     pub fn load(path: &Path) -> Result<Config, ConfigError> {
-        let source = std::fs::read_to_string(path).map_err(|e| {
-            ConfigError::single(path, format!("cannot read the config file: {e}"))
-        })?;
+        let source = std::fs::read_to_string(path)
+            .map_err(|e| ConfigError::single(path, format!("cannot read the config file: {e}")))?;
         Config::parse(path, &source)
     }
 
@@ -520,11 +519,17 @@ fn health_settings(issues: &mut Issues, raw: Option<&S<file::RawHealth>>) -> Hea
         Some(v) => {
             let text = v.get_ref().trim();
             let parsed = match text.split_once('-') {
-                Some((a, b)) => a.trim().parse::<u16>().ok().zip(b.trim().parse::<u16>().ok()),
+                Some((a, b)) => a
+                    .trim()
+                    .parse::<u16>()
+                    .ok()
+                    .zip(b.trim().parse::<u16>().ok()),
                 None => text.parse::<u16>().ok().map(|c| (c, c)),
             };
             match parsed {
-                Some((a, b)) if (100..=599).contains(&a) && (100..=599).contains(&b) && a <= b => (a, b),
+                Some((a, b)) if (100..=599).contains(&a) && (100..=599).contains(&b) && a <= b => {
+                    (a, b)
+                }
                 _ => {
                     issues.at(
                         span(v),
@@ -541,7 +546,10 @@ fn health_settings(issues: &mut Issues, raw: Option<&S<file::RawHealth>>) -> Hea
             p.get_ref().clone()
         }
         Some(p) => {
-            issues.at(span(p), "`health.path` must start with '/' and contain no spaces");
+            issues.at(
+                span(p),
+                "`health.path` must start with '/' and contain no spaces",
+            );
             def.path.clone()
         }
     };
@@ -559,8 +567,20 @@ fn health_settings(issues: &mut Issues, raw: Option<&S<file::RawHealth>>) -> Hea
         expect_status,
         interval,
         timeout,
-        unhealthy_threshold: int_in(issues, &h.unhealthy_threshold, 2, 1..=100, "health.unhealthy_threshold") as u32,
-        healthy_threshold: int_in(issues, &h.healthy_threshold, 1, 1..=100, "health.healthy_threshold") as u32,
+        unhealthy_threshold: int_in(
+            issues,
+            &h.unhealthy_threshold,
+            2,
+            1..=100,
+            "health.unhealthy_threshold",
+        ) as u32,
+        healthy_threshold: int_in(
+            issues,
+            &h.healthy_threshold,
+            1,
+            1..=100,
+            "health.healthy_threshold",
+        ) as u32,
     }
 }
 
@@ -790,7 +810,10 @@ fn validate(path: &Path, raw: RawConfig, issues: &mut Issues) -> Config {
                 } else {
                     issues.at(
                         span(p),
-                        format!("`route.path_prefix` = {:?} must start with '/'", p.get_ref()),
+                        format!(
+                            "`route.path_prefix` = {:?} must start with '/'",
+                            p.get_ref()
+                        ),
                     );
                     None
                 }
@@ -918,7 +941,9 @@ fn validate(path: &Path, raw: RawConfig, issues: &mut Issues) -> Config {
                     "source_ip" => HashKey::SourceIp,
                     h if h.starts_with("header:")
                         && h.len() > 7
-                        && h[7..].bytes().all(|b| b.is_ascii_alphanumeric() || b == b'-' || b == b'_') =>
+                        && h[7..]
+                            .bytes()
+                            .all(|b| b.is_ascii_alphanumeric() || b == b'-' || b == b'_') =>
                     {
                         HashKey::Header(h[7..].to_ascii_lowercase())
                     }
@@ -946,13 +971,13 @@ fn validate(path: &Path, raw: RawConfig, issues: &mut Issues) -> Config {
             ) as usize,
             health: health_settings(issues, s.health.as_ref()),
         };
-        if s.hash_key.is_some() && settings.balance != Balance::Maglev {
-            if let Some(v) = &s.hash_key {
-                issues.at(
-                    span(v),
-                    "`service.hash_key` only applies to balance = \"maglev\": set the balance or remove the key",
-                );
-            }
+        if let Some(v) = &s.hash_key
+            && settings.balance != Balance::Maglev
+        {
+            issues.at(
+                span(v),
+                "`service.hash_key` only applies to balance = \"maglev\": set the balance or remove the key",
+            );
         }
         services.insert(sname, settings);
     }
@@ -984,10 +1009,9 @@ fn validate(path: &Path, raw: RawConfig, issues: &mut Issues) -> Config {
             }
         };
         let weight = int_in(issues, &t.weight, 1, 0..=1000, "task.weight") as u32;
-        let id = t
-            .id
-            .as_ref()
-            .and_then(|v| name(issues, v, "task.id", TaskId::new));
+        let id =
+            t.id.as_ref()
+                .and_then(|v| name(issues, v, "task.id", TaskId::new));
         let (Some(service), Some(addr)) = (service, addr) else {
             continue;
         };
@@ -996,7 +1020,9 @@ fn validate(path: &Path, raw: RawConfig, issues: &mut Issues) -> Config {
         if !seen_tasks.insert((service.clone(), id.clone())) {
             issues.at(
                 t.id.as_ref().map(span).unwrap_or(t_span),
-                format!("task {id} of service {service} is defined twice: give each a distinct `id`"),
+                format!(
+                    "task {id} of service {service} is defined twice: give each a distinct `id`"
+                ),
             );
         }
         tasks.push(TaskConfig {
@@ -1178,7 +1204,8 @@ id = "mqtt-1"
         assert_eq!(c.listeners[0].name, "mqtt");
         assert_eq!(c.tasks[0].id.as_str(), "mqtt-1");
         assert_eq!(
-            c.service_settings(&ServiceName::new("mqtt").unwrap()).retries,
+            c.service_settings(&ServiceName::new("mqtt").unwrap())
+                .retries,
             2
         );
     }
@@ -1198,11 +1225,17 @@ id = "mqtt-1"
         let src = "[node]\nnmae = \"x\"\ndrain_timeout = \"ten\"\n[discovery]\nbackend = \"zk\"\n[[listener]]\nlisten = \"nowhere\"\nservice = \"web\"\nbogus = 1\n";
         let err = parse(src).unwrap_err();
         let text = err.to_string();
-        assert!(text.contains("t.toml:2:1: unknown key `node.nmae`"), "{text}");
+        assert!(
+            text.contains("t.toml:2:1: unknown key `node.nmae`"),
+            "{text}"
+        );
         assert!(text.contains("t.toml:3:17:"), "{text}");
         assert!(text.contains("t.toml:5:11:"), "{text}");
         assert!(text.contains("t.toml:7:10:"), "{text}");
-        assert!(text.contains("t.toml:9:1: unknown key `listener.0.bogus`"), "{text}");
+        assert!(
+            text.contains("t.toml:9:1: unknown key `listener.0.bogus`"),
+            "{text}"
+        );
         assert_eq!(err.issues.len(), 5, "{text}");
     }
 

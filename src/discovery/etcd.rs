@@ -138,7 +138,7 @@ pub async fn run(
                 // Reconnect, starting with another member.
                 client = None;
                 members.rotate();
-                let delay = backoff.next();
+                let delay = backoff.next_delay();
                 tracing::warn!(error = %e, retry_in = ?delay, "etcd discovery interrupted; serving the last routing snapshot");
                 tokio::select! {
                     _ = tokio::time::sleep(delay) => {}
@@ -260,7 +260,7 @@ impl Backoff {
     pub fn reset(&mut self) {
         self.next = Self::MIN;
     }
-    pub fn next(&mut self) -> Duration {
+    pub fn next_delay(&mut self) -> Duration {
         let d = self.next;
         self.next = (self.next * 2).min(Self::MAX);
         // ±20 % jitter so that nodes do not retry in lockstep.
@@ -276,12 +276,12 @@ mod tests {
     #[test]
     fn backoff_grows_and_caps() {
         let mut b = Backoff::new();
-        let first = b.next();
+        let first = b.next_delay();
         assert!(first <= Duration::from_millis(120));
         for _ in 0..20 {
-            assert!(b.next() <= Backoff::MAX.mul_f64(1.2));
+            assert!(b.next_delay() <= Backoff::MAX.mul_f64(1.2));
         }
         b.reset();
-        assert!(b.next() <= Duration::from_millis(120));
+        assert!(b.next_delay() <= Duration::from_millis(120));
     }
 }

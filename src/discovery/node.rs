@@ -62,7 +62,7 @@ pub async fn run(
         };
         client = None;
         members.rotate();
-        let delay = backoff.next();
+        let delay = backoff.next_delay();
         tracing::warn!(error = %err, retry_in = ?delay, "node lease keeper interrupted");
         tokio::select! {
             _ = tokio::time::sleep(delay) => {}

@@ -22,7 +22,10 @@ static NO_TASK_LOG: LogLimiter = LogLimiter::new(1000);
 pub async fn handle(ctx: Arc<ListenerCtx>, client: TcpStream, peer: SocketAddr) {
     upstream::set_keepalive(&client);
     let labels = [ctx.name.as_str(), ctx.service.as_str()];
-    ctx.metrics.connections_total.with_label_values(&labels).inc();
+    ctx.metrics
+        .connections_total
+        .with_label_values(&labels)
+        .inc();
     let active = ctx.metrics.active_connections.with_label_values(&labels);
     active.inc();
     let _active = scopeguard(move || active.dec());
@@ -51,14 +54,14 @@ pub async fn handle(ctx: Arc<ListenerCtx>, client: TcpStream, peer: SocketAddr) 
         }
     };
     tracing::debug!(listener = %ctx.name, client = %peer, task = %up.task.id, "connected");
-    let rx = ctx
-        .metrics
-        .bytes_total
-        .with_label_values(&[ctx.name.as_str(), ctx.service.as_str(), "rx"]);
-    let tx = ctx
-        .metrics
-        .bytes_total
-        .with_label_values(&[ctx.name.as_str(), ctx.service.as_str(), "tx"]);
+    let rx =
+        ctx.metrics
+            .bytes_total
+            .with_label_values(&[ctx.name.as_str(), ctx.service.as_str(), "rx"]);
+    let tx =
+        ctx.metrics
+            .bytes_total
+            .with_label_values(&[ctx.name.as_str(), ctx.service.as_str(), "tx"]);
     splice_streams(&client, &up.stream, &rx, &tx).await;
 }
 
@@ -77,7 +80,12 @@ fn scopeguard<F: FnOnce()>(f: F) -> impl Drop {
 
 /// Copies both ways until both directions reach EOF; on an error in either direction, resets
 /// both connections (SO_LINGER 0) so the abort propagates.
-pub async fn splice_streams(a: &TcpStream, b: &TcpStream, a_to_b: &IntCounter, b_to_a: &IntCounter) {
+pub async fn splice_streams(
+    a: &TcpStream,
+    b: &TcpStream,
+    a_to_b: &IntCounter,
+    b_to_a: &IntCounter,
+) {
     let ab = pipe(a, b, a_to_b);
     let ba = pipe(b, a, b_to_a);
     tokio::pin!(ab, ba);
