@@ -27,11 +27,11 @@ pub struct Cli {
 
 #[derive(Debug, Subcommand)]
 pub enum Command {
-    /// Run the node daemon.
+    /// Run the node daemon (without -c: the embedded static demo config).
     Run {
         /// Config file (TOML).
         #[arg(short, long, value_name = "FILE")]
-        config: PathBuf,
+        config: Option<PathBuf>,
     },
     /// Validate a config file: every error as FILE:LINE:COL, exit 2; or a summary, exit 0.
     Check {
@@ -140,7 +140,7 @@ pub fn main(cli: Cli) -> ExitCode {
                 ExitCode::from(2)
             }
         },
-        Command::Run { config } => match Config::load(&config) {
+        Command::Run { config } => match load_or_default(config.as_deref()) {
             Ok(c) => run_daemon(c),
             Err(e) => {
                 eprintln!("{e}");
@@ -150,6 +150,16 @@ pub fn main(cli: Cli) -> ExitCode {
         Command::Task(cmd) => cluster::main(cluster::Op::Task(cmd)),
         Command::Service(cmd) => cluster::main(cluster::Op::Service(cmd)),
         Command::Node(cmd) => cluster::main(cluster::Op::Node(cmd)),
+    }
+}
+
+/// The embedded default config (static backend, no etcd): config/static.toml.
+pub const EMBEDDED_DEFAULT: &str = include_str!("../../config/static.toml");
+
+fn load_or_default(path: Option<&std::path::Path>) -> Result<Config, crate::config::ConfigError> {
+    match path {
+        Some(p) => Config::load(p),
+        None => Config::parse(std::path::Path::new("<embedded config/static.toml>"), EMBEDDED_DEFAULT),
     }
 }
 
