@@ -2,6 +2,11 @@
 //! have closed. Half-close is preserved (EOF from one side becomes a write shutdown towards the
 //! other); an abort (reset) on one side resets the other. Buffers are allocated only once a
 //! side has data, so idle connections cost little memory.
+//!
+//! A service with `balance = "maglev"` is routed by a key hash: the peer IP, or for
+//! `hash_key = "mqtt_client_id"` the client id of the MQTT CONNECT, read (not forwarded) before
+//! any upstream is opened, then sent on ahead of the splice. There is no idle timeout here, so
+//! an idle MQTT connection is never cut; one added later must be ≥ 1.5 × the CONNECT keep-alive.
 
 use std::io;
 use std::net::{Shutdown, SocketAddr};
@@ -12,11 +17,16 @@ use tokio::net::TcpStream;
 
 use super::ListenerCtx;
 use super::upstream::{self, ConnectError};
+use crate::balance::{ip_hash, key_hash};
+use crate::config::{Balance, HashKey};
+use crate::mqtt::{self, Parse};
 use crate::ratelimit::LogLimiter;
+use crate::snapshot::Service;
 
 const BUF_SIZE: usize = 16 * 1024;
 
 static NO_TASK_LOG: LogLimiter = LogLimiter::new(1000);
+static BAD_CONNECT_LOG: LogLimiter = LogLimiter::new(1000);
 
 /// Handles one downstream connection on a tcp listener.
 pub async fn handle(ctx: Arc<ListenerCtx>, client: TcpStream, peer: SocketAddr) {
@@ -32,8 +42,14 @@ pub async fn handle(ctx: Arc<ListenerCtx>, client: TcpStream, peer: SocketAddr) 
 
     // Load the snapshot, keep only the service, drop the guard before any await.
     let service = ctx.snapshot.load().service(&ctx.service);
+    let mut first = Vec::new();
     let up = match service {
-        Some(svc) => upstream::connect(&svc, &ctx.metrics, None).await,
+        Some(svc) => {
+            let Some(hash) = route_hash(&ctx, &svc, &client, peer, &mut first).await else {
+                return; // bad or missing first packet: counted; no upstream was opened
+            };
+            upstream::connect(&svc, &ctx.metrics, hash).await
+        }
         None => {
             ctx.metrics
                 .no_live_task_total
@@ -62,7 +78,85 @@ pub async fn handle(ctx: Arc<ListenerCtx>, client: TcpStream, peer: SocketAddr) 
         ctx.metrics
             .bytes_total
             .with_label_values(&[ctx.name.as_str(), ctx.service.as_str(), "tx"]);
+    if !first.is_empty() {
+        if write_all(&up.stream, &first).await.is_err() {
+            reset_on_close(&client);
+            return;
+        }
+        rx.inc_by(first.len() as u64);
+    }
     splice_streams(&client, &up.stream, &rx, &tx).await;
+}
+
+/// The key hash this connection is routed by (`None`: the service does not hash). For
+/// `mqtt_client_id`, reads the CONNECT into `first` (bounded by `peek_timeout` and
+/// `max_connect_bytes`); on bad input counts the reason and returns `None` from the outer
+/// option, so the caller closes the client without connecting anywhere.
+async fn route_hash(
+    ctx: &ListenerCtx,
+    svc: &Service,
+    client: &TcpStream,
+    peer: SocketAddr,
+    first: &mut Vec<u8>,
+) -> Option<Option<u64>> {
+    let settings = &svc.settings;
+    if settings.balance != Balance::Maglev {
+        return Some(None);
+    }
+    if settings.hash_key != HashKey::MqttClientId {
+        // source_ip (header keys have no meaning on a tcp listener: the peer IP too).
+        return Some(Some(ip_hash(peer.ip())));
+    }
+    let max = settings.max_connect_bytes;
+    let cap = max.saturating_add(mqtt::MAX_FIXED_HEADER);
+    let deadline = tokio::time::Instant::now() + settings.peek_timeout;
+    let reason = loop {
+        match mqtt::parse_connect(first, max) {
+            Ok(Parse::Complete(c)) => {
+                tracing::debug!(listener = %ctx.name, client = %peer, client_id = c.client_id, keep_alive = c.keep_alive, level = c.protocol_level, "MQTT CONNECT");
+                // An empty client id asks the broker to assign one: route by the peer IP.
+                return Some(Some(if c.client_id.is_empty() {
+                    ip_hash(peer.ip())
+                } else {
+                    key_hash(c.client_id.as_bytes())
+                }));
+            }
+            Ok(Parse::NeedMore) if first.len() >= cap => break "too_large", // unreachable guard
+            Ok(Parse::NeedMore) => {}
+            Err(e) => break e.reason(),
+        }
+        match tokio::time::timeout_at(deadline, read_some(client, first, cap)).await {
+            Err(_) => break "timeout",
+            Ok(Ok(0)) => break "closed",
+            Ok(Ok(_)) => {}
+            Ok(Err(_)) => break "read_error",
+        }
+    };
+    ctx.metrics
+        .mqtt_connect_errors_total
+        .with_label_values(&[svc.name.as_str(), reason])
+        .inc();
+    if let Some(suppressed) = BAD_CONNECT_LOG.allow() {
+        tracing::warn!(listener = %ctx.name, client = %peer, reason, bytes = first.len(), suppressed, "closing client: no routable MQTT CONNECT");
+    }
+    None
+}
+
+/// Reads what is available into `buf`, never growing it past `cap`; 0 = EOF.
+async fn read_some(from: &TcpStream, buf: &mut Vec<u8>, cap: usize) -> io::Result<usize> {
+    let mut chunk = [0u8; 4096];
+    let want = chunk.len().min(cap - buf.len());
+    loop {
+        from.readable().await?;
+        match from.try_read(&mut chunk[..want]) {
+            Ok(n) => {
+                buf.extend_from_slice(&chunk[..n]);
+                return Ok(n);
+            }
+            Err(e) if e.kind() == io::ErrorKind::WouldBlock => continue,
+            Err(e) => return Err(e),
+        }
+    }
 }
 
 /// Runs `f` on drop.
