@@ -195,6 +195,20 @@ fn registration(config: &Config, started: u64) -> Arc<Registration> {
     })
 }
 
+/// The services this node's listeners route to (default routes and HTTP routes): the ones
+/// whose tasks it health-checks.
+fn served_of(config: &Config) -> Arc<std::collections::BTreeSet<ServiceName>> {
+    Arc::new(
+        config
+            .listeners
+            .iter()
+            .flat_map(|l| {
+                std::iter::once(l.service.clone()).chain(l.routes.iter().map(|r| r.service.clone()))
+            })
+            .collect(),
+    )
+}
+
 fn settings_of(config: &Config) -> Arc<BTreeMap<ServiceName, ServiceSettings>> {
     Arc::new(config.services.clone())
 }
@@ -290,6 +304,15 @@ pub async fn run(
         }
     }
 
+    let (served_tx, served_rx) = watch::channel(served_of(&config));
+    let health_stop = CancellationToken::new();
+    background.push(tokio::spawn(crate::health::run(
+        snapshot.clone(),
+        served_rx,
+        metrics.clone(),
+        health_stop.clone(),
+    )));
+
     let mut current = config;
     loop {
         tokio::select! {
@@ -297,6 +320,7 @@ pub async fn run(
             msg = control.recv() => match msg {
                 Some(Control::Reload) => {
                     reload(&mut current, &mut listeners, &settings_tx, &registration_tx, static_publisher.as_mut(), &metrics, started).await;
+                    let _ = served_tx.send(served_of(&current));
                 }
                 None => break,
             },
@@ -329,6 +353,7 @@ pub async fn run(
         let _ = tokio::time::timeout(Duration::from_secs(2), conns.tracker.wait()).await;
     }
     discovery_stop.cancel();
+    health_stop.cancel();
     for t in background {
         let _ = tokio::time::timeout(Duration::from_secs(2), t).await;
     }

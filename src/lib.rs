@@ -20,6 +20,7 @@ pub mod balance;
 pub mod cli;
 pub mod config;
 pub mod discovery;
+pub mod health;
 pub mod metrics;
 pub mod mqtt;
 pub mod proxy;

@@ -239,9 +239,10 @@ async fn sync_and_watch(
     }
 }
 
-/// Exponential backoff with jitter: 100 ms doubling to 5 s.
+/// Exponential backoff with jitter: 100 ms doubling to a cap (5 s by default).
 pub struct Backoff {
     next: Duration,
+    max: Duration,
 }
 
 impl Default for Backoff {
@@ -255,14 +256,22 @@ impl Backoff {
     pub const MAX: Duration = Duration::from_secs(5);
 
     pub fn new() -> Backoff {
-        Backoff { next: Self::MIN }
+        Self::with_max(Self::MAX)
+    }
+    /// A backoff that never waits longer than `max` (the lease keeper must retry well within
+    /// the lease TTL, or a short outage would cost the node its lease).
+    pub fn with_max(max: Duration) -> Backoff {
+        Backoff {
+            next: Self::MIN.min(max),
+            max,
+        }
     }
     pub fn reset(&mut self) {
-        self.next = Self::MIN;
+        self.next = Self::MIN.min(self.max);
     }
     pub fn next_delay(&mut self) -> Duration {
         let d = self.next;
-        self.next = (self.next * 2).min(Self::MAX);
+        self.next = (self.next * 2).min(self.max);
         // ±20 % jitter so that nodes do not retry in lockstep.
         let jitter = 0.8 + fastrand::f64() * 0.4;
         d.mul_f64(jitter)

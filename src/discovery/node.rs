@@ -38,7 +38,7 @@ pub async fn run(
     mut registration: watch::Receiver<Arc<Registration>>,
     shutdown: CancellationToken,
 ) {
-    let mut backoff = Backoff::new();
+    let mut backoff = Backoff::with_max((settings.ttl / 4).max(Duration::from_millis(200)));
     let mut members = Members::new(&settings.endpoints);
     let mut client: Option<Client> = None;
     let mut lease: Option<i64> = None;
@@ -91,6 +91,10 @@ async fn keep(
     backoff: &mut Backoff,
 ) -> DiscoveryError {
     let bound = s.dial_timeout * 2;
+    // Heartbeats run at TTL/4 and each must answer within TTL/4: a member that went silent
+    // is left for another one long before the lease could expire.
+    let beat = (s.ttl / 4).max(Duration::from_millis(250));
+    let beat_bound = beat.min(bound);
     let ttl_secs = s.ttl.as_secs().max(1) as i64;
     let mut written: Option<Arc<Registration>> = None;
     loop {
@@ -128,7 +132,7 @@ async fn keep(
             Ok(Err(e)) => return e.into(),
             Err(_) => return DiscoveryError::Timeout(bound),
         }
-        let mut interval = tokio::time::interval(s.ttl / 3);
+        let mut interval = tokio::time::interval(beat);
         interval.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
         loop {
             let current = registration.borrow_and_update().clone();
@@ -148,7 +152,7 @@ async fn keep(
             if let Err(e) = keeper.keep_alive().await {
                 return e.into();
             }
-            match tokio::time::timeout(bound, responses.message()).await {
+            match tokio::time::timeout(beat_bound, responses.message()).await {
                 Ok(Ok(Some(r))) if r.ttl() > 0 => {}
                 Ok(Ok(_)) => {
                     tracing::warn!(lease = id, "node lease expired; registering again");
@@ -156,7 +160,7 @@ async fn keep(
                     break;
                 }
                 Ok(Err(e)) => return e.into(),
-                Err(_) => return DiscoveryError::Timeout(bound),
+                Err(_) => return DiscoveryError::Timeout(beat_bound),
             }
         }
     }
