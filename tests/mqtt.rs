@@ -480,3 +480,41 @@ fn bad_first_packets_are_closed_counted_and_never_reach_a_broker() {
     // And the daemon is still routing.
     mqtt_session(listen, "after-the-storm");
 }
+
+#[test]
+fn a_dead_broker_fails_over_identically_on_every_node() {
+    // The task stays registered but its broker is down: each node ejects it after a failed
+    // connect and walks on in the table, so both nodes send its clients to the same place.
+    let mut c = Cluster::start(3, 2);
+    let ids = client_ids(150);
+    let before = c.placement(&ids, c.listens[0]);
+    let dead = 2;
+    c.brokers[dead].stop();
+    let via0 = c.placement(&ids, c.listens[0]);
+    let via1 = c.placement(&ids, c.listens[1]);
+    assert_eq!(via0, via1, "the fallback is the same on every node");
+    for id in &ids {
+        if before[id] == dead {
+            assert_ne!(via0[id], dead, "{id}");
+        } else {
+            assert_eq!(via0[id], before[id], "{id} was not on the dead broker");
+        }
+    }
+    // Back up: once the ejection lapses, its clients return.
+    c.brokers[dead].start_again();
+    let back: Vec<String> = ids
+        .iter()
+        .filter(|id| before[*id] == dead)
+        .take(5)
+        .cloned()
+        .collect();
+    eventually(
+        Duration::from_secs(40),
+        "clients back on the restarted broker",
+        || {
+            c.placement(&back, c.listens[0])
+                .values()
+                .all(|b| *b == dead)
+        },
+    );
+}
