@@ -179,3 +179,66 @@ fn errors_are_one_clear_line() {
     let err = fails(&["node", "ls", "--etcd", &dead]);
     assert!(err.contains(&dead), "{err}");
 }
+
+#[test]
+fn service_ps_with_admin_shows_each_task_state_and_why() {
+    let etcd = Etcd::start();
+    let ep = etcd.endpoint();
+    let live = TcpBackend::start("live");
+    let listen = free_addr();
+    let cfg = format!(
+        "{}[service.web.health]\ninterval = \"200ms\"\nunhealthy_threshold = 2\n",
+        node_config(&etcd, "n1", listen)
+    );
+    let mut n1 = Daemon::start(&cfg);
+    n1.wait_ready();
+    let dead = support::dead_addr().to_string();
+    ok(&[
+        "task",
+        "add",
+        "web",
+        &live.addr().to_string(),
+        "--etcd",
+        &ep,
+        "--id",
+        "ok1",
+    ]);
+    ok(&["task", "add", "web", &dead, "--etcd", &ep, "--id", "bad1"]);
+    let admin = n1.admin().to_string();
+    let ps = support::eventually_value(Duration::from_secs(10), "bad1 unhealthy", || {
+        let ps = ok(&["service", "ps", "web", "--etcd", &ep, "--admin", &admin]);
+        ps.lines()
+            .any(|l| l.starts_with("bad1") && l.contains("unhealthy"))
+            .then_some(ps)
+    });
+    let header: Vec<&str> = ps
+        .lines()
+        .next()
+        .unwrap()
+        .split("   ")
+        .map(str::trim)
+        .filter(|s| !s.is_empty())
+        .collect();
+    assert_eq!(
+        header,
+        ["ID", "ADDR", "NODE", "NODE STATUS", "STATE", "WHY"],
+        "{ps}"
+    );
+    let bad = ps.lines().find(|l| l.starts_with("bad1")).unwrap();
+    assert!(bad.contains("health check: connect"), "why is given: {ps}");
+    let good = ps.lines().find(|l| l.starts_with("ok1")).unwrap();
+    assert!(
+        good.contains("healthy") && !good.contains("unhealthy"),
+        "{ps}"
+    );
+    let json: serde_json::Value = serde_json::from_str(&ok(&[
+        "service", "ps", "web", "--etcd", &ep, "--admin", &admin, "--json",
+    ]))
+    .unwrap();
+    assert!(
+        json.as_array()
+            .unwrap()
+            .iter()
+            .any(|t| t["id"] == "bad1" && t["state"] == "unhealthy")
+    );
+}

@@ -12,9 +12,7 @@ use serde_json::json;
 use super::{ClusterArgs, NodeCmd, ServiceCmd, TaskCmd, table};
 use crate::config::{self, Config, NodeName, ServiceName, TaskId};
 use crate::discovery::etcd::connect;
-use crate::discovery::keys::{
-    TaskRecord, node_alive_key, node_info_key, service_prefix, task_key, watch_prefix,
-};
+use crate::discovery::keys::{TaskRecord, node_alive_key, node_info_key, task_key, watch_prefix};
 use crate::discovery::table::{RoutingTable, Update};
 
 pub enum Op {
@@ -125,9 +123,11 @@ async fn dispatch(op: Op) -> Result<String, CliError> {
             cluster,
         }) => task_rm(&target(&cluster)?, &service, &id).await,
         Op::Service(ServiceCmd::Ls { cluster }) => service_ls(&target(&cluster)?).await,
-        Op::Service(ServiceCmd::Ps { service, cluster }) => {
-            service_ps(&target(&cluster)?, &service).await
-        }
+        Op::Service(ServiceCmd::Ps {
+            service,
+            admin,
+            cluster,
+        }) => service_ps(&target(&cluster)?, &service, admin.as_deref()).await,
         Op::Node(NodeCmd::Ls { cluster }) => node_ls(&target(&cluster)?).await,
     }
 }
@@ -298,35 +298,96 @@ async fn service_ls(t: &Target) -> Result<String, CliError> {
     })
 }
 
-async fn service_ps(t: &Target, service: &str) -> Result<String, CliError> {
+/// GET /routes from a daemon's admin endpoint (plain HTTP/1.0, bounded).
+async fn admin_routes(admin: &str) -> Result<serde_json::Value, CliError> {
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+    let addr = admin
+        .trim_start_matches("http://")
+        .trim_end_matches('/')
+        .to_string();
+    let fetch = async {
+        let mut s = tokio::net::TcpStream::connect(&addr).await?;
+        s.write_all(format!("GET /routes HTTP/1.0\r\nHost: {addr}\r\n\r\n").as_bytes())
+            .await?;
+        let mut raw = Vec::new();
+        s.take(64 << 20).read_to_end(&mut raw).await?;
+        Ok::<_, std::io::Error>(raw)
+    };
+    let raw = tokio::time::timeout(TIMEOUT, fetch)
+        .await
+        .map_err(|_| CliError::Usage(format!("admin endpoint {addr} did not answer")))?
+        .map_err(|e| CliError::Usage(format!("cannot reach the admin endpoint {addr}: {e}")))?;
+    let body = raw
+        .windows(4)
+        .position(|w| w == b"\r\n\r\n")
+        .map(|i| &raw[i + 4..])
+        .ok_or_else(|| CliError::Usage(format!("admin endpoint {addr}: not an HTTP response")))?;
+    serde_json::from_slice(body)
+        .map_err(|e| CliError::Usage(format!("admin endpoint {addr}: bad /routes JSON: {e}")))
+}
+
+async fn service_ps(t: &Target, service: &str, admin: Option<&str>) -> Result<String, CliError> {
     let service = usage(ServiceName::new(service))?;
     let table = load_table(t).await?;
+    let view = match admin {
+        Some(a) => Some(admin_routes(a).await?),
+        None => None,
+    };
+    // This node's view of each task: state and why.
+    let view_of = |id: &str| -> Option<(String, String)> {
+        let v = view.as_ref()?;
+        let svc = v["services"]
+            .as_array()?
+            .iter()
+            .find(|s| s["name"] == service.as_str())?;
+        let task = svc["tasks"].as_array()?.iter().find(|x| x["id"] == id)?;
+        Some((
+            task["state"].as_str().unwrap_or("-").to_string(),
+            task["last_error"].as_str().unwrap_or("").to_string(),
+        ))
+    };
     let empty = BTreeMap::new();
     let tasks = table.tasks.get(&service).unwrap_or(&empty);
-    if tasks.is_empty() && !t.json {
-        let _ = service_prefix(&t.prefix, &service);
-    }
     let mut rows = Vec::new();
     let mut out = Vec::new();
     for (id, r) in tasks {
         let status = node_status(&table, r.node.as_ref());
         let node = r.node.as_ref().map(|n| n.to_string()).unwrap_or("-".into());
-        rows.push(vec![
+        let mut row = vec![
             id.to_string(),
             r.addr.to_string(),
             node.clone(),
             status.to_string(),
-        ]);
-        out.push(json!({
+        ];
+        let mut j = json!({
             "id": id.as_str(),
             "addr": r.addr.to_string(),
             "node": r.node.as_ref().map(|n| n.as_str()),
             "node_status": status,
             "weight": r.weight,
-        }));
+        });
+        if view.is_some() {
+            let (state, why) = view_of(id.as_str())
+                .unwrap_or_else(|| ("not seen".into(), "not in this node's snapshot yet".into()));
+            row.push(state.clone());
+            row.push(if why.is_empty() {
+                "-".into()
+            } else {
+                why.clone()
+            });
+            j["state"] = json!(state);
+            j["why"] = json!(why);
+        }
+        rows.push(row);
+        out.push(j);
     }
     Ok(if t.json {
         format!("{}\n", serde_json::Value::Array(out))
+    } else if view.is_some() {
+        table::render(
+            &["ID", "ADDR", "NODE", "NODE STATUS", "STATE", "WHY"],
+            &rows,
+        )
     } else {
         table::render(&["ID", "ADDR", "NODE", "NODE STATUS"], &rows)
     })

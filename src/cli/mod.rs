@@ -102,6 +102,10 @@ pub enum ServiceCmd {
     /// Tasks of one service.
     Ps {
         service: String,
+        /// Also show STATE and WHY as this node's daemon sees them (its admin address,
+        /// e.g. 127.0.0.1:9901).
+        #[arg(long, env = "ROUTEMESH_ADMIN", value_name = "HOST:PORT")]
+        admin: Option<String>,
         #[command(flatten)]
         cluster: ClusterArgs,
     },
@@ -159,7 +163,10 @@ pub const EMBEDDED_DEFAULT: &str = include_str!("../../config/static.toml");
 fn load_or_default(path: Option<&std::path::Path>) -> Result<Config, crate::config::ConfigError> {
     match path {
         Some(p) => Config::load(p),
-        None => Config::parse(std::path::Path::new("<embedded config/static.toml>"), EMBEDDED_DEFAULT),
+        None => Config::parse(
+            std::path::Path::new("<embedded config/static.toml>"),
+            EMBEDDED_DEFAULT,
+        ),
     }
 }
 
