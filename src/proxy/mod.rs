@@ -6,6 +6,7 @@
 
 pub mod http;
 pub mod listener;
+pub mod splice;
 pub mod tcp;
 pub mod upstream;
 

@@ -16,6 +16,7 @@ use prometheus::IntCounter;
 use tokio::net::TcpStream;
 
 use super::ListenerCtx;
+use super::splice;
 use super::upstream::{self, ConnectError};
 use crate::balance::{ip_hash, key_hash};
 use crate::config::{Balance, HashKey};
@@ -202,8 +203,15 @@ pub fn reset_on_close(s: &TcpStream) {
     let _ = socket2::SockRef::from(s).set_linger(Some(std::time::Duration::ZERO));
 }
 
-/// Copies `from` → `to` until EOF, then shuts down `to`'s write side.
+/// Copies `from` → `to` until EOF, then shuts down `to`'s write side. Uses splice(2) (no
+/// user-space copy, no buffer) and falls back to a buffered copy when no pipe can be made.
 async fn pipe(from: &TcpStream, to: &TcpStream, counter: &IntCounter) -> io::Result<()> {
+    if splice::available()
+        && splice::forward(from, to, &|n| counter.inc_by(n)).await? == splice::Forwarded::Eof
+    {
+        let _ = socket2::SockRef::from(to).shutdown(Shutdown::Write);
+        return Ok(());
+    }
     let mut buf: Option<Box<[u8]>> = None;
     loop {
         from.readable().await?;
