@@ -10,6 +10,7 @@ pub mod daemon;
 pub mod etcd;
 pub mod lab;
 pub mod mosquitto;
+pub mod nginx;
 pub mod util;
 
 #[allow(unused_imports)]
