@@ -285,6 +285,16 @@ fn routes_by_host_and_path_and_tells_the_backend_who_the_client_is() {
         assert_eq!(field(&body, "uri"), path);
     }
 
+    // Absolute-form: the target's authority routes and becomes Host.
+    let (status, body) = status_body(&exchange(
+        listen,
+        b"GET http://api.example.com/v1/abs HTTP/1.1\r\nHost: other.org\r\nConnection: close\r\n\r\n",
+    ));
+    assert_eq!(status, 200, "{body}");
+    assert_eq!(field(&body, "name"), "api-v1");
+    assert_eq!(field(&body, "host"), "api.example.com");
+    assert_eq!(field(&body, "uri"), "/v1/abs");
+
     // Forwarding headers: appended, not replaced; the backend's access log shows the client.
     let (status, body) = get(
         listen,

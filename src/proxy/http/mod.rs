@@ -313,6 +313,34 @@ async fn forward(
             version: downstream_version,
         },
     );
+    // The target's authority (absolute-form, or HTTP/2's :authority) is the host asked
+    // for; Host must agree with it (RFC 9112 §3.2.2, RFC 9113 §8.3.1).
+    if let Some(a) = parts
+        .uri
+        .authority()
+        .and_then(|a| HeaderValue::from_str(a.as_str()).ok())
+    {
+        parts.headers.insert(header::HOST, a);
+    }
+    // HTTP/2 may split Cookie into several fields; HTTP/1.1 allows one (RFC 9113 §8.2.3).
+    if conn.h2
+        && parts
+            .headers
+            .get_all(header::COOKIE)
+            .iter()
+            .nth(1)
+            .is_some()
+    {
+        let joined: Vec<&[u8]> = parts
+            .headers
+            .get_all(header::COOKIE)
+            .iter()
+            .map(|v| v.as_bytes())
+            .collect();
+        if let Ok(v) = HeaderValue::from_bytes(&joined.join(&b"; "[..])) {
+            parts.headers.insert(header::COOKIE, v);
+        }
+    }
     let protocol = settings.upstream_protocol;
     let pq = parts
         .uri
