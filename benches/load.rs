@@ -1,5 +1,957 @@
-//! The load comparison harness against HAProxy and nginx (being written).
+//! The load comparison harness: routemesh against HAProxy 2.6 and nginx, all on loopback.
+//!
+//! Starts a real nginx backend (a fixed 200 response), an iperf3 server, and for each thread
+//! count (1, then 2): routemesh (`[runtime] worker_threads = N`; an http and a tcp listener),
+//! HAProxy (`nbthread N`; a `mode http` and a `mode tcp` frontend) and nginx as a reverse
+//! proxy (`worker_processes N`, upstream keep-alive). Then, per thread count:
+//!
+//! 1. idle connections: RSS (VmRSS) of routemesh and of HAProxy, freshly started, before and
+//!    while holding `LOAD_IDLE` (5,000) idle TCP connections through their tcp listener;
+//! 2. keep-alive rounds: wrk against direct, routemesh http, routemesh tcp, HAProxy http,
+//!    HAProxy tcp, nginx proxy, alternating target each round; req/s, p50/p99 latency, CPU
+//!    seconds per request of the proxy's processes (utime+stime from /proc, children included);
+//! 3. the same with `Connection: close` (a new connection per request: setup rate);
+//! 4. iperf3 bulk throughput through routemesh tcp and HAProxy tcp (and direct).
+//!
+//! It prints medians over the rounds and the ratio of each routemesh figure to HAProxy's, with
+//! issue 5's targets. Every process it starts is stopped by PID when it ends (or panics).
+//!
+//! Run (release build; ~8 minutes with the defaults):
+//!     cargo bench --bench load
+//! Knobs (environment): LOAD_ROUND_SECS=5 LOAD_ROUNDS=3 LOAD_THREADS=1,2 LOAD_CONNECTIONS=64
+//!     LOAD_IDLE=5000 LOAD_BACKEND_WORKERS=1. A quick check that everything works:
+//!     LOAD_ROUND_SECS=1 LOAD_ROUNDS=1 LOAD_IDLE=500 cargo bench --bench load
+
+#[path = "../tests/support/mod.rs"]
+mod support;
+
+use std::collections::BTreeMap;
+use std::fmt::Write as _;
+use std::net::{SocketAddr, TcpStream};
+use std::path::{Path, PathBuf};
+use std::process::{Child, Command, Stdio};
+use std::thread;
+use std::time::{Duration, Instant};
+
+use support::util::{run_bounded, send_signal, tempdir, which};
+use support::{Daemon, free_port};
+
+const SIGTERM: i32 = 15;
+const SIGKILL: i32 = 9;
+
+struct Opts {
+    round_secs: u64,
+    rounds: usize,
+    threads: Vec<usize>,
+    connections: usize,
+    idle: usize,
+    backend_workers: usize,
+}
+
+fn env_or<T: std::str::FromStr>(name: &str, default: T) -> T {
+    match std::env::var(name) {
+        Ok(v) => v
+            .parse()
+            .unwrap_or_else(|_| panic!("{name}={v:?} is not a valid value")),
+        Err(_) => default,
+    }
+}
+
+impl Opts {
+    fn from_env() -> Opts {
+        let threads = std::env::var("LOAD_THREADS").unwrap_or_else(|_| "1,2".into());
+        Opts {
+            round_secs: env_or("LOAD_ROUND_SECS", 5),
+            rounds: env_or("LOAD_ROUNDS", 3),
+            threads: threads
+                .split(',')
+                .map(|t| t.trim().parse().expect("LOAD_THREADS: numbers like 1,2"))
+                .collect(),
+            connections: env_or("LOAD_CONNECTIONS", 64),
+            idle: env_or("LOAD_IDLE", 5000),
+            backend_workers: env_or("LOAD_BACKEND_WORKERS", 1),
+        }
+    }
+}
+
+fn tool(name: &str) -> PathBuf {
+    which(name).unwrap_or_else(|| {
+        panic!("{name} not found: `apt-get install -y nginx haproxy wrk iperf3` (Debian)")
+    })
+}
+
+// ---------------------------------------------------------------------------------------------
+// /proc readings
+
+/// (ppid, utime + stime in ticks) of a process, all its threads included.
+fn proc_stat(pid: u32) -> Option<(u32, u64)> {
+    let stat = std::fs::read_to_string(format!("/proc/{pid}/stat")).ok()?;
+    let rest = &stat[stat.rfind(')')? + 2..];
+    let f: Vec<&str> = rest.split_whitespace().collect();
+    // After "pid (comm) ": state ppid pgrp session tty tpgid flags minflt cminflt majflt
+    // cmajflt utime stime …
+    Some((
+        f.get(1)?.parse().ok()?,
+        f.get(11)?.parse::<u64>().ok()? + f.get(12)?.parse::<u64>().ok()?,
+    ))
+}
+
+/// Direct children of `pid` (nginx workers).
+fn children(pid: u32) -> Vec<u32> {
+    let mut out = Vec::new();
+    for entry in std::fs::read_dir("/proc").into_iter().flatten().flatten() {
+        if let Some(p) = entry
+            .file_name()
+            .to_str()
+            .and_then(|s| s.parse::<u32>().ok())
+            && proc_stat(p).is_some_and(|(ppid, _)| ppid == pid)
+        {
+            out.push(p);
+        }
+    }
+    out
+}
+
+/// CPU seconds used so far by `pid` and its children.
+fn cpu_secs(pid: u32) -> f64 {
+    let ticks: u64 = std::iter::once(pid)
+        .chain(children(pid))
+        .filter_map(|p| proc_stat(p).map(|(_, t)| t))
+        .sum();
+    ticks as f64 / clock_ticks()
+}
+
+fn clock_ticks() -> f64 {
+    static TICKS: std::sync::OnceLock<f64> = std::sync::OnceLock::new();
+    *TICKS.get_or_init(|| {
+        Command::new("getconf")
+            .arg("CLK_TCK")
+            .output()
+            .ok()
+            .and_then(|o| String::from_utf8_lossy(&o.stdout).trim().parse().ok())
+            .unwrap_or(100.0)
+    })
+}
+
+/// VmRSS of `pid` in bytes.
+fn rss_bytes(pid: u32) -> u64 {
+    let status = std::fs::read_to_string(format!("/proc/{pid}/status")).unwrap_or_default();
+    status
+        .lines()
+        .find_map(|l| l.strip_prefix("VmRSS:"))
+        .and_then(|v| v.trim().trim_end_matches("kB").trim().parse::<u64>().ok())
+        .map(|kb| kb * 1024)
+        .unwrap_or(0)
+}
+
+fn is_root() -> bool {
+    std::fs::read_to_string("/proc/self/status")
+        .unwrap_or_default()
+        .lines()
+        .find_map(|l| l.strip_prefix("Uid:"))
+        .and_then(|v| v.split_whitespace().nth(1).map(|e| e == "0"))
+        .unwrap_or(false)
+}
+
+// ---------------------------------------------------------------------------------------------
+// Processes we start (stopped by PID on drop)
+
+struct Proc {
+    name: String,
+    child: Child,
+    log: PathBuf,
+}
+
+impl Proc {
+    fn spawn(name: &str, cmd: &mut Command, log: PathBuf) -> Proc {
+        let file = std::fs::File::create(&log).expect("create log file");
+        let file2 = file.try_clone().expect("clone log handle");
+        let child = cmd
+            .stdin(Stdio::null())
+            .stdout(file)
+            .stderr(file2)
+            .spawn()
+            .unwrap_or_else(|e| panic!("cannot start {name}: {e}"));
+        Proc {
+            name: name.to_string(),
+            child,
+            log,
+        }
+    }
+
+    fn pid(&self) -> u32 {
+        self.child.id()
+    }
+
+    fn check_running(&mut self) {
+        if let Ok(Some(status)) = self.child.try_wait() {
+            panic!(
+                "{} exited early ({status}); log:\n{}",
+                self.name,
+                std::fs::read_to_string(&self.log).unwrap_or_default()
+            );
+        }
+    }
+}
+
+impl Drop for Proc {
+    fn drop(&mut self) {
+        if let Ok(Some(_)) = self.child.try_wait() {
+            return;
+        }
+        let kids = children(self.pid());
+        let _ = send_signal(self.pid(), SIGTERM);
+        let deadline = Instant::now() + Duration::from_secs(5);
+        while Instant::now() < deadline {
+            if let Ok(Some(_)) = self.child.try_wait() {
+                break;
+            }
+            thread::sleep(Duration::from_millis(20));
+        }
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+        // nginx workers outlive a killed master; they were ours, stop them too.
+        for k in kids {
+            if proc_stat(k).is_some() {
+                let _ = send_signal(k, SIGKILL);
+            }
+        }
+    }
+}
+
+fn wait_port(addr: SocketAddr, what: &str, proc_: Option<&mut Proc>) {
+    let deadline = Instant::now() + Duration::from_secs(15);
+    let mut p = proc_;
+    while TcpStream::connect_timeout(&addr, Duration::from_millis(200)).is_err() {
+        if let Some(p) = p.as_deref_mut() {
+            p.check_running();
+        }
+        assert!(
+            Instant::now() < deadline,
+            "{what} does not listen on {addr}"
+        );
+        thread::sleep(Duration::from_millis(20));
+    }
+}
+
+fn loopback(port: u16) -> SocketAddr {
+    SocketAddr::from(([127, 0, 0, 1], port))
+}
+
+// ---------------------------------------------------------------------------------------------
+// The processes under test
+
+fn nginx_conf(dir: &Path, workers: usize, http_body: &str) -> String {
+    let d = dir.display();
+    let user = if is_root() { "user root;\n" } else { "" };
+    format!(
+        "{user}worker_processes {workers};\ndaemon off;\nmaster_process on;\npid {d}/nginx.pid;\n\
+         error_log {d}/error.log warn;\nworker_rlimit_nofile 20000;\n\
+         events {{ worker_connections 16384; multi_accept on; }}\n\
+         http {{\n  access_log off;\n  client_body_temp_path {d}/body;\n  proxy_temp_path {d}/proxy;\n\
+         fastcgi_temp_path {d}/fcgi;\n  uwsgi_temp_path {d}/uwsgi;\n  scgi_temp_path {d}/scgi;\n\
+         keepalive_requests 1000000;\n{http_body}}}\n"
+    )
+}
+
+fn start_nginx(name: &str, dir: &Path, conf: String) -> Proc {
+    let path = dir.join("nginx.conf");
+    std::fs::write(&path, conf).expect("write nginx.conf");
+    let mut cmd = Command::new(tool("nginx"));
+    cmd.arg("-p")
+        .arg(dir)
+        .arg("-e")
+        .arg(dir.join("error.log"))
+        .arg("-c")
+        .arg(&path);
+    Proc::spawn(name, &mut cmd, dir.join("stdout.log"))
+}
+
+fn start_backend(dir: &Path, port: u16, workers: usize) -> Proc {
+    let body = format!(
+        "  server {{\n    listen 127.0.0.1:{port} backlog=8192;\n    \
+         location / {{ default_type text/plain; return 200 \"hello from the nginx backend\\n\"; }}\n  }}\n"
+    );
+    start_nginx("nginx backend", dir, nginx_conf(dir, workers, &body))
+}
+
+fn start_nginx_proxy(dir: &Path, port: u16, backend: u16, workers: usize) -> Proc {
+    let body = format!(
+        "  upstream backend {{ server 127.0.0.1:{backend}; keepalive 128; }}\n  \
+         server {{\n    listen 127.0.0.1:{port} backlog=8192;\n    location / {{\n      \
+         proxy_pass http://backend;\n      proxy_http_version 1.1;\n      \
+         proxy_set_header Connection \"\";\n    }}\n  }}\n"
+    );
+    start_nginx("nginx proxy", dir, nginx_conf(dir, workers, &body))
+}
+
+struct HaproxyPorts {
+    http: u16,
+    tcp: u16,
+    iperf: u16,
+}
+
+fn start_haproxy(dir: &Path, p: &HaproxyPorts, backend: u16, iperf: u16, threads: usize) -> Proc {
+    let conf = format!(
+        "global\n  nbthread {threads}\n  maxconn 9000\n\n\
+         defaults\n  timeout connect 1s\n  timeout client 60s\n  timeout server 60s\n  maxconn 9000\n\n\
+         frontend fe_http\n  mode http\n  bind 127.0.0.1:{http}\n  default_backend be_http\n\
+         backend be_http\n  mode http\n  server s1 127.0.0.1:{backend}\n\n\
+         frontend fe_tcp\n  mode tcp\n  bind 127.0.0.1:{tcp}\n  default_backend be_tcp\n\
+         backend be_tcp\n  mode tcp\n  server s1 127.0.0.1:{backend}\n\n\
+         frontend fe_iperf\n  mode tcp\n  bind 127.0.0.1:{ip}\n  default_backend be_iperf\n\
+         backend be_iperf\n  mode tcp\n  server s1 127.0.0.1:{iperf}\n",
+        http = p.http,
+        tcp = p.tcp,
+        ip = p.iperf,
+    );
+    let path = dir.join("haproxy.cfg");
+    std::fs::write(&path, conf).expect("write haproxy.cfg");
+    let mut check = Command::new(tool("haproxy"));
+    check.arg("-c").arg("-q").arg("-f").arg(&path);
+    let out = run_bounded(&mut check, None, Duration::from_secs(20)).expect("haproxy -c");
+    assert!(
+        out.status.success(),
+        "haproxy rejects its config: {}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let mut cmd = Command::new(tool("haproxy"));
+    cmd.arg("-db").arg("-f").arg(&path);
+    Proc::spawn("haproxy", &mut cmd, dir.join("haproxy.log"))
+}
+
+struct RoutemeshPorts {
+    http: u16,
+    tcp: u16,
+    iperf: u16,
+}
+
+fn start_routemesh(p: &RoutemeshPorts, backend: u16, iperf: u16, threads: usize) -> Daemon {
+    let toml = format!(
+        r#"
+[node]
+name = "bench"
+drain_timeout = "1s"
+
+[discovery]
+backend = "static"
+
+[[listener]]
+name = "http"
+listen = "127.0.0.1:{http}"
+protocol = "http"
+service = "web"
+
+[[listener]]
+name = "tcp"
+listen = "127.0.0.1:{tcp}"
+protocol = "tcp"
+service = "web-tcp"
+
+[[listener]]
+name = "iperf"
+listen = "127.0.0.1:{ip}"
+protocol = "tcp"
+service = "iperf"
+
+[[task]]
+service = "web"
+addr = "127.0.0.1:{backend}"
+
+[[task]]
+service = "web-tcp"
+addr = "127.0.0.1:{backend}"
+
+[[task]]
+service = "iperf"
+addr = "127.0.0.1:{iperf}"
+
+[log]
+level = "warn"
+
+[runtime]
+worker_threads = {threads}
+"#,
+        http = p.http,
+        tcp = p.tcp,
+        ip = p.iperf,
+    );
+    let mut d = Daemon::start_with_env(&toml, &[("RUST_LOG", "warn")]);
+    d.wait_ready();
+    d
+}
+
+// ---------------------------------------------------------------------------------------------
+// wrk and iperf3
+
+#[derive(Clone, Copy, Default)]
+struct WrkResult {
+    rps: f64,
+    p50_us: f64,
+    p99_us: f64,
+    requests: u64,
+    errors: u64,
+}
+
+fn parse_duration_us(s: &str) -> Option<f64> {
+    let s = s.trim();
+    let (num, mult) = if let Some(n) = s.strip_suffix("us") {
+        (n, 1.0)
+    } else if let Some(n) = s.strip_suffix("ms") {
+        (n, 1e3)
+    } else if let Some(n) = s.strip_suffix('s') {
+        (n, 1e6)
+    } else if let Some(n) = s.strip_suffix('m') {
+        (n, 60e6)
+    } else {
+        return None;
+    };
+    num.parse::<f64>().ok().map(|v| v * mult)
+}
+
+fn parse_wrk(out: &str) -> Option<WrkResult> {
+    let mut r = WrkResult::default();
+    for line in out.lines() {
+        let t = line.trim();
+        if let Some(v) = t.strip_prefix("Requests/sec:") {
+            r.rps = v.trim().parse().ok()?;
+        } else if let Some(v) = t.strip_prefix("50%") {
+            r.p50_us = parse_duration_us(v)?;
+        } else if let Some(v) = t.strip_prefix("99%") {
+            r.p99_us = parse_duration_us(v)?;
+        } else if t.contains(" requests in ") {
+            r.requests = t.split_whitespace().next()?.parse().ok()?;
+        } else if let Some(v) = t.strip_prefix("Non-2xx or 3xx responses:") {
+            r.errors += v.trim().parse::<u64>().unwrap_or(0);
+        } else if let Some(v) = t.strip_prefix("Socket errors:") {
+            // "connect 0, read 0, write 0, timeout 0"
+            r.errors += v
+                .split(',')
+                .filter_map(|p| p.split_whitespace().nth(1)?.parse::<u64>().ok())
+                .sum::<u64>();
+        }
+    }
+    (r.rps > 0.0).then_some(r)
+}
+
+fn wrk(port: u16, secs: u64, connections: usize, close: bool) -> Result<WrkResult, String> {
+    let mut cmd = Command::new(tool("wrk"));
+    cmd.args(["-t1", &format!("-c{connections}"), &format!("-d{secs}s")])
+        .args(["--latency", "--timeout", "2s"]);
+    if close {
+        cmd.args(["-H", "Connection: close"]);
+    }
+    cmd.arg(format!("http://127.0.0.1:{port}/"));
+    let out = run_bounded(&mut cmd, None, Duration::from_secs(secs + 15))
+        .map_err(|e| format!("wrk: {e}"))?;
+    let text = String::from_utf8_lossy(&out.stdout).into_owned();
+    parse_wrk(&text).ok_or_else(|| {
+        format!(
+            "wrk gave no result ({}):\n{text}{}",
+            out.status,
+            String::from_utf8_lossy(&out.stderr)
+        )
+    })
+}
+
+fn iperf(port: u16, secs: u64) -> Result<f64, String> {
+    let mut cmd = Command::new(tool("iperf3"));
+    cmd.args(["-c", "127.0.0.1", "-p", &port.to_string()])
+        .args(["-t", &secs.to_string(), "-J"]);
+    let out = run_bounded(&mut cmd, None, Duration::from_secs(secs + 20))
+        .map_err(|e| format!("iperf3: {e}"))?;
+    let v: serde_json::Value = serde_json::from_slice(&out.stdout)
+        .map_err(|e| format!("iperf3 output is not JSON ({e})"))?;
+    v["end"]["sum_received"]["bits_per_second"]
+        .as_f64()
+        .ok_or_else(|| format!("iperf3 failed: {}", v["error"]))
+}
+
+// ---------------------------------------------------------------------------------------------
+// Measurement plan
+
+#[derive(Clone, Copy, PartialEq, Eq, PartialOrd, Ord, Debug)]
+enum Target {
+    Direct,
+    RoutemeshHttp,
+    RoutemeshTcp,
+    HaproxyHttp,
+    HaproxyTcp,
+    NginxProxy,
+}
+
+const TARGETS: [Target; 6] = [
+    Target::Direct,
+    Target::RoutemeshHttp,
+    Target::RoutemeshTcp,
+    Target::HaproxyHttp,
+    Target::HaproxyTcp,
+    Target::NginxProxy,
+];
+
+impl Target {
+    fn label(self) -> &'static str {
+        match self {
+            Target::Direct => "direct (nginx)",
+            Target::RoutemeshHttp => "routemesh http",
+            Target::RoutemeshTcp => "routemesh tcp",
+            Target::HaproxyHttp => "HAProxy http",
+            Target::HaproxyTcp => "HAProxy tcp",
+            Target::NginxProxy => "nginx proxy",
+        }
+    }
+}
+
+#[derive(Default)]
+struct Samples {
+    rps: Vec<f64>,
+    p50: Vec<f64>,
+    p99: Vec<f64>,
+    cpu_us_per_req: Vec<f64>,
+    errors: u64,
+}
+
+fn median(v: &[f64]) -> f64 {
+    if v.is_empty() {
+        return f64::NAN;
+    }
+    let mut s = v.to_vec();
+    s.sort_by(f64::total_cmp);
+    let n = s.len();
+    if n % 2 == 1 {
+        s[n / 2]
+    } else {
+        (s[n / 2 - 1] + s[n / 2]) / 2.0
+    }
+}
+
+fn fmt_us(us: f64) -> String {
+    if us.is_nan() {
+        "-".into()
+    } else if us >= 1000.0 {
+        format!("{:.2} ms", us / 1000.0)
+    } else {
+        format!("{us:.0} µs")
+    }
+}
+
+fn ratio(a: f64, b: f64) -> String {
+    if a.is_nan() || b.is_nan() || b == 0.0 {
+        "-".into()
+    } else {
+        format!("{:.2}×", a / b)
+    }
+}
+
+fn verdict(ok: bool) -> &'static str {
+    if ok { "MET" } else { "NOT MET" }
+}
+
+struct Setup {
+    ports: BTreeMap<Target, u16>,
+    pids: BTreeMap<Target, u32>,
+}
+
+fn run_rounds(
+    opts: &Opts,
+    setup: &Setup,
+    close: bool,
+    report: &mut String,
+    heading: &str,
+) -> BTreeMap<Target, Samples> {
+    let mut samples: BTreeMap<Target, Samples> = BTreeMap::new();
+    for round in 0..opts.rounds {
+        // Alternate the order too, so no target always runs right after the same one.
+        let mut order = TARGETS.to_vec();
+        if round % 2 == 1 {
+            order.reverse();
+        }
+        for t in order {
+            let port = setup.ports[&t];
+            let pid = setup.pids.get(&t).copied();
+            let cpu0 = pid.map(cpu_secs);
+            let r = match wrk(port, opts.round_secs, opts.connections, close) {
+                Ok(r) => r,
+                Err(e) => {
+                    eprintln!("  {} round {round}: {e}", t.label());
+                    continue;
+                }
+            };
+            let s = samples.entry(t).or_default();
+            s.rps.push(r.rps);
+            s.p50.push(r.p50_us);
+            s.p99.push(r.p99_us);
+            s.errors += r.errors;
+            if let (Some(pid), Some(c0)) = (pid, cpu0)
+                && r.requests > 0
+            {
+                s.cpu_us_per_req
+                    .push((cpu_secs(pid) - c0) / r.requests as f64 * 1e6);
+            }
+            eprintln!(
+                "  [{heading}] round {}/{} {:<15} {:>10.0} req/s  p99 {}",
+                round + 1,
+                opts.rounds,
+                t.label(),
+                r.rps,
+                fmt_us(r.p99_us)
+            );
+        }
+    }
+    let _ = writeln!(
+        report,
+        "\n{heading} ({} connections, {} round(s) × {} s, medians)",
+        opts.connections, opts.rounds, opts.round_secs
+    );
+    let _ = writeln!(
+        report,
+        "  {:<16} {:>11} {:>10} {:>10} {:>14} {:>7}",
+        "target", "req/s", "p50", "p99", "CPU µs/req", "errors"
+    );
+    for t in TARGETS {
+        let Some(s) = samples.get(&t) else {
+            let _ = writeln!(report, "  {:<16} (no result)", t.label());
+            continue;
+        };
+        let cpu = median(&s.cpu_us_per_req);
+        let _ = writeln!(
+            report,
+            "  {:<16} {:>11.0} {:>10} {:>10} {:>14} {:>7}",
+            t.label(),
+            median(&s.rps),
+            fmt_us(median(&s.p50)),
+            fmt_us(median(&s.p99)),
+            if cpu.is_nan() {
+                "-".to_string()
+            } else {
+                format!("{cpu:.1}")
+            },
+            s.errors
+        );
+    }
+    samples
+}
+
+fn med(s: &BTreeMap<Target, Samples>, t: Target, f: fn(&Samples) -> &Vec<f64>) -> f64 {
+    s.get(&t).map(|s| median(f(s))).unwrap_or(f64::NAN)
+}
+
+fn ratios(report: &mut String, s: &BTreeMap<Target, Samples>, rm: Target, ha: Target, what: &str) {
+    let _ = writeln!(
+        report,
+        "  routemesh/HAProxy {what}: req/s {}  p50 {}  p99 {}  CPU/req {}",
+        ratio(med(s, rm, |x| &x.rps), med(s, ha, |x| &x.rps)),
+        ratio(med(s, rm, |x| &x.p50), med(s, ha, |x| &x.p50)),
+        ratio(med(s, rm, |x| &x.p99), med(s, ha, |x| &x.p99)),
+        ratio(
+            med(s, rm, |x| &x.cpu_us_per_req),
+            med(s, ha, |x| &x.cpu_us_per_req)
+        ),
+    );
+}
+
+/// Opens `n` idle connections to `addr` and returns RSS growth of `pid` per connection.
+fn idle_rss_per_conn(pid: u32, addr: SocketAddr, n: usize) -> Result<(f64, u64, u64), String> {
+    // Warm the accept path so one-time allocations do not count.
+    for _ in 0..20 {
+        drop(TcpStream::connect(addr).map_err(|e| e.to_string())?);
+    }
+    thread::sleep(Duration::from_millis(500));
+    let before = rss_bytes(pid);
+    let mut conns = Vec::with_capacity(n);
+    for i in 0..n {
+        match TcpStream::connect_timeout(&addr, Duration::from_secs(2)) {
+            Ok(s) => conns.push(s),
+            Err(e) => return Err(format!("connection {i} of {n}: {e}")),
+        }
+    }
+    // Let the proxy accept all of them and connect upstream.
+    let deadline = Instant::now() + Duration::from_secs(10);
+    let mut last = 0;
+    loop {
+        thread::sleep(Duration::from_millis(500));
+        let now = rss_bytes(pid);
+        if now == last || Instant::now() > deadline {
+            break;
+        }
+        last = now;
+    }
+    let after = rss_bytes(pid);
+    drop(conns);
+    thread::sleep(Duration::from_millis(500));
+    Ok((
+        after.saturating_sub(before) as f64 / n as f64,
+        before,
+        after,
+    ))
+}
 
 fn main() {
-    eprintln!("benches/load.rs: not implemented yet");
+    let opts = Opts::from_env();
+    for t in ["nginx", "haproxy", "wrk", "iperf3"] {
+        tool(t);
+    }
+    let started = Instant::now();
+    let mut report = String::new();
+    let _ = writeln!(
+        report,
+        "routemesh load comparison on 127.0.0.1 — {} core(s), {}; backend: nginx with {} worker(s); wrk -t1",
+        thread::available_parallelism()
+            .map(|n| n.get())
+            .unwrap_or(0),
+        haproxy_version(),
+        opts.backend_workers,
+    );
+
+    let dir = tempdir("routemesh-load");
+    let backend_port = free_port();
+    let backend_dir = dir.path().join("backend");
+    std::fs::create_dir_all(&backend_dir).expect("mkdir");
+    let mut backend = start_backend(&backend_dir, backend_port, opts.backend_workers);
+    wait_port(loopback(backend_port), "nginx backend", Some(&mut backend));
+
+    let iperf_port = free_port();
+    let mut iperf_server = Proc::spawn(
+        "iperf3 server",
+        Command::new(tool("iperf3")).args(["-s", "-p", &iperf_port.to_string()]),
+        dir.path().join("iperf3.log"),
+    );
+    wait_port(
+        loopback(iperf_port),
+        "iperf3 server",
+        Some(&mut iperf_server),
+    );
+
+    let mut summary = String::new();
+    for &n in &opts.threads {
+        let rm_ports = RoutemeshPorts {
+            http: free_port(),
+            tcp: free_port(),
+            iperf: free_port(),
+        };
+        let ha_ports = HaproxyPorts {
+            http: free_port(),
+            tcp: free_port(),
+            iperf: free_port(),
+        };
+        let nginx_port = free_port();
+        let ha_dir = dir.path().join(format!("haproxy-{n}"));
+        let ngx_dir = dir.path().join(format!("nginx-proxy-{n}"));
+        std::fs::create_dir_all(&ha_dir).expect("mkdir");
+        std::fs::create_dir_all(&ngx_dir).expect("mkdir");
+
+        let routemesh = start_routemesh(&rm_ports, backend_port, iperf_port, n);
+        let mut haproxy = start_haproxy(&ha_dir, &ha_ports, backend_port, iperf_port, n);
+        let mut nginx = start_nginx_proxy(&ngx_dir, nginx_port, backend_port, n);
+        for (port, what) in [
+            (ha_ports.http, "haproxy http"),
+            (ha_ports.tcp, "haproxy tcp"),
+        ] {
+            wait_port(loopback(port), what, Some(&mut haproxy));
+        }
+        wait_port(loopback(nginx_port), "nginx proxy", Some(&mut nginx));
+        let _ = writeln!(
+            report,
+            "\n=== {n} thread(s): routemesh worker_threads = {n}, HAProxy nbthread {n}, nginx worker_processes {n} ==="
+        );
+
+        // 1. Idle connections, on freshly started proxies.
+        let _ = writeln!(
+            report,
+            "\nRSS holding {} idle TCP connections (tcp listeners; each also holds its upstream connection)",
+            opts.idle
+        );
+        let mut idle = BTreeMap::new();
+        for (t, pid, port) in [
+            (Target::RoutemeshTcp, routemesh.pid(), rm_ports.tcp),
+            (Target::HaproxyTcp, haproxy.pid(), ha_ports.tcp),
+        ] {
+            match idle_rss_per_conn(pid, loopback(port), opts.idle) {
+                Ok((per, before, after)) => {
+                    let _ = writeln!(
+                        report,
+                        "  {:<16} {:>8.0} bytes/conn ({:.1} KiB; RSS {:.1} → {:.1} MiB)",
+                        t.label(),
+                        per,
+                        per / 1024.0,
+                        before as f64 / 1048576.0,
+                        after as f64 / 1048576.0
+                    );
+                    idle.insert(t, per);
+                }
+                Err(e) => {
+                    let _ = writeln!(report, "  {:<16} failed: {e}", t.label());
+                }
+            }
+        }
+
+        let setup = Setup {
+            ports: BTreeMap::from([
+                (Target::Direct, backend_port),
+                (Target::RoutemeshHttp, rm_ports.http),
+                (Target::RoutemeshTcp, rm_ports.tcp),
+                (Target::HaproxyHttp, ha_ports.http),
+                (Target::HaproxyTcp, ha_ports.tcp),
+                (Target::NginxProxy, nginx_port),
+            ]),
+            pids: BTreeMap::from([
+                (Target::RoutemeshHttp, routemesh.pid()),
+                (Target::RoutemeshTcp, routemesh.pid()),
+                (Target::HaproxyHttp, haproxy.pid()),
+                (Target::HaproxyTcp, haproxy.pid()),
+                (Target::NginxProxy, nginx.pid()),
+            ]),
+        };
+        // Warm-up (not recorded): every target once, briefly.
+        for t in TARGETS {
+            let _ = wrk(setup.ports[&t], 1, opts.connections, false);
+        }
+
+        // 2. and 3. wrk rounds.
+        let ka = run_rounds(
+            &opts,
+            &setup,
+            false,
+            &mut report,
+            &format!("{n}T keep-alive"),
+        );
+        ratios(
+            &mut report,
+            &ka,
+            Target::RoutemeshHttp,
+            Target::HaproxyHttp,
+            "http",
+        );
+        ratios(
+            &mut report,
+            &ka,
+            Target::RoutemeshTcp,
+            Target::HaproxyTcp,
+            "tcp ",
+        );
+        let cl = run_rounds(
+            &opts,
+            &setup,
+            true,
+            &mut report,
+            &format!("{n}T Connection: close (new connection per request)"),
+        );
+        ratios(
+            &mut report,
+            &cl,
+            Target::RoutemeshHttp,
+            Target::HaproxyHttp,
+            "http",
+        );
+        ratios(
+            &mut report,
+            &cl,
+            Target::RoutemeshTcp,
+            Target::HaproxyTcp,
+            "tcp ",
+        );
+
+        // 4. Bulk throughput.
+        let _ = writeln!(
+            report,
+            "\niperf3 bulk throughput ({} round(s) × {} s, median)",
+            opts.rounds, opts.round_secs
+        );
+        let mut bulk: BTreeMap<&str, Vec<f64>> = BTreeMap::new();
+        for round in 0..opts.rounds {
+            for (name, port) in [
+                ("direct", iperf_port),
+                ("routemesh tcp", rm_ports.iperf),
+                ("HAProxy tcp", ha_ports.iperf),
+            ] {
+                match iperf(port, opts.round_secs) {
+                    Ok(bps) => {
+                        eprintln!(
+                            "  [{n}T iperf3] round {} {name:<15} {:.2} Gbit/s",
+                            round + 1,
+                            bps / 1e9
+                        );
+                        bulk.entry(name).or_default().push(bps);
+                    }
+                    Err(e) => eprintln!("  [{n}T iperf3] {name}: {e}"),
+                }
+            }
+        }
+        for name in ["direct", "routemesh tcp", "HAProxy tcp"] {
+            let _ = writeln!(
+                report,
+                "  {name:<16} {:>8.2} Gbit/s",
+                median(bulk.get(name).map(Vec::as_slice).unwrap_or(&[])) / 1e9
+            );
+        }
+        let bulk_rm = median(bulk.get("routemesh tcp").map(Vec::as_slice).unwrap_or(&[]));
+        let bulk_ha = median(bulk.get("HAProxy tcp").map(Vec::as_slice).unwrap_or(&[]));
+        let _ = writeln!(
+            report,
+            "  routemesh/HAProxy bulk: {}",
+            ratio(bulk_rm, bulk_ha)
+        );
+
+        // Issue 5's targets at this thread count.
+        let http_x =
+            med(&ka, Target::RoutemeshHttp, |x| &x.rps) / med(&ka, Target::HaproxyHttp, |x| &x.rps);
+        let http_p99_ok = med(&ka, Target::RoutemeshHttp, |x| &x.p99)
+            <= med(&ka, Target::HaproxyHttp, |x| &x.p99);
+        let tcp_x =
+            med(&ka, Target::RoutemeshTcp, |x| &x.rps) / med(&ka, Target::HaproxyTcp, |x| &x.rps);
+        let bulk_x = bulk_rm / bulk_ha;
+        let idle_kib = idle.get(&Target::RoutemeshTcp).copied().unwrap_or(f64::NAN) / 1024.0;
+        let _ = writeln!(summary, "\n{n} thread(s):");
+        let _ = writeln!(
+            summary,
+            "  HTTP  ≥ 1.15× HAProxy req/s, p99 ≤ HAProxy's: {:.2}×, p99 {} → {}",
+            http_x,
+            if http_p99_ok { "≤" } else { ">" },
+            verdict(http_x >= 1.15 && http_p99_ok)
+        );
+        let _ = writeln!(
+            summary,
+            "  TCP   ≥ 1.1× HAProxy tcp req/s:              {tcp_x:.2}× → {}",
+            verdict(tcp_x >= 1.1)
+        );
+        let _ = writeln!(
+            summary,
+            "  bulk  ≥ 1.2× HAProxy:                         {bulk_x:.2}× → {}",
+            verdict(bulk_x >= 1.2)
+        );
+        let _ = writeln!(
+            summary,
+            "  idle  ≤ 12 KiB RSS per connection:            {idle_kib:.1} KiB → {}",
+            verdict(idle_kib <= 12.0)
+        );
+
+        haproxy.check_running();
+        nginx.check_running();
+        drop(nginx);
+        drop(haproxy);
+        drop(routemesh);
+    }
+    drop(iperf_server);
+    drop(backend);
+
+    println!("{report}");
+    println!("Targets (issue 5):{summary}");
+    println!(
+        "\n(total {:.0} s; every figure is a median over rounds; CPU µs/req counts the proxy's processes only)",
+        started.elapsed().as_secs_f64()
+    );
+}
+
+fn haproxy_version() -> String {
+    Command::new(tool("haproxy"))
+        .arg("-v")
+        .output()
+        .ok()
+        .and_then(|o| {
+            String::from_utf8_lossy(&o.stdout)
+                .lines()
+                .next()
+                .map(|l| l.split(" - ").next().unwrap_or(l).to_string())
+        })
+        .unwrap_or_else(|| "HAProxy (version unknown)".into())
 }
