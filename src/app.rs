@@ -291,6 +291,22 @@ pub async fn run(
                 settings_rx,
                 discovery_stop.clone(),
             )));
+            // [docker]: the lease keeper registers `[[task]]`s ∪ this node's labelled
+            // containers. docker::spawn watches the engine and merges its tasks into every
+            // registration sent on `registration_tx` (start and reloads alike); changing
+            // [docker] itself needs a restart.
+            let registration_rx = if config.docker.enabled {
+                let (merged, tasks) = crate::docker::spawn(
+                    &config,
+                    registration_rx,
+                    metrics.clone(),
+                    discovery_stop.clone(),
+                );
+                background.extend(tasks);
+                merged
+            } else {
+                registration_rx
+            };
             lease_task = Some(tokio::spawn(discovery::node::run(
                 LeaseSettings {
                     endpoints: config.discovery.endpoints.clone(),

@@ -4,6 +4,7 @@
 //! Crate map:
 //! - `config`    the TOML file: raw shape, validation with file:line:col, the names newtypes
 //! - `discovery` the one writer: etcd list + watch (or static), node lease, routing table
+//! - `docker`    engine discovery: this node's labelled containers as tasks under its lease
 //! - `snapshot`  immutable routing state published to readers; per-task runtime state
 //! - `balance`   selectors built per snapshot: round robin, least connections, P2C, Maglev
 //! - `proxy`     listeners, upstream connect with failover, the TCP proxy
@@ -20,6 +21,7 @@ pub mod balance;
 pub mod cli;
 pub mod config;
 pub mod discovery;
+pub mod docker;
 pub mod health;
 pub mod metrics;
 pub mod mqtt;

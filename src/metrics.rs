@@ -38,6 +38,9 @@ pub struct Metrics {
     pub health_checks_total: IntCounterVec,
     /// First packets of MQTT client-id routed listeners refused before any upstream connect.
     pub mqtt_connect_errors_total: IntCounterVec,
+    /// 1 while the Docker engine's event stream is connected (`[docker]`, src/docker/); 0
+    /// while it is unreachable or discovery is disabled.
+    pub docker_up: IntGauge,
 }
 
 fn reg<T: prometheus::core::Collector + Clone + 'static>(r: &Registry, c: T) -> T {
@@ -234,6 +237,14 @@ impl Metrics {
                         "MQTT first packets refused (connection closed, no upstream opened), by reason.",
                     ),
                     &["service", "reason"],
+                )
+                .unwrap(),
+            ),
+            docker_up: reg(
+                &r,
+                IntGauge::new(
+                    "routemesh_docker_up",
+                    "1 while the local Docker engine's event stream is connected.",
                 )
                 .unwrap(),
             ),

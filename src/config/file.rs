@@ -31,6 +31,8 @@ pub struct RawConfig {
     pub log: Option<S<RawLog>>,
     #[serde(default)]
     pub runtime: Option<S<RawRuntime>>,
+    #[serde(default)]
+    pub docker: Option<S<super::docker::RawDocker>>,
 }
 
 #[derive(Debug, Default, Deserialize)]

@@ -5,6 +5,7 @@
 //! none. Nothing here binds sockets or talks to etcd; this module imports nothing else of
 //! the project.
 
+pub mod docker;
 pub mod error;
 pub mod file;
 pub mod names;
@@ -17,6 +18,7 @@ use std::time::Duration;
 
 use serde::Serialize;
 
+pub use docker::DockerConfig;
 use error::Issues;
 pub use error::{ConfigError, ConfigIssue};
 use file::{RawConfig, S};
@@ -38,6 +40,8 @@ pub struct Config {
     pub http: HttpLimits,
     pub log: LogConfig,
     pub runtime: RuntimeConfig,
+    /// `[docker]` engine discovery (disabled by default); app.rs starts it.
+    pub docker: DockerConfig,
 }
 
 #[derive(Debug, Clone)]
@@ -1099,6 +1103,8 @@ fn validate(path: &Path, raw: RawConfig, issues: &mut Issues) -> Config {
         access: lg.access.as_ref().map(|v| *v.get_ref()).unwrap_or(false),
     };
 
+    let docker = docker::validate(issues, raw.docker.as_ref(), backend);
+
     // [runtime]
     let rt = raw.runtime.map(|r| r.into_inner()).unwrap_or_default();
     let cores = std::thread::available_parallelism()
@@ -1138,6 +1144,7 @@ fn validate(path: &Path, raw: RawConfig, issues: &mut Issues) -> Config {
         http,
         log,
         runtime,
+        docker,
     }
 }
 
