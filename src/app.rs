@@ -328,6 +328,22 @@ pub async fn run(
         metrics.clone(),
         health_stop.clone(),
     )));
+    let dns_stop = CancellationToken::new();
+    if let Some(dns) = &config.dns {
+        let sockets = crate::dns::Sockets::bind(dns.listen).map_err(|source| AppError::Bind {
+            what: "dns listener".into(),
+            addr: dns.listen,
+            source,
+        })?;
+        background.push(tokio::spawn(crate::dns::run(
+            dns.clone(),
+            sockets,
+            snapshot.clone(),
+            config.node.name.clone(),
+            metrics.clone(),
+            dns_stop.clone(),
+        )));
+    }
 
     let mut current = config;
     loop {
@@ -370,6 +386,7 @@ pub async fn run(
     }
     discovery_stop.cancel();
     health_stop.cancel();
+    dns_stop.cancel();
     for t in background {
         let _ = tokio::time::timeout(Duration::from_secs(2), t).await;
     }

@@ -9,6 +9,7 @@
 //! - `balance`   selectors built per snapshot: round robin, least connections, P2C, Maglev
 //! - `proxy`     listeners, upstream connect with failover, the TCP proxy
 //! - `admin`     /healthz /readyz /routes /metrics
+//! - `dns`       the cluster name: an authoritative DNS responder that names only live nodes
 //! - `metrics`   the Prometheus registry and metric families
 //! - `mqtt`      the MQTT CONNECT parser behind client-id routing (pure)
 //! - `app`       wiring, reload and drain
@@ -21,6 +22,7 @@ pub mod balance;
 pub mod cli;
 pub mod config;
 pub mod discovery;
+pub mod dns;
 pub mod docker;
 pub mod health;
 pub mod metrics;

@@ -38,6 +38,8 @@ pub struct Metrics {
     pub health_checks_total: IntCounterVec,
     /// First packets of MQTT client-id routed listeners refused before any upstream connect.
     pub mqtt_connect_errors_total: IntCounterVec,
+    /// DNS queries answered (or dropped) by the `[dns]` responder (src/dns/).
+    pub dns_queries_total: IntCounterVec,
     /// 1 while the Docker engine's event stream is connected (`[docker]`, src/docker/); 0
     /// while it is unreachable or discovery is disabled.
     pub docker_up: IntGauge,
@@ -245,6 +247,17 @@ impl Metrics {
                 IntGauge::new(
                     "routemesh_docker_up",
                     "1 while the local Docker engine's event stream is connected.",
+                )
+                .unwrap(),
+            ),
+            dns_queries_total: reg(
+                &r,
+                IntCounterVec::new(
+                    Opts::new(
+                        "routemesh_dns_queries_total",
+                        "DNS queries by type and response code (dropped: no reply sent).",
+                    ),
+                    &["type", "rcode"],
                 )
                 .unwrap(),
             ),

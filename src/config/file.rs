@@ -32,6 +32,8 @@ pub struct RawConfig {
     #[serde(default)]
     pub runtime: Option<S<RawRuntime>>,
     #[serde(default)]
+    pub dns: Option<S<super::dns::RawDns>>,
+    #[serde(default)]
     pub docker: Option<S<super::docker::RawDocker>>,
 }
 

@@ -6,6 +6,7 @@
 //! the project.
 
 pub mod docker;
+pub mod dns;
 pub mod error;
 pub mod file;
 pub mod names;
@@ -19,6 +20,7 @@ use std::time::Duration;
 use serde::Serialize;
 
 pub use docker::DockerConfig;
+pub use dns::DnsConfig;
 use error::Issues;
 pub use error::{ConfigError, ConfigIssue};
 use file::{RawConfig, S};
@@ -40,6 +42,8 @@ pub struct Config {
     pub http: HttpLimits,
     pub log: LogConfig,
     pub runtime: RuntimeConfig,
+    /// The `[dns]` responder; None when the section is absent.
+    pub dns: Option<DnsConfig>,
     /// `[docker]` engine discovery (disabled by default); app.rs starts it.
     pub docker: DockerConfig,
 }
@@ -1105,6 +1109,8 @@ fn validate(path: &Path, raw: RawConfig, issues: &mut Issues) -> Config {
 
     let docker = docker::validate(issues, raw.docker.as_ref(), backend);
 
+    let dns = dns::validate(issues, raw.dns.as_ref(), admin_listen, &listeners);
+
     // [runtime]
     let rt = raw.runtime.map(|r| r.into_inner()).unwrap_or_default();
     let cores = std::thread::available_parallelism()
@@ -1144,6 +1150,7 @@ fn validate(path: &Path, raw: RawConfig, issues: &mut Issues) -> Config {
         http,
         log,
         runtime,
+        dns,
         docker,
     }
 }
