@@ -1230,3 +1230,29 @@ fn http2_rapid_reset_does_not_starve_other_clients() {
         "RSS grew from {rss_before} KiB to {rss_after} KiB"
     );
 }
+
+#[test]
+fn maglev_on_a_header_sends_each_key_to_one_task() {
+    let backends: Vec<Nginx> = (0..3).map(|i| Nginx::start(&format!("hash-{i}"))).collect();
+    let addrs: Vec<SocketAddr> = backends.iter().map(|b| b.addr()).collect();
+    let listen = free_addr();
+    let _d = proxy(
+        listen,
+        &format!(
+            "[service.web]\nbalance = \"maglev\"\nhash_key = \"header:X-User\"\n\n{}",
+            task_entries("web", &addrs)
+        ),
+    );
+    let mut seen = std::collections::BTreeSet::new();
+    for user in 0..30 {
+        let header = format!("X-User: user-{user}\r\n");
+        let first = field(&get(listen, "example.com", "/", &header).1, "name").to_string();
+        for _ in 0..3 {
+            let (code, body) = get(listen, "example.com", "/", &header);
+            assert_eq!(code, 200);
+            assert_eq!(field(&body, "name"), first, "user-{user} stays on one task");
+        }
+        seen.insert(first);
+    }
+    assert_eq!(seen.len(), 3, "keys spread over every task: {seen:?}");
+}

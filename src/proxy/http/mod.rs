@@ -290,6 +290,17 @@ async fn forward(
         }
     }
 
+    // Consistent hashing: every node sends the same key to the same task.
+    let hash = match (&settings.balance, &settings.hash_key) {
+        (crate::config::Balance::Maglev, crate::config::HashKey::Header(h)) => Some(
+            req.headers()
+                .get(h.as_str())
+                .map(|v| crate::balance::key_hash(v.as_bytes()))
+                .unwrap_or_else(|| crate::balance::ip_hash(conn.peer.ip())),
+        ),
+        (crate::config::Balance::Maglev, _) => Some(crate::balance::ip_hash(conn.peer.ip())),
+        _ => None,
+    };
     let wants_upgrade = !conn.h2 && headers::connection_has(req.headers(), "upgrade");
     let client_upgrade = wants_upgrade.then(|| hyper::upgrade::on(&mut req));
     let (mut parts, body) = req.into_parts();
@@ -398,7 +409,7 @@ async fn forward(
     let mut stale_retry_used = false;
     let mut fresh_only = upgrade.is_some();
     while tried.len() < max_attempts {
-        let Some(i) = svc.pick(&tried, now_ms(), None) else {
+        let Some(i) = svc.pick(&tried, now_ms(), hash) else {
             break;
         };
         if !tried.is_empty() {
