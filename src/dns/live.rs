@@ -37,9 +37,10 @@ pub fn live_nodes(
         .collect()
 }
 
-/// Where the probe checks a Ready node: its advertise address and the port of its first
-/// published listener. None when it publishes no address or no listener (not probed, so
-/// never taken out by the probe). This node itself is never probed.
+/// Where the probe checks a Ready node: its advertise address and the port of a published
+/// listener, preferring an http one (a connect-and-close there reaches no backend; on a tcp
+/// listener it opens an upstream connection). None when it publishes no address or no
+/// listener (not probed, so never taken out by the probe). This node itself is never probed.
 pub fn probe_targets(
     nodes: &BTreeMap<NodeName, NodeEntry>,
     self_node: &NodeName,
@@ -49,7 +50,12 @@ pub fn probe_targets(
         .filter(|(name, _)| *name != self_node)
         .filter_map(|(name, e)| {
             let rec = e.alive.as_ref()?;
-            let port = rec.listeners.first()?.port;
+            let port = rec
+                .listeners
+                .iter()
+                .find(|l| l.protocol == "http")
+                .or(rec.listeners.first())?
+                .port;
             Some((name.clone(), SocketAddr::new(rec.advertise?, port)))
         })
         .collect()
