@@ -77,6 +77,7 @@ impl Listeners {
             routes: cfg.routes.clone(),
             http: config.http.clone(),
             access_log: config.log.access,
+            drain: self.conns.drain.clone(),
         });
         let conns = self.conns.clone();
         let name = cfg.name.clone();
@@ -368,6 +369,7 @@ pub async fn run(
     }
     listeners.stop_all().await;
     let conns = listeners.conns.clone();
+    conns.drain.cancel();
     conns.tracker.close();
     let open = conns.tracker.len();
     if open > 0 {

@@ -279,3 +279,50 @@ fn a_minute_without_etcd_costs_no_request_and_keeps_the_registration() {
         "traffic flowed throughout"
     );
 }
+
+#[test]
+fn sigterm_finishes_in_flight_http_requests_and_closes_idle_ones() {
+    // A backend that takes 1.5 s to answer.
+    let listener = TcpListener::bind("127.0.0.1:0").unwrap();
+    let slow = listener.local_addr().unwrap();
+    std::thread::spawn(move || {
+        for conn in listener.incoming() {
+            let Ok(mut c) = conn else { break };
+            std::thread::spawn(move || {
+                let mut buf = [0u8; 2048];
+                let _ = c.read(&mut buf);
+                std::thread::sleep(Duration::from_millis(1500));
+                let _ = c.write_all(b"HTTP/1.1 200 OK\r\nContent-Length: 5\r\n\r\nslow\n");
+            });
+        }
+    });
+    let listen = free_addr();
+    let mut d = Daemon::start(&format!(
+        "[node]\ndrain_timeout = \"20s\"\n[discovery]\nbackend = \"static\"\n\
+         [[listener]]\nlisten = \"{listen}\"\nprotocol = \"http\"\nservice = \"web\"\n\
+         [service.web.health]\ninterval = \"1h\"\n\
+         [[task]]\nservice = \"web\"\naddr = \"{slow}\"\n"
+    ));
+    d.wait_ready();
+    // An idle keep-alive connection that has been served once.
+    let mut idle = std::net::TcpStream::connect(listen).unwrap();
+    idle.set_read_timeout(Some(Duration::from_secs(15))).unwrap();
+    idle.write_all(b"GET /a HTTP/1.1\r\nHost: x\r\n\r\n").unwrap();
+    let mut buf = [0u8; 256];
+    let n = idle.read(&mut buf).unwrap();
+    assert!(String::from_utf8_lossy(&buf[..n]).starts_with("HTTP/1.1 200"));
+    // A request in flight when SIGTERM arrives.
+    let in_flight = std::thread::spawn(move || support::http_get(listen, "/b"));
+    std::thread::sleep(Duration::from_millis(300));
+    let started = Instant::now();
+    let status = d.terminate();
+    assert!(status.success(), "{status:?}");
+    let (code, body) = in_flight.join().unwrap();
+    assert_eq!((code, body.trim()), (200, "slow"), "the in-flight request finished");
+    assert!(
+        started.elapsed() < Duration::from_secs(10),
+        "idle keep-alive connections did not hold the drain: {:?}",
+        started.elapsed()
+    );
+    assert_eq!(idle.read(&mut buf).unwrap_or(0), 0, "idle connection closed");
+}

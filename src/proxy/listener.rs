@@ -32,6 +32,9 @@ pub fn bind(addr: SocketAddr) -> io::Result<TcpListener> {
 #[derive(Clone, Default)]
 pub struct Connections {
     pub tracker: TaskTracker,
+    /// Cancelled when shutdown starts: HTTP connections finish their in-flight requests and
+    /// close instead of waiting for the next one.
+    pub drain: CancellationToken,
     /// Cancelled when the drain timeout is over: every connection closes.
     pub hard_stop: CancellationToken,
 }

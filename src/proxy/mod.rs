@@ -30,4 +30,6 @@ pub struct ListenerCtx {
     pub http: HttpLimits,
     /// HTTP listeners: one log line per request.
     pub access_log: bool,
+    /// Cancelled when the daemon starts draining (HTTP: graceful connection shutdown).
+    pub drain: tokio_util::sync::CancellationToken,
 }

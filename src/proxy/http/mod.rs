@@ -122,7 +122,16 @@ pub async fn handle(ctx: Arc<ListenerCtx>, mut client: TcpStream, peer: SocketAd
             .max_header_list_size(limits.max_header_bytes.min(u32::MAX as usize) as u32)
             .keep_alive_interval(Some(limits.idle_timeout))
             .keep_alive_timeout(Duration::from_secs(20));
-        b.serve_connection(io, service).await
+        let conn = b.serve_connection(io, service);
+        tokio::pin!(conn);
+        tokio::select! {
+            r = conn.as_mut() => r,
+            _ = ctx.drain.cancelled() => {
+                // Draining: GOAWAY, finish the streams in flight, then close.
+                conn.as_mut().graceful_shutdown();
+                conn.await
+            }
+        }
     } else {
         let gate_limits = GateLimits {
             max_header_bytes: limits.max_header_bytes,
@@ -141,7 +150,16 @@ pub async fn handle(ctx: Arc<ListenerCtx>, mut client: TcpStream, peer: SocketAd
         if limits.max_header_bytes + 8192 > HYPER_DEFAULT_MAX_BUF {
             b.max_buf_size(limits.max_header_bytes + 8192);
         }
-        b.serve_connection(io, service).with_upgrades().await
+        let conn = b.serve_connection(io, service).with_upgrades();
+        tokio::pin!(conn);
+        tokio::select! {
+            r = conn.as_mut() => r,
+            _ = ctx.drain.cancelled() => {
+                // Draining: finish the request in flight, then close (idle ones at once).
+                conn.as_mut().graceful_shutdown();
+                conn.await
+            }
+        }
     };
     if let Err(e) = result {
         tracing::debug!(listener = %ctx.name, client = %peer, error = %e, "http connection ended with an error");
