@@ -9,7 +9,8 @@
 //! `alive` record.
 //!
 //! The probe: every second this node opens a TCP connection (500 ms timeout) to each other
-//! Ready node's advertise address at the port of its first published listener. Two failures
+//! Ready node's advertise address at the port of a published listener (an http one when
+//! there is one, see `live::probe_targets`). Two failures
 //! in a row take the node out of answers, one success brings it back. Nodes that publish no
 //! listener or no address are not probed.
 
