@@ -52,6 +52,11 @@ pub struct RawDiscovery {
     pub node_ttl: Option<S<String>>,
     pub resync_interval: Option<S<String>>,
     pub dial_timeout: Option<S<String>>,
+    // etcd security (validated in edge.rs)
+    pub tls: Option<S<super::edge::RawEtcdTls>>,
+    pub username: Option<S<String>>,
+    pub password: Option<S<String>>,
+    pub password_file: Option<S<String>>,
 }
 
 #[derive(Debug, Default, Deserialize)]
@@ -67,6 +72,14 @@ pub struct RawListener {
     pub service: Option<S<String>>,
     #[serde(default)]
     pub route: Vec<S<RawRoute>>,
+    // edge keys (validated in edge.rs)
+    pub accept_proxy: Option<S<bool>>,
+    pub trusted_proxies: Option<S<Vec<S<String>>>>,
+    pub max_connections: Option<S<i64>>,
+    pub max_connections_per_ip: Option<S<i64>>,
+    pub handshake_timeout: Option<S<String>>,
+    pub max_client_hello_bytes: Option<S<i64>>,
+    pub tls: Option<S<super::edge::RawListenerTls>>,
 }
 
 #[derive(Debug, Default, Deserialize)]
@@ -74,6 +87,8 @@ pub struct RawRoute {
     pub host: Option<S<String>>,
     pub path_prefix: Option<S<String>>,
     pub service: Option<S<String>>,
+    /// tls listeners (edge.rs).
+    pub sni: Option<S<String>>,
 }
 
 #[derive(Debug, Default, Deserialize)]
@@ -86,6 +101,7 @@ pub struct RawService {
     pub hash_key: Option<S<String>>,
     pub peek_timeout: Option<S<String>>,
     pub max_connect_bytes: Option<S<i64>>,
+    pub send_proxy: Option<S<String>>,
     pub health: Option<S<RawHealth>>,
 }
 

@@ -7,6 +7,7 @@
 
 pub mod docker;
 pub mod dns;
+pub mod edge;
 pub mod error;
 pub mod file;
 pub mod names;
@@ -21,6 +22,7 @@ use serde::Serialize;
 
 pub use docker::DockerConfig;
 pub use dns::DnsConfig;
+pub use edge::{EtcdSecurity, ListenerEdge, ProxyVersion};
 use error::Issues;
 pub use error::{ConfigError, ConfigIssue};
 use file::{RawConfig, S};
@@ -77,6 +79,8 @@ pub struct DiscoveryConfig {
     pub resync_interval: Duration,
     /// Bound on connecting to etcd and on each request.
     pub dial_timeout: Duration,
+    /// TLS and user/password for etcd (edge.rs).
+    pub security: EtcdSecurity,
 }
 
 #[derive(Debug, Clone)]
@@ -89,6 +93,8 @@ pub struct AdminConfig {
 pub enum Protocol {
     Tcp,
     Http,
+    /// TLS passthrough routed by the ClientHello's SNI (edge.rs).
+    Tls,
 }
 
 impl Protocol {
@@ -96,6 +102,7 @@ impl Protocol {
         match self {
             Protocol::Tcp => "tcp",
             Protocol::Http => "http",
+            Protocol::Tls => "tls",
         }
     }
 }
@@ -110,6 +117,8 @@ pub struct ListenerConfig {
     pub service: ServiceName,
     /// HTTP routes, first match wins (http listeners only).
     pub routes: Vec<RouteConfig>,
+    /// PROXY protocol, connection limits, TLS (edge.rs).
+    pub edge: ListenerEdge,
 }
 
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -207,6 +216,8 @@ pub struct ServiceSettings {
     pub peek_timeout: Duration,
     /// Most bytes buffered before routing on the first packet.
     pub max_connect_bytes: usize,
+    /// A PROXY protocol header written to each upstream connection (tcp and tls listeners).
+    pub send_proxy: Option<ProxyVersion>,
     pub health: HealthSettings,
 }
 
@@ -221,6 +232,7 @@ impl Default for ServiceSettings {
             hash_key: HashKey::SourceIp,
             peek_timeout: Duration::from_secs(5),
             max_connect_bytes: 65536,
+            send_proxy: None,
             health: HealthSettings::default(),
         }
     }
@@ -739,6 +751,8 @@ fn validate(path: &Path, raw: RawConfig, issues: &mut Issues) -> Config {
         "discovery.dial_timeout",
     );
 
+    let security = edge::etcd_security(issues, path, &d, &endpoints);
+
     // [admin]
     let admin_raw = raw.admin.map(|a| a.into_inner()).unwrap_or_default();
     let admin_listen = admin_raw
@@ -758,7 +772,11 @@ fn validate(path: &Path, raw: RawConfig, issues: &mut Issues) -> Config {
             issues,
             &l.protocol,
             Protocol::Tcp,
-            &[("tcp", Protocol::Tcp), ("http", Protocol::Http)],
+            &[
+                ("tcp", Protocol::Tcp),
+                ("http", Protocol::Http),
+                ("tls", Protocol::Tls),
+            ],
             "listener.protocol",
         );
         let listen = match &l.listen {
@@ -783,6 +801,9 @@ fn validate(path: &Path, raw: RawConfig, issues: &mut Issues) -> Config {
         };
         let mut routes = Vec::new();
         for r in &l.route {
+            if protocol == Protocol::Tls {
+                continue; // SNI routes: edge.rs
+            }
             if protocol != Protocol::Http {
                 issues.at(
                     span(r),
@@ -885,6 +906,7 @@ fn validate(path: &Path, raw: RawConfig, issues: &mut Issues) -> Config {
             protocol,
             service,
             routes,
+            edge: edge::listener(issues, path, l, protocol),
         });
     }
     if listeners.iter().any(|l| l.listen == admin_listen) {
@@ -977,6 +999,7 @@ fn validate(path: &Path, raw: RawConfig, issues: &mut Issues) -> Config {
                 16..=16 * 1024 * 1024,
                 "service.max_connect_bytes",
             ) as usize,
+            send_proxy: edge::send_proxy(issues, &s.send_proxy),
             health: health_settings(issues, s.health.as_ref()),
         };
         if let Some(v) = &s.hash_key
@@ -1140,6 +1163,7 @@ fn validate(path: &Path, raw: RawConfig, issues: &mut Issues) -> Config {
             node_ttl,
             resync_interval,
             dial_timeout,
+            security,
         },
         admin: AdminConfig {
             listen: admin_listen,
