@@ -14,7 +14,11 @@
 //! 3. **power-off idle** — the same power-off without traffic (n2 powered on and re-registered
 //!    first). Goal: ≤ node_ttl + 0.5 s.
 //!
-//! Failed requests are counted per phase. Results print as a table.
+//! Failed requests are counted per phase; "at crash" are those whose upstream connection to n2
+//! was open at the SIGKILL (reset by the dying kernel, answered with an error at once). "n2
+//! ldr" says whether n2 hosted the etcd leader: then the new leader renews every lease on
+//! election and the lease outlives the node by about an election timeout. Results print as a
+//! table.
 //!
 //! Run: `cargo bench --bench failover` (as root; `ROUTEMESH_FAILOVER_ROUNDS=N`, default 3;
 //! `ROUTEMESH_WEB_PROTOCOL=http` to measure through the HTTP listener instead of tcp).
@@ -31,7 +35,7 @@ use etcd_client::Client;
 use support::lab::{Lab, Load, NODE_TTL, Sample, http_get};
 
 /// Default `protocol` of the `web` listener (the cluster suite's WEB_PROTOCOL).
-const WEB_PROTOCOL: &str = "tcp";
+const WEB_PROTOCOL: &str = "http";
 /// Per target: one GET every 10 ms → 2 × 100 = 200 req/s.
 const INTERVAL: Duration = Duration::from_millis(10);
 const CLIENT_TIMEOUT: Duration = Duration::from_secs(3);
@@ -51,7 +55,11 @@ struct Row {
     per_node: Vec<Option<Duration>>,
     goal: Duration,
     requests: Option<usize>,
-    failed: Option<usize>,
+    /// Failed requests, and how many of them were in flight to n2 at the SIGKILL.
+    failed: Option<(usize, usize)>,
+    /// Whether n2's etcd member was the leader when it was powered off (then its lease is
+    /// renewed by the new leader and outlives it by about an election).
+    leader: Option<bool>,
 }
 
 fn main() {
@@ -87,13 +95,23 @@ fn main() {
         // 1. Power-off under traffic.
         let load = start_load(&lab);
         thread::sleep(Duration::from_millis(500));
+        let leader = lab.etcd_leader() == 2;
         let off_at = load.elapsed();
         let t0 = Instant::now();
         lab.power_off(2);
+        let off_done = load.elapsed();
         let det = detect(&lab, n2_task, t0);
         thread::sleep(Duration::from_millis(300));
         let samples = load.stop();
         let phase: Vec<_> = samples.iter().filter(|s| s.at >= off_at).collect();
+        let at_crash = phase
+            .iter()
+            .filter(|s| {
+                s.outcome.is_err()
+                    && s.at < off_done
+                    && s.at + s.latency < off_done + Duration::from_millis(100)
+            })
+            .count();
         push_detection(
             &mut rows,
             round,
@@ -102,7 +120,8 @@ fn main() {
             &det,
             Duration::from_secs(1),
             NODE_TTL + Duration::from_millis(500),
-            Some((phase.len(), count_failed(&phase))),
+            Some((phase.len(), count_failed(&phase), at_crash)),
+            leader,
         );
         report_failures("power-off under traffic", round, &phase);
 
@@ -135,7 +154,8 @@ fn main() {
             per_node: served,
             goal: Duration::from_millis(100),
             requests: Some(phase.len()),
-            failed: Some(count_failed(&phase)),
+            failed: Some((count_failed(&phase), 0)),
+            leader: None,
         });
         report_failures("replacement", round, &phase);
         // Untimed: take the replacement away again.
@@ -153,6 +173,7 @@ fn main() {
         power_on_n2(&mut lab);
         n2_task = register_n2(&mut lab, &mut n2_replica);
         thread::sleep(Duration::from_millis(500));
+        let leader = lab.etcd_leader() == 2;
         let t0 = Instant::now();
         lab.power_off(2);
         let det = detect(&lab, n2_task, t0);
@@ -165,6 +186,7 @@ fn main() {
             idle_goal,
             idle_goal,
             None,
+            leader,
         );
 
         if round < rounds {
@@ -345,7 +367,8 @@ fn push_detection(
     det: &Detection,
     out_goal: Duration,
     gone_goal: Duration,
-    load: Option<(usize, usize)>,
+    load: Option<(usize, usize, usize)>,
+    leader: bool,
 ) {
     rows.push(Row {
         phase: out_phase.to_string(),
@@ -353,7 +376,8 @@ fn push_detection(
         per_node: det.iter().map(|d| d.0).collect(),
         goal: out_goal,
         requests: load.map(|l| l.0),
-        failed: load.map(|l| l.1),
+        failed: load.map(|l| (l.1, l.2)),
+        leader: Some(leader),
     });
     rows.push(Row {
         phase: gone_phase.to_string(),
@@ -362,6 +386,7 @@ fn push_detection(
         goal: gone_goal,
         requests: None,
         failed: None,
+        leader: Some(leader),
     });
 }
 
@@ -382,8 +407,18 @@ fn print_table(proto: &str, rounds: usize, rows: &mut [Row]) {
         NODE_TTL.as_secs()
     );
     println!(
-        "{:<48} {:>5} {:>8} {:>8} {:>8} {:>7} {:>5} {:>9} {:>7}",
-        "phase", "round", "n1", "n3", "all", "goal", "met", "requests", "failed"
+        "{:<48} {:>5} {:>6} {:>8} {:>8} {:>8} {:>7} {:>5} {:>9} {:>7} {:>8}",
+        "phase",
+        "round",
+        "n2 ldr",
+        "n1",
+        "n3",
+        "all",
+        "goal",
+        "met",
+        "requests",
+        "failed",
+        "at crash"
     );
     for r in rows.iter() {
         let all = if r.per_node.iter().all(Option::is_some) {
@@ -392,17 +427,22 @@ fn print_table(proto: &str, rounds: usize, rows: &mut [Row]) {
             None
         };
         let met = all.is_some_and(|a| a <= r.goal);
+        let dash = || "-".to_string();
         println!(
-            "{:<48} {:>5} {:>8} {:>8} {:>8} {:>7} {:>5} {:>9} {:>7}",
+            "{:<48} {:>5} {:>6} {:>8} {:>8} {:>8} {:>7} {:>5} {:>9} {:>7} {:>8}",
             r.phase,
             r.round,
+            r.leader
+                .map(|l| if l { "yes" } else { "no" }.to_string())
+                .unwrap_or_else(dash),
             ms(r.per_node[0]),
             ms(r.per_node[1]),
             ms(all),
             ms(Some(r.goal)),
             if met { "yes" } else { "NO" },
-            r.requests.map(|n| n.to_string()).unwrap_or("-".into()),
-            r.failed.map(|n| n.to_string()).unwrap_or("-".into()),
+            r.requests.map(|n| n.to_string()).unwrap_or_else(dash),
+            r.failed.map(|f| f.0.to_string()).unwrap_or_else(dash),
+            r.failed.map(|f| f.1.to_string()).unwrap_or_else(dash),
         );
     }
 }
