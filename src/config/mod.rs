@@ -5,8 +5,8 @@
 //! none. Nothing here binds sockets or talks to etcd; this module imports nothing else of
 //! the project.
 
-pub mod docker;
 pub mod dns;
+pub mod docker;
 pub mod edge;
 pub mod error;
 pub mod file;
@@ -20,8 +20,8 @@ use std::time::Duration;
 
 use serde::Serialize;
 
-pub use docker::DockerConfig;
 pub use dns::DnsConfig;
+pub use docker::DockerConfig;
 pub use edge::{EtcdSecurity, ListenerEdge, ProxyVersion};
 use error::Issues;
 pub use error::{ConfigError, ConfigIssue};
