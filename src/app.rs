@@ -77,8 +77,16 @@ impl Listeners {
             routes: cfg.routes.clone(),
             http: config.http.clone(),
             access_log: config.log.access,
+            edge: cfg.edge.clone(),
             drain: self.conns.drain.clone(),
         });
+        // Limits and PROXY headers are checked before any protocol handler runs.
+        let admission = proxy::edge::Admission::new(
+            &cfg.name,
+            &cfg.edge,
+            self.metrics.clone(),
+            cfg.protocol == Protocol::Http,
+        );
         let conns = self.conns.clone();
         let name = cfg.name.clone();
         let protocol = cfg.protocol;
@@ -87,13 +95,35 @@ impl Listeners {
             match protocol {
                 Protocol::Tcp => {
                     listener::accept_loop(name, &socket, stop2, conns, move |s, peer| {
-                        proxy::tcp::handle(ctx.clone(), s, peer)
+                        let (ctx, admission) = (ctx.clone(), admission.clone());
+                        async move {
+                            if let Some((s, peer, _permit)) = admission.admit(s, peer).await {
+                                proxy::tcp::handle(ctx, s, peer).await
+                            }
+                        }
                     })
                     .await
                 }
                 Protocol::Http => {
                     listener::accept_loop(name, &socket, stop2, conns, move |s, peer| {
-                        proxy::http::handle(ctx.clone(), s, peer)
+                        let (ctx, admission) = (ctx.clone(), admission.clone());
+                        async move {
+                            if let Some((s, peer, _permit)) = admission.admit(s, peer).await {
+                                proxy::http::handle(ctx, s, peer).await
+                            }
+                        }
+                    })
+                    .await
+                }
+                Protocol::Tls => {
+                    let router = proxy::tls::SniRouter::new(ctx);
+                    listener::accept_loop(name, &socket, stop2, conns, move |s, peer| {
+                        let (router, admission) = (router.clone(), admission.clone());
+                        async move {
+                            if let Some((s, peer, _permit)) = admission.admit(s, peer).await {
+                                proxy::tls::passthrough(router, s, peer).await
+                            }
+                        }
                     })
                     .await
                 }
@@ -204,7 +234,9 @@ fn served_of(config: &Config) -> Arc<std::collections::BTreeSet<ServiceName>> {
             .listeners
             .iter()
             .flat_map(|l| {
-                std::iter::once(l.service.clone()).chain(l.routes.iter().map(|r| r.service.clone()))
+                std::iter::once(l.service.clone())
+                    .chain(l.routes.iter().map(|r| r.service.clone()))
+                    .chain(l.edge.sni_routes.iter().map(|r| r.service.clone()))
             })
             .collect(),
     )

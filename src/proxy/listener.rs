@@ -41,7 +41,7 @@ pub struct Connections {
 
 static ACCEPT_ERROR_LOG: LogLimiter = LogLimiter::new(1000);
 
-fn is_resource_exhaustion(e: &io::Error) -> bool {
+pub(crate) fn is_resource_exhaustion(e: &io::Error) -> bool {
     matches!(
         e.raw_os_error(),
         Some(code) if code == libc::EMFILE || code == libc::ENFILE || code == libc::ENOBUFS || code == libc::ENOMEM

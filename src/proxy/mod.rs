@@ -4,10 +4,14 @@
 //! Reads the snapshot and balancers; never writes routing state (passive failures go to the
 //! task's shared atomic state). Owns no config parsing and no discovery.
 
+pub mod client_hello;
+pub mod edge;
 pub mod http;
 pub mod listener;
+pub mod proxy_protocol;
 pub mod splice;
 pub mod tcp;
+pub mod tls;
 pub mod upstream;
 
 use std::sync::Arc;
@@ -17,6 +21,7 @@ use crate::metrics::Metrics;
 use crate::snapshot::SharedSnapshot;
 
 /// What a listener's connections need; one per listener, shared by its connections.
+#[derive(Clone)]
 pub struct ListenerCtx {
     /// Metric label and log field.
     pub name: String,
@@ -30,6 +35,8 @@ pub struct ListenerCtx {
     pub http: HttpLimits,
     /// HTTP listeners: one log line per request.
     pub access_log: bool,
+    /// PROXY protocol, limits, TLS settings and SNI routes (edge.rs, tls.rs).
+    pub edge: crate::config::ListenerEdge,
     /// Cancelled when the daemon starts draining (HTTP: graceful connection shutdown).
     pub drain: tokio_util::sync::CancellationToken,
 }

@@ -43,6 +43,7 @@ pub async fn handle(ctx: Arc<ListenerCtx>, client: TcpStream, peer: SocketAddr) 
 
     // Load the snapshot, keep only the service, drop the guard before any await.
     let service = ctx.snapshot.load().service(&ctx.service);
+    let send_proxy = service.as_ref().and_then(|s| s.settings.send_proxy);
     let mut first = Vec::new();
     let up = match service {
         Some(svc) => {
@@ -79,6 +80,13 @@ pub async fn handle(ctx: Arc<ListenerCtx>, client: TcpStream, peer: SocketAddr) 
         ctx.metrics
             .bytes_total
             .with_label_values(&[ctx.name.as_str(), ctx.service.as_str(), "tx"]);
+    if let Some(version) = send_proxy {
+        // `peer` is the client (from an accepted PROXY header too); the destination is the
+        // address the client reached on this node.
+        let local = client.local_addr().unwrap_or(peer);
+        let header = super::proxy_protocol::encode(version, peer, local);
+        first.splice(0..0, header);
+    }
     if !first.is_empty() {
         if write_all(&up.stream, &first).await.is_err() {
             reset_on_close(&client);

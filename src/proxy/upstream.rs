@@ -94,6 +94,12 @@ pub async fn connect(
                     attempts: tried.len(),
                 });
             }
+            Err(e) if super::listener::is_resource_exhaustion(&e) => {
+                // Out of descriptors here: not the task's fault, so no ejection, no retry.
+                drop(in_flight);
+                last = Some(e);
+                break;
+            }
             Err(e) => {
                 drop(in_flight);
                 task.state.eject(now_ms(), format!("connect: {e}"));

@@ -1,0 +1,455 @@
+//! Edge and security: PROXY protocol in and out (real nginx behind `send_proxy`), connection
+//! limits, fd exhaustion, etcd TLS and auth, TLS passthrough by SNI, non-root operation.
+
+mod support;
+
+use std::fs;
+use std::io::{self, Read, Write};
+use std::net::{SocketAddr, TcpStream};
+use std::process::{Child, Command, Stdio};
+use std::thread;
+use std::time::{Duration, Instant};
+
+use support::util::{parse_http_response, tempdir};
+use support::{Daemon, TcpBackend, connect_and_greet, eventually, free_addr, http_get};
+
+// ---------------------------------------------------------------------------------------------
+// helpers
+
+/// nginx with `listen … proxy_protocol`, answering `$proxy_protocol_addr:$proxy_protocol_port`.
+struct PpNginx {
+    addr: SocketAddr,
+    child: Child,
+    _dir: tempfile::TempDir,
+}
+
+impl PpNginx {
+    fn start() -> PpNginx {
+        let dir = tempdir("edge-nginx");
+        let addr = free_addr();
+        let d = dir.path().display();
+        let user = if is_root() { "user root;" } else { "" };
+        let conf = format!(
+            r#"{user}
+worker_processes 1;
+pid {d}/nginx.pid;
+error_log {d}/error.log info;
+events {{ worker_connections 64; }}
+http {{
+    access_log off;
+    client_body_temp_path {d}/body;
+    proxy_temp_path {d}/proxy;
+    fastcgi_temp_path {d}/fastcgi;
+    uwsgi_temp_path {d}/uwsgi;
+    scgi_temp_path {d}/scgi;
+    server {{
+        listen {addr} proxy_protocol;
+        default_type text/plain;
+        location / {{ return 200 "$proxy_protocol_addr:$proxy_protocol_port"; }}
+    }}
+}}
+"#
+        );
+        let path = dir.path().join("nginx.conf");
+        fs::write(&path, conf).unwrap();
+        let child = Command::new("/usr/sbin/nginx")
+            .args(["-e", &format!("{d}/error.log"), "-g", "daemon off;", "-p"])
+            .arg(dir.path())
+            .arg("-c")
+            .arg(&path)
+            .stdin(Stdio::null())
+            .stdout(Stdio::null())
+            .stderr(Stdio::null())
+            .spawn()
+            .expect("spawn nginx (apt-get install -y nginx-light)");
+        eventually(Duration::from_secs(10), "nginx to listen", || {
+            TcpStream::connect(addr).is_ok()
+        });
+        PpNginx {
+            addr,
+            child,
+            _dir: dir,
+        }
+    }
+}
+
+impl Drop for PpNginx {
+    fn drop(&mut self) {
+        // SIGTERM: the master stops its worker too.
+        let _ = support::util::send_signal(self.child.id(), libc::SIGTERM);
+        let deadline = Instant::now() + Duration::from_secs(5);
+        while Instant::now() < deadline {
+            if let Ok(Some(_)) = self.child.try_wait() {
+                return;
+            }
+            thread::sleep(Duration::from_millis(20));
+        }
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+}
+
+fn is_root() -> bool {
+    // SAFETY-free: read our uid from /proc.
+    fs::read_to_string("/proc/self/status")
+        .unwrap_or_default()
+        .lines()
+        .find(|l| l.starts_with("Uid:"))
+        .and_then(|l| l.split_whitespace().nth(1).map(|u| u == "0"))
+        .unwrap_or(false)
+}
+
+/// Sends `prefix` then an HTTP/1.0 GET; returns status and body.
+fn get_with_prefix(addr: SocketAddr, prefix: &[u8]) -> io::Result<(u16, String)> {
+    let mut s = TcpStream::connect_timeout(&addr, Duration::from_secs(5))?;
+    s.set_read_timeout(Some(Duration::from_secs(5)))?;
+    s.write_all(prefix)?;
+    s.write_all(b"GET / HTTP/1.0\r\nHost: x\r\n\r\n")?;
+    let mut raw = Vec::new();
+    s.read_to_end(&mut raw)?;
+    parse_http_response(&raw)
+}
+
+/// Whether the daemon closed `s` (EOF or reset) within `within`, without sending data.
+fn closed_within(s: &mut TcpStream, within: Duration) -> bool {
+    s.set_read_timeout(Some(within)).unwrap();
+    let mut b = [0u8; 64];
+    match s.read(&mut b) {
+        Ok(0) => true,
+        Ok(_) => false,
+        Err(e) => matches!(
+            e.kind(),
+            io::ErrorKind::ConnectionReset | io::ErrorKind::ConnectionAborted
+        ),
+    }
+}
+
+/// `routemesh_rejected_connections_total{listener,reason}` (0 when absent).
+fn rejected(d: &Daemon, listener: &str, reason: &str) -> u64 {
+    let (_, text) = d.admin_get("/metrics");
+    let needle = format!(
+        "routemesh_rejected_connections_total{{listener=\"{listener}\",reason=\"{reason}\"}} "
+    );
+    text.lines()
+        .find_map(|l| l.strip_prefix(&needle))
+        .and_then(|v| v.trim().parse().ok())
+        .unwrap_or(0)
+}
+
+fn static_listener(
+    name: &str,
+    listen: SocketAddr,
+    extra: &str,
+    task: SocketAddr,
+    svc_extra: &str,
+) -> String {
+    format!(
+        r#"
+[discovery]
+backend = "static"
+
+[[listener]]
+name = "{name}"
+listen = "{listen}"
+service = "web"
+{extra}
+
+[service.web]
+{svc_extra}
+
+[[task]]
+service = "web"
+addr = "{task}"
+"#
+    )
+}
+
+// ---------------------------------------------------------------------------------------------
+// PROXY protocol
+
+#[test]
+fn send_proxy_v1_and_v2_reach_real_nginx() {
+    let nginx = PpNginx::start();
+    for version in ["v1", "v2"] {
+        let listen = free_addr();
+        let d = Daemon::start(&static_listener(
+            "pp",
+            listen,
+            "",
+            nginx.addr,
+            &format!("send_proxy = \"{version}\""),
+        ));
+        let mut s = TcpStream::connect(listen).unwrap();
+        let client_port = s.local_addr().unwrap().port();
+        s.set_read_timeout(Some(Duration::from_secs(5))).unwrap();
+        s.write_all(b"GET / HTTP/1.0\r\nHost: x\r\n\r\n").unwrap();
+        let mut raw = Vec::new();
+        s.read_to_end(&mut raw).unwrap();
+        let (status, body) = parse_http_response(&raw).unwrap();
+        assert_eq!(status, 200, "{version}: {body}");
+        assert_eq!(
+            body,
+            format!("127.0.0.1:{client_port}"),
+            "{version}: nginx sees the client, not the daemon"
+        );
+        drop(d);
+    }
+}
+
+#[test]
+fn accepted_proxy_address_is_sent_onward() {
+    let nginx = PpNginx::start();
+    let listen = free_addr();
+    let d = Daemon::start(&static_listener(
+        "lb",
+        listen,
+        "accept_proxy = true\ntrusted_proxies = [\"127.0.0.0/8\"]\nhandshake_timeout = \"700ms\"",
+        nginx.addr,
+        "send_proxy = \"v2\"",
+    ));
+    // v1 from the load balancer
+    let (status, body) =
+        get_with_prefix(listen, b"PROXY TCP4 203.0.113.7 10.0.0.1 5555 443\r\n").unwrap();
+    assert_eq!((status, body.as_str()), (200, "203.0.113.7:5555"));
+    // v2, IPv6 client
+    let mut v2 = b"\r\n\r\n\0\r\nQUIT\n\x21\x21\x00\x24".to_vec();
+    v2.extend_from_slice(
+        &"2001:db8::7"
+            .parse::<std::net::Ipv6Addr>()
+            .unwrap()
+            .octets(),
+    );
+    v2.extend_from_slice(
+        &"2001:db8::1"
+            .parse::<std::net::Ipv6Addr>()
+            .unwrap()
+            .octets(),
+    );
+    v2.extend_from_slice(&[0x1f, 0x90, 0x01, 0xbb]);
+    let (status, body) = get_with_prefix(listen, &v2).unwrap();
+    assert_eq!((status, body.as_str()), (200, "2001:db8::7:8080"));
+    // A header split across writes.
+    let mut s = TcpStream::connect(listen).unwrap();
+    s.write_all(b"PROXY TCP4 198.51.1").unwrap();
+    thread::sleep(Duration::from_millis(100));
+    s.write_all(b"00.9 10.0.0.1 4000 443\r\nGET / HTTP/1.0\r\n\r\n")
+        .unwrap();
+    s.set_read_timeout(Some(Duration::from_secs(5))).unwrap();
+    let mut raw = Vec::new();
+    s.read_to_end(&mut raw).unwrap();
+    assert_eq!(parse_http_response(&raw).unwrap().1, "198.51.100.9:4000");
+    // LOCAL (a health check of the balancer): the connection's own address is used.
+    let mut s = TcpStream::connect(listen).unwrap();
+    let port = s.local_addr().unwrap().port();
+    s.write_all(b"\r\n\r\n\0\r\nQUIT\n\x20\x00\x00\x00GET / HTTP/1.0\r\n\r\n")
+        .unwrap();
+    let mut raw = Vec::new();
+    s.read_to_end(&mut raw).unwrap();
+    assert_eq!(
+        parse_http_response(&raw).unwrap().1,
+        format!("127.0.0.1:{port}")
+    );
+
+    // Bad input from a trusted source: closed, counted, never forwarded.
+    for (bad, reason) in [
+        (&b"GET / HTTP/1.0\r\n\r\n"[..], "proxy_missing"),
+        (b"PROXY TCP4 1.2.3.4 5.6.7.8 99999 1\r\n", "proxy_invalid"),
+        (b"\r\n\r\n\0\r\nQUIT\n\x31", "proxy_invalid"),
+    ] {
+        let before = rejected(&d, "lb", reason);
+        let mut s = TcpStream::connect(listen).unwrap();
+        s.write_all(bad).unwrap();
+        assert!(closed_within(&mut s, Duration::from_secs(3)), "{bad:?}");
+        eventually(Duration::from_secs(3), reason, || {
+            rejected(&d, "lb", reason) > before
+        });
+    }
+    // Truncated, then silent: closed at the handshake timeout.
+    let mut s = TcpStream::connect(listen).unwrap();
+    s.write_all(b"PROXY TCP4 1.2.3.4").unwrap();
+    let t = Instant::now();
+    assert!(closed_within(&mut s, Duration::from_secs(5)));
+    let waited = t.elapsed();
+    assert!(
+        waited >= Duration::from_millis(500) && waited < Duration::from_secs(3),
+        "{waited:?}"
+    );
+    eventually(Duration::from_secs(3), "proxy_timeout counted", || {
+        rejected(&d, "lb", "proxy_timeout") >= 1
+    });
+}
+
+#[test]
+fn proxy_header_from_untrusted_source_is_refused() {
+    let backend = TcpBackend::start("b");
+    let listen = free_addr();
+    let d = Daemon::start(&static_listener(
+        "lb",
+        listen,
+        "accept_proxy = true\ntrusted_proxies = [\"10.0.0.0/8\", \"fd00::/8\"]",
+        backend.addr(),
+        "",
+    ));
+    for prefix in [&b"PROXY TCP4 1.2.3.4 5.6.7.8 1 2\r\n"[..], b""] {
+        let mut s = TcpStream::connect(listen).unwrap();
+        s.write_all(prefix).unwrap();
+        assert!(closed_within(&mut s, Duration::from_secs(3)));
+    }
+    eventually(Duration::from_secs(3), "untrusted counted", || {
+        rejected(&d, "lb", "proxy_untrusted") >= 2
+    });
+    assert_eq!(backend.connections(), 0, "nothing reached the task");
+}
+
+// ---------------------------------------------------------------------------------------------
+// limits
+
+#[test]
+fn max_connections_closes_the_excess_and_recovers() {
+    let backend = TcpBackend::start("b");
+    let listen = free_addr();
+    let d = Daemon::start(&static_listener(
+        "lim",
+        listen,
+        "max_connections = 2",
+        backend.addr(),
+        "",
+    ));
+    let a = connect_and_greet(listen).unwrap().0;
+    let _b = connect_and_greet(listen).unwrap().0;
+    let mut c = TcpStream::connect(listen).unwrap();
+    assert!(
+        closed_within(&mut c, Duration::from_secs(3)),
+        "third closed"
+    );
+    assert_eq!(rejected(&d, "lim", "max_connections"), 1);
+    drop(a);
+    eventually(Duration::from_secs(5), "a slot to free up", || {
+        connect_and_greet(listen).is_ok()
+    });
+}
+
+#[test]
+fn max_connections_per_ip_uses_the_proxy_protocol_address() {
+    let backend = TcpBackend::start("b");
+    let listen = free_addr();
+    let d = Daemon::start(&static_listener(
+        "perip",
+        listen,
+        "accept_proxy = true\ntrusted_proxies = [\"127.0.0.1\"]\nmax_connections_per_ip = 1",
+        backend.addr(),
+        "",
+    ));
+    let open = |ip: &str| -> io::Result<(TcpStream, String)> {
+        let mut s = TcpStream::connect(listen)?;
+        s.write_all(format!("PROXY TCP4 {ip} 10.0.0.1 1000 80\r\n").as_bytes())?;
+        s.set_read_timeout(Some(Duration::from_secs(3)))?;
+        let mut line = [0u8; 2];
+        s.read_exact(&mut line)?;
+        Ok((s, String::from_utf8_lossy(&line).into()))
+    };
+    let _one = open("192.0.2.1").unwrap();
+    let _two = open("192.0.2.2").unwrap(); // another client behind the same balancer
+    assert!(
+        open("192.0.2.1").is_err(),
+        "a second from the same client is closed"
+    );
+    assert_eq!(rejected(&d, "perip", "max_connections_per_ip"), 1);
+}
+
+#[test]
+fn http_listener_over_its_limit_answers_503_with_retry_after() {
+    let nginx = support::nginx::Nginx::start("h");
+    let listen = free_addr();
+    let d = Daemon::start(&format!(
+        r#"
+[discovery]
+backend = "static"
+[[listener]]
+name = "web"
+listen = "{listen}"
+protocol = "http"
+service = "web"
+max_connections = 1
+[[task]]
+service = "web"
+addr = "{}"
+"#,
+        nginx.addr()
+    ));
+    // Hold one keep-alive connection open.
+    let mut held = TcpStream::connect(listen).unwrap();
+    held.write_all(b"GET / HTTP/1.1\r\nHost: a\r\n\r\n")
+        .unwrap();
+    held.set_read_timeout(Some(Duration::from_secs(5))).unwrap();
+    let mut buf = [0u8; 256];
+    assert!(held.read(&mut buf).unwrap() > 0);
+    let mut s = TcpStream::connect(listen).unwrap();
+    s.set_read_timeout(Some(Duration::from_secs(5))).unwrap();
+    s.write_all(b"GET / HTTP/1.1\r\nHost: a\r\n\r\n").unwrap();
+    let mut raw = Vec::new();
+    let _ = s.read_to_end(&mut raw);
+    let text = String::from_utf8_lossy(&raw);
+    assert!(text.starts_with("HTTP/1.1 503"), "{text}");
+    assert!(text.contains("Retry-After: 1"), "{text}");
+    assert_eq!(rejected(&d, "web", "max_connections"), 1);
+    drop(held);
+    eventually(Duration::from_secs(5), "200 after the slot frees", || {
+        support::try_http_get(listen, "/").is_ok_and(|(s, _)| s == 200)
+    });
+}
+
+// ---------------------------------------------------------------------------------------------
+// fd exhaustion
+
+fn open_fds(pid: u32) -> usize {
+    fs::read_dir(format!("/proc/{pid}/fd"))
+        .map(|d| d.count())
+        .unwrap_or(0)
+}
+
+/// utime + stime of `pid` in clock ticks.
+fn cpu_ticks(pid: u32) -> u64 {
+    let stat = fs::read_to_string(format!("/proc/{pid}/stat")).unwrap_or_default();
+    let rest = stat.rsplit_once(')').map(|(_, r)| r).unwrap_or_default();
+    let f: Vec<&str> = rest.split_whitespace().collect();
+    // Fields after ')': state(0) ... utime(11) stime(12)
+    f.get(11).and_then(|v| v.parse::<u64>().ok()).unwrap_or(0)
+        + f.get(12).and_then(|v| v.parse::<u64>().ok()).unwrap_or(0)
+}
+
+#[test]
+fn fd_exhaustion_backs_off_without_spinning_and_recovers() {
+    let backend = TcpBackend::start("b");
+    let listen = free_addr();
+    let d = Daemon::start(&static_listener("fd", listen, "", backend.addr(), ""));
+    assert!(connect_and_greet(listen).is_ok());
+    let pid = d.pid();
+    // Room for a few connections only (each costs two descriptors).
+    let limit = open_fds(pid) + 6;
+    let out = Command::new("prlimit")
+        .arg(format!("--pid={pid}"))
+        .arg(format!("--nofile={limit}:{limit}"))
+        .output()
+        .expect("prlimit (util-linux)");
+    assert!(out.status.success(), "{out:?}");
+
+    let mut held = Vec::new();
+    for _ in 0..12 {
+        if let Ok(s) = TcpStream::connect_timeout(&listen, Duration::from_secs(2)) {
+            held.push(s); // the kernel completes the handshake; accept may fail
+        }
+    }
+    d.wait_for_log("accept failed", Duration::from_secs(10));
+    // While out of descriptors the loop backs off: little CPU over two seconds.
+    let before = cpu_ticks(pid);
+    thread::sleep(Duration::from_secs(2));
+    let spent = cpu_ticks(pid) - before;
+    assert!(spent < 50, "accept loop spun: {spent} ticks in 2 s");
+
+    drop(held);
+    eventually(Duration::from_secs(10), "accepting again", || {
+        connect_and_greet(listen).is_ok()
+    });
+    assert!(http_get(d.admin(), "/healthz").0 == 200);
+}
