@@ -306,8 +306,10 @@ fn sigterm_finishes_in_flight_http_requests_and_closes_idle_ones() {
     d.wait_ready();
     // An idle keep-alive connection that has been served once.
     let mut idle = std::net::TcpStream::connect(listen).unwrap();
-    idle.set_read_timeout(Some(Duration::from_secs(15))).unwrap();
-    idle.write_all(b"GET /a HTTP/1.1\r\nHost: x\r\n\r\n").unwrap();
+    idle.set_read_timeout(Some(Duration::from_secs(15)))
+        .unwrap();
+    idle.write_all(b"GET /a HTTP/1.1\r\nHost: x\r\n\r\n")
+        .unwrap();
     let mut buf = [0u8; 256];
     let n = idle.read(&mut buf).unwrap();
     assert!(String::from_utf8_lossy(&buf[..n]).starts_with("HTTP/1.1 200"));
@@ -318,11 +320,19 @@ fn sigterm_finishes_in_flight_http_requests_and_closes_idle_ones() {
     let status = d.terminate();
     assert!(status.success(), "{status:?}");
     let (code, body) = in_flight.join().unwrap();
-    assert_eq!((code, body.trim()), (200, "slow"), "the in-flight request finished");
+    assert_eq!(
+        (code, body.trim()),
+        (200, "slow"),
+        "the in-flight request finished"
+    );
     assert!(
         started.elapsed() < Duration::from_secs(10),
         "idle keep-alive connections did not hold the drain: {:?}",
         started.elapsed()
     );
-    assert_eq!(idle.read(&mut buf).unwrap_or(0), 0, "idle connection closed");
+    assert_eq!(
+        idle.read(&mut buf).unwrap_or(0),
+        0,
+        "idle connection closed"
+    );
 }
