@@ -15,6 +15,9 @@ use super::etcd::{Backoff, DiscoveryError, Members};
 use super::keys::{NodeRecord, TaskRecord, node_alive_key, node_info_key, task_key};
 use crate::config::{NodeName, TaskConfig};
 
+/// Operations per etcd transaction (etcd's default limit is 128).
+const MAX_TXN_OPS: usize = 100;
+
 /// What this node registers.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct Registration {
@@ -211,8 +214,11 @@ async fn write(
             }
         }
     }
-    tokio::time::timeout(bound, client.txn(Txn::new().and_then(ops)))
-        .await
-        .map_err(|_| DiscoveryError::Timeout(bound))??;
+    // etcd refuses transactions over --max-txn-ops (128 by default): write in chunks.
+    for chunk in ops.chunks(MAX_TXN_OPS) {
+        tokio::time::timeout(bound, client.txn(Txn::new().and_then(chunk.to_vec())))
+            .await
+            .map_err(|_| DiscoveryError::Timeout(bound))??;
+    }
     Ok(())
 }
