@@ -346,6 +346,7 @@ pub async fn run(
                     prefix: config.discovery.prefix.clone(),
                     ttl: config.discovery.node_ttl,
                     dial_timeout: config.discovery.dial_timeout,
+                    security: config.discovery.security.clone(),
                 },
                 registration_rx,
                 lease_stop.clone(),

@@ -453,3 +453,169 @@ fn fd_exhaustion_backs_off_without_spinning_and_recovers() {
     });
     assert!(http_get(d.admin(), "/healthz").0 == 200);
 }
+
+// ---------------------------------------------------------------------------------------------
+// etcd TLS and auth
+
+use support::etcd_secure::{SecureEtcd, Security};
+use support::{cli, hello, output_text};
+
+fn metric(d: &Daemon, name: &str) -> Option<f64> {
+    let (_, text) = d.admin_get("/metrics");
+    text.lines()
+        .find_map(|l| l.strip_prefix(&format!("{name} ")))
+        .and_then(|v| v.trim().parse().ok())
+}
+
+#[test]
+fn etcd_with_client_certificate_auth() {
+    let etcd = SecureEtcd::start(Security::Mtls);
+    let (cert, key) = etcd.pki.issue("daemon", "routemesh", &[]);
+    let ca = etcd.pki.ca();
+    let backend = TcpBackend::start("b");
+    etcd.put(
+        "/routemesh/tasks/web/t1",
+        &format!(r#"{{"addr":"{}"}}"#, backend.addr()),
+    );
+    let listen = free_addr();
+    let conf = |tls: &str| {
+        format!(
+            r#"
+[node]
+name = "edge-mtls"
+[discovery]
+endpoints = ["{}"]
+tls = {tls}
+[[listener]]
+listen = "{listen}"
+service = "web"
+"#,
+            etcd.endpoint()
+        )
+    };
+    let mut d = Daemon::start(&conf(&format!(
+        r#"{{ ca = "{}", cert = "{}", key = "{}" }}"#,
+        ca.display(),
+        cert.display(),
+        key.display()
+    )));
+    d.wait_ready();
+    eventually(
+        Duration::from_secs(10),
+        "routed from etcd over mTLS",
+        || hello(listen).is_ok_and(|n| n == "b"),
+    );
+    // The lease keeper writes over the same TLS connection options.
+    eventually(Duration::from_secs(10), "node registered", || {
+        etcd.try_ctl(&["get", "/routemesh/nodes/edge-mtls/alive"], None)
+            .is_ok_and(|o| o.contains("edge-mtls"))
+    });
+    // The CLI takes TLS from -c.
+    let out = cli(&["service", "ls", "-c", d.config_path().to_str().unwrap()]);
+    assert!(out.status.success(), "{}", output_text(&out));
+    assert!(String::from_utf8_lossy(&out.stdout).contains("web"));
+    d.terminate();
+
+    // Without a client certificate the server refuses us: never ready, nothing served.
+    let listen2 = free_addr();
+    let d2 = Daemon::start(
+        &conf(&format!(r#"{{ ca = "{}" }}"#, ca.display()))
+            .replace(&listen.to_string(), &listen2.to_string()),
+    );
+    thread::sleep(Duration::from_secs(3));
+    assert_eq!(d2.ready_status(), 503);
+    assert!(hello(listen2).is_err());
+}
+
+#[test]
+fn etcd_auth_token_expiry_and_bad_credentials_never_drop_routes() {
+    let etcd = SecureEtcd::start(Security::Auth {
+        token_ttl_secs: 2,
+        user: "rm".into(),
+        password: "pw1".into(),
+        prefix: "/routemesh".into(),
+    });
+    let secrets = tempdir("edge-secret");
+    let pw = secrets.path().join("etcd-password");
+    fs::write(&pw, "pw1\n").unwrap();
+    let (b1, b2) = (TcpBackend::start("b1"), TcpBackend::start("b2"));
+    etcd.put(
+        "/routemesh/tasks/web/t1",
+        &format!(r#"{{"addr":"{}"}}"#, b1.addr()),
+    );
+    let listen = free_addr();
+    let mut d = Daemon::start(&format!(
+        r#"
+[node]
+name = "edge-auth"
+[discovery]
+endpoints = ["{}"]
+username = "rm"
+password_file = "{}"
+resync_interval = "1s"
+[[listener]]
+listen = "{listen}"
+service = "web"
+"#,
+        etcd.endpoint(),
+        pw.display()
+    ));
+    d.wait_ready();
+    eventually(Duration::from_secs(10), "t1 routed", || {
+        hello(listen).is_ok_and(|n| n == "b1")
+    });
+    // Tokens expire every 2 s; re-lists every second authenticate again.
+    thread::sleep(Duration::from_secs(5));
+    etcd.put(
+        "/routemesh/tasks/web/t2",
+        &format!(r#"{{"addr":"{}"}}"#, b2.addr()),
+    );
+    eventually(
+        Duration::from_secs(10),
+        "t2 routed after token expiries",
+        || hello(listen).is_ok_and(|n| n == "b2"),
+    );
+    assert_eq!(metric(&d, "routemesh_discovery_up"), Some(1.0));
+    eventually(
+        Duration::from_secs(10),
+        "node registered under auth",
+        || {
+            etcd.try_ctl(&["get", "/routemesh/nodes/edge-auth/alive"], None)
+                .is_ok_and(|o| o.contains("edge-auth"))
+        },
+    );
+
+    // The password changes under the daemon: its tokens are invalidated and it cannot log in.
+    etcd.try_ctl(
+        &["user", "passwd", "rm", "--interactive=false"],
+        Some(b"pw2\n"),
+    )
+    .unwrap();
+    eventually(
+        Duration::from_secs(15),
+        "discovery down on bad credentials",
+        || metric(&d, "routemesh_discovery_up") == Some(0.0),
+    );
+    // Routes stay: both tasks keep serving over several failed re-lists.
+    for _ in 0..3 {
+        thread::sleep(Duration::from_secs(1));
+        let routes = d.routes().to_string();
+        assert!(routes.contains("t1") && routes.contains("t2"), "{routes}");
+        let seen: Vec<String> = (0..4).filter_map(|_| hello(listen).ok()).collect();
+        assert!(
+            seen.contains(&"b1".into()) && seen.contains(&"b2".into()),
+            "{seen:?}"
+        );
+    }
+    assert_eq!(d.ready_status(), 200);
+    // The new password lands in the file: the next reconnect reads it.
+    fs::write(&pw, "pw2\n").unwrap();
+    eventually(Duration::from_secs(15), "discovery back up", || {
+        metric(&d, "routemesh_discovery_up") == Some(1.0)
+    });
+    etcd.ctl(&["del", "/routemesh/tasks/web/t1"]);
+    eventually(Duration::from_secs(10), "t1 removed after recovery", || {
+        !d.routes().to_string().contains("\"t1\"")
+    });
+    d.terminate();
+}

@@ -36,6 +36,8 @@ const TIMEOUT: Duration = Duration::from_secs(5);
 
 struct Target {
     endpoints: Vec<String>,
+    /// `[discovery] tls` and credentials of the `-c` config file.
+    security: config::EtcdSecurity,
     prefix: String,
     json: bool,
 }
@@ -78,6 +80,10 @@ fn target(args: &ClusterArgs) -> Result<Target, CliError> {
         )));
     }
     Ok(Target {
+        security: file
+            .as_ref()
+            .map(|c| c.discovery.security.clone())
+            .unwrap_or_default(),
         endpoints,
         prefix,
         json: args.json,
@@ -140,7 +146,7 @@ fn unreachable(t: &Target, e: impl std::fmt::Display) -> CliError {
 }
 
 async fn client(t: &Target) -> Result<Client, CliError> {
-    connect(&t.endpoints, Duration::from_secs(2))
+    connect(&t.endpoints, Duration::from_secs(2), &t.security)
         .await
         .map_err(|e| unreachable(t, e))
 }

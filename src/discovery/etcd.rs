@@ -15,7 +15,7 @@ use tokio_util::sync::CancellationToken;
 use super::Publisher;
 use super::keys::watch_prefix;
 use super::table::Update;
-use crate::config::{DiscoveryConfig, ServiceName, ServiceSettings};
+use crate::config::{DiscoveryConfig, EtcdSecurity, ServiceName, ServiceSettings};
 
 /// Why a discovery round ended.
 #[derive(Debug, thiserror::Error)]
@@ -30,6 +30,8 @@ pub enum DiscoveryError {
     Compacted(i64),
     #[error("watch stream closed")]
     Closed,
+    #[error("etcd credentials: {0}")]
+    Credentials(String),
 }
 
 /// Connection options shared by the daemon and the CLI.
@@ -44,10 +46,17 @@ pub fn connect_options(dial_timeout: Duration) -> ConnectOptions {
 }
 
 /// Connects to one member, checking that it answers (the client itself connects lazily).
-async fn connect_one(endpoint: &str, dial_timeout: Duration) -> Result<Client, DiscoveryError> {
+async fn connect_one(
+    endpoint: &str,
+    dial_timeout: Duration,
+    security: &EtcdSecurity,
+) -> Result<Client, DiscoveryError> {
     let bound = dial_timeout * 2;
+    // TLS files and the password are read at each connect (rotation needs no restart).
+    let options = super::security::apply(connect_options(dial_timeout), security)
+        .map_err(DiscoveryError::Credentials)?;
     let attempt = async {
-        let mut c = Client::connect([endpoint], Some(connect_options(dial_timeout))).await?;
+        let mut c = Client::connect([endpoint], Some(options)).await?;
         c.status().await?;
         Ok::<_, etcd_client::Error>(c)
     };
@@ -64,6 +73,7 @@ async fn connect_one(endpoint: &str, dial_timeout: Duration) -> Result<Client, D
 pub struct Members {
     endpoints: Vec<String>,
     next: usize,
+    security: EtcdSecurity,
 }
 
 impl Members {
@@ -71,7 +81,14 @@ impl Members {
         Members {
             endpoints: endpoints.to_vec(),
             next: 0,
+            security: EtcdSecurity::default(),
         }
+    }
+
+    /// TLS and credentials for every member (`[discovery] tls`, `username`).
+    pub fn with_security(mut self, security: EtcdSecurity) -> Members {
+        self.security = security;
+        self
     }
 
     /// The first member, from the rotation point on, that answers.
@@ -79,7 +96,7 @@ impl Members {
         let mut last = DiscoveryError::Closed;
         for _ in 0..self.endpoints.len() {
             let ep = &self.endpoints[self.next % self.endpoints.len()];
-            match connect_one(ep, dial_timeout).await {
+            match connect_one(ep, dial_timeout, &self.security).await {
                 Ok(c) => return Ok(c),
                 Err(e) => {
                     tracing::debug!(endpoint = %ep, error = %e, "etcd member unreachable; trying the next");
@@ -101,8 +118,12 @@ impl Members {
 pub async fn connect(
     endpoints: &[String],
     dial_timeout: Duration,
+    security: &EtcdSecurity,
 ) -> Result<Client, DiscoveryError> {
-    Members::new(endpoints).connect(dial_timeout).await
+    Members::new(endpoints)
+        .with_security(security.clone())
+        .connect(dial_timeout)
+        .await
 }
 
 /// Runs until `shutdown`: keeps `publisher`'s table in step with etcd.
@@ -113,7 +134,7 @@ pub async fn run(
     shutdown: CancellationToken,
 ) {
     let mut backoff = Backoff::new();
-    let mut members = Members::new(&cfg.endpoints);
+    let mut members = Members::new(&cfg.endpoints).with_security(cfg.security.clone());
     let mut client: Option<Client> = None;
     loop {
         let round = async {

@@ -6,6 +6,7 @@
 pub mod etcd;
 pub mod keys;
 pub mod node;
+pub mod security;
 pub mod static_;
 pub mod table;
 

@@ -33,6 +33,8 @@ pub struct LeaseSettings {
     pub prefix: String,
     pub ttl: Duration,
     pub dial_timeout: Duration,
+    /// TLS and credentials (`[discovery] tls`, `username`).
+    pub security: crate::config::EtcdSecurity,
 }
 
 /// Runs until `shutdown`, then revokes the lease (bounded by the dial timeout).
@@ -42,7 +44,7 @@ pub async fn run(
     shutdown: CancellationToken,
 ) {
     let mut backoff = Backoff::with_max((settings.ttl / 4).max(Duration::from_millis(200)));
-    let mut members = Members::new(&settings.endpoints);
+    let mut members = Members::new(&settings.endpoints).with_security(settings.security.clone());
     let mut client: Option<Client> = None;
     let mut lease: Option<i64> = None;
     loop {

@@ -8,6 +8,7 @@
 pub mod backend;
 pub mod daemon;
 pub mod etcd;
+pub mod etcd_secure;
 pub mod lab;
 pub mod mosquitto;
 pub mod nginx;
