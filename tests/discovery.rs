@@ -288,3 +288,23 @@ fn losing_one_member_of_three_does_not_interrupt_discovery() {
         });
     }
 }
+
+#[test]
+fn a_node_with_more_tasks_than_one_etcd_transaction_registers_them_all() {
+    let etcd = Etcd::start();
+    let listen = free_addr();
+    let tasks: String = (0..150)
+        .map(|i| {
+            format!(
+                "[[task]]\nservice = \"many\"\naddr = \"127.0.0.1:{}\"\nid = \"t{i}\"\n",
+                20000 + i
+            )
+        })
+        .collect();
+    let mut d = Daemon::start(&etcd_config("n1", &[etcd.endpoint()], listen, &tasks));
+    d.wait_ready();
+    eventually(WAIT, "150 tasks registered", || {
+        etcd.get_prefix(&format!("{P}/tasks/many/")).len() == 150
+    });
+    eventually(WAIT, "and routed", || task_ids(&d, "many").len() == 150);
+}
