@@ -6,6 +6,7 @@ mod support;
 use std::fs;
 use std::io::{self, Read, Write};
 use std::net::{SocketAddr, TcpStream};
+use std::path::Path;
 use std::process::{Child, Command, Stdio};
 use std::thread;
 use std::time::{Duration, Instant};
@@ -618,4 +619,282 @@ service = "web"
         !d.routes().to_string().contains("\"t1\"")
     });
     d.terminate();
+}
+
+// ---------------------------------------------------------------------------------------------
+// TLS passthrough by SNI
+
+/// `openssl s_server -www` with one certificate, on a free port.
+struct TlsServer {
+    addr: SocketAddr,
+    child: Child,
+}
+
+impl TlsServer {
+    fn start(cert: &Path, key: &Path) -> TlsServer {
+        let addr = free_addr();
+        let child = Command::new("openssl")
+            .args(["s_server", "-quiet", "-www", "-accept"])
+            .arg(addr.to_string())
+            .arg("-cert")
+            .arg(cert)
+            .arg("-key")
+            .arg(key)
+            .stdin(Stdio::piped()) // s_server exits when stdin closes
+            .stdout(Stdio::null())
+            .stderr(Stdio::null())
+            .spawn()
+            .expect("openssl s_server");
+        eventually(Duration::from_secs(10), "s_server to listen", || {
+            TcpStream::connect(addr).is_ok()
+        });
+        TlsServer { addr, child }
+    }
+}
+
+impl Drop for TlsServer {
+    fn drop(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+}
+
+/// `curl https://NAME:PORT/` resolved to `addr`, verifying against `ca`; Ok(body).
+fn curl_tls(addr: SocketAddr, name: &str, ca: &Path) -> Result<String, String> {
+    let mut cmd = Command::new("curl");
+    cmd.args(["-sS", "--max-time", "5", "--cacert"])
+        .arg(ca)
+        .arg("--resolve")
+        .arg(format!("{name}:{}:127.0.0.1", addr.port()))
+        .arg(format!("https://{name}:{}/", addr.port()));
+    let out = support::util::run_bounded(&mut cmd, None, Duration::from_secs(10))
+        .map_err(|e| e.to_string())?;
+    if out.status.success() {
+        Ok(String::from_utf8_lossy(&out.stdout).into_owned())
+    } else {
+        Err(String::from_utf8_lossy(&out.stderr).into_owned())
+    }
+}
+
+#[test]
+fn tls_passthrough_routes_by_sni_and_refuses_bad_client_hellos() {
+    let pki = support::etcd_secure::Pki::new();
+    let (ca_cert, ca_key) = pki.issue("mqtt", "mqtt.example.com", &["DNS:mqtt.example.com"]);
+    let (cb_cert, cb_key) = pki.issue("wild", "*.example.org", &["DNS:*.example.org"]);
+    let a = TlsServer::start(&ca_cert, &ca_key);
+    let b = TlsServer::start(&cb_cert, &cb_key);
+    let listen = free_addr();
+    let d = Daemon::start(&format!(
+        r#"
+[discovery]
+backend = "static"
+[[listener]]
+name = "tls"
+listen = "{listen}"
+protocol = "tls"
+service = "b"
+handshake_timeout = "700ms"
+max_client_hello_bytes = 1024
+  [[listener.route]]
+  sni = "mqtt.example.com"
+  service = "a"
+  [[listener.route]]
+  sni = "*.example.org"
+  service = "b"
+[[task]]
+service = "a"
+addr = "{}"
+[[task]]
+service = "b"
+addr = "{}"
+"#,
+        a.addr, b.addr
+    ));
+    // The task does the handshake: each name gets the certificate that matches it.
+    let ca = pki.ca();
+    let body = curl_tls(listen, "mqtt.example.com", &ca).unwrap();
+    assert!(body.contains("Ciphers"), "{body}");
+    curl_tls(listen, "x.example.org", &ca).unwrap();
+    // An unknown name goes to the default service (b), whose certificate does not match.
+    let err = curl_tls(listen, "other.example.com", &ca).unwrap_err();
+    assert!(err.contains("certificate") || err.contains("SSL"), "{err}");
+
+    let reasons = [
+        (&b"GET / HTTP/1.1\r\nHost: a\r\n\r\n"[..], "tls_not_tls"),
+        (
+            b"\x16\x03\x01\x00\x05\x02\x00\x00\x01\x00",
+            "tls_bad_client_hello",
+        ),
+        (b"\x16\x03\x01\x00\x00", "tls_bad_client_hello"),
+        // A handshake record declaring 2000 bytes with max_client_hello_bytes = 1024.
+        (
+            b"\x16\x03\x01\x07\xd0\x01\x00\x07\xcc",
+            "tls_client_hello_too_large",
+        ),
+    ];
+    for (bad, reason) in reasons {
+        let before = rejected(&d, "tls", reason);
+        let mut s = TcpStream::connect(listen).unwrap();
+        s.write_all(bad).unwrap();
+        assert!(closed_within(&mut s, Duration::from_secs(3)), "{reason}");
+        eventually(Duration::from_secs(3), reason, || {
+            rejected(&d, "tls", reason) > before
+        });
+    }
+    // Silent, and truncated then silent: closed at the handshake timeout.
+    for prefix in [&b""[..], b"\x16\x03\x01\x01\x00\x01\x00\x00\xfc\x03\x03"] {
+        let mut s = TcpStream::connect(listen).unwrap();
+        s.write_all(prefix).unwrap();
+        let t = Instant::now();
+        assert!(closed_within(&mut s, Duration::from_secs(5)));
+        assert!(
+            t.elapsed() >= Duration::from_millis(500),
+            "{:?}",
+            t.elapsed()
+        );
+    }
+    assert!(rejected(&d, "tls", "tls_timeout") >= 2);
+    // Still serving after all that.
+    curl_tls(listen, "mqtt.example.com", &ca).unwrap();
+}
+
+// ---------------------------------------------------------------------------------------------
+// non-root and the admin listener
+
+#[test]
+fn admin_is_read_only() {
+    let d = Daemon::start("[discovery]\nbackend = \"static\"\n");
+    for method in ["POST", "PUT", "DELETE", "PATCH"] {
+        let (status, _) =
+            support::http_request(d.admin(), method, "/routes", &[], Some(b"{}")).unwrap();
+        assert_eq!(status, 405, "{method}");
+    }
+    assert_eq!(d.admin_get("/routes").0, 200);
+}
+
+/// A free port below 1024 on 127.0.0.1.
+fn free_low_port() -> u16 {
+    (600..1024)
+        .find(|p| std::net::TcpListener::bind(("127.0.0.1", *p)).is_ok())
+        .expect("a free port below 1024")
+}
+
+#[test]
+fn runs_as_nobody_with_only_cap_net_bind_service() {
+    assert!(
+        is_root(),
+        "this test drops privileges and must start as root (CI runs as root)"
+    );
+    let setpriv = support::util::require_binary("setpriv", "apt-get install -y util-linux");
+    let backend = TcpBackend::start("b");
+    let dir = tempdir("edge-nonroot");
+    use std::os::unix::fs::PermissionsExt;
+    fs::set_permissions(dir.path(), fs::Permissions::from_mode(0o755)).unwrap();
+    let low = free_low_port();
+    let admin = free_addr();
+    let conf = dir.path().join("routemesh.toml");
+    fs::write(
+        &conf,
+        format!(
+            r#"
+[admin]
+listen = "{admin}"
+[discovery]
+backend = "static"
+[[listener]]
+listen = "127.0.0.1:{low}"
+service = "web"
+[[task]]
+service = "web"
+addr = "{}"
+"#,
+            backend.addr()
+        ),
+    )
+    .unwrap();
+    fs::set_permissions(&conf, fs::Permissions::from_mode(0o644)).unwrap();
+    let spawn = |caps: bool| {
+        let mut cmd = Command::new(&setpriv);
+        cmd.args(["--reuid=nobody", "--regid=nogroup", "--clear-groups"]);
+        if caps {
+            cmd.args([
+                "--inh-caps=-all,+net_bind_service",
+                "--ambient-caps=-all,+net_bind_service",
+                "--bounding-set=-all,+net_bind_service",
+            ]);
+        } else {
+            cmd.args(["--inh-caps=-all", "--bounding-set=-all"]);
+        }
+        cmd.arg(support::bin())
+            .args(["run", "-c"])
+            .arg(&conf)
+            .env("RUST_LOG", "info")
+            .stdin(Stdio::null())
+            .stdout(Stdio::null())
+            .stderr(Stdio::piped())
+            .spawn()
+            .expect("setpriv")
+    };
+
+    // Without the capability the low port cannot be bound: a clear error, exit non-zero.
+    let mut denied = spawn(false);
+    let deadline = Instant::now() + Duration::from_secs(15);
+    let status = loop {
+        if let Some(s) = denied.try_wait().unwrap() {
+            break s;
+        }
+        assert!(
+            Instant::now() < deadline,
+            "daemon without the capability kept running"
+        );
+        thread::sleep(Duration::from_millis(50));
+    };
+    let mut err = String::new();
+    denied
+        .stderr
+        .take()
+        .unwrap()
+        .read_to_string(&mut err)
+        .unwrap();
+    assert!(!status.success());
+    assert!(
+        err.contains("cannot bind") && err.contains(&low.to_string()),
+        "{err}"
+    );
+
+    // With only CAP_NET_BIND_SERVICE it binds and serves.
+    /// Stops the daemon even when an assertion fails.
+    struct Stop(Child);
+    impl Drop for Stop {
+        fn drop(&mut self) {
+            let _ = support::util::send_signal(self.0.id(), libc::SIGTERM);
+            let _ = self.0.wait();
+        }
+    }
+    let child = Stop(spawn(true));
+    let pid = child.0.id();
+    {
+        eventually(Duration::from_secs(15), "healthz as nobody", || {
+            support::try_http_get(admin, "/healthz").is_ok_and(|(s, _)| s == 200)
+        });
+        let name = hello(SocketAddr::from(([127, 0, 0, 1], low))).unwrap();
+        assert_eq!(name, "b");
+        let status = fs::read_to_string(format!("/proc/{pid}/status")).unwrap();
+        let field = |k: &str| {
+            status
+                .lines()
+                .find(|l| l.starts_with(k))
+                .map(|l| l[k.len()..].trim().to_string())
+                .unwrap_or_default()
+        };
+        let nobody = "65534";
+        assert!(
+            field("Uid:").split_whitespace().all(|u| u == nobody),
+            "{status}"
+        );
+        // CAP_NET_BIND_SERVICE is bit 10 and the only one left.
+        assert_eq!(field("CapEff:"), "0000000000000400", "{status}");
+        assert_eq!(field("CapBnd:"), "0000000000000400", "{status}");
+    }
+    drop(child);
 }
