@@ -130,7 +130,7 @@ impl Listeners {
             }
             socket
         });
-        tracing::info!(listener = %cfg.name, addr = %cfg.listen, protocol = cfg.protocol.as_str(), service = %cfg.service, "listening");
+        tracing::info!(listener = %cfg.name, addr = %cfg.listen, protocol = cfg.protocol.as_str(), service = cfg.service.as_ref().map(|s| s.as_str()).unwrap_or("-"), "listening");
         self.running.insert(
             cfg.listen,
             RunningListener {
@@ -212,7 +212,13 @@ fn node_record(config: &Config, started: u64) -> NodeRecord {
                 name: l.name.clone(),
                 port: l.listen.port(),
                 protocol: l.protocol.as_str().to_string(),
-                service: l.service.to_string(),
+                // The default service; "" for an http/tls listener without one (DNS SRV
+                // answers `_SERVICE._tcp` from this field, so such listeners get none).
+                service: l
+                    .service
+                    .as_ref()
+                    .map(|s| s.to_string())
+                    .unwrap_or_default(),
             })
             .collect(),
     }
@@ -234,7 +240,9 @@ fn served_of(config: &Config) -> Arc<std::collections::BTreeSet<ServiceName>> {
             .listeners
             .iter()
             .flat_map(|l| {
-                std::iter::once(l.service.clone())
+                l.service
+                    .iter()
+                    .cloned()
                     .chain(l.routes.iter().map(|r| r.service.clone()))
                     .chain(l.edge.sni_routes.iter().map(|r| r.service.clone()))
             })

@@ -113,8 +113,10 @@ pub struct ListenerConfig {
     pub name: String,
     pub listen: SocketAddr,
     pub protocol: Protocol,
-    /// The default route.
-    pub service: ServiceName,
+    /// The default route: where connections (tcp), requests no route matches (http) and
+    /// names no SNI route matches (tls) go. Required for tcp listeners; without it an http
+    /// listener answers 404 and a tls listener closes the connection.
+    pub service: Option<ServiceName>,
     /// HTTP routes, first match wins (http listeners only).
     pub routes: Vec<RouteConfig>,
     /// PROXY protocol, connection limits, TLS (edge.rs).
@@ -789,15 +791,17 @@ fn validate(path: &Path, raw: RawConfig, issues: &mut Issues) -> Config {
                 None
             }
         };
+        // Optional on http and tls listeners (no default route: 404 or close).
         let service = match &l.service {
-            Some(v) => name(issues, v, "listener.service", ServiceName::new),
-            None => {
+            Some(v) => name(issues, v, "listener.service", ServiceName::new).map(Some),
+            None if protocol == Protocol::Tcp => {
                 issues.at(
                     l_span.clone(),
                     "[[listener]] needs `service`: the service its connections go to",
                 );
                 None
             }
+            None => Some(None),
         };
         let mut routes = Vec::new();
         for r in &l.route {
@@ -1293,6 +1297,18 @@ id = "mqtt-1"
         )
         .unwrap_err();
         assert!(err.to_string().contains("two listeners bind"), "{err}");
+    }
+
+    #[test]
+    fn default_service_is_optional_on_http_and_tls_listeners() {
+        let c = parse(
+            "[[listener]]\nlisten=\"127.0.0.1:80\"\nprotocol=\"http\"\n[[listener.route]]\nhost=\"a.example.com\"\nservice=\"a\"\n[[listener]]\nlisten=\"127.0.0.1:443\"\nprotocol=\"tls\"\n[[listener.route]]\nsni=\"a.example.com\"\nservice=\"a\"\n",
+        )
+        .unwrap_or_else(|e| panic!("{e}"));
+        assert_eq!(c.listeners[0].service, None);
+        assert_eq!(c.listeners[1].service, None);
+        let err = parse("[[listener]]\nlisten=\"127.0.0.1:80\"\nprotocol=\"tcp\"\n").unwrap_err();
+        assert!(err.to_string().contains("needs `service`"), "{err}");
     }
 
     #[test]

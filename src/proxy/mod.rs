@@ -25,8 +25,9 @@ use crate::snapshot::SharedSnapshot;
 pub struct ListenerCtx {
     /// Metric label and log field.
     pub name: String,
-    /// The service its connections go to.
-    pub service: ServiceName,
+    /// The default service: every connection of a tcp listener, unrouted requests of an http
+    /// listener, unrouted names of a tls listener. `None` (http and tls only): 404 / close.
+    pub service: Option<ServiceName>,
     pub snapshot: SharedSnapshot,
     pub metrics: Arc<Metrics>,
     /// HTTP listeners: routes, first match wins (the default route is `service`).
@@ -39,4 +40,12 @@ pub struct ListenerCtx {
     pub edge: crate::config::ListenerEdge,
     /// Cancelled when the daemon starts draining (HTTP: graceful connection shutdown).
     pub drain: tokio_util::sync::CancellationToken,
+}
+
+impl ListenerCtx {
+    /// The `service` metric label of the listener's connections: the default service, or
+    /// "" when there is none (as for requests no route matched).
+    pub fn service_label(&self) -> &str {
+        self.service.as_ref().map(|s| s.as_str()).unwrap_or("")
+    }
 }

@@ -31,8 +31,12 @@ static BAD_CONNECT_LOG: LogLimiter = LogLimiter::new(1000);
 
 /// Handles one downstream connection on a tcp listener.
 pub async fn handle(ctx: Arc<ListenerCtx>, client: TcpStream, peer: SocketAddr) {
+    // tcp listeners always have a service (config); tls listeners hand over routed names only.
+    let Some(name) = ctx.service.clone() else {
+        return;
+    };
     upstream::set_keepalive(&client);
-    let labels = [ctx.name.as_str(), ctx.service.as_str()];
+    let labels = [ctx.name.as_str(), name.as_str()];
     ctx.metrics
         .connections_total
         .with_label_values(&labels)
@@ -42,7 +46,7 @@ pub async fn handle(ctx: Arc<ListenerCtx>, client: TcpStream, peer: SocketAddr) 
     let _active = scopeguard(move || active.dec());
 
     // Load the snapshot, keep only the service, drop the guard before any await.
-    let service = ctx.snapshot.load().service(&ctx.service);
+    let service = ctx.snapshot.load().service(&name);
     let send_proxy = service.as_ref().and_then(|s| s.settings.send_proxy);
     let mut first = Vec::new();
     let up = match service {
@@ -55,10 +59,10 @@ pub async fn handle(ctx: Arc<ListenerCtx>, client: TcpStream, peer: SocketAddr) 
         None => {
             ctx.metrics
                 .no_live_task_total
-                .with_label_values(&[ctx.service.as_str()])
+                .with_label_values(&[name.as_str()])
                 .inc();
             Err(ConnectError::NoLiveTask {
-                service: ctx.service.to_string(),
+                service: name.to_string(),
             })
         }
     };
@@ -72,14 +76,14 @@ pub async fn handle(ctx: Arc<ListenerCtx>, client: TcpStream, peer: SocketAddr) 
         }
     };
     tracing::debug!(listener = %ctx.name, client = %peer, task = %up.task.id, "connected");
-    let rx =
-        ctx.metrics
-            .bytes_total
-            .with_label_values(&[ctx.name.as_str(), ctx.service.as_str(), "rx"]);
-    let tx =
-        ctx.metrics
-            .bytes_total
-            .with_label_values(&[ctx.name.as_str(), ctx.service.as_str(), "tx"]);
+    let rx = ctx
+        .metrics
+        .bytes_total
+        .with_label_values(&[ctx.name.as_str(), name.as_str(), "rx"]);
+    let tx = ctx
+        .metrics
+        .bytes_total
+        .with_label_values(&[ctx.name.as_str(), name.as_str(), "tx"]);
     if let Some(version) = send_proxy {
         // `peer` is the client (from an accepted PROXY header too); the destination is the
         // address the client reached on this node.

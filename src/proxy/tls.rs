@@ -2,8 +2,9 @@
 //! is read with MSG_PEEK (bounded by `handshake_timeout` and `max_client_hello_bytes`),
 //! parsed by `client_hello.rs`, and the connection is handed to the TCP proxy with the
 //! service its SNI routes to; the bytes go to the task untouched and the task does the
-//! handshake. Garbage, a truncated or oversized ClientHello, an unroutable name or a silent
-//! client close the connection, counted in `routemesh_rejected_connections_total`.
+//! handshake. Garbage, a truncated or oversized ClientHello, a name no route matches on a
+//! listener without a default `service` (or no name at all there) or a silent client close
+//! the connection, counted in `routemesh_rejected_connections_total`.
 
 use std::net::SocketAddr;
 use std::sync::Arc;
@@ -33,7 +34,7 @@ impl SniRouter {
             .iter()
             .map(|r| {
                 let ctx = ListenerCtx {
-                    service: r.service.clone(),
+                    service: Some(r.service.clone()),
                     ..(*base).clone()
                 };
                 (r.sni.clone(), Arc::new(ctx))
@@ -42,15 +43,16 @@ impl SniRouter {
         Arc::new(SniRouter { base, routes })
     }
 
-    /// The context for `sni`: the first route that matches, else the listener's default.
-    pub fn route(&self, sni: Option<&str>) -> &Arc<ListenerCtx> {
+    /// The context for `sni`: the first route that matches, else the listener's default;
+    /// `None` when nothing matches and there is no default service.
+    pub fn route(&self, sni: Option<&str>) -> Option<&Arc<ListenerCtx>> {
         sni.and_then(|name| {
             self.routes
                 .iter()
                 .find(|(pattern, _)| host_matches(pattern, name))
                 .map(|(_, ctx)| ctx)
         })
-        .unwrap_or(&self.base)
+        .or(self.base.service.as_ref().map(|_| &self.base))
     }
 
     fn reject(&self, peer: SocketAddr, reason: &'static str) {
@@ -73,8 +75,11 @@ pub async fn passthrough(router: Arc<SniRouter>, client: TcpStream, peer: Socket
         Ok(sni) => sni,
         Err(reason) => return router.reject(peer, reason),
     };
-    let ctx = router.route(sni.as_deref()).clone();
-    tracing::debug!(listener = %ctx.name, client = %peer, sni = sni.as_deref().unwrap_or("-"), service = %ctx.service, "TLS routed by SNI");
+    let Some(ctx) = router.route(sni.as_deref()).cloned() else {
+        // No route for this name (or no name) and no default service.
+        return router.reject(peer, "tls_no_route");
+    };
+    tracing::debug!(listener = %ctx.name, client = %peer, sni = sni.as_deref().unwrap_or("-"), service = ctx.service_label(), "TLS routed by SNI");
     super::tcp::handle(ctx, client, peer).await
 }
 

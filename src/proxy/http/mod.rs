@@ -70,7 +70,7 @@ struct Conn {
 /// Handles one downstream connection on an http listener.
 pub async fn handle(ctx: Arc<ListenerCtx>, mut client: TcpStream, peer: SocketAddr) {
     upstream::set_keepalive(&client);
-    let labels = [ctx.name.as_str(), ctx.service.as_str()];
+    let labels = [ctx.name.as_str(), ctx.service_label()];
     ctx.metrics
         .connections_total
         .with_label_values(&labels)
@@ -200,9 +200,9 @@ async fn proxy(conn: Arc<Conn>, req: Request<Incoming>) -> Response<Body> {
     let host = host_raw.as_deref().and_then(route::normalize_host);
 
     let routed = if refused.is_some() {
-        Some(ctx.service.clone())
+        ctx.service.clone()
     } else {
-        route::route(&ctx.routes, Some(&ctx.service), host.as_deref(), &path).cloned()
+        route::route(&ctx.routes, ctx.service.as_ref(), host.as_deref(), &path).cloned()
     };
     let service_label = routed
         .as_ref()
