@@ -39,6 +39,14 @@ pub enum AppError {
         #[source]
         source: std::io::Error,
     },
+    /// A certificate of a TLS-terminating listener could not be loaded (it changed on disk
+    /// after the config was validated).
+    #[error("listener {listener}: {source}")]
+    Tls {
+        listener: String,
+        #[source]
+        source: crate::config::edge::CertError,
+    },
 }
 
 /// Requests from main.rs to the running app.
@@ -54,6 +62,8 @@ struct RunningListener {
     config: ListenerConfig,
     stop: CancellationToken,
     handle: JoinHandle<TcpListener>,
+    /// http listeners with `tls`: its certificates are replaced on every reload.
+    tls: Option<Arc<proxy::tls::Terminator>>,
 }
 
 struct Listeners {
@@ -67,8 +77,16 @@ struct Listeners {
 }
 
 impl Listeners {
-    fn spawn(&mut self, cfg: ListenerConfig, socket: TcpListener, config: &Config) {
+    /// `certs`: the loaded certificates of an http listener with `tls`.
+    fn spawn(
+        &mut self,
+        cfg: ListenerConfig,
+        socket: TcpListener,
+        config: &Config,
+        certs: Option<proxy::tls::LoadedCerts>,
+    ) {
         let stop = CancellationToken::new();
+        let tls = certs.map(proxy::tls::Terminator::new);
         let ctx = Arc::new(ListenerCtx {
             name: cfg.name.clone(),
             service: cfg.service.clone(),
@@ -85,15 +103,17 @@ impl Listeners {
             &cfg.name,
             &cfg.edge,
             self.metrics.clone(),
-            cfg.protocol == Protocol::Http,
+            // Over the limit, a plain-text http listener answers 503; a TLS one just closes.
+            cfg.protocol == Protocol::Http && tls.is_none(),
         );
         let conns = self.conns.clone();
         let name = cfg.name.clone();
         let protocol = cfg.protocol;
         let stop2 = stop.clone();
+        let terminator = tls.clone();
         let handle = tokio::spawn(async move {
-            match protocol {
-                Protocol::Tcp => {
+            match (protocol, terminator) {
+                (Protocol::Tcp, _) => {
                     listener::accept_loop(name, &socket, stop2, conns, move |s, peer| {
                         let (ctx, admission) = (ctx.clone(), admission.clone());
                         async move {
@@ -104,7 +124,18 @@ impl Listeners {
                     })
                     .await
                 }
-                Protocol::Http => {
+                (Protocol::Http, Some(term)) => {
+                    listener::accept_loop(name, &socket, stop2, conns, move |s, peer| {
+                        let (ctx, admission, term) = (ctx.clone(), admission.clone(), term.clone());
+                        async move {
+                            if let Some((s, peer, _permit)) = admission.admit(s, peer).await {
+                                proxy::tls::terminate(ctx, term, s, peer).await
+                            }
+                        }
+                    })
+                    .await
+                }
+                (Protocol::Http, None) => {
                     listener::accept_loop(name, &socket, stop2, conns, move |s, peer| {
                         let (ctx, admission) = (ctx.clone(), admission.clone());
                         async move {
@@ -115,7 +146,7 @@ impl Listeners {
                     })
                     .await
                 }
-                Protocol::Tls => {
+                (Protocol::Tls, _) => {
                     let router = proxy::tls::SniRouter::new(ctx);
                     listener::accept_loop(name, &socket, stop2, conns, move |s, peer| {
                         let (router, admission) = (router.clone(), admission.clone());
@@ -137,15 +168,28 @@ impl Listeners {
                 config: cfg,
                 stop,
                 handle,
+                tls,
             },
         );
     }
 
     /// Makes the running set match `config`: unchanged listeners are left alone, changed ones
     /// get a new accept loop on the same socket, removed ones stop accepting (their open
-    /// connections run on), new ones are bound. Fails without changing anything when a new
-    /// port cannot be bound.
+    /// connections run on), new ones are bound. The certificates of TLS-terminating listeners
+    /// are read again every time, changed or not, so a reload picks up rotated files. Fails
+    /// without changing anything when a new port cannot be bound or a certificate loaded.
     async fn apply(&mut self, config: &Config) -> Result<(), AppError> {
+        let mut certs = BTreeMap::new();
+        for l in &config.listeners {
+            if l.protocol == Protocol::Http && !l.edge.tls.is_empty() {
+                let loaded =
+                    proxy::tls::load_certs(&l.edge.tls).map_err(|source| AppError::Tls {
+                        listener: l.name.clone(),
+                        source,
+                    })?;
+                certs.insert(l.listen, loaded);
+            }
+        }
         let mut fresh = Vec::new();
         for l in &config.listeners {
             if !self.running.contains_key(&l.listen) {
@@ -166,6 +210,11 @@ impl Listeners {
                 Some(w) => **w != self.running[&addr].config || self.needs_restart(config),
             };
             if !changed {
+                if let (Some(term), Some(loaded)) = (&self.running[&addr].tls, certs.remove(&addr))
+                {
+                    term.replace(loaded);
+                    tracing::info!(listener = %self.running[&addr].config.name, "TLS certificates reloaded");
+                }
                 continue;
             }
             let r = self.running.remove(&addr).expect("key from the map");
@@ -175,12 +224,13 @@ impl Listeners {
                 Err(_) => continue,
             };
             match wanted.get(&addr) {
-                Some(w) => self.spawn((*w).clone(), socket, config),
+                Some(w) => self.spawn((*w).clone(), socket, config, certs.remove(&addr)),
                 None => tracing::info!(listener = %r.config.name, addr = %addr, "listener removed"),
             }
         }
         for (l, socket) in fresh {
-            self.spawn(l, socket, config);
+            let loaded = certs.remove(&l.listen);
+            self.spawn(l, socket, config, loaded);
         }
         self.http = config.http.clone();
         self.access_log = config.log.access;

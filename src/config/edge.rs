@@ -2,16 +2,25 @@
 //! listeners, SNI passthrough on tls listeners) and etcd TLS/auth. The raw serde shapes and
 //! their validation live here; `file.rs` and `mod.rs` only hold one field and one call each.
 //!
-//! Like the rest of `config`, this reads no certificate and opens no socket: paths are kept as
-//! given (relative ones resolved against the config file's directory) and loaded by the proxy
-//! and the etcd client, so a reload or a reconnect picks up rotated files.
+//! Paths are kept as given (relative ones resolved against the config file's directory) and
+//! read again by their users, so a reload or a reconnect picks up rotated files. The one
+//! exception to "config reads no files": the certificates of TLS-terminating listeners are
+//! loaded and checked (PEM, key matching the certificate) at validation by
+//! [`load_cert_pair`], so `routemesh check` and a reload refuse a bad file with its position;
+//! the proxy loads them through the same function. Opens no socket.
 
 use std::fmt;
 use std::net::IpAddr;
 use std::path::{Path, PathBuf};
+use std::sync::Arc;
 use std::time::Duration;
 
 use serde::{Deserialize, Serialize};
+
+use tokio_rustls::rustls;
+use tokio_rustls::rustls::pki_types::pem::PemObject;
+use tokio_rustls::rustls::pki_types::{CertificateDer, PrivateKeyDer};
+use tokio_rustls::rustls::sign::CertifiedKey;
 
 use super::error::Issues;
 use super::file::{RawDiscovery, RawListener, S};
@@ -101,6 +110,57 @@ pub struct CertConfig {
     pub sni: Option<String>,
     pub cert: PathBuf,
     pub key: PathBuf,
+}
+
+/// Why a certificate pair cannot be used, and which of the two files is at fault.
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+pub enum CertError {
+    #[error("certificate {path}: {why}")]
+    Cert { path: String, why: String },
+    #[error("private key {path}: {why}")]
+    Key { path: String, why: String },
+}
+
+/// The crypto provider of TLS termination: rustls' `ring` (also what etcd-client uses).
+pub fn tls_provider() -> Arc<rustls::crypto::CryptoProvider> {
+    Arc::new(rustls::crypto::ring::default_provider())
+}
+
+/// Reads a PEM certificate chain (leaf first) and its PEM private key (PKCS#8, PKCS#1 or
+/// SEC1) and checks that the key belongs to the leaf certificate.
+pub fn load_cert_pair(cert: &Path, key: &Path) -> Result<CertifiedKey, CertError> {
+    let cert_err = |why: String| CertError::Cert {
+        path: cert.display().to_string(),
+        why,
+    };
+    let key_err = |why: String| CertError::Key {
+        path: key.display().to_string(),
+        why,
+    };
+    let cert_pem = std::fs::read(cert).map_err(|e| cert_err(format!("cannot read it: {e}")))?;
+    let chain = CertificateDer::pem_slice_iter(&cert_pem)
+        .collect::<Result<Vec<_>, _>>()
+        .map_err(|e| cert_err(format!("invalid PEM: {e}")))?;
+    if chain.is_empty() {
+        return Err(cert_err(
+            "no \"-----BEGIN CERTIFICATE-----\" block found".into(),
+        ));
+    }
+    let key_pem = std::fs::read(key).map_err(|e| key_err(format!("cannot read it: {e}")))?;
+    let der = PrivateKeyDer::from_pem_slice(&key_pem).map_err(|e| match e {
+        rustls::pki_types::pem::Error::NoItemsFound => key_err(
+            "no \"-----BEGIN PRIVATE KEY-----\" (or RSA / EC PRIVATE KEY) block found".into(),
+        ),
+        e => key_err(format!("invalid PEM: {e}")),
+    })?;
+    CertifiedKey::from_der(chain, der, &tls_provider()).map_err(|e| match e {
+        rustls::Error::InconsistentKeys(_) => key_err(format!(
+            "does not match the certificate {} (its public key differs)",
+            cert.display()
+        )),
+        rustls::Error::General(why) => key_err(format!("unusable key: {why}")),
+        e => cert_err(format!("unusable: {e}")),
+    })
 }
 
 /// A `[[listener.route]]` of a `protocol = "tls"` listener.
@@ -338,7 +398,7 @@ pub(crate) fn listener(
                 "`listener.tls` terminates TLS on protocol = \"http\" listeners; for SNI routing without terminating use protocol = \"tls\" and no `tls` key",
             );
         }
-        tls = listener_certs(issues, config_path, t);
+        tls = listener_certs(issues, config_path, t, protocol == Protocol::Http);
     }
 
     // SNI routes (tls listeners); `sni` anywhere else is an error.
@@ -418,10 +478,32 @@ pub(crate) fn listener(
     }
 }
 
+/// Reports why a certificate pair cannot be loaded, at the position of the file at fault.
+fn check_pair(
+    issues: &mut Issues,
+    c: &CertConfig,
+    cert_at: std::ops::Range<usize>,
+    key_at: std::ops::Range<usize>,
+    which: &str,
+) {
+    match load_cert_pair(&c.cert, &c.key) {
+        Ok(_) => {}
+        Err(e @ CertError::Cert { .. }) => issues.at(
+            cert_at,
+            format!("{which}: {e}; give a PEM certificate chain, leaf first"),
+        ),
+        Err(e @ CertError::Key { .. }) => issues.at(
+            key_at,
+            format!("{which}: {e}; give the PEM private key of the certificate"),
+        ),
+    }
+}
+
 fn listener_certs(
     issues: &mut Issues,
     config_path: &Path,
     t: &S<RawListenerTls>,
+    load: bool,
 ) -> Vec<CertConfig> {
     let raw = t.get_ref();
     let mut out = Vec::new();
@@ -430,12 +512,18 @@ fn listener_certs(
             span(t),
             "`listener.tls` needs `cert` and `key` (PEM files), or [[listener.tls.cert]] tables",
         ),
-        Some((_, toml::Value::String(cert))) => match &raw.key {
-            Some(key) => out.push(CertConfig {
-                sni: None,
-                cert: resolve(config_path, cert),
-                key: resolve(config_path, key.get_ref()),
-            }),
+        Some((c, toml::Value::String(cert))) => match &raw.key {
+            Some(key) => {
+                let entry = CertConfig {
+                    sni: None,
+                    cert: resolve(config_path, cert),
+                    key: resolve(config_path, key.get_ref()),
+                };
+                if load {
+                    check_pair(issues, &entry, span(c), span(key), "`listener.tls`");
+                }
+                out.push(entry);
+            }
             None => issues.at(
                 span(t),
                 "`listener.tls` needs `key`, the PEM private key of `cert`",
@@ -479,11 +567,16 @@ fn listener_certs(
                                 format!("[[listener.tls.cert]] #{}: every certificate after the first (the default) needs `sni`", i + 1),
                             );
                         }
-                        out.push(CertConfig {
+                        let entry = CertConfig {
                             sni,
                             cert: resolve(config_path, &cert),
                             key: resolve(config_path, &key),
-                        });
+                        };
+                        if load {
+                            let which = format!("[[listener.tls.cert]] #{}", i + 1);
+                            check_pair(issues, &entry, span(c), span(c), &which);
+                        }
+                        out.push(entry);
                     }
                     Ok(_) => issues.at(
                         span(c),
@@ -624,6 +717,23 @@ mod tests {
         parse(src).unwrap_err().to_string()
     }
 
+    /// A self-signed EC certificate for test.invalid (valid until 2126) and its key; test
+    /// fixtures only, never used outside these tests.
+    const TEST_CERT: &str = "-----BEGIN CERTIFICATE-----\nMIIBnTCCAUSgAwIBAgIUaT72GDKwN2PasKXwP6VOxDnnoCQwCgYIKoZIzj0EAwIw\nFzEVMBMGA1UEAwwMdGVzdC5pbnZhbGlkMCAXDTI2MTEyNzIxNTEwOFoYDzIxMjYx\nMTAzMjE1MTA4WjAXMRUwEwYDVQQDDAx0ZXN0LmludmFsaWQwWTATBgcqhkjOPQIB\nBggqhkjOPQMBBwNCAAQnHVw0H/UVZiREpi2Ypaz5OMXhFq7UEbqPM/7kTC5xGgCs\nVw2mHFyLulpWiN6uTSBPt4V0KQ5UX2PtxAmeIO9wo2wwajAdBgNVHQ4EFgQUb5a+\nr/nA80Ua/RJjfidWmfcpKLYwHwYDVR0jBBgwFoAUb5a+r/nA80Ua/RJjfidWmfcp\nKLYwDwYDVR0TAQH/BAUwAwEB/zAXBgNVHREEEDAOggx0ZXN0LmludmFsaWQwCgYI\nKoZIzj0EAwIDRwAwRAIgTH+rhhMwnfns8OfkcrSin4lNW51i0iSAIFMd8YlCp18C\nICFNNJufZY2kXcfDxlRScgJCYMiId4IdFn4kcGizvWZg\n-----END CERTIFICATE-----\n";
+    const TEST_KEY: &str = "-----BEGIN PRIVATE KEY-----\nMIGHAgEAMBMGByqGSM49AgEGCCqGSM49AwEHBG0wawIBAQQg7eGo3PXkmG8Pcl6t\n/kOkqqUREQpJb1y+n1EF/Sq1+MGhRANCAAQnHVw0H/UVZiREpi2Ypaz5OMXhFq7U\nEbqPM/7kTC5xGgCsVw2mHFyLulpWiN6uTSBPt4V0KQ5UX2PtxAmeIO9w\n-----END PRIVATE KEY-----\n";
+    /// A key of another certificate.
+    const OTHER_KEY: &str = "-----BEGIN PRIVATE KEY-----\nMIGHAgEAMBMGByqGSM49AgEGCCqGSM49AwEHBG0wawIBAQQg5jT8i5yeMP+goROM\n5xFbVKzhNWVv9UuoqdK7CyG6nIihRANCAARNd2VdSBZ4wT7BqVP2uAHMoUln3kKW\nmxjvS0w9AJUx2i8CVfPrWPtSsI5yDR3M1OtWLfaA3O0pYY7txQOT2rq0\n-----END PRIVATE KEY-----\n";
+
+    /// A temp dir with `NAME.pem` + `NAME-key.pem` (a matching pair) for each of `names`.
+    fn pem_dir(names: &[&str]) -> tempfile::TempDir {
+        let dir = tempfile::tempdir().unwrap();
+        for n in names {
+            std::fs::write(dir.path().join(format!("{n}.pem")), TEST_CERT).unwrap();
+            std::fs::write(dir.path().join(format!("{n}-key.pem")), TEST_KEY).unwrap();
+        }
+        dir
+    }
+
     #[test]
     fn cidr() {
         let c = Cidr::parse("10.0.0.0/8").unwrap();
@@ -661,7 +771,9 @@ mod tests {
 
     #[test]
     fn edge_keys_parse() {
-        let c = parse(
+        let dir = pem_dir(&["a", "b", "c"]);
+        let c = Config::parse(
+            &dir.path().join("t.toml"),
             r#"
 [discovery]
 endpoints = ["https://10.0.0.1:2379"]
@@ -710,12 +822,9 @@ send_proxy = "v2"
         assert_eq!(e.sni_routes[0].sni, "*.example.com");
         let t = &c.listeners[1].edge.tls;
         assert_eq!(t.len(), 2);
-        assert_eq!(t[0].cert, Path::new("/etc/routemesh/a.pem"));
+        assert_eq!(t[0].cert, dir.path().join("a.pem"));
         assert_eq!(t[1].sni.as_deref(), Some("b.example.com"));
-        assert_eq!(
-            c.listeners[2].edge.tls[0].key,
-            Path::new("/etc/routemesh/c-key.pem")
-        );
+        assert_eq!(c.listeners[2].edge.tls[0].key, dir.path().join("c-key.pem"));
         let s = c.service_settings(&ServiceName::new("mqtt").unwrap());
         assert_eq!(s.send_proxy, Some(ProxyVersion::V2));
         let sec = &c.discovery.security;
@@ -724,10 +833,7 @@ send_proxy = "v2"
             Some(Path::new("/abs/client.pem"))
         );
         let auth = sec.auth.as_ref().unwrap();
-        assert_eq!(
-            auth.password,
-            Password::File("/etc/routemesh/etcd-pass".into())
-        );
+        assert_eq!(auth.password, Password::File(dir.path().join("etcd-pass")));
         assert!(!format!("{:?}", Password::Inline("hunter2".into())).contains("hunter2"));
     }
 
@@ -802,6 +908,63 @@ send_proxy = "v2"
             "[[listener]]\nlisten = \"0.0.0.0:443\"\nprotocol = \"tls\"\nservice = \"w\"\n[[listener.route]]\nsni = \"a b\"\nservice = \"x\"\n",
         );
         assert!(text.contains("t.toml:6:7:"), "{text}");
+    }
+
+    #[test]
+    fn unusable_certificates_are_positioned() {
+        let dir = pem_dir(&["good"]);
+        let d = dir.path();
+        std::fs::write(d.join("other-key.pem"), OTHER_KEY).unwrap();
+        std::fs::write(d.join("garbage.pem"), "not a certificate\n").unwrap();
+        std::fs::write(
+            d.join("broken.pem"),
+            "-----BEGIN CERTIFICATE-----\n!!!!\n-----END CERTIFICATE-----\n",
+        )
+        .unwrap();
+        let run = |tls: &str| {
+            let src = format!(
+                "[[listener]]\nlisten = \"0.0.0.0:443\"\nprotocol = \"http\"\nservice = \"w\"\n{tls}"
+            );
+            match Config::parse(&d.join("t.toml"), &src) {
+                Ok(_) => String::new(),
+                Err(e) => e.to_string(),
+            }
+        };
+        assert_eq!(
+            run("tls = { cert = \"good.pem\", key = \"good-key.pem\" }\n"),
+            ""
+        );
+        // Missing certificate: at the cert value.
+        let text = run("tls = { cert = \"nope.pem\", key = \"good-key.pem\" }\n");
+        assert!(
+            text.contains("t.toml:5:16:") && text.contains("nope.pem: cannot read it"),
+            "{text}"
+        );
+        // Key of another certificate: at the key value.
+        let text = run("tls = { cert = \"good.pem\", key = \"other-key.pem\" }\n");
+        assert!(
+            text.contains("t.toml:5:34:") && text.contains("does not match the certificate"),
+            "{text}"
+        );
+        // No PEM block; a certificate given as the key; bad base64.
+        let text = run("tls = { cert = \"garbage.pem\", key = \"good-key.pem\" }\n");
+        assert!(
+            text.contains("no \"-----BEGIN CERTIFICATE-----\""),
+            "{text}"
+        );
+        let text = run("tls = { cert = \"good.pem\", key = \"good.pem\" }\n");
+        assert!(text.contains("PRIVATE KEY"), "{text}");
+        let text = run("tls = { cert = \"broken.pem\", key = \"good-key.pem\" }\n");
+        assert!(text.contains("invalid PEM"), "{text}");
+        // In [[listener.tls.cert]] tables: named by number.
+        let text = run(
+            "[[listener.tls.cert]]\ncert = \"good.pem\"\nkey = \"good-key.pem\"\n[[listener.tls.cert]]\nsni = \"b.example.com\"\ncert = \"good.pem\"\nkey = \"missing-key.pem\"\n",
+        );
+        assert!(
+            text.contains("[[listener.tls.cert]] #2: private key")
+                && text.contains("missing-key.pem"),
+            "{text}"
+        );
     }
 
     #[test]

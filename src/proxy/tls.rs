@@ -1,4 +1,15 @@
-//! TLS at the edge. `protocol = "tls"` listeners: passthrough routed by SNI. The ClientHello
+//! TLS at the edge.
+//!
+//! `protocol = "http"` listeners with `tls`: termination with rustls (ring provider, TLS 1.2
+//! and 1.3 only, ALPN h2 and http/1.1). The certificate is picked by SNI from the listener's
+//! list (first = default); a [`Terminator`] per listener keeps one rustls config whose
+//! certificates app.rs replaces on every reload, so SIGHUP picks up rotated files without
+//! touching open connections. A handshake that fails or does not finish within
+//! `handshake_timeout` closes the connection, counted in
+//! `routemesh_rejected_connections_total` (`tls_handshake_error`, `tls_timeout`); then the
+//! HTTP proxy serves the stream as it does plain TCP, with `X-Forwarded-Proto: https`.
+//!
+//! `protocol = "tls"` listeners: passthrough routed by SNI. The ClientHello
 //! is read with MSG_PEEK (bounded by `handshake_timeout` and `max_client_hello_bytes`),
 //! parsed by `client_hello.rs`, and the connection is handed to the TCP proxy with the
 //! service its SNI routes to; the bytes go to the task untouched and the task does the
@@ -10,12 +21,18 @@ use std::net::SocketAddr;
 use std::sync::Arc;
 use std::time::Duration;
 
+use arc_swap::ArcSwap;
 use tokio::net::TcpStream;
 use tokio::time::Instant;
+use tokio_rustls::TlsAcceptor;
+use tokio_rustls::rustls::server::{ClientHello, ResolvesServerCert};
+use tokio_rustls::rustls::sign::CertifiedKey;
+use tokio_rustls::rustls::{self, ServerConfig};
 
 use super::ListenerCtx;
 use super::client_hello::{self, Hello};
 use super::http::route::host_matches;
+use crate::config::edge::{CertConfig, CertError, load_cert_pair, tls_provider};
 use crate::ratelimit::LogLimiter;
 
 static REJECT_LOG: LogLimiter = LogLimiter::new(1000);
@@ -111,4 +128,119 @@ pub async fn peek_client_hello(
             Ok(Hello::NeedMore) => seen = n,
         }
     }
+}
+
+// ---------------------------------------------------------------------------------------------
+// Termination on http listeners with `tls`
+
+/// Certificates loaded from `[[listener.tls.cert]]` (or `tls = { cert, key }`), in config
+/// order: the SNI pattern (`None` for the single-cert form) and the key pair.
+pub type LoadedCerts = Vec<(Option<String>, Arc<CertifiedKey>)>;
+
+/// Reads every certificate pair of a listener; all or nothing.
+pub fn load_certs(certs: &[CertConfig]) -> Result<LoadedCerts, CertError> {
+    certs
+        .iter()
+        .map(|c| Ok((c.sni.clone(), Arc::new(load_cert_pair(&c.cert, &c.key)?))))
+        .collect()
+}
+
+/// Picks the certificate by the ClientHello's SNI: the first entry whose `sni` matches
+/// (exact or `*.suffix`), else the first entry (the default). Swapped whole on reload, so a
+/// handshake sees either the old set or the new one.
+#[derive(Debug)]
+struct CertStore {
+    certs: ArcSwap<LoadedCerts>,
+}
+
+impl ResolvesServerCert for CertStore {
+    fn resolve(&self, hello: ClientHello<'_>) -> Option<Arc<CertifiedKey>> {
+        let certs = self.certs.load();
+        let name = hello
+            .server_name()
+            .map(|n| n.trim_end_matches('.').to_ascii_lowercase());
+        name.and_then(|n| {
+            certs
+                .iter()
+                .find(|(p, _)| p.as_deref().is_some_and(|p| host_matches(p, &n)))
+        })
+        .or(certs.first())
+        .map(|(_, k)| k.clone())
+    }
+}
+
+/// The TLS side of a terminating http listener: one rustls config (TLS 1.2 and 1.3, ALPN h2
+/// and http/1.1, ring) whose certificates can be replaced while connections run.
+pub struct Terminator {
+    acceptor: TlsAcceptor,
+    store: Arc<CertStore>,
+}
+
+impl Terminator {
+    pub fn new(certs: LoadedCerts) -> Arc<Terminator> {
+        let store = Arc::new(CertStore {
+            certs: ArcSwap::from_pointee(certs),
+        });
+        let mut config = ServerConfig::builder_with_provider(tls_provider())
+            .with_protocol_versions(&[&rustls::version::TLS13, &rustls::version::TLS12])
+            .expect("the ring provider has TLS 1.2 and 1.3 suites")
+            .with_no_client_auth()
+            .with_cert_resolver(store.clone());
+        config.alpn_protocols = vec![b"h2".to_vec(), b"http/1.1".to_vec()];
+        Arc::new(Terminator {
+            acceptor: TlsAcceptor::from(Arc::new(config)),
+            store,
+        })
+    }
+
+    /// New certificates for new handshakes; open connections keep their session.
+    pub fn replace(&self, certs: LoadedCerts) {
+        self.store.certs.store(Arc::new(certs));
+    }
+}
+
+fn count_reject(
+    ctx: &ListenerCtx,
+    peer: SocketAddr,
+    reason: &'static str,
+    error: &dyn std::fmt::Display,
+) {
+    ctx.metrics
+        .rejected_connections_total
+        .with_label_values(&[ctx.name.as_str(), reason])
+        .inc();
+    if let Some(suppressed) = REJECT_LOG.allow() {
+        tracing::warn!(listener = %ctx.name, client = %peer, reason, %error, suppressed, "closing connection: TLS handshake failed");
+    }
+}
+
+/// Handles one connection of an http listener with `tls`: the handshake within
+/// `handshake_timeout`, then HTTP/1.1 or HTTP/2 (ALPN) over it.
+pub async fn terminate(
+    ctx: Arc<ListenerCtx>,
+    term: Arc<Terminator>,
+    client: TcpStream,
+    peer: SocketAddr,
+) {
+    super::upstream::set_keepalive(&client);
+    let handshake = term.acceptor.accept(client);
+    let bounded = tokio::select! {
+        r = tokio::time::timeout(ctx.edge.handshake_timeout, handshake) => r,
+        // Draining: no request has started on this connection yet.
+        _ = ctx.drain.cancelled() => return,
+    };
+    let stream = match bounded {
+        Err(_) => {
+            let t = ctx.edge.handshake_timeout;
+            return count_reject(
+                &ctx,
+                peer,
+                "tls_timeout",
+                &format_args!("no handshake within {t:?}"),
+            );
+        }
+        Ok(Err(e)) => return count_reject(&ctx, peer, "tls_handshake_error", &e),
+        Ok(Ok(s)) => s,
+    };
+    super::http::serve(ctx, stream, peer, true).await
 }

@@ -13,7 +13,8 @@
 //! retried once on a fresh connection when a reused connection closed before any response
 //! byte. A request that may have reached a task is otherwise never sent twice.
 //!
-//! Does not own routing state, balancing or config; TLS is the edge issue's.
+//! Does not own routing state, balancing or config; TLS termination is `../tls.rs`, which
+//! hands its decrypted stream to [`serve`].
 
 mod body;
 mod errors;
@@ -37,7 +38,7 @@ use hyper::server::conn::{http1, http2};
 use hyper::service::service_fn;
 use hyper::{Method, Request, Response, StatusCode, Uri, Version};
 use hyper_util::rt::{TokioExecutor, TokioIo, TokioTimer};
-use tokio::io::AsyncReadExt;
+use tokio::io::{AsyncRead, AsyncReadExt, AsyncWrite};
 use tokio::net::TcpStream;
 use tokio::time::Instant;
 
@@ -64,12 +65,23 @@ struct Conn {
     ctx: Arc<ListenerCtx>,
     peer: SocketAddr,
     h2: bool,
+    /// Arrived over TLS terminated here: forwarded headers say `https`.
+    tls: bool,
     shared: Arc<ConnShared>,
 }
 
-/// Handles one downstream connection on an http listener.
-pub async fn handle(ctx: Arc<ListenerCtx>, mut client: TcpStream, peer: SocketAddr) {
+/// Handles one plain-TCP downstream connection on an http listener.
+pub async fn handle(ctx: Arc<ListenerCtx>, client: TcpStream, peer: SocketAddr) {
     upstream::set_keepalive(&client);
+    serve(ctx, client, peer, false).await
+}
+
+/// Serves HTTP/1.1 or HTTP/2 (prior knowledge, or ALPN h2 over TLS: both start with the
+/// preface) on `client`, a TCP stream or a TLS stream after its handshake (`tls`).
+pub async fn serve<IO>(ctx: Arc<ListenerCtx>, mut client: IO, peer: SocketAddr, tls: bool)
+where
+    IO: AsyncRead + AsyncWrite + Unpin + Send + 'static,
+{
     let labels = [ctx.name.as_str(), ctx.service_label()];
     ctx.metrics
         .connections_total
@@ -90,7 +102,12 @@ pub async fn handle(ctx: Arc<ListenerCtx>, mut client: TcpStream, peer: SocketAd
         if !H2_PREFACE.starts_with(&initial) {
             break false;
         }
-        match tokio::time::timeout_at(deadline, client.read_buf(&mut initial)).await {
+        let read = tokio::select! {
+            r = tokio::time::timeout_at(deadline, client.read_buf(&mut initial)) => r,
+            // Draining: a connection that has not sent a byte has nothing to finish.
+            _ = ctx.drain.cancelled(), if initial.is_empty() => return,
+        };
+        match read {
             // Out of time: the gate answers 408, or closes when nothing came.
             Err(_) => break false,
             Ok(Ok(0)) | Ok(Err(_)) => return,
@@ -103,6 +120,7 @@ pub async fn handle(ctx: Arc<ListenerCtx>, mut client: TcpStream, peer: SocketAd
         ctx: ctx.clone(),
         peer,
         h2,
+        tls,
         shared: shared.clone(),
     });
     let service = service_fn(move |req| {
@@ -337,7 +355,7 @@ async fn forward(
         &mut parts.headers,
         &Forwarding {
             peer: conn.peer,
-            proto: "http",
+            proto: if conn.tls { "https" } else { "http" },
             host: host_raw.as_deref(),
             version: downstream_version,
         },
