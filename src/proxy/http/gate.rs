@@ -235,15 +235,13 @@ impl<IO> Gate<IO> {
 impl<IO: AsyncRead + Unpin> Gate<IO> {
     /// Reads more client bytes into `buf`.
     fn fill(&mut self, cx: &mut Context<'_>) -> Poll<io::Result<usize>> {
-        // Zeroed rather than uninitialized spare room: the crate forbids `unsafe`.
-        let len = self.buf.len();
-        self.buf.resize(len + READ_CHUNK, 0);
-        let mut rb = ReadBuf::new(&mut self.buf[len..]);
-        let r = Pin::new(&mut self.io).poll_read(cx, &mut rb);
-        let n = rb.filled().len();
-        self.buf.truncate(len + n);
-        match r {
-            Poll::Ready(Ok(())) => {
+        // Read into the buffer's spare capacity (tokio-util handles the uninitialized part,
+        // so nothing is zeroed per read).
+        if self.buf.capacity() - self.buf.len() < READ_CHUNK / 4 {
+            self.buf.reserve(READ_CHUNK);
+        }
+        match tokio_util::io::poll_read_buf(Pin::new(&mut self.io), cx, &mut self.buf) {
+            Poll::Ready(Ok(n)) => {
                 if n == 0 {
                     self.eof = true;
                 }
