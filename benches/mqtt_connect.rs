@@ -1,0 +1,687 @@
+//! New MQTT connections per second through routemesh vs HAProxy 2.6, both hashing the MQTT
+//! client identifier over the same three real mosquitto brokers (issue 7, "Speed").
+//!
+//! Starts three mosquitto brokers on free loopback ports, then for each thread count (1, then
+//! 2): routemesh (`[runtime] worker_threads = N`, a tcp listener for service `mqtt` with
+//! `balance = "maglev"`, `hash_key = "mqtt_client_id"`, the brokers as static `[[task]]`s) and
+//! HAProxy (`nbthread N`, `mode tcp`, `tcp-request inspect-delay 5s`, `tcp-request content
+//! reject unless { req.payload(0,0),mqtt_is_valid }`, the client id taken with
+//! `req.payload(0,0),mqtt_field_value(connect,client_identifier)` into a variable, `balance
+//! hash var(sess.mqtt_cid)`, `hash-type consistent`). Why the variable: HAProxy 2.6.12 accepts
+//! `balance hash req.payload(0,0),mqtt_field_value(connect,client_identifier)` but then finds
+//! no key at balance time and falls back to round robin (a second CONNECT with the same id
+//! reaches another broker); through a variable set by the frontend rule the hash sticks.
+//!
+//! The load generator is this process: `clients × N` threads, each looping for a round: open a
+//! TCP connection, send an MQTT 3.1.1 CONNECT (clean session, a client id never used before),
+//! read the CONNACK (return code 0 expected), send DISCONNECT, wait for the close. Rounds
+//! alternate between direct-to-broker (the baseline: client i talks to broker i mod 3),
+//! routemesh and HAProxy. Per target it prints medians over the rounds of connections/s, the
+//! p50/p99 of connect → CONNACK latency, the proxy's CPU (utime+stime of the process, all
+//! threads, from /proc) per connection and the error count, then the routemesh/HAProxy ratios.
+//! Before the rounds, a short affinity check per proxy (clean session off: a second CONNECT
+//! with the same id must find its session, i.e. reach the same broker) proves that both really
+//! hash on the client id instead of falling back to round robin.
+//!
+//! Everything runs on 127.0.0.1, is bounded in time, and every process it starts is stopped
+//! by PID when it ends (or panics).
+//!
+//! Run (release build; about two minutes with the defaults):
+//!     cargo bench --bench mqtt_connect
+//! Knobs (environment): MQTT_BENCH_SECS=5 (per round) MQTT_BENCH_ROUNDS=3
+//!     MQTT_BENCH_THREADS=1,2 MQTT_BENCH_CLIENTS=32 (client threads per proxy thread).
+//!     A quick check that everything works: MQTT_BENCH_SECS=1 MQTT_BENCH_ROUNDS=1
+
+#[path = "../tests/support/mod.rs"]
+mod support;
+
+use std::fmt::Write as _;
+use std::io::{self, Read, Write};
+use std::net::{SocketAddr, TcpStream};
+use std::path::{Path, PathBuf};
+use std::process::{Child, Command, Stdio};
+use std::thread;
+use std::time::{Duration, Instant};
+
+use support::Daemon;
+use support::mosquitto::mosquitto_bin;
+use support::util::{free_port, run_bounded, tempdir};
+
+const IO_TIMEOUT: Duration = Duration::from_secs(5);
+const START_TIMEOUT: Duration = Duration::from_secs(15);
+const BROKERS: usize = 3;
+
+struct Opts {
+    secs: u64,
+    rounds: usize,
+    threads: Vec<usize>,
+    clients_per_thread: usize,
+}
+
+fn env_or<T: std::str::FromStr>(name: &str, default: T) -> T {
+    match std::env::var(name) {
+        Ok(v) => v
+            .parse()
+            .unwrap_or_else(|_| panic!("{name}={v:?} is not a valid value")),
+        Err(_) => default,
+    }
+}
+
+impl Opts {
+    fn from_env() -> Opts {
+        let threads = std::env::var("MQTT_BENCH_THREADS").unwrap_or_else(|_| "1,2".into());
+        Opts {
+            secs: env_or("MQTT_BENCH_SECS", 5),
+            rounds: env_or("MQTT_BENCH_ROUNDS", 3),
+            threads: threads
+                .split(',')
+                .map(|t| {
+                    t.trim()
+                        .parse()
+                        .expect("MQTT_BENCH_THREADS: numbers like 1,2")
+                })
+                .collect(),
+            clients_per_thread: env_or("MQTT_BENCH_CLIENTS", 32),
+        }
+    }
+}
+
+fn loopback(port: u16) -> SocketAddr {
+    SocketAddr::from(([127, 0, 0, 1], port))
+}
+
+fn haproxy_bin() -> PathBuf {
+    let p = PathBuf::from("/usr/sbin/haproxy");
+    if p.exists() {
+        return p;
+    }
+    support::require_binary("haproxy", "`apt-get install -y haproxy` (Debian, 2.6)")
+}
+
+// ---------------------------------------------------------------------------------------------
+// Processes we start, stopped by PID on drop
+
+/// A child process (mosquitto, HAProxy) with its temp dir; SIGKILLed and reaped on drop.
+struct Proc {
+    name: String,
+    child: Child,
+    log: PathBuf,
+}
+
+impl Proc {
+    fn spawn(name: &str, cmd: &mut Command, log: PathBuf) -> Proc {
+        let file = std::fs::File::create(&log).expect("create log file");
+        let file2 = file.try_clone().expect("clone log handle");
+        let child = cmd
+            .stdin(Stdio::null())
+            .stdout(file)
+            .stderr(file2)
+            .spawn()
+            .unwrap_or_else(|e| panic!("cannot start {name}: {e}"));
+        Proc {
+            name: name.to_string(),
+            child,
+            log,
+        }
+    }
+
+    fn pid(&self) -> u32 {
+        self.child.id()
+    }
+
+    /// Waits until `addr` accepts connections; panics with the log if the process exits or
+    /// does not listen within [`START_TIMEOUT`].
+    fn wait_listening(&mut self, addr: SocketAddr) {
+        let deadline = Instant::now() + START_TIMEOUT;
+        while TcpStream::connect_timeout(&addr, Duration::from_millis(200)).is_err() {
+            if let Ok(Some(status)) = self.child.try_wait() {
+                panic!(
+                    "{} exited at start ({status}); log:\n{}",
+                    self.name,
+                    std::fs::read_to_string(&self.log).unwrap_or_default()
+                );
+            }
+            assert!(
+                Instant::now() < deadline,
+                "{} does not listen on {addr}",
+                self.name
+            );
+            thread::sleep(Duration::from_millis(20));
+        }
+    }
+}
+
+impl Drop for Proc {
+    fn drop(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+}
+
+fn start_broker(dir: &Path, i: usize) -> (Proc, SocketAddr) {
+    let port = free_port();
+    let conf = dir.join(format!("mosquitto-{i}.conf"));
+    // `user root`: as root, mosquitto would otherwise switch to a `mosquitto` user that may
+    // not exist here (no effect when not root). No log: the brokers are the same for every
+    // target, keep their per-connection work minimal.
+    std::fs::write(
+        &conf,
+        format!(
+            "listener {port} 127.0.0.1\nallow_anonymous true\npersistence false\nuser root\n\
+             log_dest none\n"
+        ),
+    )
+    .expect("write mosquitto.conf");
+    let mut cmd = Command::new(mosquitto_bin("mosquitto"));
+    cmd.arg("-c").arg(&conf);
+    let mut p = Proc::spawn(
+        &format!("mosquitto {i}"),
+        &mut cmd,
+        dir.join(format!("mosquitto-{i}.out")),
+    );
+    let addr = loopback(port);
+    p.wait_listening(addr);
+    (p, addr)
+}
+
+fn start_haproxy(dir: &Path, port: u16, brokers: &[SocketAddr], threads: usize) -> Proc {
+    let servers: String = brokers
+        .iter()
+        .enumerate()
+        .map(|(i, b)| format!("  server b{i} {b}\n"))
+        .collect();
+    let conf = format!(
+        "global\n  nbthread {threads}\n  maxconn 8000\n\n\
+         defaults\n  mode tcp\n  timeout connect 1s\n  timeout client 60s\n  timeout server 60s\n\n\
+         frontend fe_mqtt\n  bind 127.0.0.1:{port}\n  tcp-request inspect-delay 5s\n  \
+         tcp-request content reject unless {{ req.payload(0,0),mqtt_is_valid }}\n  \
+         tcp-request content set-var(sess.mqtt_cid) \
+         req.payload(0,0),mqtt_field_value(connect,client_identifier)\n  \
+         default_backend be_mqtt\n\n\
+         backend be_mqtt\n  balance hash var(sess.mqtt_cid)\n  hash-type consistent\n{servers}"
+    );
+    let path = dir.join(format!("haproxy-{threads}.cfg"));
+    std::fs::write(&path, conf).expect("write haproxy.cfg");
+    let mut check = Command::new(haproxy_bin());
+    check.arg("-c").arg("-f").arg(&path);
+    let out = run_bounded(&mut check, None, Duration::from_secs(20)).expect("haproxy -c");
+    assert!(
+        out.status.success(),
+        "haproxy rejects its config: {}{}",
+        String::from_utf8_lossy(&out.stdout),
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let mut cmd = Command::new(haproxy_bin());
+    cmd.arg("-db").arg("-f").arg(&path);
+    let mut p = Proc::spawn(
+        "haproxy",
+        &mut cmd,
+        dir.join(format!("haproxy-{threads}.log")),
+    );
+    p.wait_listening(loopback(port));
+    p
+}
+
+fn start_routemesh(port: u16, brokers: &[SocketAddr], threads: usize) -> Daemon {
+    let tasks: String = brokers
+        .iter()
+        .map(|b| format!("[[task]]\nservice = \"mqtt\"\naddr = \"{b}\"\n\n"))
+        .collect();
+    let toml = format!(
+        r#"
+[node]
+name = "bench"
+drain_timeout = "1s"
+
+[discovery]
+backend = "static"
+
+[[listener]]
+name = "mqtt"
+listen = "127.0.0.1:{port}"
+protocol = "tcp"
+service = "mqtt"
+
+[service.mqtt]
+balance = "maglev"
+hash_key = "mqtt_client_id"
+peek_timeout = "5s"
+connect_timeout = "1s"
+
+[service.mqtt.health]
+interval = "1h"
+
+{tasks}[log]
+level = "warn"
+
+[runtime]
+worker_threads = {threads}
+"#
+    );
+    let mut d = Daemon::start_with_env(&toml, &[("RUST_LOG", "warn")]);
+    d.wait_ready();
+    d
+}
+
+// ---------------------------------------------------------------------------------------------
+// /proc readings
+
+/// utime + stime of a process (all its threads), in seconds.
+fn cpu_secs(pid: u32) -> f64 {
+    let ticks = std::fs::read_to_string(format!("/proc/{pid}/stat"))
+        .ok()
+        .and_then(|stat| {
+            let rest = &stat[stat.rfind(')')? + 2..];
+            let f: Vec<&str> = rest.split_whitespace().collect();
+            // After "pid (comm) ": state ppid pgrp session tty tpgid flags minflt cminflt
+            // majflt cmajflt utime stime …
+            Some(f.get(11)?.parse::<u64>().ok()? + f.get(12)?.parse::<u64>().ok()?)
+        })
+        .unwrap_or(0);
+    ticks as f64 / clock_ticks()
+}
+
+fn clock_ticks() -> f64 {
+    static TICKS: std::sync::OnceLock<f64> = std::sync::OnceLock::new();
+    *TICKS.get_or_init(|| {
+        Command::new("getconf")
+            .arg("CLK_TCK")
+            .output()
+            .ok()
+            .and_then(|o| String::from_utf8_lossy(&o.stdout).trim().parse().ok())
+            .unwrap_or(100.0)
+    })
+}
+
+// ---------------------------------------------------------------------------------------------
+// A minimal MQTT 3.1.1 client
+
+/// CONNECT, protocol level 4, keep-alive 60, with `client_id` and the clean-session flag.
+fn connect_packet(client_id: &[u8], clean: bool) -> Vec<u8> {
+    let mut body = Vec::with_capacity(12 + client_id.len());
+    body.extend_from_slice(&[0, 4]);
+    body.extend_from_slice(b"MQTT");
+    body.extend_from_slice(&[4, if clean { 0x02 } else { 0x00 }, 0, 60]);
+    body.extend_from_slice(&(client_id.len() as u16).to_be_bytes());
+    body.extend_from_slice(client_id);
+    let mut out = vec![0x10];
+    let mut n = body.len();
+    loop {
+        let b = (n % 128) as u8;
+        n /= 128;
+        out.push(if n > 0 { b | 0x80 } else { b });
+        if n == 0 {
+            break;
+        }
+    }
+    out.extend_from_slice(&body);
+    out
+}
+
+/// One MQTT session: connect, CONNECT, CONNACK (return code 0), DISCONNECT, wait for the
+/// peer's close (the broker closes first, so no TIME_WAIT piles up on our side). Returns the
+/// connect → CONNACK latency and whether the broker had a session for this id.
+fn mqtt_session(addr: SocketAddr, client_id: &str, clean: bool) -> io::Result<(Duration, bool)> {
+    let t0 = Instant::now();
+    let mut s = TcpStream::connect_timeout(&addr, IO_TIMEOUT)?;
+    s.set_read_timeout(Some(IO_TIMEOUT))?;
+    s.set_write_timeout(Some(IO_TIMEOUT))?;
+    s.set_nodelay(true)?;
+    s.write_all(&connect_packet(client_id.as_bytes(), clean))?;
+    let mut ack = [0u8; 4];
+    s.read_exact(&mut ack)?;
+    let latency = t0.elapsed();
+    if ack[0] != 0x20 || ack[1] != 0x02 || ack[3] != 0 {
+        return Err(io::Error::other(format!("bad CONNACK {ack:02x?}")));
+    }
+    s.write_all(&[0xe0, 0x00])?;
+    let mut buf = [0u8; 64];
+    loop {
+        match s.read(&mut buf) {
+            Ok(0) => break,
+            Ok(_) => continue,
+            Err(e) if e.kind() == io::ErrorKind::ConnectionReset => break,
+            Err(e) => return Err(e),
+        }
+    }
+    Ok((latency, ack[2] & 1 == 1))
+}
+
+/// Through `proxy`, `n` client ids with clean session off, twice each: the second CONNECT must
+/// find the session the first one left, i.e. reach the same broker. Then asks each broker
+/// directly which one holds it (distribution), and clears every session it made.
+fn affinity_check(proxy: SocketAddr, brokers: &[SocketAddr], tag: &str, n: usize) -> String {
+    let mut sticky = 0;
+    let mut per_broker = vec![0usize; brokers.len()];
+    let mut errors = 0;
+    for i in 0..n {
+        let id = format!("aff-{tag}-{i}");
+        let first = mqtt_session(proxy, &id, false);
+        let second = mqtt_session(proxy, &id, false);
+        match (first, second) {
+            (Ok(_), Ok((_, true))) => sticky += 1,
+            (Ok(_), Ok((_, false))) => {}
+            _ => errors += 1,
+        }
+        for (b, addr) in brokers.iter().enumerate() {
+            if let Ok((_, true)) = mqtt_session(*addr, &id, false) {
+                per_broker[b] += 1;
+            }
+            let _ = mqtt_session(*addr, &id, true);
+        }
+    }
+    let verdict = if sticky == n && errors == 0 {
+        "hashes on the client id"
+    } else {
+        "NOT sticky: not hashing on the client id"
+    };
+    format!(
+        "{sticky}/{n} client ids found their session again ({verdict}), \
+         sessions per broker {per_broker:?}, errors {errors}"
+    )
+}
+
+// ---------------------------------------------------------------------------------------------
+// Rounds
+
+#[derive(Clone, Copy, PartialEq, Eq, Debug)]
+enum Target {
+    Direct,
+    Routemesh,
+    Haproxy,
+}
+
+const TARGETS: [Target; 3] = [Target::Direct, Target::Routemesh, Target::Haproxy];
+
+impl Target {
+    fn label(self) -> &'static str {
+        match self {
+            Target::Direct => "direct (brokers)",
+            Target::Routemesh => "routemesh",
+            Target::Haproxy => "HAProxy",
+        }
+    }
+}
+
+struct RoundResult {
+    conns: u64,
+    errors: u64,
+    first_error: Option<String>,
+    secs: f64,
+    latencies_us: Vec<u32>,
+}
+
+/// `clients` threads, each running MQTT sessions back to back against `addrs[t % len]` for
+/// `secs` seconds; every client id is new (`tag` is unique per round).
+fn run_round(addrs: &[SocketAddr], clients: usize, secs: u64, tag: &str) -> RoundResult {
+    let start = Instant::now();
+    let deadline = start + Duration::from_secs(secs);
+    let per_thread: Vec<(u64, u64, Option<String>, Vec<u32>)> = thread::scope(|s| {
+        let handles: Vec<_> = (0..clients)
+            .map(|t| {
+                let addr = addrs[t % addrs.len()];
+                s.spawn(move || {
+                    let mut ok = 0u64;
+                    let mut errors = 0u64;
+                    let mut first_error = None;
+                    let mut lat = Vec::with_capacity(4096);
+                    let mut seq = 0u64;
+                    while Instant::now() < deadline {
+                        let id = format!("{tag}-{t}-{seq}");
+                        seq += 1;
+                        match mqtt_session(addr, &id, true) {
+                            Ok((l, _)) => {
+                                ok += 1;
+                                lat.push(l.as_micros().min(u32::MAX as u128) as u32);
+                            }
+                            Err(e) => {
+                                errors += 1;
+                                if first_error.is_none() {
+                                    first_error = Some(format!("{addr}: {e}"));
+                                }
+                                // Do not spin on a refused port.
+                                thread::sleep(Duration::from_millis(10));
+                            }
+                        }
+                    }
+                    (ok, errors, first_error, lat)
+                })
+            })
+            .collect();
+        handles
+            .into_iter()
+            .map(|h| h.join().expect("client thread panicked"))
+            .collect()
+    });
+    let secs = start.elapsed().as_secs_f64();
+    let mut r = RoundResult {
+        conns: 0,
+        errors: 0,
+        first_error: None,
+        secs,
+        latencies_us: Vec::new(),
+    };
+    for (ok, err, first, lat) in per_thread {
+        r.conns += ok;
+        r.errors += err;
+        if r.first_error.is_none() {
+            r.first_error = first;
+        }
+        r.latencies_us.extend(lat);
+    }
+    r.latencies_us.sort_unstable();
+    r
+}
+
+fn percentile(sorted: &[u32], p: f64) -> f64 {
+    if sorted.is_empty() {
+        return f64::NAN;
+    }
+    let i = ((sorted.len() as f64 * p).ceil() as usize).clamp(1, sorted.len()) - 1;
+    sorted[i] as f64
+}
+
+#[derive(Default)]
+struct Samples {
+    rate: Vec<f64>,
+    p50: Vec<f64>,
+    p99: Vec<f64>,
+    cpu_us: Vec<f64>,
+    errors: u64,
+}
+
+fn median(v: &[f64]) -> f64 {
+    if v.is_empty() {
+        return f64::NAN;
+    }
+    let mut s = v.to_vec();
+    s.sort_by(f64::total_cmp);
+    let n = s.len();
+    if n % 2 == 1 {
+        s[n / 2]
+    } else {
+        (s[n / 2 - 1] + s[n / 2]) / 2.0
+    }
+}
+
+fn fmt_us(us: f64) -> String {
+    if us.is_nan() {
+        "-".into()
+    } else if us >= 1000.0 {
+        format!("{:.2} ms", us / 1000.0)
+    } else {
+        format!("{us:.0} µs")
+    }
+}
+
+fn ratio(a: f64, b: f64) -> String {
+    if a.is_nan() || b.is_nan() || b == 0.0 {
+        "-".into()
+    } else {
+        format!("{:.2}×", a / b)
+    }
+}
+
+fn haproxy_version() -> String {
+    Command::new(haproxy_bin())
+        .arg("-v")
+        .output()
+        .ok()
+        .and_then(|o| {
+            String::from_utf8_lossy(&o.stdout)
+                .lines()
+                .next()
+                .map(|l| l.trim().to_string())
+        })
+        .unwrap_or_else(|| "HAProxy (version unknown)".into())
+}
+
+fn main() {
+    let opts = Opts::from_env();
+    let dir = tempdir("routemesh-mqtt-bench");
+    let started = Instant::now();
+    let mut report = String::new();
+    let _ = writeln!(
+        report,
+        "MQTT new connections/s on 127.0.0.1 — {} core(s), {}, {BROKERS} mosquitto brokers; \
+         per connection: CONNECT (3.1.1, clean session, new client id) → CONNACK → DISCONNECT → close",
+        thread::available_parallelism()
+            .map(|n| n.get())
+            .unwrap_or(0),
+        haproxy_version(),
+    );
+
+    let mut brokers = Vec::new();
+    let mut broker_addrs = Vec::new();
+    for i in 0..BROKERS {
+        let (p, addr) = start_broker(dir.path(), i);
+        brokers.push(p);
+        broker_addrs.push(addr);
+    }
+
+    for &n in &opts.threads {
+        let clients = opts.clients_per_thread * n;
+        let rm_port = free_port();
+        let ha_port = free_port();
+        let routemesh = start_routemesh(rm_port, &broker_addrs, n);
+        let haproxy = start_haproxy(dir.path(), ha_port, &broker_addrs, n);
+        let rm_addr = loopback(rm_port);
+        let ha_addr = loopback(ha_port);
+
+        let _ = writeln!(
+            report,
+            "\n=== {n} thread(s): routemesh worker_threads = {n}, HAProxy nbthread {n}; \
+             {clients} client threads, {} round(s) × {} s, medians ===",
+            opts.rounds, opts.secs
+        );
+        let _ = writeln!(
+            report,
+            "  affinity routemesh: {}",
+            affinity_check(rm_addr, &broker_addrs, &format!("rm{n}"), 12)
+        );
+        let _ = writeln!(
+            report,
+            "  affinity HAProxy:   {}",
+            affinity_check(ha_addr, &broker_addrs, &format!("ha{n}"), 12)
+        );
+
+        // Warm-up (one second each), not counted.
+        for (t, addrs) in [(Target::Routemesh, [rm_addr]), (Target::Haproxy, [ha_addr])] {
+            let r = run_round(&addrs, clients, 1, &format!("w{n}{t:?}"));
+            if r.conns == 0 {
+                panic!(
+                    "{} serves no MQTT connection: {}",
+                    t.label(),
+                    r.first_error.unwrap_or_default()
+                );
+            }
+        }
+
+        let mut samples: Vec<(Target, Samples)> =
+            TARGETS.iter().map(|&t| (t, Samples::default())).collect();
+        for round in 0..opts.rounds {
+            let mut order = TARGETS.to_vec();
+            if round % 2 == 1 {
+                order.reverse();
+            }
+            for t in order {
+                let (addrs, pid): (Vec<SocketAddr>, Option<u32>) = match t {
+                    Target::Direct => (broker_addrs.clone(), None),
+                    Target::Routemesh => (vec![rm_addr], Some(routemesh.pid())),
+                    Target::Haproxy => (vec![ha_addr], Some(haproxy.pid())),
+                };
+                let cpu0 = pid.map(cpu_secs);
+                let tag = format!("r{n}{round}{}", &t.label()[..1]);
+                let r = run_round(&addrs, clients, opts.secs, &tag);
+                let cpu = pid.zip(cpu0).map(|(p, c0)| cpu_secs(p) - c0);
+                let s = &mut samples.iter_mut().find(|(x, _)| *x == t).expect("target").1;
+                let rate = r.conns as f64 / r.secs;
+                s.rate.push(rate);
+                s.p50.push(percentile(&r.latencies_us, 0.50));
+                s.p99.push(percentile(&r.latencies_us, 0.99));
+                s.errors += r.errors;
+                if let Some(c) = cpu
+                    && r.conns > 0
+                {
+                    s.cpu_us.push(c / r.conns as f64 * 1e6);
+                }
+                eprintln!(
+                    "  [{n} thread(s)] round {}/{} {:<17} {:>8.0} conn/s  p99 {}  errors {}{}",
+                    round + 1,
+                    opts.rounds,
+                    t.label(),
+                    rate,
+                    fmt_us(percentile(&r.latencies_us, 0.99)),
+                    r.errors,
+                    r.first_error
+                        .map(|e| format!(" (first: {e})"))
+                        .unwrap_or_default()
+                );
+                thread::sleep(Duration::from_millis(300));
+            }
+        }
+
+        let _ = writeln!(
+            report,
+            "  {:<17} {:>10} {:>10} {:>10} {:>14} {:>7}",
+            "target", "conn/s", "p50", "p99", "CPU µs/conn", "errors"
+        );
+        for (t, s) in &samples {
+            let cpu = median(&s.cpu_us);
+            let _ = writeln!(
+                report,
+                "  {:<17} {:>10.0} {:>10} {:>10} {:>14} {:>7}",
+                t.label(),
+                median(&s.rate),
+                fmt_us(median(&s.p50)),
+                fmt_us(median(&s.p99)),
+                if cpu.is_nan() {
+                    "-".to_string()
+                } else {
+                    format!("{cpu:.1}")
+                },
+                s.errors
+            );
+        }
+        let get = |t: Target| &samples.iter().find(|(x, _)| *x == t).expect("target").1;
+        let (rm, ha) = (get(Target::Routemesh), get(Target::Haproxy));
+        let _ = writeln!(
+            report,
+            "  routemesh/HAProxy: conn/s {}  p50 {}  p99 {}  CPU/conn {}  (conn/s: higher is better)",
+            ratio(median(&rm.rate), median(&ha.rate)),
+            ratio(median(&rm.p50), median(&ha.p50)),
+            ratio(median(&rm.p99), median(&ha.p99)),
+            ratio(median(&rm.cpu_us), median(&ha.cpu_us)),
+        );
+        drop(haproxy);
+        drop(routemesh);
+    }
+    drop(brokers);
+    let _ = writeln!(
+        report,
+        "\n(latency: connect → CONNACK; CPU: utime+stime of the proxy process over the round; \
+         total run {:.0} s)",
+        started.elapsed().as_secs_f64()
+    );
+    println!("{report}");
+}
