@@ -32,10 +32,10 @@ const PROPAGATION: Duration = Duration::from_secs(5);
 /// A dead node's lease outlives it by up to an etcd election when it hosted the leader (the
 /// new leader renews every lease): TTL + election + propagation bounds its removal.
 const NODE_DOWN: Duration = Duration::from_secs(2 + 3 + 5);
-/// Requests in flight to a task at the instant its node is killed that may be lost in s3
-/// (one per load client). 0 once the HTTP proxy retries idempotent requests whose upstream
-/// reset before any response byte.
-const MAX_LOST_AT_CRASH: usize = 2;
+/// Requests in flight to a task at the instant its node is killed that may be lost in s3:
+/// none, since the HTTP proxy retries idempotent requests whose upstream reset before any
+/// response byte on another task.
+const MAX_LOST_AT_CRASH: usize = 0;
 
 /// A `[[task]]` table for a daemon config.
 fn task(service: &str, addr: SocketAddr, id: &str) -> String {

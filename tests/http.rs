@@ -188,6 +188,8 @@ enum Misbehaviour {
     CloseAfterResponse,
     /// Accepts and never answers.
     Silent,
+    /// Reads a request head, then resets the connection (a task dying mid-request).
+    ResetOnRequest,
 }
 
 /// A raw backend that misbehaves on purpose; records each request line it received.
@@ -214,6 +216,10 @@ fn misbehaving(kind: Misbehaviour) -> (SocketAddr, Arc<Mutex<Vec<String>>>) {
                         .unwrap()
                         .push(head.lines().next().unwrap_or("").to_string());
                     if matches!(kind, Misbehaviour::CloseOnSecondRequest) && n == 2 {
+                        return;
+                    }
+                    if matches!(kind, Misbehaviour::ResetOnRequest) {
+                        let _ = socket2::SockRef::from(&s).set_linger(Some(Duration::ZERO));
                         return;
                     }
                     let body = format!("answer {n}");
@@ -1255,4 +1261,29 @@ fn maglev_on_a_header_sends_each_key_to_one_task() {
         seen.insert(first);
     }
     assert_eq!(seen.len(), 3, "keys spread over every task: {seen:?}");
+}
+
+#[test]
+fn a_reset_before_any_response_ejects_the_task_and_idempotent_requests_go_elsewhere() {
+    let (dying, seen) = misbehaving(Misbehaviour::ResetOnRequest);
+    let good = Nginx::start("good");
+    let listen = free_addr();
+    let d = proxy(
+        listen,
+        &format!(
+            "[service.web.health]\ninterval = \"1h\"\n\n{}",
+            task_entries("web", &[dying, good.addr()])
+        ),
+    );
+    for _ in 0..10 {
+        let (code, body) = get(listen, "example.com", "/", "");
+        assert_eq!(code, 200, "{body}");
+        assert_eq!(field(&body, "name"), "good");
+    }
+    assert!(!seen.lock().unwrap().is_empty(), "the dying task was tried");
+    let routes = d.routes();
+    let t = &routes["services"][0]["tasks"][0];
+    assert_eq!(t["id"], "web-0");
+    assert_eq!(t["state"], "ejected", "{routes}");
+    assert!(metric(&d, "routemesh_retries_total{service=\"web\"}") >= 1.0);
 }

@@ -275,6 +275,16 @@ async fn proxy(conn: Arc<Conn>, req: Request<Incoming>) -> Response<Body> {
     resp
 }
 
+/// A bodiless idempotent request again, for a retry.
+fn replay_request(m: &Method, u: &hyper::Uri, v: Version, h: &hyper::HeaderMap) -> Request<Body> {
+    let mut r = Request::new(body::empty());
+    *r.method_mut() = m.clone();
+    *r.uri_mut() = u.clone();
+    *r.version_mut() = v;
+    *r.headers_mut() = h.clone();
+    r
+}
+
 /// Why a send on a reused connection may be retried once: it closed before any response.
 fn closed_before_response(e: &hyper::Error) -> bool {
     if e.is_incomplete_message() || e.is_canceled() || e.is_closed() {
@@ -574,15 +584,31 @@ async fn forward(
                             .retries_total
                             .with_label_values(&[name.as_str()])
                             .inc();
-                        let mut r = Request::new(body::empty());
-                        *r.method_mut() = m.clone();
-                        *r.uri_mut() = u.clone();
-                        *r.version_mut() = *v;
-                        *r.headers_mut() = h.clone();
-                        pending = r;
+                        pending = replay_request(m, u, *v, h);
                         tracing::debug!(service = %name, task = %task.id, error = %e, "pooled connection closed before the response; retrying once");
                     }
+                    // A fresh connection reset before any response byte: the task is likely
+                    // dying (a node losing power resets what is in flight). Eject it here
+                    // and give an idempotent request to another task, as connect failures.
+                    Some((m, u, v, h))
+                        if closed_before_response(&e) && tried.len() < max_attempts =>
+                    {
+                        task.state
+                            .eject(now_ms(), format!("reset before any response: {e}"));
+                        ctx.metrics
+                            .retries_total
+                            .with_label_values(&[name.as_str()])
+                            .inc();
+                        pending = replay_request(m, u, *v, h);
+                        fresh_only = true;
+                        last_error = Some(format!("{} ({}): {e}", task.id, task.addr));
+                        tracing::debug!(service = %name, task = %task.id, error = %e, "reset before the response; retrying on another task");
+                    }
                     _ => {
+                        if closed_before_response(&e) && !reused {
+                            task.state
+                                .eject(now_ms(), format!("reset before any response: {e}"));
+                        }
                         return Err(ProxyError::UpstreamFailed {
                             attempts: tried.len(),
                             last: format!("{} ({}): {e}", task.id, task.addr),
