@@ -198,6 +198,39 @@ fn send_proxy_v1_and_v2_reach_real_nginx() {
 }
 
 #[test]
+fn send_proxy_on_an_http_listener_gives_each_client_its_own_connection() {
+    let nginx = PpNginx::start();
+    for version in ["v1", "v2"] {
+        let listen = free_addr();
+        let d = Daemon::start(&static_listener(
+            "pph",
+            listen,
+            "protocol = \"http\"",
+            nginx.addr,
+            &format!("send_proxy = \"{version}\""),
+        ));
+        // Two clients, keep-alive each: every response names that client's own port.
+        for _ in 0..2 {
+            let mut s = TcpStream::connect(listen).unwrap();
+            let client_port = s.local_addr().unwrap().port();
+            s.set_read_timeout(Some(Duration::from_secs(5))).unwrap();
+            for _ in 0..2 {
+                s.write_all(b"GET / HTTP/1.1\r\nHost: x\r\n\r\n").unwrap();
+                let mut buf = vec![0u8; 4096];
+                let n = s.read(&mut buf).unwrap();
+                let text = String::from_utf8_lossy(&buf[..n]).to_string();
+                assert!(text.starts_with("HTTP/1.1 200"), "{version}: {text}");
+                assert!(
+                    text.ends_with(&format!("127.0.0.1:{client_port}")),
+                    "{version}: nginx sees this client: {text}"
+                );
+            }
+        }
+        drop(d);
+    }
+}
+
+#[test]
 fn accepted_proxy_address_is_sent_onward() {
     let nginx = PpNginx::start();
     let listen = free_addr();

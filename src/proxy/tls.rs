@@ -223,6 +223,7 @@ pub async fn terminate(
     peer: SocketAddr,
 ) {
     super::upstream::set_keepalive(&client);
+    let local = client.local_addr().ok();
     let handshake = term.acceptor.accept(client);
     let bounded = tokio::select! {
         r = tokio::time::timeout(ctx.edge.handshake_timeout, handshake) => r,
@@ -242,5 +243,5 @@ pub async fn terminate(
         Ok(Err(e)) => return count_reject(&ctx, peer, "tls_handshake_error", &e),
         Ok(Ok(s)) => s,
     };
-    super::http::serve(ctx, stream, peer, true).await
+    super::http::serve(ctx, stream, peer, local, true).await
 }

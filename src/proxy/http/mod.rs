@@ -67,19 +67,27 @@ struct Conn {
     h2: bool,
     /// Arrived over TLS terminated here: forwarded headers say `https`.
     tls: bool,
+    /// The address the client reached on this node (the destination of PROXY headers).
+    local: Option<SocketAddr>,
     shared: Arc<ConnShared>,
 }
 
 /// Handles one plain-TCP downstream connection on an http listener.
 pub async fn handle(ctx: Arc<ListenerCtx>, client: TcpStream, peer: SocketAddr) {
     upstream::set_keepalive(&client);
-    serve(ctx, client, peer, false).await
+    let local = client.local_addr().ok();
+    serve(ctx, client, peer, local, false).await
 }
 
 /// Serves HTTP/1.1 or HTTP/2 (prior knowledge, or ALPN h2 over TLS: both start with the
 /// preface) on `client`, a TCP stream or a TLS stream after its handshake (`tls`).
-pub async fn serve<IO>(ctx: Arc<ListenerCtx>, mut client: IO, peer: SocketAddr, tls: bool)
-where
+pub async fn serve<IO>(
+    ctx: Arc<ListenerCtx>,
+    mut client: IO,
+    peer: SocketAddr,
+    local: Option<SocketAddr>,
+    tls: bool,
+) where
     IO: AsyncRead + AsyncWrite + Unpin + Send + 'static,
 {
     let labels = [ctx.name.as_str(), ctx.service_label()];
@@ -121,6 +129,7 @@ where
         peer,
         h2,
         tls,
+        local,
         shared: shared.clone(),
     });
     let service = service_fn(move |req| {
@@ -447,6 +456,9 @@ async fn forward(
     });
     let mut pending = Request::from_parts(parts, body);
 
+    let proxy_header = settings.send_proxy.map(|v| {
+        crate::proxy::proxy_protocol::encode(v, conn.peer, conn.local.unwrap_or(conn.peer))
+    });
     let request_timeout = settings.request_timeout;
     let deadline = Instant::now() + request_timeout;
     let max_attempts = 1 + settings.retries as usize;
@@ -467,7 +479,9 @@ async fn forward(
         tried.push(i);
         let task = svc.tasks[i].clone();
         let in_flight = task.state.begin();
-        let pooled = if fresh_only {
+        // `send_proxy`: a connection carries one client's PROXY header, so it is opened for
+        // this request and never pooled or shared.
+        let pooled = if fresh_only || proxy_header.is_some() {
             None
         } else {
             Pool::global().checkout(task.addr, protocol)
@@ -481,12 +495,13 @@ async fn forward(
                     settings.connect_timeout,
                     protocol,
                     upgrade.is_some(),
+                    proxy_header.as_deref(),
                 );
                 match tokio::time::timeout_at(deadline, dial).await {
                     Err(_) => return Err(ProxyError::Timeout(request_timeout)),
                     Ok(Ok(s)) => {
                         task.state.succeed();
-                        if let (Sender::H2(h2), None) = (&s, &upgrade) {
+                        if let (Sender::H2(h2), None, None) = (&s, &upgrade, &proxy_header) {
                             Pool::global().checkin(task.addr, Sender::H2(h2.clone()));
                         }
                         s
@@ -546,7 +561,7 @@ async fn forward(
                     _ => {}
                 }
                 let on_end: Option<body::OnEnd> = match sender {
-                    Sender::H1(_) if upgrade.is_none() => {
+                    Sender::H1(_) if upgrade.is_none() && proxy_header.is_none() => {
                         let addr = task.addr;
                         Some(Box::new(move || Pool::global().checkin(addr, sender)))
                     }

@@ -69,14 +69,20 @@ impl Sender {
 
 /// Dials `addr` (bounded by `connect_timeout`) and runs the protocol handshake; the
 /// connection is driven by a spawned task that ends when the connection closes.
-/// `upgrades`: keep the connection usable for a 101 tunnel (never pooled).
+/// `upgrades`: keep the connection usable for a 101 tunnel (never pooled). `proxy_header`:
+/// written before the handshake (`send_proxy`; such connections are never pooled).
 pub async fn connect(
     addr: SocketAddr,
     connect_timeout: Duration,
     protocol: UpstreamProtocol,
     upgrades: bool,
+    proxy_header: Option<&[u8]>,
 ) -> io::Result<Sender> {
-    let stream = upstream::dial(addr, connect_timeout).await?;
+    let mut stream = upstream::dial(addr, connect_timeout).await?;
+    if let Some(h) = proxy_header {
+        // `send_proxy`: the PROXY header goes first on the connection, before any HTTP.
+        tokio::io::AsyncWriteExt::write_all(&mut stream, h).await?;
+    }
     let io = TokioIo::new(stream);
     match protocol {
         UpstreamProtocol::Http1 => {
