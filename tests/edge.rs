@@ -11,6 +11,7 @@ use std::process::{Child, Command, Stdio};
 use std::thread;
 use std::time::{Duration, Instant};
 
+use support::tls_server::TlsServer;
 use support::util::{parse_http_response, tempdir};
 use support::{Daemon, TcpBackend, connect_and_greet, eventually, free_addr, http_get};
 
@@ -656,41 +657,6 @@ service = "web"
 
 // ---------------------------------------------------------------------------------------------
 // TLS passthrough by SNI
-
-/// `openssl s_server -www` with one certificate, on a free port.
-struct TlsServer {
-    addr: SocketAddr,
-    child: Child,
-}
-
-impl TlsServer {
-    fn start(cert: &Path, key: &Path) -> TlsServer {
-        let addr = free_addr();
-        let child = Command::new("openssl")
-            .args(["s_server", "-quiet", "-www", "-accept"])
-            .arg(addr.to_string())
-            .arg("-cert")
-            .arg(cert)
-            .arg("-key")
-            .arg(key)
-            .stdin(Stdio::piped()) // s_server exits when stdin closes
-            .stdout(Stdio::null())
-            .stderr(Stdio::null())
-            .spawn()
-            .expect("openssl s_server");
-        eventually(Duration::from_secs(10), "s_server to listen", || {
-            TcpStream::connect(addr).is_ok()
-        });
-        TlsServer { addr, child }
-    }
-}
-
-impl Drop for TlsServer {
-    fn drop(&mut self) {
-        let _ = self.child.kill();
-        let _ = self.child.wait();
-    }
-}
 
 /// `curl https://NAME:PORT/` resolved to `addr`, verifying against `ca`; Ok(body).
 fn curl_tls(addr: SocketAddr, name: &str, ca: &Path) -> Result<String, String> {

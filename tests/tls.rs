@@ -6,7 +6,7 @@ mod support;
 use std::io::{self, Read, Write};
 use std::net::{SocketAddr, TcpStream};
 use std::path::Path;
-use std::process::{Child, Command, Stdio};
+use std::process::Command;
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
@@ -15,6 +15,7 @@ use tokio_rustls::rustls::pki_types::pem::PemObject;
 use tokio_rustls::rustls::pki_types::{CertificateDer, ServerName};
 
 use support::nginx::Nginx;
+use support::tls_server::TlsServer;
 use support::util::parse_http_response;
 use support::util::run_bounded;
 use support::{Daemon, eventually, free_addr};
@@ -80,41 +81,6 @@ fn get_host(addr: SocketAddr, host: &str, path: &str) -> io::Result<(u16, String
     let mut raw = Vec::new();
     s.read_to_end(&mut raw)?;
     parse_http_response(&raw)
-}
-
-/// `openssl s_server -www` with one certificate, on a free port (a TLS task).
-struct TlsServer {
-    addr: SocketAddr,
-    child: Child,
-}
-
-impl TlsServer {
-    fn start(cert: &Path, key: &Path) -> TlsServer {
-        let addr = free_addr();
-        let child = Command::new("openssl")
-            .args(["s_server", "-quiet", "-www", "-accept"])
-            .arg(addr.to_string())
-            .arg("-cert")
-            .arg(cert)
-            .arg("-key")
-            .arg(key)
-            .stdin(Stdio::piped()) // s_server exits when stdin closes
-            .stdout(Stdio::null())
-            .stderr(Stdio::null())
-            .spawn()
-            .expect("openssl s_server");
-        eventually(Duration::from_secs(10), "s_server to listen", || {
-            TcpStream::connect(addr).is_ok()
-        });
-        TlsServer { addr, child }
-    }
-}
-
-impl Drop for TlsServer {
-    fn drop(&mut self) {
-        let _ = self.child.kill();
-        let _ = self.child.wait();
-    }
 }
 
 // ---------------------------------------------------------------------------------------------

@@ -12,6 +12,7 @@ pub mod etcd_secure;
 pub mod lab;
 pub mod mosquitto;
 pub mod nginx;
+pub mod tls_server;
 pub mod util;
 
 #[allow(unused_imports)]
