@@ -35,6 +35,10 @@
 #[path = "../tests/support/mod.rs"]
 mod support;
 
+#[path = "common/stats.rs"]
+mod stats;
+use stats::{fmt_us, median, ratio};
+
 use std::fmt::Write as _;
 use std::io::{self, Read, Write};
 use std::net::{SocketAddr, TcpStream};
@@ -488,38 +492,6 @@ struct Samples {
     p99: Vec<f64>,
     cpu_us: Vec<f64>,
     errors: u64,
-}
-
-fn median(v: &[f64]) -> f64 {
-    if v.is_empty() {
-        return f64::NAN;
-    }
-    let mut s = v.to_vec();
-    s.sort_by(f64::total_cmp);
-    let n = s.len();
-    if n % 2 == 1 {
-        s[n / 2]
-    } else {
-        (s[n / 2 - 1] + s[n / 2]) / 2.0
-    }
-}
-
-fn fmt_us(us: f64) -> String {
-    if us.is_nan() {
-        "-".into()
-    } else if us >= 1000.0 {
-        format!("{:.2} ms", us / 1000.0)
-    } else {
-        format!("{us:.0} µs")
-    }
-}
-
-fn ratio(a: f64, b: f64) -> String {
-    if a.is_nan() || b.is_nan() || b == 0.0 {
-        "-".into()
-    } else {
-        format!("{:.2}×", a / b)
-    }
 }
 
 fn haproxy_version() -> String {
