@@ -6,6 +6,7 @@
 //! socket = "/var/run/docker.sock"
 //! network = ""                 # which container network's IP to register
 //! reconcile_interval = "30s"
+//! swarm = false                # on a swarm manager: also register labelled services' tasks
 //! ```
 //! Owns only the shape and the checks; engine discovery itself is `crate::docker`.
 
@@ -27,6 +28,7 @@ pub struct RawDocker {
     pub socket: Option<S<String>>,
     pub network: Option<S<String>>,
     pub reconcile_interval: Option<S<String>>,
+    pub swarm: Option<S<bool>>,
 }
 
 /// A valid `[docker]` section (all defaults, `enabled = false`, when absent).
@@ -41,6 +43,9 @@ pub struct DockerConfig {
     pub network: Option<String>,
     /// A full list of the engine's containers every so often, repairing missed events.
     pub reconcile_interval: Duration,
+    /// Swarm mode source (`crate::docker::swarm`): when the engine is a swarm manager, the
+    /// running tasks of services labelled `routemesh.service` are registered too.
+    pub swarm: bool,
 }
 
 impl Default for DockerConfig {
@@ -50,6 +55,7 @@ impl Default for DockerConfig {
             socket: PathBuf::from(DEFAULT_DOCKER_SOCKET),
             network: None,
             reconcile_interval: DEFAULT_RECONCILE_INTERVAL,
+            swarm: false,
         }
     }
 }
@@ -117,11 +123,20 @@ pub(super) fn validate(
         def.reconcile_interval,
         "docker.reconcile_interval",
     );
+    let swarm = d.swarm.as_ref().map(|v| *v.get_ref()).unwrap_or(false);
+    if swarm && !enabled {
+        let at = d.swarm.as_ref().map(span).unwrap_or_else(|| span(raw));
+        issues.at(
+            at,
+            "`docker.swarm` needs docker.enabled = true: swarm tasks are found through the same engine connection settings and registered the same way",
+        );
+    }
     DockerConfig {
         enabled,
         socket,
         network,
         reconcile_interval,
+        swarm,
     }
 }
 
@@ -155,8 +170,13 @@ mod tests {
                 socket: PathBuf::from("/run/docker.sock"),
                 network: None,
                 reconcile_interval: Duration::from_secs(5),
+                swarm: false,
             }
         );
+        let c =
+            parse("[docker]\nenabled = true\nswarm = true\nnetwork = \"rm-overlay\"\n").unwrap();
+        assert!(c.docker.swarm);
+        assert_eq!(c.docker.network.as_deref(), Some("rm-overlay"));
         let c = parse("[docker]\nenabled = true\nnetwork = \"backend_net\"\n").unwrap();
         assert_eq!(c.docker.network.as_deref(), Some("backend_net"));
         assert_eq!(c.docker.reconcile_interval, DEFAULT_RECONCILE_INTERVAL);
@@ -180,6 +200,22 @@ mod tests {
             .unwrap_err()
             .to_string();
         assert!(text.contains("t.toml:2:"), "{text}");
+    }
+
+    #[test]
+    fn swarm_is_checked() {
+        let text = parse("[docker]\nenabled = false\nswarm = true\n")
+            .unwrap_err()
+            .to_string();
+        assert!(
+            text.contains("t.toml:3:9: `docker.swarm` needs docker.enabled = true"),
+            "{text}"
+        );
+        let text = parse("[docker]\nenabled = true\nswarm = \"yes\"\n")
+            .unwrap_err()
+            .to_string();
+        assert!(text.contains("t.toml:3:"), "{text}");
+        assert!(!parse("[docker]\nenabled = true\n").unwrap().docker.swarm);
     }
 
     #[test]

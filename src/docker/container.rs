@@ -116,43 +116,16 @@ impl Skip {
 
 /// Maps a container to a task of this node, or the reason it is none.
 pub fn task_of(c: &Container, sel: &Selection) -> Result<DockerTask, Skip> {
-    let Some(service) = c.labels.get(LABEL_SERVICE) else {
+    if !c.labels.contains_key(LABEL_SERVICE) {
         return Err(Skip::NotLabelled);
-    };
+    }
     if !c.running {
         return Err(Skip::NotRunning);
     }
     if c.paused {
         return Err(Skip::Paused);
     }
-    let service = ServiceName::new(service.trim())
-        .map_err(|e| Skip::BadLabel(format!("label {LABEL_SERVICE}: {e}")))?;
-    let port = match c.labels.get(LABEL_PORT) {
-        None => {
-            return Err(Skip::BadLabel(format!(
-                "label {LABEL_PORT} is missing: set it to the port the container serves on"
-            )));
-        }
-        Some(p) => match p.trim().parse::<u16>() {
-            Ok(p) if p > 0 => p,
-            _ => {
-                return Err(Skip::BadLabel(format!(
-                    "label {LABEL_PORT}={p:?} is not a port number (1-65535)"
-                )));
-            }
-        },
-    };
-    let label_weight = match c.labels.get(LABEL_WEIGHT) {
-        None => 1,
-        Some(w) => match w.trim().parse::<u32>() {
-            Ok(w) if w <= 1000 => w,
-            _ => {
-                return Err(Skip::BadLabel(format!(
-                    "label {LABEL_WEIGHT}={w:?} is not a whole number from 0 to 1000"
-                )));
-            }
-        },
-    };
+    let (service, port, label_weight) = labels_of(&c.labels)?;
     let id = TaskId::new(&c.name).map_err(|e| {
         Skip::BadLabel(format!(
             "the container name is not a valid task id ({e}); rename the container"
@@ -173,6 +146,45 @@ pub fn task_of(c: &Container, sel: &Selection) -> Result<DockerTask, Skip> {
         health: c.health,
         label_weight,
     })
+}
+
+/// Reads `routemesh.service`, `routemesh.port` and `routemesh.weight` (also the labels of
+/// swarm services, `swarm.rs`): (service, port, weight). The caller has checked that
+/// `routemesh.service` is there.
+pub fn labels_of(labels: &BTreeMap<String, String>) -> Result<(ServiceName, u16, u32), Skip> {
+    let service = labels
+        .get(LABEL_SERVICE)
+        .map(String::as_str)
+        .unwrap_or_default();
+    let service = ServiceName::new(service.trim())
+        .map_err(|e| Skip::BadLabel(format!("label {LABEL_SERVICE}: {e}")))?;
+    let port = match labels.get(LABEL_PORT) {
+        None => {
+            return Err(Skip::BadLabel(format!(
+                "label {LABEL_PORT} is missing: set it to the port the container serves on"
+            )));
+        }
+        Some(p) => match p.trim().parse::<u16>() {
+            Ok(p) if p > 0 => p,
+            _ => {
+                return Err(Skip::BadLabel(format!(
+                    "label {LABEL_PORT}={p:?} is not a port number (1-65535)"
+                )));
+            }
+        },
+    };
+    let label_weight = match labels.get(LABEL_WEIGHT) {
+        None => 1,
+        Some(w) => match w.trim().parse::<u32>() {
+            Ok(w) if w <= 1000 => w,
+            _ => {
+                return Err(Skip::BadLabel(format!(
+                    "label {LABEL_WEIGHT}={w:?} is not a whole number from 0 to 1000"
+                )));
+            }
+        },
+    };
+    Ok((service, port, label_weight))
 }
 
 fn address(c: &Container, port: u16, sel: &Selection) -> Result<SocketAddr, Skip> {

@@ -16,9 +16,15 @@
 //! API being down does not mean the containers are; health checks and passive ejection
 //! cover those that are). The first list after the engine returns replaces the set.
 //!
+//! With `swarm = true`, [`swarm_source`] runs beside it on its own connection: on a swarm
+//! manager, the running tasks of services labelled `routemesh.service` join the set
+//! ([`swarm`] has the mapping).
+//!
 //! Does not own: the etcd writes (the lease keeper), routing, or health checking.
 
 pub mod container;
+pub mod swarm;
+pub mod swarm_source;
 pub mod tracker;
 
 use std::collections::HashMap;
@@ -60,7 +66,7 @@ pub enum DockerError {
 
 /// Starts engine discovery and the merge of its tasks into `registration` (the config's
 /// registration, as app.rs sends it at start and on reload). Returns the merged
-/// registration for the lease keeper and the two background tasks, which end at `shutdown`.
+/// registration for the lease keeper and the background tasks, which end at `shutdown`.
 pub fn spawn(
     config: &Config,
     registration: watch::Receiver<Arc<Registration>>,
@@ -68,44 +74,63 @@ pub fn spawn(
     shutdown: CancellationToken,
 ) -> (watch::Receiver<Arc<Registration>>, Vec<JoinHandle<()>>) {
     let (tasks_tx, tasks_rx) = watch::channel(Arc::new(Vec::new()));
-    let engine = tokio::spawn(run(
+    let (swarm_tx, swarm_rx) = watch::channel(Arc::new(Vec::new()));
+    let mut handles = vec![tokio::spawn(run(
         config.docker.clone(),
         config.node.name.clone(),
         config.node.advertise,
         tasks_tx,
         metrics,
         shutdown.clone(),
-    ));
-    let (merged_rx, merge) = merge(registration, tasks_rx, shutdown);
-    (merged_rx, vec![engine, merge])
+    ))];
+    if config.docker.swarm {
+        handles.push(tokio::spawn(swarm_source::run(
+            config.docker.clone(),
+            swarm_tx,
+            shutdown.clone(),
+        )));
+    }
+    let (merged_rx, merge) = merge(registration, tasks_rx, swarm_rx, shutdown);
+    handles.push(merge);
+    (merged_rx, handles)
 }
 
-/// Follows both inputs and publishes `config tasks ∪ container tasks` until `shutdown`
-/// (the output stays open until then even if an input closes, so the lease keeper never
-/// sees a closed channel while it runs).
+/// Follows the inputs and publishes `config tasks ∪ container tasks ∪ swarm tasks` until
+/// `shutdown` (the output stays open until then even if an input closes, so the lease
+/// keeper never sees a closed channel while it runs).
 pub fn merge(
     mut config: watch::Receiver<Arc<Registration>>,
     mut docker: watch::Receiver<Arc<Vec<TaskConfig>>>,
+    mut swarm: watch::Receiver<Arc<Vec<TaskConfig>>>,
     shutdown: CancellationToken,
 ) -> (watch::Receiver<Arc<Registration>>, JoinHandle<()>) {
-    let combine = |config: &Registration, docker: &[TaskConfig]| {
-        let (m, shadowed) = merged(config, docker);
+    let combine = |config: &Registration, docker: &[TaskConfig], swarm: &[TaskConfig]| {
+        let (m, shadowed) = merged(config, &swarm::union(docker, swarm));
         for t in shadowed {
             tracing::warn!(service = %t.service, task = %t.id, "a container has the service and id of a [[task]] in the config file; the file's task is registered");
         }
         Arc::new(m)
     };
-    let first = combine(&config.borrow_and_update(), &docker.borrow_and_update());
+    let first = combine(
+        &config.borrow_and_update(),
+        &docker.borrow_and_update(),
+        &swarm.borrow_and_update(),
+    );
     let (tx, rx) = watch::channel(first);
     let handle = tokio::spawn(async move {
-        let (mut config_open, mut docker_open) = (true, true);
+        let (mut config_open, mut docker_open, mut swarm_open) = (true, true, true);
         loop {
             tokio::select! {
                 _ = shutdown.cancelled() => break,
                 r = config.changed(), if config_open => config_open = r.is_ok(),
                 r = docker.changed(), if docker_open => docker_open = r.is_ok(),
+                r = swarm.changed(), if swarm_open => swarm_open = r.is_ok(),
             }
-            let next = combine(&config.borrow_and_update(), &docker.borrow_and_update());
+            let next = combine(
+                &config.borrow_and_update(),
+                &docker.borrow_and_update(),
+                &swarm.borrow_and_update(),
+            );
             tx.send_if_modified(|cur| {
                 let changed = **cur != *next;
                 if changed {
