@@ -308,3 +308,24 @@ fn a_node_with_more_tasks_than_one_etcd_transaction_registers_them_all() {
     });
     eventually(WAIT, "and routed", || task_ids(&d, "many").len() == 150);
 }
+
+#[test]
+fn a_registration_deleted_by_hand_is_written_again() {
+    let etcd = Etcd::start();
+    let backend = TcpBackend::start("x");
+    let listen = free_addr();
+    let task = format!(
+        "[[task]]\nservice = \"echo\"\naddr = \"{}\"\nid = \"w1\"\n",
+        backend.addr()
+    );
+    let mut d = Daemon::start(&etcd_config("n1", &[etcd.endpoint()], listen, &task));
+    d.wait_ready();
+    let key = format!("{P}/tasks/echo/w1");
+    eventually(WAIT, "task registered", || etcd.get(&key).is_some());
+    etcd.del(&key);
+    assert!(etcd.get(&key).is_none());
+    // The keeper re-asserts its registration every 30 s.
+    eventually(Duration::from_secs(40), "task written again", || {
+        etcd.get(&key).is_some()
+    });
+}

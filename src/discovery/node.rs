@@ -15,6 +15,9 @@ use super::etcd::{Backoff, DiscoveryError, Members};
 use super::keys::{NodeRecord, TaskRecord, node_alive_key, node_info_key, task_key};
 use crate::config::{NodeName, TaskConfig};
 
+/// How often the registration is written again even when it did not change.
+const REASSERT_EVERY: Duration = Duration::from_secs(30);
+
 /// Operations per etcd transaction (etcd's default limit is 128).
 const MAX_TXN_OPS: usize = 100;
 
@@ -139,15 +142,23 @@ async fn keep(
         }
         let mut interval = tokio::time::interval(beat);
         interval.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+        let mut written_at = tokio::time::Instant::now();
         loop {
             let current = registration.borrow_and_update().clone();
-            if written.as_ref() != Some(&current) {
+            let changed = written.as_ref() != Some(&current);
+            // Re-assert now and then: repairs keys deleted by hand, and keys another writer
+            // (e.g. a second swarm manager) took over under a lease that has since died.
+            let stale = written_at.elapsed() >= REASSERT_EVERY;
+            if changed || stale {
                 if let Err(e) = write(&mut client, s, id, written.as_deref(), &current, bound).await
                 {
                     return e;
                 }
-                tracing::info!(node = %current.node, tasks = current.tasks.len(), "node registered in etcd");
+                if changed {
+                    tracing::info!(node = %current.node, tasks = current.tasks.len(), "node registered in etcd");
+                }
                 written = Some(current);
+                written_at = tokio::time::Instant::now();
                 backoff.reset();
             }
             tokio::select! {
