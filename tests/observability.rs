@@ -489,10 +489,11 @@ fn example_configs_in_deploy_pass_check() {
 }
 
 #[test]
-fn compose_files_are_valid_when_docker_compose_is_installed() {
+fn compose_files_are_valid() {
     let Some(compose) = which("docker-compose") else {
-        eprintln!("NOTE: docker-compose not installed; compose.yaml checked as text only");
-        return;
+        panic!(
+            "docker-compose not found: run `bash .ci/run` or `apt-get install -y docker-compose`"
+        );
     };
     for file in ["compose.yaml", "swarm-stack.yml"] {
         let mut cmd = Command::new(&compose);
@@ -625,8 +626,7 @@ fn systemd_unit_has_the_required_directives() {
     );
 
     let Some(analyze) = which("systemd-analyze") else {
-        eprintln!("NOTE: systemd-analyze not installed; unit checked as text only");
-        return;
+        panic!("systemd-analyze not found: run `bash .ci/run` or `apt-get install -y systemd`");
     };
     // Verify a copy whose ExecStart points at the binary under test (verify checks that the
     // executables exist).
