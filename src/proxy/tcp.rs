@@ -25,6 +25,8 @@ use crate::ratelimit::LogLimiter;
 use crate::snapshot::Service;
 
 const BUF_SIZE: usize = 16 * 1024;
+/// Bytes a direction copies through the buffer before switching to splice(2).
+const SPLICE_AFTER: usize = 64 * 1024;
 
 static NO_TASK_LOG: LogLimiter = LogLimiter::new(1000);
 static BAD_CONNECT_LOG: LogLimiter = LogLimiter::new(1000);
@@ -215,22 +217,38 @@ pub fn reset_on_close(s: &TcpStream) {
     let _ = socket2::SockRef::from(s).set_linger(Some(std::time::Duration::ZERO));
 }
 
-/// Copies `from` → `to` until EOF, then shuts down `to`'s write side. Uses splice(2) (no
-/// user-space copy, no buffer) and falls back to a buffered copy when no pipe can be made.
+/// Copies `from` → `to` until EOF, then shuts down `to`'s write side.
+///
+/// The first `SPLICE_AFTER` bytes go through a small buffer that exists only while data is
+/// flowing (dropped whenever the source has nothing more), so short connections create no
+/// pipe and idle ones hold no buffer. Past that, bulk flows move with splice(2) (no
+/// user-space copy); if no pipe can be made, the buffered copy simply goes on.
 async fn pipe(from: &TcpStream, to: &TcpStream, counter: &IntCounter) -> io::Result<()> {
-    if splice::available()
-        && splice::forward(from, to, &|n| counter.inc_by(n)).await? == splice::Forwarded::Eof
-    {
-        let _ = socket2::SockRef::from(to).shutdown(Shutdown::Write);
-        return Ok(());
-    }
+    let mut moved: usize = 0;
+    let mut splice_ok = splice::available();
     let mut buf: Option<Box<[u8]>> = None;
     loop {
-        from.readable().await?;
+        if splice_ok && moved >= SPLICE_AFTER {
+            buf = None;
+            match splice::forward(from, to, &|n| counter.inc_by(n)).await? {
+                splice::Forwarded::Eof => {
+                    let _ = socket2::SockRef::from(to).shutdown(Shutdown::Write);
+                    return Ok(());
+                }
+                splice::Forwarded::NoPipe => splice_ok = false,
+            }
+        }
+        if buf.is_none() {
+            from.readable().await?;
+        }
         let b = buf.get_or_insert_with(|| vec![0u8; BUF_SIZE].into_boxed_slice());
         let n = match from.try_read(b) {
             Ok(n) => n,
-            Err(e) if e.kind() == io::ErrorKind::WouldBlock => continue,
+            Err(e) if e.kind() == io::ErrorKind::WouldBlock => {
+                // Nothing more for now: give the buffer back while the connection idles.
+                buf = None;
+                continue;
+            }
             Err(e) => return Err(e),
         };
         if n == 0 {
@@ -239,6 +257,7 @@ async fn pipe(from: &TcpStream, to: &TcpStream, counter: &IntCounter) -> io::Res
         }
         write_all(to, &b[..n]).await?;
         counter.inc_by(n as u64);
+        moved += n;
     }
 }
 
