@@ -25,6 +25,9 @@
 #[path = "../tests/support/mod.rs"]
 mod support;
 
+#[path = "common/proc.rs"]
+mod proc_;
+use proc_::Proc;
 #[path = "common/stats.rs"]
 mod stats;
 use stats::{fmt_us, median, ratio};
@@ -33,7 +36,7 @@ use std::collections::BTreeMap;
 use std::fmt::Write as _;
 use std::net::{SocketAddr, TcpStream};
 use std::path::{Path, PathBuf};
-use std::process::{Child, Command, Stdio};
+use std::process::Command;
 use std::thread;
 use std::time::{Duration, Instant};
 
@@ -160,33 +163,7 @@ fn is_root() -> bool {
 // ---------------------------------------------------------------------------------------------
 // Processes we start (stopped by PID on drop)
 
-struct Proc {
-    name: String,
-    child: Child,
-    log: PathBuf,
-}
-
 impl Proc {
-    fn spawn(name: &str, cmd: &mut Command, log: PathBuf) -> Proc {
-        let file = std::fs::File::create(&log).expect("create log file");
-        let file2 = file.try_clone().expect("clone log handle");
-        let child = cmd
-            .stdin(Stdio::null())
-            .stdout(file)
-            .stderr(file2)
-            .spawn()
-            .unwrap_or_else(|e| panic!("cannot start {name}: {e}"));
-        Proc {
-            name: name.to_string(),
-            child,
-            log,
-        }
-    }
-
-    fn pid(&self) -> u32 {
-        self.child.id()
-    }
-
     fn check_running(&mut self) {
         if let Ok(Some(status)) = self.child.try_wait() {
             panic!(

@@ -35,6 +35,9 @@
 #[path = "../tests/support/mod.rs"]
 mod support;
 
+#[path = "common/proc.rs"]
+mod proc_;
+use proc_::Proc;
 #[path = "common/stats.rs"]
 mod stats;
 use stats::{fmt_us, median, ratio};
@@ -43,7 +46,7 @@ use std::fmt::Write as _;
 use std::io::{self, Read, Write};
 use std::net::{SocketAddr, TcpStream};
 use std::path::{Path, PathBuf};
-use std::process::{Child, Command, Stdio};
+use std::process::Command;
 use std::thread;
 use std::time::{Duration, Instant};
 
@@ -105,34 +108,7 @@ fn haproxy_bin() -> PathBuf {
 // ---------------------------------------------------------------------------------------------
 // Processes we start, stopped by PID on drop
 
-/// A child process (mosquitto, HAProxy) with its temp dir; SIGKILLed and reaped on drop.
-struct Proc {
-    name: String,
-    child: Child,
-    log: PathBuf,
-}
-
 impl Proc {
-    fn spawn(name: &str, cmd: &mut Command, log: PathBuf) -> Proc {
-        let file = std::fs::File::create(&log).expect("create log file");
-        let file2 = file.try_clone().expect("clone log handle");
-        let child = cmd
-            .stdin(Stdio::null())
-            .stdout(file)
-            .stderr(file2)
-            .spawn()
-            .unwrap_or_else(|e| panic!("cannot start {name}: {e}"));
-        Proc {
-            name: name.to_string(),
-            child,
-            log,
-        }
-    }
-
-    fn pid(&self) -> u32 {
-        self.child.id()
-    }
-
     /// Waits until `addr` accepts connections; panics with the log if the process exits or
     /// does not listen within [`START_TIMEOUT`].
     fn wait_listening(&mut self, addr: SocketAddr) {
