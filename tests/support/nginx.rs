@@ -175,16 +175,18 @@ http {{
         ids.len()
     }
 
-    /// Stop nginx (SIGKILL to the master; the worker exits with it) and wait.
+    /// Stop nginx and wait: SIGKILL to the master, then to the workers it had.
     pub fn stop(&mut self) {
         if let Some(mut c) = self.child.take() {
-            // Workers first (found by parent pid while the master still lives), then the
-            // master: a worker orphaned by a killed master would keep the port open.
-            for worker in children_of(c.id()) {
-                let _ = super::util::send_signal(worker, 9);
-            }
+            // Find the workers while the master lives, kill the master first (a master that
+            // sees a worker die forks a new one), then the workers it left behind (an orphaned
+            // worker would keep the port open).
+            let workers = children_of(c.id());
             let _ = c.kill();
             let _ = c.wait();
+            for worker in workers {
+                let _ = super::util::send_signal(worker, 9);
+            }
         }
     }
 }
