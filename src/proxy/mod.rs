@@ -49,3 +49,23 @@ impl ListenerCtx {
         self.service.as_ref().map(|s| s.as_str()).unwrap_or("")
     }
 }
+
+/// One open downstream connection: counted in `connections_total` when opened and in
+/// `active_connections` for as long as the guard lives.
+pub struct OpenConnection(prometheus::IntGauge);
+
+impl OpenConnection {
+    pub fn count(metrics: &Metrics, listener: &str, service: &str) -> OpenConnection {
+        let labels = [listener, service];
+        metrics.connections_total.with_label_values(&labels).inc();
+        let active = metrics.active_connections.with_label_values(&labels);
+        active.inc();
+        OpenConnection(active)
+    }
+}
+
+impl Drop for OpenConnection {
+    fn drop(&mut self) {
+        self.0.dec();
+    }
+}

@@ -15,9 +15,9 @@ use std::sync::Arc;
 use prometheus::IntCounter;
 use tokio::net::TcpStream;
 
-use super::ListenerCtx;
 use super::splice;
 use super::upstream::{self, ConnectError};
+use super::{ListenerCtx, OpenConnection};
 use crate::balance::{ip_hash, key_hash};
 use crate::config::{Balance, HashKey};
 use crate::mqtt::{self, Parse};
@@ -38,14 +38,7 @@ pub async fn handle(ctx: Arc<ListenerCtx>, client: TcpStream, peer: SocketAddr) 
         return;
     };
     upstream::set_keepalive(&client);
-    let labels = [ctx.name.as_str(), name.as_str()];
-    ctx.metrics
-        .connections_total
-        .with_label_values(&labels)
-        .inc();
-    let active = ctx.metrics.active_connections.with_label_values(&labels);
-    active.inc();
-    let _active = scopeguard(move || active.dec());
+    let _open = OpenConnection::count(&ctx.metrics, &ctx.name, name.as_str());
 
     // Load the snapshot, keep only the service, drop the guard before any await.
     let service = ctx.snapshot.load().service(&name);
@@ -172,19 +165,6 @@ async fn read_some(from: &TcpStream, buf: &mut Vec<u8>, cap: usize) -> io::Resul
             Err(e) => return Err(e),
         }
     }
-}
-
-/// Runs `f` on drop.
-fn scopeguard<F: FnOnce()>(f: F) -> impl Drop {
-    struct G<F: FnOnce()>(Option<F>);
-    impl<F: FnOnce()> Drop for G<F> {
-        fn drop(&mut self) {
-            if let Some(f) = self.0.take() {
-                f()
-            }
-        }
-    }
-    G(Some(f))
 }
 
 /// Copies both ways until both directions reach EOF; on an error in either direction, resets

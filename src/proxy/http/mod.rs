@@ -42,13 +42,13 @@ use tokio::io::{AsyncRead, AsyncReadExt, AsyncWrite};
 use tokio::net::TcpStream;
 use tokio::time::Instant;
 
-use self::body::{Body, BodyFlags, OnDrop, RequestBody, ResponseBody};
+use self::body::{Body, BodyFlags, RequestBody, ResponseBody};
 use self::errors::ProxyError;
 use self::gate::{ConnShared, Gate, GateLimits};
 use self::headers::Forwarding;
 use self::pool::{Pool, SendError, Sender};
-use super::ListenerCtx;
 use super::upstream;
+use super::{ListenerCtx, OpenConnection};
 use crate::config::{ServiceName, UpstreamProtocol};
 use crate::ratelimit::LogLimiter;
 use crate::snapshot::{Task, now_ms};
@@ -90,14 +90,7 @@ pub async fn serve<IO>(
 ) where
     IO: AsyncRead + AsyncWrite + Unpin + Send + 'static,
 {
-    let labels = [ctx.name.as_str(), ctx.service_label()];
-    ctx.metrics
-        .connections_total
-        .with_label_values(&labels)
-        .inc();
-    let active = ctx.metrics.active_connections.with_label_values(&labels);
-    active.inc();
-    let _active = OnDrop::new(move || active.dec());
+    let _open = OpenConnection::count(&ctx.metrics, &ctx.name, ctx.service_label());
 
     // HTTP/2 prior knowledge or HTTP/1: read until the preface matches or cannot match.
     let accepted = Instant::now();
