@@ -7,7 +7,7 @@
 use std::sync::Arc;
 use std::time::Duration;
 
-use etcd_client::{Client, PutOptions, Txn, TxnOp};
+use etcd_client::{Client, LeaseKeepAliveStream, LeaseKeeper, PutOptions, Txn, TxnOp};
 use tokio::sync::watch;
 use tokio_util::sync::CancellationToken;
 
@@ -127,18 +127,13 @@ async fn keep(
                 Err(_) => return DiscoveryError::Timeout(bound),
             };
         // First keepalive tells whether the lease still exists.
-        if let Err(e) = keeper.keep_alive().await {
-            return e.into();
-        }
-        match tokio::time::timeout(bound, responses.message()).await {
-            Ok(Ok(Some(r))) if r.ttl() > 0 => {}
-            Ok(Ok(_)) => {
-                tracing::warn!(lease = id, "node lease expired; registering again");
+        match heartbeat(&mut keeper, &mut responses, id, bound).await {
+            Ok(true) => {}
+            Ok(false) => {
                 *lease = None;
                 continue;
             }
-            Ok(Err(e)) => return e.into(),
-            Err(_) => return DiscoveryError::Timeout(bound),
+            Err(e) => return e,
         }
         let mut interval = tokio::time::interval(beat);
         interval.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
@@ -165,21 +160,35 @@ async fn keep(
                 _ = interval.tick() => {}
                 _ = registration.changed() => continue,
             }
-            if let Err(e) = keeper.keep_alive().await {
-                return e.into();
-            }
-            match tokio::time::timeout(beat_bound, responses.message()).await {
-                Ok(Ok(Some(r))) if r.ttl() > 0 => {}
-                Ok(Ok(_)) => {
-                    tracing::warn!(lease = id, "node lease expired; registering again");
+            match heartbeat(&mut keeper, &mut responses, id, beat_bound).await {
+                Ok(true) => {}
+                Ok(false) => {
                     *lease = None;
                     break;
                 }
-                Ok(Err(e)) => return e.into(),
-                Err(_) => return DiscoveryError::Timeout(beat_bound),
+                Err(e) => return e,
             }
         }
     }
+}
+
+/// One keepalive round trip within `bound`: `Ok(true)` while the lease lives, `Ok(false)`
+/// once etcd says it has expired (the caller registers again under a new one).
+async fn heartbeat(
+    keeper: &mut LeaseKeeper,
+    responses: &mut LeaseKeepAliveStream,
+    lease: i64,
+    bound: Duration,
+) -> Result<bool, DiscoveryError> {
+    keeper.keep_alive().await?;
+    let answer = tokio::time::timeout(bound, responses.message())
+        .await
+        .map_err(|_| DiscoveryError::Timeout(bound))??;
+    let alive = answer.is_some_and(|r| r.ttl() > 0);
+    if !alive {
+        tracing::warn!(lease, "node lease expired; registering again");
+    }
+    Ok(alive)
 }
 
 /// Writes the node records and tasks in one transaction; removes tasks no longer configured.
