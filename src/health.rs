@@ -84,16 +84,26 @@ pub struct Streak {
 impl Streak {
     /// Records a result; returns the new health when it changes.
     pub fn record(&mut self, ok: bool, current: Health, hs: &HealthSettings) -> Option<Health> {
+        self.step(ok, current, hs.unhealthy_threshold, hs.healthy_threshold)
+    }
+
+    /// `record` with explicit thresholds: `down_after` consecutive failures make the state
+    /// Unhealthy, `up_after` consecutive passes Healthy.
+    pub fn step(
+        &mut self,
+        ok: bool,
+        current: Health,
+        down_after: u32,
+        up_after: u32,
+    ) -> Option<Health> {
         if ok {
             self.passes += 1;
             self.fails = 0;
-            (current != Health::Healthy && self.passes >= hs.healthy_threshold)
-                .then_some(Health::Healthy)
+            (current != Health::Healthy && self.passes >= up_after).then_some(Health::Healthy)
         } else {
             self.fails += 1;
             self.passes = 0;
-            (current != Health::Unhealthy && self.fails >= hs.unhealthy_threshold)
-                .then_some(Health::Unhealthy)
+            (current != Health::Unhealthy && self.fails >= down_after).then_some(Health::Unhealthy)
         }
     }
 }

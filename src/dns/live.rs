@@ -12,6 +12,8 @@ use std::net::{IpAddr, SocketAddr};
 use super::answer::LiveNode;
 use crate::config::NodeName;
 use crate::discovery::table::NodeEntry;
+use crate::health::Streak;
+use crate::snapshot::Health;
 
 /// Consecutive failed probes that make a node unreachable.
 pub const UNREACHABLE_AFTER: u32 = 2;
@@ -83,22 +85,24 @@ impl LastKnown {
 /// Probe hysteresis per node.
 #[derive(Debug, Default)]
 pub struct Reachability {
-    streaks: HashMap<NodeName, (u32, u32)>,
+    streaks: HashMap<NodeName, Streak>,
     unreachable: BTreeSet<NodeName>,
 }
 
 impl Reachability {
     /// Records one probe result; returns true when the unreachable set changed.
     pub fn observe(&mut self, node: &NodeName, ok: bool) -> bool {
-        let (fails, passes) = self.streaks.entry(node.clone()).or_default();
-        if ok {
-            *fails = 0;
-            *passes += 1;
-            *passes >= REACHABLE_AFTER && self.unreachable.remove(node)
+        // The same hysteresis as the tasks' health checks.
+        let current = if self.unreachable.contains(node) {
+            Health::Unhealthy
         } else {
-            *passes = 0;
-            *fails += 1;
-            *fails >= UNREACHABLE_AFTER && self.unreachable.insert(node.clone())
+            Health::Unknown
+        };
+        let streak = self.streaks.entry(node.clone()).or_default();
+        match streak.step(ok, current, UNREACHABLE_AFTER, REACHABLE_AFTER) {
+            Some(Health::Unhealthy) => self.unreachable.insert(node.clone()),
+            Some(_) => self.unreachable.remove(node),
+            None => false,
         }
     }
 
