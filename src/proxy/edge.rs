@@ -160,13 +160,7 @@ impl Admission {
     }
 
     fn count(&self, peer: SocketAddr, reason: &'static str) {
-        self.metrics
-            .rejected_connections_total
-            .with_label_values(&[self.listener.as_str(), reason])
-            .inc();
-        if let Some(suppressed) = REJECT_LOG.allow() {
-            tracing::warn!(listener = %self.listener, client = %peer, reason, suppressed, "connection refused");
-        }
+        count_rejected(&self.metrics, &self.listener, peer, reason, None);
     }
 
     /// Counts and closes without a word (protocol errors, untrusted sources).
@@ -197,6 +191,32 @@ impl Admission {
             Ok::<_, io::Error>(())
         };
         let _ = tokio::time::timeout(Duration::from_millis(500), answer).await;
+    }
+}
+
+/// Counts a connection closed before it reached a task, in
+/// `routemesh_rejected_connections_total{listener,reason}`, with a rate-limited warning.
+/// Shared by admission (limits, PROXY headers) and the TLS listeners.
+pub fn count_rejected(
+    metrics: &Metrics,
+    listener: &str,
+    peer: SocketAddr,
+    reason: &'static str,
+    detail: Option<&dyn std::fmt::Display>,
+) {
+    metrics
+        .rejected_connections_total
+        .with_label_values(&[listener, reason])
+        .inc();
+    if let Some(suppressed) = REJECT_LOG.allow() {
+        match detail {
+            Some(error) => {
+                tracing::warn!(listener, client = %peer, reason, %error, suppressed, "connection refused")
+            }
+            None => {
+                tracing::warn!(listener, client = %peer, reason, suppressed, "connection refused")
+            }
+        }
     }
 }
 

@@ -31,11 +31,9 @@ use tokio_rustls::rustls::{self, ServerConfig};
 
 use super::ListenerCtx;
 use super::client_hello::{self, Hello};
+use super::edge::count_rejected;
 use super::http::route::host_matches;
 use crate::config::edge::{CertConfig, CertError, load_cert_pair, tls_provider};
-use crate::ratelimit::LogLimiter;
-
-static REJECT_LOG: LogLimiter = LogLimiter::new(1000);
 
 /// A tls listener's routes, each with the context its connections run under.
 pub struct SniRouter {
@@ -73,14 +71,7 @@ impl SniRouter {
     }
 
     fn reject(&self, peer: SocketAddr, reason: &'static str) {
-        self.base
-            .metrics
-            .rejected_connections_total
-            .with_label_values(&[self.base.name.as_str(), reason])
-            .inc();
-        if let Some(suppressed) = REJECT_LOG.allow() {
-            tracing::warn!(listener = %self.base.name, client = %peer, reason, suppressed, "closing TLS connection before routing");
-        }
+        count_rejected(&self.base.metrics, &self.base.name, peer, reason, None);
     }
 }
 
@@ -199,21 +190,6 @@ impl Terminator {
     }
 }
 
-fn count_reject(
-    ctx: &ListenerCtx,
-    peer: SocketAddr,
-    reason: &'static str,
-    error: &dyn std::fmt::Display,
-) {
-    ctx.metrics
-        .rejected_connections_total
-        .with_label_values(&[ctx.name.as_str(), reason])
-        .inc();
-    if let Some(suppressed) = REJECT_LOG.allow() {
-        tracing::warn!(listener = %ctx.name, client = %peer, reason, %error, suppressed, "closing connection: TLS handshake failed");
-    }
-}
-
 /// Handles one connection of an http listener with `tls`: the handshake within
 /// `handshake_timeout`, then HTTP/1.1 or HTTP/2 (ALPN) over it.
 pub async fn terminate(
@@ -233,14 +209,18 @@ pub async fn terminate(
     let stream = match bounded {
         Err(_) => {
             let t = ctx.edge.handshake_timeout;
-            return count_reject(
-                &ctx,
+            let why = format!("no handshake within {t:?}");
+            return count_rejected(&ctx.metrics, &ctx.name, peer, "tls_timeout", Some(&why));
+        }
+        Ok(Err(e)) => {
+            return count_rejected(
+                &ctx.metrics,
+                &ctx.name,
                 peer,
-                "tls_timeout",
-                &format_args!("no handshake within {t:?}"),
+                "tls_handshake_error",
+                Some(&e),
             );
         }
-        Ok(Err(e)) => return count_reject(&ctx, peer, "tls_handshake_error", &e),
         Ok(Ok(s)) => s,
     };
     super::http::serve(ctx, stream, peer, local, true).await
