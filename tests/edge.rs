@@ -12,6 +12,7 @@ use std::thread;
 use std::time::{Duration, Instant};
 
 use support::tls_server::TlsServer;
+use support::util::closed_within;
 use support::util::{parse_http_response, tempdir};
 use support::{Daemon, TcpBackend, connect_and_greet, eventually, free_addr, http_get};
 
@@ -110,32 +111,6 @@ fn get_with_prefix(addr: SocketAddr, prefix: &[u8]) -> io::Result<(u16, String)>
     let mut raw = Vec::new();
     s.read_to_end(&mut raw)?;
     parse_http_response(&raw)
-}
-
-/// Whether the daemon closed `s` (EOF or reset) within `within`, without sending data.
-fn closed_within(s: &mut TcpStream, within: Duration) -> bool {
-    s.set_read_timeout(Some(within)).unwrap();
-    let mut b = [0u8; 64];
-    match s.read(&mut b) {
-        Ok(0) => true,
-        Ok(_) => false,
-        Err(e) => matches!(
-            e.kind(),
-            io::ErrorKind::ConnectionReset | io::ErrorKind::ConnectionAborted
-        ),
-    }
-}
-
-/// `routemesh_rejected_connections_total{listener,reason}` (0 when absent).
-fn rejected(d: &Daemon, listener: &str, reason: &str) -> u64 {
-    let (_, text) = d.admin_get("/metrics");
-    let needle = format!(
-        "routemesh_rejected_connections_total{{listener=\"{listener}\",reason=\"{reason}\"}} "
-    );
-    text.lines()
-        .find_map(|l| l.strip_prefix(&needle))
-        .and_then(|v| v.trim().parse().ok())
-        .unwrap_or(0)
 }
 
 fn static_listener(
@@ -291,12 +266,12 @@ fn accepted_proxy_address_is_sent_onward() {
         (b"PROXY TCP4 1.2.3.4 5.6.7.8 99999 1\r\n", "proxy_invalid"),
         (b"\r\n\r\n\0\r\nQUIT\n\x31", "proxy_invalid"),
     ] {
-        let before = rejected(&d, "lb", reason);
+        let before = d.rejected("lb", reason);
         let mut s = TcpStream::connect(listen).unwrap();
         s.write_all(bad).unwrap();
         assert!(closed_within(&mut s, Duration::from_secs(3)), "{bad:?}");
         eventually(Duration::from_secs(3), reason, || {
-            rejected(&d, "lb", reason) > before
+            d.rejected("lb", reason) > before
         });
     }
     // Truncated, then silent: closed at the handshake timeout.
@@ -310,7 +285,7 @@ fn accepted_proxy_address_is_sent_onward() {
         "{waited:?}"
     );
     eventually(Duration::from_secs(3), "proxy_timeout counted", || {
-        rejected(&d, "lb", "proxy_timeout") >= 1
+        d.rejected("lb", "proxy_timeout") >= 1
     });
 }
 
@@ -331,7 +306,7 @@ fn proxy_header_from_untrusted_source_is_refused() {
         assert!(closed_within(&mut s, Duration::from_secs(3)));
     }
     eventually(Duration::from_secs(3), "untrusted counted", || {
-        rejected(&d, "lb", "proxy_untrusted") >= 2
+        d.rejected("lb", "proxy_untrusted") >= 2
     });
     assert_eq!(backend.connections(), 0, "nothing reached the task");
 }
@@ -357,7 +332,7 @@ fn max_connections_closes_the_excess_and_recovers() {
         closed_within(&mut c, Duration::from_secs(3)),
         "third closed"
     );
-    assert_eq!(rejected(&d, "lim", "max_connections"), 1);
+    assert_eq!(d.rejected("lim", "max_connections"), 1);
     drop(a);
     eventually(Duration::from_secs(5), "a slot to free up", || {
         connect_and_greet(listen).is_ok()
@@ -389,7 +364,7 @@ fn max_connections_per_ip_uses_the_proxy_protocol_address() {
         open("192.0.2.1").is_err(),
         "a second from the same client is closed"
     );
-    assert_eq!(rejected(&d, "perip", "max_connections_per_ip"), 1);
+    assert_eq!(d.rejected("perip", "max_connections_per_ip"), 1);
 }
 
 #[test]
@@ -427,7 +402,7 @@ addr = "{}"
     let text = String::from_utf8_lossy(&raw);
     assert!(text.starts_with("HTTP/1.1 503"), "{text}");
     assert!(text.contains("Retry-After: 1"), "{text}");
-    assert_eq!(rejected(&d, "web", "max_connections"), 1);
+    assert_eq!(d.rejected("web", "max_connections"), 1);
     drop(held);
     eventually(Duration::from_secs(5), "200 after the slot frees", || {
         support::try_http_get(listen, "/").is_ok_and(|(s, _)| s == 200)
@@ -494,13 +469,6 @@ fn fd_exhaustion_backs_off_without_spinning_and_recovers() {
 
 use support::etcd_secure::{SecureEtcd, Security};
 use support::{cli, hello, output_text};
-
-fn metric(d: &Daemon, name: &str) -> Option<f64> {
-    let (_, text) = d.admin_get("/metrics");
-    text.lines()
-        .find_map(|l| l.strip_prefix(&format!("{name} ")))
-        .and_then(|v| v.trim().parse().ok())
-}
 
 #[test]
 fn etcd_with_client_certificate_auth() {
@@ -610,7 +578,7 @@ service = "web"
         "t2 routed after token expiries",
         || hello(listen).is_ok_and(|n| n == "b2"),
     );
-    assert_eq!(metric(&d, "routemesh_discovery_up"), Some(1.0));
+    assert_eq!(d.metric("routemesh_discovery_up"), Some(1.0));
     eventually(
         Duration::from_secs(10),
         "node registered under auth",
@@ -629,7 +597,7 @@ service = "web"
     eventually(
         Duration::from_secs(15),
         "discovery down on bad credentials",
-        || metric(&d, "routemesh_discovery_up") == Some(0.0),
+        || d.metric("routemesh_discovery_up") == Some(0.0),
     );
     // Routes stay: both tasks keep serving over several failed re-lists.
     for _ in 0..3 {
@@ -646,7 +614,7 @@ service = "web"
     // The new password lands in the file: the next reconnect reads it.
     fs::write(&pw, "pw2\n").unwrap();
     eventually(Duration::from_secs(15), "discovery back up", || {
-        metric(&d, "routemesh_discovery_up") == Some(1.0)
+        d.metric("routemesh_discovery_up") == Some(1.0)
     });
     etcd.ctl(&["del", "/routemesh/tasks/web/t1"]);
     eventually(Duration::from_secs(10), "t1 removed after recovery", || {
@@ -732,12 +700,12 @@ addr = "{}"
         ),
     ];
     for (bad, reason) in reasons {
-        let before = rejected(&d, "tls", reason);
+        let before = d.rejected("tls", reason);
         let mut s = TcpStream::connect(listen).unwrap();
         s.write_all(bad).unwrap();
         assert!(closed_within(&mut s, Duration::from_secs(3)), "{reason}");
         eventually(Duration::from_secs(3), reason, || {
-            rejected(&d, "tls", reason) > before
+            d.rejected("tls", reason) > before
         });
     }
     // Silent, and truncated then silent: closed at the handshake timeout.
@@ -752,7 +720,7 @@ addr = "{}"
             t.elapsed()
         );
     }
-    assert!(rejected(&d, "tls", "tls_timeout") >= 2);
+    assert!(d.rejected("tls", "tls_timeout") >= 2);
     // Still serving after all that.
     curl_tls(listen, "mqtt.example.com", &ca).unwrap();
 }

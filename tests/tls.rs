@@ -16,38 +16,13 @@ use tokio_rustls::rustls::pki_types::{CertificateDer, ServerName};
 
 use support::nginx::Nginx;
 use support::tls_server::TlsServer;
+use support::util::closed_within;
 use support::util::parse_http_response;
 use support::util::run_bounded;
 use support::{Daemon, eventually, free_addr};
 
 // ---------------------------------------------------------------------------------------------
 // helpers
-
-/// `routemesh_rejected_connections_total{listener,reason}` (0 when absent).
-fn rejected(d: &Daemon, listener: &str, reason: &str) -> u64 {
-    let (_, text) = d.admin_get("/metrics");
-    let needle = format!(
-        "routemesh_rejected_connections_total{{listener=\"{listener}\",reason=\"{reason}\"}} "
-    );
-    text.lines()
-        .find_map(|l| l.strip_prefix(&needle))
-        .and_then(|v| v.trim().parse().ok())
-        .unwrap_or(0)
-}
-
-/// Whether the daemon closed `s` (EOF or reset) within `within`, without sending data.
-fn closed_within(s: &mut TcpStream, within: Duration) -> bool {
-    s.set_read_timeout(Some(within)).unwrap();
-    let mut b = [0u8; 64];
-    match s.read(&mut b) {
-        Ok(0) => true,
-        Ok(_) => false,
-        Err(e) => matches!(
-            e.kind(),
-            io::ErrorKind::ConnectionReset | io::ErrorKind::ConnectionAborted
-        ),
-    }
-}
 
 /// `curl https://NAME:PORT/PATH` resolved to `addr`, verifying against `ca`, with `extra`
 /// options; Ok(stdout) or Err(stderr).
@@ -152,7 +127,7 @@ addr = "{}"
     assert!(body.contains("Ciphers"), "{body}");
 
     // Unknown name: closed before any task sees it.
-    let before = rejected(&d, "sni", "tls_no_route");
+    let before = d.rejected("sni", "tls_no_route");
     let err = curl(listen, "b.example.com", "/", &ca, &[]).unwrap_err();
     assert!(!err.is_empty());
     // No SNI at all (curl sends none for an IP address).
@@ -165,7 +140,7 @@ addr = "{}"
         "a ClientHello without SNI is refused"
     );
     eventually(Duration::from_secs(3), "both counted", || {
-        rejected(&d, "sni", "tls_no_route") >= before + 2
+        d.rejected("sni", "tls_no_route") >= before + 2
     });
     // A raw ClientHello without SNI gets nothing back: the connection just closes.
     let mut s = TcpStream::connect(listen).unwrap();
@@ -323,7 +298,7 @@ fn tls_versions_handshake_timeout_and_garbage() {
     // is the daemon's.
     assert!(s_client(listen, &["-tls1_3"]));
     assert!(s_client(listen, &["-tls1_2"]));
-    let before = rejected(&d, "https", "tls_handshake_error");
+    let before = d.rejected("https", "tls_handshake_error");
     assert!(!s_client(
         listen,
         &["-tls1_1", "-cipher", "DEFAULT@SECLEVEL=0"]
@@ -335,11 +310,11 @@ fn tls_versions_handshake_timeout_and_garbage() {
     eventually(
         Duration::from_secs(3),
         "TLS 1.1 and 1.0 refused by the daemon",
-        || rejected(&d, "https", "tls_handshake_error") >= before + 2,
+        || d.rejected("https", "tls_handshake_error") >= before + 2,
     );
 
     // Garbage instead of a ClientHello: closed (after at most an alert), counted.
-    let before = rejected(&d, "https", "tls_handshake_error");
+    let before = d.rejected("https", "tls_handshake_error");
     let mut s = TcpStream::connect(listen).unwrap();
     s.write_all(b"\x16\x03\x01\x00\x05\x02\x00\x00\x01\x00garbage")
         .unwrap();
@@ -353,7 +328,7 @@ fn tls_versions_handshake_timeout_and_garbage() {
         "at most an alert: {got:?}"
     );
     eventually(Duration::from_secs(3), "garbage counted", || {
-        rejected(&d, "https", "tls_handshake_error") > before
+        d.rejected("https", "tls_handshake_error") > before
     });
 
     // Silent, and a ClientHello cut short: closed at handshake_timeout (700ms).
@@ -368,7 +343,7 @@ fn tls_versions_handshake_timeout_and_garbage() {
             "{e:?}"
         );
     }
-    assert!(rejected(&d, "https", "tls_timeout") >= 2);
+    assert!(d.rejected("https", "tls_timeout") >= 2);
     // Still serving.
     assert!(s_client(listen, &["-tls1_3"]));
 }

@@ -182,6 +182,27 @@ impl Daemon {
         self.admin_get("/readyz").0
     }
 
+    /// The value of one sample of GET /metrics, e.g.
+    /// `routemesh_discovery_up` or `name{label="v"}` (labels as the exposition orders them).
+    pub fn metric(&self, sample: &str) -> Option<f64> {
+        let (_, text) = self.admin_get("/metrics");
+        text.lines()
+            .find_map(|l| {
+                l.strip_prefix(sample)?
+                    .strip_prefix(' ')
+                    .map(str::to_string)
+            })
+            .and_then(|v| v.trim().parse().ok())
+    }
+
+    /// `routemesh_rejected_connections_total{listener,reason}` (0 when absent).
+    pub fn rejected(&self, listener: &str, reason: &str) -> u64 {
+        let sample = format!(
+            "routemesh_rejected_connections_total{{listener=\"{listener}\",reason=\"{reason}\"}}"
+        );
+        self.metric(&sample).unwrap_or(0.0) as u64
+    }
+
     /// `GET /routes` parsed as JSON (must be 200).
     pub fn routes(&self) -> serde_json::Value {
         let (status, body) = self.admin_get("/routes");

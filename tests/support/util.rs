@@ -348,3 +348,18 @@ fn decode_chunked(mut data: &[u8]) -> io::Result<Vec<u8>> {
         data = &data[size + 2..];
     }
 }
+
+/// Whether the peer closed `s` (EOF or reset) within `within`, without sending data.
+pub fn closed_within(s: &mut std::net::TcpStream, within: Duration) -> bool {
+    use std::io::Read;
+    s.set_read_timeout(Some(within)).unwrap();
+    let mut b = [0u8; 64];
+    match s.read(&mut b) {
+        Ok(0) => true,
+        Ok(_) => false,
+        Err(e) => matches!(
+            e.kind(),
+            io::ErrorKind::ConnectionReset | io::ErrorKind::ConnectionAborted
+        ),
+    }
+}
