@@ -30,7 +30,7 @@ mod proc_;
 use proc_::Proc;
 #[path = "common/stats.rs"]
 mod stats;
-use stats::{fmt_us, median, ratio};
+use stats::{env_or, env_threads, fmt_us, median, ratio};
 
 use std::collections::BTreeMap;
 use std::fmt::Write as _;
@@ -55,25 +55,12 @@ struct Opts {
     backend_workers: usize,
 }
 
-fn env_or<T: std::str::FromStr>(name: &str, default: T) -> T {
-    match std::env::var(name) {
-        Ok(v) => v
-            .parse()
-            .unwrap_or_else(|_| panic!("{name}={v:?} is not a valid value")),
-        Err(_) => default,
-    }
-}
-
 impl Opts {
     fn from_env() -> Opts {
-        let threads = std::env::var("LOAD_THREADS").unwrap_or_else(|_| "1,2".into());
         Opts {
             round_secs: env_or("LOAD_ROUND_SECS", 5),
             rounds: env_or("LOAD_ROUNDS", 3),
-            threads: threads
-                .split(',')
-                .map(|t| t.trim().parse().expect("LOAD_THREADS: numbers like 1,2"))
-                .collect(),
+            threads: env_threads("LOAD_THREADS", "1,2"),
             connections: env_or("LOAD_CONNECTIONS", 64),
             idle: env_or("LOAD_IDLE", 5000),
             backend_workers: env_or("LOAD_BACKEND_WORKERS", 1),

@@ -40,7 +40,7 @@ mod proc_;
 use proc_::Proc;
 #[path = "common/stats.rs"]
 mod stats;
-use stats::{fmt_us, median, ratio};
+use stats::{env_or, env_threads, fmt_us, median, ratio};
 
 use std::fmt::Write as _;
 use std::io::{self, Read, Write};
@@ -65,29 +65,12 @@ struct Opts {
     clients_per_thread: usize,
 }
 
-fn env_or<T: std::str::FromStr>(name: &str, default: T) -> T {
-    match std::env::var(name) {
-        Ok(v) => v
-            .parse()
-            .unwrap_or_else(|_| panic!("{name}={v:?} is not a valid value")),
-        Err(_) => default,
-    }
-}
-
 impl Opts {
     fn from_env() -> Opts {
-        let threads = std::env::var("MQTT_BENCH_THREADS").unwrap_or_else(|_| "1,2".into());
         Opts {
             secs: env_or("MQTT_BENCH_SECS", 5),
             rounds: env_or("MQTT_BENCH_ROUNDS", 3),
-            threads: threads
-                .split(',')
-                .map(|t| {
-                    t.trim()
-                        .parse()
-                        .expect("MQTT_BENCH_THREADS: numbers like 1,2")
-                })
-                .collect(),
+            threads: env_threads("MQTT_BENCH_THREADS", "1,2"),
             clients_per_thread: env_or("MQTT_BENCH_CLIENTS", 32),
         }
     }

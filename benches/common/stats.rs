@@ -1,4 +1,4 @@
-//! Number formatting shared by the comparison benches (included with `#[path]`).
+//! Knobs and number formatting shared by the comparison benches (included with `#[path]`).
 
 /// The median of `v` (NaN when empty).
 pub fn median(v: &[f64]) -> f64 {
@@ -33,4 +33,27 @@ pub fn ratio(a: f64, b: f64) -> String {
     } else {
         format!("{:.2}×", a / b)
     }
+}
+
+/// An environment knob: `default` when unset; a value that does not parse is an error.
+pub fn env_or<T: std::str::FromStr>(name: &str, default: T) -> T {
+    match std::env::var(name) {
+        Ok(v) => v
+            .parse()
+            .unwrap_or_else(|_| panic!("{name}={v:?} is not a valid value")),
+        Err(_) => default,
+    }
+}
+
+/// A comma-separated list knob of thread counts, e.g. `1,2`.
+pub fn env_threads(name: &str, default: &str) -> Vec<usize> {
+    std::env::var(name)
+        .unwrap_or_else(|_| default.into())
+        .split(',')
+        .map(|t| {
+            t.trim()
+                .parse()
+                .unwrap_or_else(|_| panic!("{name}: numbers like 1,2"))
+        })
+        .collect()
 }
