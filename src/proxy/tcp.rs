@@ -12,9 +12,11 @@ use std::io;
 use std::net::{Shutdown, SocketAddr};
 use std::sync::Arc;
 
+use bytes::BytesMut;
 use prometheus::IntCounter;
 use tokio::net::TcpStream;
 
+use super::socket::{try_read_some, write_all};
 use super::splice;
 use super::upstream::{self, ConnectError};
 use super::{ListenerCtx, OpenConnection};
@@ -200,16 +202,16 @@ pub fn reset_on_close(s: &TcpStream) {
 /// Copies `from` → `to` until EOF, then shuts down `to`'s write side.
 ///
 /// The first `SPLICE_AFTER` bytes go through a small buffer that exists only while data is
-/// flowing (dropped whenever the source has nothing more), so short connections create no
-/// pipe and idle ones hold no buffer. Past that, bulk flows move with splice(2) (no
-/// user-space copy); if no pipe can be made, the buffered copy simply goes on.
+/// flowing (released whenever the source is drained), so short connections create no pipe
+/// and idle ones hold no buffer. Past that, bulk flows move with splice(2) (no user-space
+/// copy); if no pipe can be made, the buffered copy simply goes on.
 async fn pipe(from: &TcpStream, to: &TcpStream, counter: &IntCounter) -> io::Result<()> {
     let mut moved: usize = 0;
     let mut splice_ok = splice::available();
-    let mut buf: Option<Box<[u8]>> = None;
+    let mut buf = BytesMut::new();
     loop {
         if splice_ok && moved >= SPLICE_AFTER {
-            buf = None;
+            buf = BytesMut::new();
             match splice::forward(from, to, &|n| counter.inc_by(n)).await? {
                 splice::Forwarded::Eof => {
                     let _ = socket2::SockRef::from(to).shutdown(Shutdown::Write);
@@ -218,37 +220,31 @@ async fn pipe(from: &TcpStream, to: &TcpStream, counter: &IntCounter) -> io::Res
                 splice::Forwarded::NoPipe => splice_ok = false,
             }
         }
-        if buf.is_none() {
+        if buf.capacity() == 0 {
+            // Wait for data before taking a buffer.
             from.readable().await?;
+            buf.reserve(BUF_SIZE);
         }
-        let b = buf.get_or_insert_with(|| vec![0u8; BUF_SIZE].into_boxed_slice());
-        let n = match from.try_read(b) {
-            Ok(n) => n,
-            Err(e) if e.kind() == io::ErrorKind::WouldBlock => {
-                // Nothing more for now: give the buffer back while the connection idles.
-                buf = None;
+        let offered = buf.capacity();
+        let n = match try_read_some(from, &mut buf) {
+            Some(r) => r?,
+            None => {
+                buf = BytesMut::new();
                 continue;
             }
-            Err(e) => return Err(e),
         };
         if n == 0 {
             let _ = socket2::SockRef::from(to).shutdown(Shutdown::Write);
             return Ok(());
         }
-        write_all(to, &b[..n]).await?;
+        write_all(to, &buf[..n]).await.map_err(|(_, e)| e)?;
         counter.inc_by(n as u64);
         moved += n;
-    }
-}
-
-async fn write_all(to: &TcpStream, mut data: &[u8]) -> io::Result<()> {
-    while !data.is_empty() {
-        to.writable().await?;
-        match to.try_write(data) {
-            Ok(n) => data = &data[n..],
-            Err(e) if e.kind() == io::ErrorKind::WouldBlock => continue,
-            Err(e) => return Err(e),
+        if n < offered {
+            // Drained: give the buffer back while the connection waits.
+            buf = BytesMut::new();
+        } else {
+            buf.clear();
         }
     }
-    Ok(())
 }
