@@ -14,8 +14,11 @@ use std::os::fd::{AsRawFd, FromRawFd, OwnedFd, RawFd};
 use tokio::io::Interest;
 use tokio::net::TcpStream;
 
-/// Most bytes moved per splice call (the default pipe capacity).
+/// The default pipe capacity, and most bytes moved per splice call with it.
 const CHUNK: usize = 64 * 1024;
+/// The capacity asked for a forwarding pipe: fewer, larger splices for bulk flows. Pages are
+/// only taken as data passes; the kernel may refuse (pipe-max-size), and CHUNK stays.
+const BULK_PIPE: usize = 512 * 1024;
 
 /// A non-blocking pipe; both ends close on drop.
 pub struct Pipe {
@@ -34,6 +37,19 @@ impl Pipe {
         // SAFETY: pipe2 succeeded, so both descriptors are open and owned by nobody else.
         let (read, write) = unsafe { (OwnedFd::from_raw_fd(fds[0]), OwnedFd::from_raw_fd(fds[1])) };
         Ok(Pipe { read, write })
+    }
+
+    /// Asks for a `size`-byte pipe; returns the capacity it has.
+    fn grow(&self, size: usize) -> usize {
+        // SAFETY: fcntl on a descriptor this pipe owns; F_SETPIPE_SZ takes an int.
+        let rc = unsafe {
+            libc::fcntl(
+                self.write.as_raw_fd(),
+                libc::F_SETPIPE_SZ,
+                size as libc::c_int,
+            )
+        };
+        if rc > 0 { rc as usize } else { CHUNK }
     }
 }
 
@@ -74,23 +90,38 @@ pub async fn forward(
     to: &TcpStream,
     on_bytes: &(dyn Fn(u64) + Sync),
 ) -> io::Result<Forwarded> {
-    let mut pipe: Option<Pipe> = None;
+    let mut pipe: Option<(Pipe, usize)> = None;
     loop {
         from.readable().await?;
-        let p = match &pipe {
-            Some(p) => p,
+        let (p, chunk) = match &pipe {
+            Some((p, c)) => (p, *c),
             None => match Pipe::new() {
-                Ok(p) => pipe.insert(p),
+                Ok(p) => {
+                    let c = p.grow(BULK_PIPE);
+                    let (p, c) = pipe.insert((p, c));
+                    (&*p, *c)
+                }
                 Err(_) => return Ok(Forwarded::NoPipe),
             },
         };
-        let moved = match from.try_io(Interest::READABLE, || {
-            splice(from.as_raw_fd(), p.write.as_raw_fd(), CHUNK)
-        }) {
-            Ok(0) => return Ok(Forwarded::Eof),
-            Ok(n) => n,
-            Err(e) if e.kind() == io::ErrorKind::WouldBlock => continue,
-            Err(e) => return Err(e),
+        // A splice that moved less than it could means the socket is drained: clear its
+        // readiness now (as socket.rs does for reads) rather than learn it from EAGAIN.
+        let mut got = None;
+        let r = from.try_io(Interest::READABLE, || {
+            let n = splice(from.as_raw_fd(), p.write.as_raw_fd(), chunk)?;
+            got = Some(n);
+            if n > 0 && n < chunk {
+                Err(io::ErrorKind::WouldBlock.into())
+            } else {
+                Ok(n)
+            }
+        });
+        let moved = match (r, got) {
+            (_, Some(0)) => return Ok(Forwarded::Eof),
+            (_, Some(n)) => n,
+            (Err(e), None) if e.kind() == io::ErrorKind::WouldBlock => continue,
+            (Err(e), None) => return Err(e),
+            (Ok(_), None) => continue,
         };
         // Drain the pipe into the destination before reading more.
         let mut left = moved;
