@@ -630,6 +630,40 @@ fn pipelined_requests_are_answered_in_order() {
     );
 }
 
+/// One connection whose requests start on the lean HTTP/1.1 path and move to hyper's when a
+/// request needs it (a body too large to hold, HTTP/1.0): every request is still answered,
+/// in order, with the forwarding headers.
+#[test]
+fn a_connection_moving_between_the_lean_and_hyper_paths_keeps_order() {
+    let web = Nginx::start("web");
+    let listen = free_addr();
+    let _d = proxy(listen, &task_entries("web", &[web.addr()]));
+    let mut raw = b"GET /1 HTTP/1.1\r\nHost: a\r\n\r\n".to_vec();
+    raw.extend_from_slice(b"POST /2 HTTP/1.1\r\nHost: a\r\nContent-Length: 100000\r\n\r\n");
+    raw.extend_from_slice(&vec![b'x'; 100_000]);
+    raw.extend_from_slice(b"GET /3 HTTP/1.0\r\nHost: a\r\nConnection: keep-alive\r\n\r\n");
+    raw.extend_from_slice(b"GET /4 HTTP/1.1\r\nHost: a\r\nConnection: close\r\n\r\n");
+    let out = exchange(listen, &raw);
+    let text = String::from_utf8_lossy(&out);
+    let uris: Vec<&str> = text
+        .lines()
+        .filter_map(|l| l.strip_prefix("uri="))
+        .collect();
+    assert_eq!(uris, vec!["/1", "/2", "/3", "/4"], "{text}");
+    let ok = text
+        .lines()
+        .filter(|l| l.starts_with("HTTP/1.1 200") || l.starts_with("HTTP/1.0 200"))
+        .count();
+    assert_eq!(ok, 4, "{text}");
+    assert_eq!(
+        text.lines()
+            .filter(|l| l.starts_with("xff=127.0.0.1"))
+            .count(),
+        4,
+        "every request carries X-Forwarded-For: {text}"
+    );
+}
+
 // ---------------------------------------------------------------- routing changes (etcd)
 
 #[test]

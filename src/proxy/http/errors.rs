@@ -76,12 +76,7 @@ impl ProxyError {
     /// The answer: status, `text/plain` body "<code> <reason>: <why> (service <name>)".
     pub fn response(&self, service: &str) -> Response<Body> {
         let status = self.status();
-        let text = format!(
-            "{} {}: {self} (service {service})\n",
-            status.as_u16(),
-            status.canonical_reason().unwrap_or("")
-        );
-        let mut resp = Response::new(full(Bytes::from(text)));
+        let mut resp = Response::new(full(Bytes::from(self.text(service))));
         *resp.status_mut() = status;
         let h = resp.headers_mut();
         h.insert(
@@ -93,6 +88,37 @@ impl ProxyError {
             h.insert(header::CONNECTION, HeaderValue::from_static("close"));
         }
         resp
+    }
+}
+
+impl ProxyError {
+    fn text(&self, service: &str) -> String {
+        let status = self.status();
+        format!(
+            "{} {}: {self} (service {service})\n",
+            status.as_u16(),
+            status.canonical_reason().unwrap_or("")
+        )
+    }
+
+    /// The same answer as [`ProxyError::response`], serialized for an HTTP/1.1 client;
+    /// `close` adds `Connection: close` even where the error itself keeps the connection.
+    pub fn http1(&self, service: &str, close: bool) -> Vec<u8> {
+        let status = self.status();
+        let text = self.text(service);
+        let close = if close || self.closes() {
+            "connection: close\r\n"
+        } else {
+            ""
+        };
+        format!(
+            "HTTP/1.1 {} {}\r\ncontent-type: text/plain; charset=utf-8\r\nx-routemesh-error: {}\r\ncontent-length: {}\r\n{close}\r\n{text}",
+            status.as_u16(),
+            status.canonical_reason().unwrap_or(""),
+            self.class(),
+            text.len()
+        )
+        .into_bytes()
     }
 }
 

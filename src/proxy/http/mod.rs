@@ -19,6 +19,7 @@
 mod body;
 mod errors;
 mod gate;
+mod h1;
 pub mod head;
 pub mod headers;
 mod pool;
@@ -72,15 +73,30 @@ struct Conn {
     shared: Arc<ConnShared>,
 }
 
-/// Handles one plain-TCP downstream connection on an http listener.
+/// Handles one plain-TCP downstream connection on an http listener: HTTP/1.1 on the lean
+/// path (`h1.rs`) for as long as it can, h2c and everything else through hyper.
 pub async fn handle(ctx: Arc<ListenerCtx>, client: TcpStream, peer: SocketAddr) {
     upstream::set_keepalive(&client);
     let local = client.local_addr().ok();
-    serve(ctx, client, peer, local, false).await
+    let _open = OpenConnection::count(&ctx.metrics, &ctx.name, ctx.service_label());
+    let mut client = client;
+    let accepted = Instant::now();
+    let Some((initial, h2)) = preface(&ctx, &mut client, accepted).await else {
+        return;
+    };
+    if h2 {
+        return serve_hyper(ctx, client, peer, local, false, initial, true, accepted).await;
+    }
+    match h1::serve(&ctx, &client, peer, initial, accepted).await {
+        h1::Outcome::Closed => {}
+        h1::Outcome::Handover { buf, head_started } => {
+            serve_hyper(ctx, client, peer, local, false, buf, false, head_started).await
+        }
+    }
 }
 
 /// Serves HTTP/1.1 or HTTP/2 (prior knowledge, or ALPN h2 over TLS: both start with the
-/// preface) on `client`, a TCP stream or a TLS stream after its handshake (`tls`).
+/// preface) on `client`, a TLS stream after its handshake (`tls`), through hyper.
 pub async fn serve<IO>(
     ctx: Arc<ListenerCtx>,
     mut client: IO,
@@ -91,9 +107,20 @@ pub async fn serve<IO>(
     IO: AsyncRead + AsyncWrite + Unpin + Send + 'static,
 {
     let _open = OpenConnection::count(&ctx.metrics, &ctx.name, ctx.service_label());
-
-    // HTTP/2 prior knowledge or HTTP/1: read until the preface matches or cannot match.
     let accepted = Instant::now();
+    let Some((initial, h2)) = preface(&ctx, &mut client, accepted).await else {
+        return;
+    };
+    serve_hyper(ctx, client, peer, local, tls, initial, h2, accepted).await
+}
+
+/// Reads until the HTTP/2 preface matches or cannot match: the bytes read, and whether the
+/// connection speaks HTTP/2. `None`: the client left (or the daemon drains) before a byte.
+async fn preface<IO: AsyncRead + Unpin>(
+    ctx: &ListenerCtx,
+    client: &mut IO,
+    accepted: Instant,
+) -> Option<(BytesMut, bool)> {
     let deadline = accepted + ctx.http.header_read_timeout;
     let mut initial = BytesMut::with_capacity(4096);
     let h2 = loop {
@@ -106,16 +133,33 @@ pub async fn serve<IO>(
         let read = tokio::select! {
             r = tokio::time::timeout_at(deadline, client.read_buf(&mut initial)) => r,
             // Draining: a connection that has not sent a byte has nothing to finish.
-            _ = ctx.drain.cancelled(), if initial.is_empty() => return,
+            _ = ctx.drain.cancelled(), if initial.is_empty() => return None,
         };
         match read {
             // Out of time: the gate answers 408, or closes when nothing came.
             Err(_) => break false,
-            Ok(Ok(0)) | Ok(Err(_)) => return,
+            Ok(Ok(0)) | Ok(Err(_)) => return None,
             Ok(Ok(_)) => {}
         }
     };
+    Some((initial, h2))
+}
 
+/// Serves the connection through hyper; `initial` holds bytes already read, the first
+/// head having started at `head_started`.
+#[allow(clippy::too_many_arguments)]
+async fn serve_hyper<IO>(
+    ctx: Arc<ListenerCtx>,
+    client: IO,
+    peer: SocketAddr,
+    local: Option<SocketAddr>,
+    tls: bool,
+    initial: BytesMut,
+    h2: bool,
+    accepted: Instant,
+) where
+    IO: AsyncRead + AsyncWrite + Unpin + Send + 'static,
+{
     let shared = Arc::new(ConnShared::default());
     let conn = Arc::new(Conn {
         ctx: ctx.clone(),
@@ -198,9 +242,14 @@ fn request_host(req: &Request<Incoming>) -> Option<String> {
 }
 
 fn is_idempotent(m: &Method) -> bool {
+    is_idempotent_bytes(m.as_str().as_bytes())
+}
+
+/// GET, HEAD, OPTIONS, PUT, DELETE, TRACE: may be sent twice (RFC 9110 §9.2.2).
+fn is_idempotent_bytes(m: &[u8]) -> bool {
     matches!(
-        *m,
-        Method::GET | Method::HEAD | Method::OPTIONS | Method::PUT | Method::DELETE | Method::TRACE
+        m,
+        b"GET" | b"HEAD" | b"OPTIONS" | b"PUT" | b"DELETE" | b"TRACE"
     )
 }
 
