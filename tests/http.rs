@@ -664,6 +664,70 @@ fn a_connection_moving_between_the_lean_and_hyper_paths_keeps_order() {
     );
 }
 
+/// A backend answering by path with framings nginx does not produce here: an informational
+/// 103 before a chunked response with a trailer, and an HTTP/1.0 response delimited by close.
+fn scripted_framings() -> SocketAddr {
+    let l = TcpListener::bind("127.0.0.1:0").unwrap();
+    let addr = l.local_addr().unwrap();
+    thread::spawn(move || {
+        for s in l.incoming() {
+            let Ok(mut s) = s else { return };
+            thread::spawn(move || {
+                while let Some((head, _)) = read_request(&mut s) {
+                    if head.starts_with("GET /chunked ") {
+                        let _ = s.write_all(
+                            b"HTTP/1.1 103 Early Hints\r\nLink: </a.css>\r\n\r\n\
+                              HTTP/1.1 200 OK\r\nTransfer-Encoding: chunked\r\n\
+                              Connection: x-drop\r\nX-Drop: secret\r\n\r\n\
+                              5\r\nhello\r\n6\r\n world\r\n0\r\nX-Trailer: t\r\n\r\n",
+                        );
+                    } else {
+                        let _ = s.write_all(b"HTTP/1.0 200 OK\r\nServer: old\r\n\r\nuntil close");
+                        return; // dropping the stream closes it: the end of the body
+                    }
+                }
+            });
+        }
+    });
+    addr
+}
+
+#[test]
+fn chunked_informational_and_close_delimited_responses_are_relayed() {
+    let backend = scripted_framings();
+    let listen = free_addr();
+    let _d = proxy(listen, &task_entries("web", &[backend]));
+    let started = Instant::now();
+    let raw = exchange(
+        listen,
+        b"GET /chunked HTTP/1.1\r\nHost: a\r\n\r\nGET /old HTTP/1.1\r\nHost: a\r\n\r\n",
+    );
+    let text = String::from_utf8_lossy(&raw);
+    assert!(
+        started.elapsed() < IO_TIMEOUT,
+        "the proxy closes after a close-delimited body: {text}"
+    );
+    let (first, second) = text
+        .split_once("0\r\nX-Trailer: t\r\n\r\n")
+        .unwrap_or_else(|| panic!("the chunked body and trailer pass unchanged: {text}"));
+    assert!(first.starts_with("HTTP/1.1 200 OK\r\n"), "{text}");
+    assert!(first.contains("5\r\nhello\r\n6\r\n world\r\n"), "{text}");
+    assert!(
+        !first.contains("X-Drop") && !first.to_ascii_lowercase().contains("connection: x-drop"),
+        "a field the task's Connection names is dropped: {text}"
+    );
+    assert!(
+        first.to_ascii_lowercase().contains("via: 1.1 routemesh"),
+        "{text}"
+    );
+    assert!(second.starts_with("HTTP/1.1 200 OK\r\n"), "{text}");
+    assert!(
+        second.to_ascii_lowercase().contains("connection: close"),
+        "{text}"
+    );
+    assert!(second.ends_with("\r\n\r\nuntil close"), "{text}");
+}
+
 // ---------------------------------------------------------------- routing changes (etcd)
 
 #[test]
