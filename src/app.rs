@@ -47,6 +47,24 @@ pub enum AppError {
         #[source]
         source: crate::config::edge::CertError,
     },
+    #[error("cannot start {threads} connection threads: {source}")]
+    Shards {
+        threads: usize,
+        #[source]
+        source: std::io::Error,
+    },
+}
+
+/// Connection shards for `worker_threads` > 1 (none for one: everything runs on the
+/// daemon's current-thread runtime). A reload does not change them.
+fn shards_for(config: &Config) -> Result<Option<Arc<proxy::shard::Shards>>, AppError> {
+    let threads = config.runtime.worker_threads;
+    if threads <= 1 {
+        return Ok(None);
+    }
+    proxy::shard::Shards::start(threads)
+        .map(Some)
+        .map_err(|source| AppError::Shards { threads, source })
 }
 
 /// Requests from main.rs to the running app.
@@ -344,7 +362,10 @@ pub async fn run(
         running: BTreeMap::new(),
         http: config.http.clone(),
         access_log: config.log.access,
-        conns: Connections::default(),
+        conns: Connections {
+            shards: shards_for(&config)?,
+            ..Connections::default()
+        },
         snapshot: snapshot.clone(),
         metrics: metrics.clone(),
     };
@@ -515,9 +536,10 @@ async fn reload(
         || next.discovery.backend != current.discovery.backend
         || next.discovery.endpoints != current.discovery.endpoints
         || next.discovery.prefix != current.discovery.prefix
+        || next.runtime != current.runtime
     {
         tracing::warn!(
-            "config reload: [admin], node.name and [discovery] changes need a restart; they are ignored until then"
+            "config reload: [admin], node.name, [discovery] and [runtime] changes need a restart; they are ignored until then"
         );
     }
     if let Err(e) = listeners.apply(&next).await {
@@ -541,6 +563,7 @@ async fn reload(
     next.discovery.backend = current.discovery.backend;
     next.discovery.endpoints = current.discovery.endpoints.clone();
     next.discovery.prefix = current.discovery.prefix.clone();
+    next.runtime = current.runtime.clone();
     *current = next;
     metrics
         .config_reloads_total
