@@ -47,24 +47,6 @@ pub enum AppError {
         #[source]
         source: crate::config::edge::CertError,
     },
-    #[error("cannot start {threads} connection threads: {source}")]
-    Shards {
-        threads: usize,
-        #[source]
-        source: std::io::Error,
-    },
-}
-
-/// Connection shards for `worker_threads` > 1 (none for one: everything runs on the
-/// daemon's current-thread runtime). A reload does not change them.
-fn shards_for(config: &Config) -> Result<Option<Arc<proxy::shard::Shards>>, AppError> {
-    let threads = config.runtime.worker_threads;
-    if threads <= 1 {
-        return Ok(None);
-    }
-    proxy::shard::Shards::start(threads)
-        .map(Some)
-        .map_err(|source| AppError::Shards { threads, source })
 }
 
 /// Requests from main.rs to the running app.
@@ -362,10 +344,7 @@ pub async fn run(
         running: BTreeMap::new(),
         http: config.http.clone(),
         access_log: config.log.access,
-        conns: Connections {
-            shards: shards_for(&config)?,
-            ..Connections::default()
-        },
+        conns: Connections::default(),
         snapshot: snapshot.clone(),
         metrics: metrics.clone(),
     };

@@ -187,13 +187,16 @@ fn init_tracing(config: &Config) {
 
 fn run_daemon(config: Config) -> ExitCode {
     init_tracing(&config);
-    // A current-thread runtime (no work-stealing queues or cross-thread wakeups, the shape of
-    // a single-threaded event loop). With worker_threads = N > 1, connections run on N
-    // shard threads of the same shape (proxy/shard.rs) and this one keeps the rest.
-    let runtime = match tokio::runtime::Builder::new_current_thread()
-        .enable_all()
-        .build()
-    {
+    // One worker: a current-thread runtime (no work-stealing queues or cross-thread wakeups,
+    // the same shape as a single-threaded event loop). More: the multi-threaded scheduler.
+    let mut builder = if config.runtime.worker_threads == 1 {
+        tokio::runtime::Builder::new_current_thread()
+    } else {
+        let mut b = tokio::runtime::Builder::new_multi_thread();
+        b.worker_threads(config.runtime.worker_threads);
+        b
+    };
+    let runtime = match builder.enable_all().build() {
         Ok(rt) => rt,
         Err(e) => {
             eprintln!("error: cannot start the runtime: {e}");

@@ -5,7 +5,6 @@
 use std::future::Future;
 use std::io;
 use std::net::SocketAddr;
-use std::sync::Arc;
 use std::time::Duration;
 
 use socket2::{Domain, Protocol, Socket, Type};
@@ -13,7 +12,6 @@ use tokio::net::{TcpListener, TcpStream};
 use tokio_util::sync::CancellationToken;
 use tokio_util::task::TaskTracker;
 
-use super::shard::Shards;
 use crate::ratelimit::LogLimiter;
 
 /// Binds a TCP listener for a published port.
@@ -39,8 +37,6 @@ pub struct Connections {
     pub drain: CancellationToken,
     /// Cancelled when the drain timeout is over: every connection closes.
     pub hard_stop: CancellationToken,
-    /// Where accepted connections run (`None`: on the accepting runtime).
-    pub shards: Option<Arc<Shards>>,
 }
 
 static ACCEPT_ERROR_LOG: LogLimiter = LogLimiter::new(1000);
@@ -52,8 +48,7 @@ pub(crate) fn is_resource_exhaustion(e: &io::Error) -> bool {
     )
 }
 
-/// Accepts until `stop` fires, running `handle` for each connection under `conns` (on a
-/// shard when there are shards).
+/// Accepts until `stop` fires, running `handle` for each connection under `conns`.
 pub async fn accept_loop<F, Fut>(
     name: String,
     listener: &TcpListener,
@@ -61,10 +56,9 @@ pub async fn accept_loop<F, Fut>(
     conns: Connections,
     handle: F,
 ) where
-    F: Fn(TcpStream, SocketAddr) -> Fut + Send + Sync + 'static,
+    F: Fn(TcpStream, SocketAddr) -> Fut,
     Fut: Future<Output = ()> + Send + 'static,
 {
-    let handle = Arc::new(handle);
     let mut backoff = Duration::from_millis(10);
     loop {
         let accepted = tokio::select! {
@@ -75,34 +69,14 @@ pub async fn accept_loop<F, Fut>(
             Ok((stream, peer)) => {
                 backoff = Duration::from_millis(10);
                 let _ = stream.set_nodelay(true);
+                let fut = handle(stream, peer);
                 let hard_stop = conns.hard_stop.clone();
-                match &conns.shards {
-                    None => {
-                        let fut = handle(stream, peer);
-                        conns.tracker.spawn(async move {
-                            tokio::select! {
-                                _ = fut => {}
-                                _ = hard_stop.cancelled() => {}
-                            }
-                        });
+                conns.tracker.spawn(async move {
+                    tokio::select! {
+                        _ = fut => {}
+                        _ = hard_stop.cancelled() => {}
                     }
-                    Some(shards) => {
-                        // The socket moves to the shard's reactor: out of ours here, into
-                        // the shard's when its task first runs.
-                        let Ok(std) = stream.into_std() else { continue };
-                        let handle = handle.clone();
-                        let task = conns.tracker.track_future(async move {
-                            let Ok(stream) = TcpStream::from_std(std) else {
-                                return;
-                            };
-                            tokio::select! {
-                                _ = handle(stream, peer) => {}
-                                _ = hard_stop.cancelled() => {}
-                            }
-                        });
-                        shards.pick().spawn(task);
-                    }
-                }
+                });
             }
             Err(e) => {
                 // Per-connection errors (the peer reset before accept) need no pause;

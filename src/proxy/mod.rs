@@ -9,7 +9,6 @@ pub mod edge;
 pub mod http;
 pub mod listener;
 pub mod proxy_protocol;
-pub mod shard;
 pub mod socket;
 pub mod splice;
 pub mod tcp;
