@@ -14,10 +14,14 @@ use tokio_util::task::TaskTracker;
 
 use crate::ratelimit::LogLimiter;
 
-/// Binds a TCP listener for a published port.
+/// Binds a TCP listener for a published port. TCP_NODELAY and keepalive are set on the
+/// listening socket: Linux copies them to every accepted connection, which saves five
+/// system calls per connection.
 pub fn bind(addr: SocketAddr) -> io::Result<TcpListener> {
     let socket = Socket::new(Domain::for_address(addr), Type::STREAM, Some(Protocol::TCP))?;
     socket.set_reuse_address(true)?;
+    socket.set_tcp_nodelay(true)?;
+    socket.set_tcp_keepalive(&super::upstream::keepalive())?;
     if addr.is_ipv6() {
         // "[::]:80" serves IPv4 too unless the system says otherwise.
         let _ = socket.set_only_v6(false);
@@ -68,7 +72,6 @@ pub async fn accept_loop<F, Fut>(
         match accepted {
             Ok((stream, peer)) => {
                 backoff = Duration::from_millis(10);
-                let _ = stream.set_nodelay(true);
                 let fut = handle(stream, peer);
                 let hard_stop = conns.hard_stop.clone();
                 conns.tracker.spawn(async move {
@@ -98,4 +101,22 @@ pub async fn accept_loop<F, Fut>(
         }
     }
     tracing::info!(listener = %name, "stopped accepting");
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[tokio::test]
+    async fn accepted_connections_inherit_nodelay_and_keepalive() {
+        let l = bind("127.0.0.1:0".parse().unwrap()).unwrap();
+        let _c = TcpStream::connect(l.local_addr().unwrap()).await.unwrap();
+        let (s, _) = l.accept().await.unwrap();
+        assert!(s.nodelay().unwrap());
+        let r = socket2::SockRef::from(&s);
+        assert!(r.keepalive().unwrap());
+        assert_eq!(r.tcp_keepalive_time().unwrap(), Duration::from_secs(60));
+        assert_eq!(r.tcp_keepalive_interval().unwrap(), Duration::from_secs(10));
+        assert_eq!(r.tcp_keepalive_retries().unwrap(), 6);
+    }
 }

@@ -198,7 +198,6 @@ pub async fn terminate(
     client: TcpStream,
     peer: SocketAddr,
 ) {
-    super::upstream::set_keepalive(&client);
     let local = client.local_addr().ok();
     let handshake = term.acceptor.accept(client);
     let bounded = tokio::select! {

@@ -52,13 +52,19 @@ pub async fn dial(addr: SocketAddr, timeout: std::time::Duration) -> io::Result<
     Ok(stream)
 }
 
-/// TCP keepalive so that a peer that vanished is noticed on long idle connections.
-pub fn set_keepalive(stream: &TcpStream) {
-    let ka = socket2::TcpKeepalive::new()
+/// TCP keepalive so that a peer that vanished is noticed on long idle connections: probes
+/// after 60 s idle, every 10 s, 6 unanswered ones close it.
+pub fn keepalive() -> socket2::TcpKeepalive {
+    socket2::TcpKeepalive::new()
         .with_time(std::time::Duration::from_secs(60))
         .with_interval(std::time::Duration::from_secs(10))
-        .with_retries(6);
-    let _ = socket2::SockRef::from(stream).set_tcp_keepalive(&ka);
+        .with_retries(6)
+}
+
+/// [`keepalive`] on a connection this node opened (accepted ones inherit it from their
+/// listening socket, see `listener::bind`).
+pub fn set_keepalive(stream: &TcpStream) {
+    let _ = socket2::SockRef::from(stream).set_tcp_keepalive(&keepalive());
 }
 
 /// Connects to a task of `svc`, failing over to other tasks. `hash` is the key hash for

@@ -48,7 +48,6 @@ use self::errors::ProxyError;
 use self::gate::{ConnShared, Gate, GateLimits};
 use self::headers::Forwarding;
 use self::pool::{Pool, SendError, Sender};
-use super::upstream;
 use super::{ListenerCtx, OpenConnection};
 use crate::config::{ServiceName, UpstreamProtocol};
 use crate::ratelimit::LogLimiter;
@@ -76,8 +75,6 @@ struct Conn {
 /// Handles one plain-TCP downstream connection on an http listener: HTTP/1.1 on the lean
 /// path (`h1.rs`) for as long as it can, h2c and everything else through hyper.
 pub async fn handle(ctx: Arc<ListenerCtx>, client: TcpStream, peer: SocketAddr) {
-    upstream::set_keepalive(&client);
-    let local = client.local_addr().ok();
     let _open = OpenConnection::count(&ctx.metrics, &ctx.name, ctx.service_label());
     let mut client = client;
     let accepted = Instant::now();
@@ -85,11 +82,13 @@ pub async fn handle(ctx: Arc<ListenerCtx>, client: TcpStream, peer: SocketAddr) 
         return;
     };
     if h2 {
+        let local = client.local_addr().ok();
         return serve_hyper(ctx, client, peer, local, false, initial, true, accepted).await;
     }
     match h1::serve(&ctx, &client, peer, initial, accepted).await {
         h1::Outcome::Closed => {}
         h1::Outcome::Handover { buf, head_started } => {
+            let local = client.local_addr().ok();
             serve_hyper(ctx, client, peer, local, false, buf, false, head_started).await
         }
     }
