@@ -26,7 +26,7 @@ use tokio::net::TcpStream;
 use tokio::time::Instant;
 
 use super::errors::ProxyError;
-use super::head::{Chunked, Framing, check_head};
+use super::head::{Chunked, Framing, check_head, trim_ows as trim};
 use super::{UPSTREAM_LOG, is_idempotent_bytes, route};
 use crate::config::{Balance, HashKey, UpstreamProtocol};
 use crate::proxy::socket::{read_some, write_all};
@@ -253,18 +253,6 @@ fn is_hop_by_hop(name: &[u8]) -> bool {
         b"proxy-authorization",
     ];
     HOP.iter().any(|h| h.eq_ignore_ascii_case(name))
-}
-
-fn trim(v: &[u8]) -> &[u8] {
-    let start = v
-        .iter()
-        .position(|b| !matches!(b, b' ' | b'\t'))
-        .unwrap_or(v.len());
-    let end = v
-        .iter()
-        .rposition(|b| !matches!(b, b' ' | b'\t'))
-        .map_or(start, |i| i + 1);
-    &v[start..end]
 }
 
 /// The comma-separated tokens of every `Connection` field.

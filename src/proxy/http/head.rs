@@ -56,7 +56,7 @@ fn is_value_byte(b: u8) -> bool {
     b == b'\t' || b == b' ' || (0x21..=0x7e).contains(&b) || b >= 0x80
 }
 
-fn trim_ows(v: &[u8]) -> &[u8] {
+pub(crate) fn trim_ows(v: &[u8]) -> &[u8] {
     let start = v
         .iter()
         .position(|b| !matches!(b, b' ' | b'\t'))
