@@ -180,6 +180,19 @@ fn read_request(s: &mut TcpStream) -> Option<(String, Vec<u8>)> {
     Some((head, body))
 }
 
+/// A raw backend on a free loopback port: `serve` runs on its own thread per connection.
+fn raw_backend(serve: fn(TcpStream)) -> SocketAddr {
+    let l = TcpListener::bind("127.0.0.1:0").unwrap();
+    let addr = l.local_addr().unwrap();
+    thread::spawn(move || {
+        for s in l.incoming() {
+            let Ok(s) = s else { return };
+            thread::spawn(move || serve(s));
+        }
+    });
+    addr
+}
+
 #[derive(Clone, Copy)]
 enum Misbehaviour {
     /// Answers the first request of a connection, then closes it when the second arrives.
@@ -673,29 +686,21 @@ fn a_connection_moving_between_the_lean_and_hyper_paths_keeps_order() {
 /// A backend answering by path with framings nginx does not produce here: an informational
 /// 103 before a chunked response with a trailer, and an HTTP/1.0 response delimited by close.
 fn scripted_framings() -> SocketAddr {
-    let l = TcpListener::bind("127.0.0.1:0").unwrap();
-    let addr = l.local_addr().unwrap();
-    thread::spawn(move || {
-        for s in l.incoming() {
-            let Ok(mut s) = s else { return };
-            thread::spawn(move || {
-                while let Some((head, _)) = read_request(&mut s) {
-                    if head.starts_with("GET /chunked ") {
-                        let _ = s.write_all(
-                            b"HTTP/1.1 103 Early Hints\r\nLink: </a.css>\r\n\r\n\
-                              HTTP/1.1 200 OK\r\nTransfer-Encoding: chunked\r\n\
-                              Connection: x-drop\r\nX-Drop: secret\r\n\r\n\
-                              5\r\nhello\r\n6\r\n world\r\n0\r\nX-Trailer: t\r\n\r\n",
-                        );
-                    } else {
-                        let _ = s.write_all(b"HTTP/1.0 200 OK\r\nServer: old\r\n\r\nuntil close");
-                        return; // dropping the stream closes it: the end of the body
-                    }
-                }
-            });
+    raw_backend(|mut s| {
+        while let Some((head, _)) = read_request(&mut s) {
+            if head.starts_with("GET /chunked ") {
+                let _ = s.write_all(
+                    b"HTTP/1.1 103 Early Hints\r\nLink: </a.css>\r\n\r\n\
+                      HTTP/1.1 200 OK\r\nTransfer-Encoding: chunked\r\n\
+                      Connection: x-drop\r\nX-Drop: secret\r\n\r\n\
+                      5\r\nhello\r\n6\r\n world\r\n0\r\nX-Trailer: t\r\n\r\n",
+                );
+            } else {
+                let _ = s.write_all(b"HTTP/1.0 200 OK\r\nServer: old\r\n\r\nuntil close");
+                return; // dropping the stream closes it: the end of the body
+            }
         }
-    });
-    addr
+    })
 }
 
 #[test]
@@ -882,44 +887,36 @@ fn header_value(head: &str, name: &str) -> String {
 
 /// A WebSocket echo server: 101, then each (masked, short) client frame comes back unmasked.
 fn websocket_echo() -> SocketAddr {
-    let l = TcpListener::bind("127.0.0.1:0").unwrap();
-    let addr = l.local_addr().unwrap();
-    thread::spawn(move || {
-        for s in l.incoming() {
-            let Ok(mut s) = s else { return };
-            thread::spawn(move || {
-                let Some((head, _)) = read_request_head_only(&mut s) else {
-                    return;
-                };
-                if !header_value(&head, "upgrade").eq_ignore_ascii_case("websocket") {
-                    let _ = s.write_all(b"HTTP/1.1 400 Bad Request\r\nContent-Length: 0\r\n\r\n");
-                    return;
-                }
-                let _ = s.write_all(b"HTTP/1.1 101 Switching Protocols\r\nUpgrade: websocket\r\nConnection: Upgrade\r\nSec-WebSocket-Accept: s3pPLMBiTxaQ9kYGzzhZRbK+xOo=\r\n\r\n");
-                loop {
-                    let mut h = [0u8; 2];
-                    if s.read_exact(&mut h).is_err() {
-                        return;
-                    }
-                    let len = (h[1] & 0x7f) as usize;
-                    let mut mask = [0u8; 4];
-                    let mut payload = vec![0u8; len];
-                    if s.read_exact(&mut mask).is_err() || s.read_exact(&mut payload).is_err() {
-                        return;
-                    }
-                    for (i, p) in payload.iter_mut().enumerate() {
-                        *p ^= mask[i % 4];
-                    }
-                    let mut frame = vec![h[0], len as u8];
-                    frame.extend_from_slice(&payload);
-                    if s.write_all(&frame).is_err() {
-                        return;
-                    }
-                }
-            });
+    raw_backend(|mut s| {
+        let Some((head, _)) = read_request_head_only(&mut s) else {
+            return;
+        };
+        if !header_value(&head, "upgrade").eq_ignore_ascii_case("websocket") {
+            let _ = s.write_all(b"HTTP/1.1 400 Bad Request\r\nContent-Length: 0\r\n\r\n");
+            return;
         }
-    });
-    addr
+        let _ = s.write_all(b"HTTP/1.1 101 Switching Protocols\r\nUpgrade: websocket\r\nConnection: Upgrade\r\nSec-WebSocket-Accept: s3pPLMBiTxaQ9kYGzzhZRbK+xOo=\r\n\r\n");
+        loop {
+            let mut h = [0u8; 2];
+            if s.read_exact(&mut h).is_err() {
+                return;
+            }
+            let len = (h[1] & 0x7f) as usize;
+            let mut mask = [0u8; 4];
+            let mut payload = vec![0u8; len];
+            if s.read_exact(&mut mask).is_err() || s.read_exact(&mut payload).is_err() {
+                return;
+            }
+            for (i, p) in payload.iter_mut().enumerate() {
+                *p ^= mask[i % 4];
+            }
+            let mut frame = vec![h[0], len as u8];
+            frame.extend_from_slice(&payload);
+            if s.write_all(&frame).is_err() {
+                return;
+            }
+        }
+    })
 }
 
 #[test]
