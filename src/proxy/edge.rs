@@ -21,6 +21,7 @@ use tokio::net::TcpStream;
 use tokio::time::Instant;
 
 use super::proxy_protocol::{self, Header, Parse};
+use super::socket::{PeekReasons, peek_until};
 use crate::config::ListenerEdge;
 use crate::metrics::Metrics;
 use crate::ratelimit::LogLimiter;
@@ -225,38 +226,28 @@ pub async fn read_proxy_header(
     stream: &mut TcpStream,
     deadline: Instant,
 ) -> Result<Header, &'static str> {
-    let mut buf = vec![0u8; 256];
-    let mut seen = 0;
-    loop {
-        let n = match tokio::time::timeout_at(deadline, stream.peek(&mut buf)).await {
-            Err(_) => return Err("proxy_timeout"),
-            Ok(Err(_)) => return Err("proxy_read_error"),
-            Ok(Ok(0)) => return Err("proxy_closed"),
-            Ok(Ok(n)) => n,
-        };
-        match proxy_protocol::parse(&buf[..n]) {
-            Ok(Parse::Complete { header, len }) => {
-                let mut consumed = vec![0u8; len];
-                return match stream.read_exact(&mut consumed).await {
-                    Ok(_) => Ok(header),
-                    Err(_) => Err("proxy_read_error"),
-                };
-            }
-            Err(e) => return Err(e.reason()),
-            Ok(Parse::NeedMore) => {
-                if n == buf.len() && buf.len() < proxy_protocol::MAX_V2_LEN {
-                    // A v2 header with large TLVs: look further.
-                    let grown = (buf.len() * 4).min(proxy_protocol::MAX_V2_LEN);
-                    buf.resize(grown, 0);
-                } else if n == seen {
-                    // Peek returns at once while old bytes wait: pause for new ones.
-                    tokio::select! {
-                        _ = tokio::time::sleep(Duration::from_millis(5)) => {}
-                        _ = tokio::time::sleep_until(deadline) => return Err("proxy_timeout"),
-                    }
-                }
-                seen = n;
-            }
-        }
+    const REASONS: PeekReasons = PeekReasons {
+        timeout: "proxy_timeout",
+        read_error: "proxy_read_error",
+        closed: "proxy_closed",
+    };
+    // v1 fits in 107 bytes; a v2 header with large TLVs makes the buffer grow.
+    let (header, len) = peek_until(
+        stream,
+        256,
+        proxy_protocol::MAX_V2_LEN,
+        deadline,
+        &REASONS,
+        |bytes| match proxy_protocol::parse(bytes) {
+            Ok(Parse::Complete { header, len }) => Ok(Some((header, len))),
+            Ok(Parse::NeedMore) => Ok(None),
+            Err(e) => Err(e.reason()),
+        },
+    )
+    .await?;
+    let mut consumed = vec![0u8; len];
+    match stream.read_exact(&mut consumed).await {
+        Ok(_) => Ok(header),
+        Err(_) => Err("proxy_read_error"),
     }
 }

@@ -6,13 +6,16 @@
 //! new data raises a new edge, and tokio keeps the read-closed state (FIN, reset) across
 //! clears.
 //!
-//! Owns no connection state; callers own their buffers.
+//! Also: peeking at a connection's first bytes until a parser is satisfied (PROXY headers,
+//! TLS ClientHellos). Owns no connection state; callers own their buffers.
 
 use std::io;
+use std::time::Duration;
 
 use bytes::BytesMut;
 use tokio::io::Interest;
 use tokio::net::TcpStream;
+use tokio::time::Instant;
 
 /// Spare room below which a read buffer grows before reading.
 const MIN_SPARE: usize = 2048;
@@ -71,6 +74,50 @@ pub async fn write_all(s: &TcpStream, data: &[u8]) -> Result<(), (usize, io::Err
         }
     }
     Ok(())
+}
+
+/// Reasons [`peek_until`] gives for the socket itself (metric labels of its caller).
+pub struct PeekReasons {
+    pub timeout: &'static str,
+    pub read_error: &'static str,
+    pub closed: &'static str,
+}
+
+/// Peeks at what waits on `s` (nothing is consumed) until `parse` is done with it:
+/// `Ok(Some(_))` complete, `Ok(None)` needs more, `Err(reason)` never will be. The buffer
+/// starts at `initial` bytes and grows fourfold up to `max` while full. Past `deadline`:
+/// `reasons.timeout`.
+pub async fn peek_until<T>(
+    s: &TcpStream,
+    initial: usize,
+    max: usize,
+    deadline: Instant,
+    reasons: &PeekReasons,
+    mut parse: impl FnMut(&[u8]) -> Result<Option<T>, &'static str>,
+) -> Result<T, &'static str> {
+    let mut buf = vec![0u8; initial.min(max)];
+    let mut seen = 0;
+    loop {
+        let n = match tokio::time::timeout_at(deadline, s.peek(&mut buf)).await {
+            Err(_) => return Err(reasons.timeout),
+            Ok(Err(_)) => return Err(reasons.read_error),
+            Ok(Ok(0)) => return Err(reasons.closed),
+            Ok(Ok(n)) => n,
+        };
+        if let Some(done) = parse(&buf[..n])? {
+            return Ok(done);
+        }
+        if n == buf.len() && buf.len() < max {
+            buf.resize((buf.len() * 4).min(max), 0);
+        } else if n == seen {
+            // Peek returns at once while old bytes wait: pause for new ones.
+            tokio::select! {
+                _ = tokio::time::sleep(Duration::from_millis(5)) => {}
+                _ = tokio::time::sleep_until(deadline) => return Err(reasons.timeout),
+            }
+        }
+        seen = n;
+    }
 }
 
 #[cfg(test)]

@@ -19,7 +19,6 @@
 
 use std::net::SocketAddr;
 use std::sync::Arc;
-use std::time::Duration;
 
 use arc_swap::ArcSwap;
 use tokio::net::TcpStream;
@@ -33,6 +32,7 @@ use super::ListenerCtx;
 use super::client_hello::{self, Hello};
 use super::edge::count_rejected;
 use super::http::route::host_matches;
+use super::socket::{PeekReasons, peek_until};
 use crate::config::edge::{CertConfig, CertError, load_cert_pair, tls_provider};
 
 /// A tls listener's routes, each with the context its connections run under.
@@ -97,28 +97,24 @@ pub async fn peek_client_hello(
     max: usize,
     deadline: Instant,
 ) -> Result<Option<String>, &'static str> {
-    let mut buf = vec![0u8; max];
-    let mut seen = 0;
-    loop {
-        let n = match tokio::time::timeout_at(deadline, client.peek(&mut buf)).await {
-            Err(_) => return Err("tls_timeout"),
-            Ok(Err(_)) => return Err("tls_read_error"),
-            Ok(Ok(0)) => return Err("tls_closed"),
-            Ok(Ok(n)) => n,
-        };
-        match client_hello::parse(&buf[..n], max) {
-            Ok(Hello::Complete { sni }) => return Ok(sni),
-            Err(e) => return Err(e.reason()),
-            Ok(Hello::NeedMore) if n == seen => {
-                // Peek returns at once while old bytes wait: pause for new ones.
-                tokio::select! {
-                    _ = tokio::time::sleep(Duration::from_millis(5)) => {}
-                    _ = tokio::time::sleep_until(deadline) => return Err("tls_timeout"),
-                }
-            }
-            Ok(Hello::NeedMore) => seen = n,
-        }
-    }
+    const REASONS: PeekReasons = PeekReasons {
+        timeout: "tls_timeout",
+        read_error: "tls_read_error",
+        closed: "tls_closed",
+    };
+    peek_until(
+        client,
+        max,
+        max,
+        deadline,
+        &REASONS,
+        |bytes| match client_hello::parse(bytes, max) {
+            Ok(Hello::Complete { sni }) => Ok(Some(sni)),
+            Ok(Hello::NeedMore) => Ok(None),
+            Err(e) => Err(e.reason()),
+        },
+    )
+    .await
 }
 
 // ---------------------------------------------------------------------------------------------
