@@ -12,7 +12,8 @@
 //! upstreams.
 //!
 //! Idle task connections are kept per worker thread (a tokio socket belongs to its
-//! runtime), newest first, for at most [`IDLE_MAX`].
+//! runtime), newest first, for at most [`IDLE_MAX`]; expired ones of every task are dropped
+//! at least every [`IDLE_MAX`] while the thread serves requests.
 
 use std::cell::RefCell;
 use std::collections::HashMap;
@@ -60,9 +61,18 @@ pub enum Outcome {
     },
 }
 
+/// Idle task connections of one worker thread.
+struct Idle {
+    by_addr: HashMap<SocketAddr, Vec<(Instant, TcpStream)>>,
+    /// When expired connections of every task were last dropped.
+    swept: Instant,
+}
+
 thread_local! {
-    static IDLE: RefCell<HashMap<SocketAddr, Vec<(Instant, TcpStream)>>> =
-        RefCell::new(HashMap::new());
+    static IDLE: RefCell<Idle> = RefCell::new(Idle {
+        by_addr: HashMap::new(),
+        swept: Instant::now(),
+    });
 }
 
 /// Whether a kept connection is still open: nothing to read (a FIN or stray bytes mean
@@ -75,7 +85,7 @@ fn still_open(s: &TcpStream) -> bool {
 fn checkout(addr: SocketAddr) -> Option<TcpStream> {
     IDLE.with(|idle| {
         let mut idle = idle.borrow_mut();
-        let list = idle.get_mut(&addr)?;
+        let list = idle.by_addr.get_mut(&addr)?;
         let now = Instant::now();
         while let Some((since, s)) = list.pop() {
             if now.duration_since(since) < IDLE_MAX && still_open(&s) {
@@ -86,11 +96,25 @@ fn checkout(addr: SocketAddr) -> Option<TcpStream> {
     })
 }
 
+/// Drops connections idle for [`IDLE_MAX`] or more, and tasks left with none.
+fn expire<T>(by_addr: &mut HashMap<SocketAddr, Vec<(Instant, T)>>, now: Instant) {
+    by_addr.retain(|_, list| {
+        list.retain(|(since, _)| now.duration_since(*since) < IDLE_MAX);
+        !list.is_empty()
+    });
+}
+
 fn checkin(addr: SocketAddr, s: TcpStream) {
     IDLE.with(|idle| {
         let mut idle = idle.borrow_mut();
-        let list = idle.entry(addr).or_default();
         let now = Instant::now();
+        // Now and then drop what expired everywhere, so tasks that went away (and whose
+        // connections nobody checks out any more) do not keep descriptors open.
+        if now.duration_since(idle.swept) > IDLE_MAX {
+            idle.swept = now;
+            expire(&mut idle.by_addr, now);
+        }
+        let list = idle.by_addr.entry(addr).or_default();
         if list.len() >= IDLE_PER_ADDR {
             list.retain(|(since, _)| now.duration_since(*since) < IDLE_MAX);
         }
@@ -1026,6 +1050,24 @@ mod tests {
         let mut out = Vec::new();
         rewrite_response(&raw[..head.len], &head, close, &mut out);
         String::from_utf8(out).unwrap()
+    }
+
+    #[test]
+    fn expiry_drops_old_connections_and_empty_tasks() {
+        let t0 = Instant::now();
+        let (a, b): (SocketAddr, SocketAddr) = (
+            "10.0.0.1:80".parse().unwrap(),
+            "10.0.0.2:80".parse().unwrap(),
+        );
+        let mut m = HashMap::new();
+        m.insert(a, vec![(t0, 1)]);
+        m.insert(b, vec![(t0, 2), (t0 + Duration::from_secs(20), 3)]);
+        expire(&mut m, t0 + IDLE_MAX + Duration::from_secs(1));
+        assert!(
+            !m.contains_key(&a),
+            "a task whose connections all expired goes"
+        );
+        assert_eq!(m[&b].iter().map(|(_, v)| *v).collect::<Vec<_>>(), vec![3]);
     }
 
     #[test]
