@@ -392,8 +392,13 @@ retries = 1
 {tasks}"#
         ),
     );
+    let asked = Instant::now();
     let (status, body) = get(listen, "x", "/empty", "");
     assert_eq!(status, 503, "{body}");
+    assert!(
+        asked.elapsed() < Duration::from_secs(5),
+        "the proxy answers and closes, as `Connection: close` asked"
+    );
     assert!(
         body.contains("no live task") && body.contains("service empty"),
         "{body}"

@@ -201,8 +201,8 @@ struct Request {
 /// What preparing a request decided.
 enum Prepared {
     Send(Request),
-    /// Answer at once (404, 503).
-    Answer(ProxyError, String, AccessInfo),
+    /// Answer at once (404, 503); `bool`: the client asked to close.
+    Answer(ProxyError, String, AccessInfo, bool),
     Handover,
 }
 
@@ -427,12 +427,12 @@ impl Client<'_> {
             let request = match prepared {
                 Prepared::Handover => return Some(started),
                 Prepared::Send(r) => r,
-                Prepared::Answer(e, service, info) => {
+                Prepared::Answer(e, service, info, close) => {
                     buf.advance(head_len + body_len);
-                    let answer = e.http1(&service, false);
+                    let answer = e.http1(&service, close);
                     let ok = write_all(self.stream, &answer).await.is_ok();
                     self.account(&service, e.status().as_u16(), started, None, &info);
-                    if !ok || e.closes() || self.ctx.drain.is_cancelled() {
+                    if !ok || close || e.closes() || self.ctx.drain.is_cancelled() {
                         return None;
                     }
                     head_started = (!buf.is_empty()).then(Instant::now);
@@ -482,6 +482,8 @@ impl Client<'_> {
                     .filter(|v| v.bytes().all(|b| (0x20..0x7f).contains(&b) || b == b'\t'));
             }
         }
+        let tokens = connection_tokens(headers);
+        let close = has_token(&tokens, b"close");
         let path = target.split('?').next().unwrap_or(target);
         let host = host_raw.and_then(route::normalize_host);
         let ctx = self.ctx;
@@ -495,14 +497,14 @@ impl Client<'_> {
             let e = ProxyError::NoRoute {
                 host: host.unwrap_or_default(),
             };
-            return Prepared::Answer(e, String::new(), access());
+            return Prepared::Answer(e, String::new(), access(), close);
         };
         let Some(service) = ctx.snapshot.load().service(name) else {
             ctx.metrics
                 .no_live_task_total
                 .with_label_values(&[name.as_str()])
                 .inc();
-            return Prepared::Answer(ProxyError::NoLiveTask, name.to_string(), access());
+            return Prepared::Answer(ProxyError::NoLiveTask, name.to_string(), access(), close);
         };
         let settings = &service.settings;
         if settings.upstream_protocol != UpstreamProtocol::Http1 || settings.send_proxy.is_some() {
@@ -522,7 +524,6 @@ impl Client<'_> {
 
         // The head for the task: hop-by-hop fields and those `Connection` names go first,
         // then the forwarding fields are added (a client cannot make us drop ours).
-        let tokens = connection_tokens(headers);
         let out = &mut self.out;
         out.clear();
         out.extend_from_slice(method.as_bytes());
@@ -580,7 +581,7 @@ impl Client<'_> {
         Prepared::Send(Request {
             idempotent: is_idempotent_bytes(method.as_bytes()),
             head_method: method == "HEAD",
-            close: has_token(&tokens, b"close"),
+            close,
             hash,
             method: if access_log {
                 method.to_string()
