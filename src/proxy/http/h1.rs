@@ -737,7 +737,8 @@ impl Client<'_> {
                         attempts: self.tried.len(),
                         last: format!("{} ({}): {why}", task.id, task.addr),
                     };
-                    match parse_response(&self.rbuf, req.head_method) {
+                    // A final head is rewritten into `out` (the request is sent by then).
+                    match parse_response(&self.rbuf, req.head_method, req.close, &mut self.out) {
                         Ok(Some(h)) if h.code == 101 => {
                             break 'attempts Some(fail("101 without an upgrade request".into()));
                         }
@@ -796,8 +797,7 @@ impl Client<'_> {
             };
             task.state
                 .observe_latency_us(sent_at.elapsed().as_micros().max(1) as u64);
-            let close = req.close || head.framing == ResponseFraming::Close;
-            let (reusable, client_ok) = self.relay(&up, &head, close, name).await;
+            let (reusable, client_ok) = self.relay(&up, &head, name).await;
             drop(in_flight);
             if reusable {
                 self.held = Some((task.addr, up));
@@ -805,7 +805,7 @@ impl Client<'_> {
             let m = Meters::get(&mut self.meters, ctx, name);
             m.rx.inc_by(body_len);
             self.account(name, head.code, started, Some(&task), &info);
-            return client_ok && !close;
+            return client_ok && !head.close;
         };
         let e = failure.unwrap_or_else(|| {
             ctx.metrics
@@ -834,17 +834,10 @@ impl Client<'_> {
         ok && !req.close
     }
 
-    /// Writes the response head (rewritten) and body to the client. Returns whether the
-    /// task connection can be kept and whether the client connection is still good.
-    async fn relay(
-        &mut self,
-        up: &TcpStream,
-        head: &ResponseHead,
-        close: bool,
-        service: &str,
-    ) -> (bool, bool) {
-        self.out.clear();
-        rewrite_response(&self.rbuf[..head.len], head, close, &mut self.out);
+    /// Writes the response head (rewritten into `out` by [`parse_response`]) and body to
+    /// the client. Returns whether the task connection can be kept and whether the client
+    /// connection is still good.
+    async fn relay(&mut self, up: &TcpStream, head: &ResponseHead, service: &str) -> (bool, bool) {
         self.rbuf.advance(head.len);
         let mut tx = 0u64;
         let mut chunked = Chunked::default();
@@ -933,10 +926,21 @@ struct ResponseHead {
     framing: ResponseFraming,
     /// HTTP/1.1 without `Connection: close`.
     keep_alive: bool,
+    /// The client connection closes after this response (it asked to, or the body ends
+    /// with the task's connection).
+    close: bool,
 }
 
-/// Parses a response head at the start of `buf`: `Ok(None)` until it is complete.
-fn parse_response(buf: &[u8], head_request: bool) -> Result<Option<ResponseHead>, String> {
+/// Parses a response head at the start of `buf`: `Ok(None)` until it is complete. A final
+/// (not 1xx) head is also rewritten for the client into `out`, in the same pass: status
+/// line, the task's fields minus hop-by-hop ones (framing fields kept as the body is
+/// relayed), `Via`, and `Connection: close` when closing (`client_close`: the client asked).
+fn parse_response(
+    buf: &[u8],
+    head_request: bool,
+    client_close: bool,
+    out: &mut Vec<u8>,
+) -> Result<Option<ResponseHead>, String> {
     let mut fields = [httparse::EMPTY_HEADER; MAX_RESPONSE_HEADERS];
     let mut resp = httparse::Response::new(&mut fields);
     let len = match resp.parse(buf) {
@@ -965,7 +969,8 @@ fn parse_response(buf: &[u8], head_request: bool) -> Result<Option<ResponseHead>
             te = Some(h.value);
         }
     }
-    let framing = if head_request || (100..200).contains(&code) || code == 204 || code == 304 {
+    let informational = (100..200).contains(&code);
+    let framing = if head_request || informational || code == 204 || code == 304 {
         ResponseFraming::Empty
     } else if let Some(te) = te {
         let last = te.rsplit(|&b| b == b',').next().map(trim).unwrap_or(b"");
@@ -979,77 +984,78 @@ fn parse_response(buf: &[u8], head_request: bool) -> Result<Option<ResponseHead>
     } else {
         ResponseFraming::Close
     };
+    let close = client_close || framing == ResponseFraming::Close;
+    if !informational {
+        out.clear();
+        out.extend_from_slice(b"HTTP/1.1 ");
+        // httparse gives three digits.
+        for d in [code / 100, code / 10 % 10, code % 10] {
+            out.push(b'0' + d as u8);
+        }
+        out.push(b' ');
+        match resp.reason.filter(|r| !r.is_empty()) {
+            Some(r) => out.extend_from_slice(r.as_bytes()),
+            None => out.extend_from_slice(
+                hyper::StatusCode::from_u16(code)
+                    .ok()
+                    .and_then(|s| s.canonical_reason())
+                    .unwrap_or("")
+                    .as_bytes(),
+            ),
+        }
+        out.extend_from_slice(b"\r\n");
+        let mut via: Vec<&[u8]> = Vec::new();
+        for h in resp.headers.iter() {
+            let name = h.name.as_bytes();
+            if name.eq_ignore_ascii_case(b"transfer-encoding") {
+                if framing == ResponseFraming::Chunked {
+                    put_header(out, name, h.value);
+                }
+                continue;
+            }
+            if name.eq_ignore_ascii_case(b"content-length") && framing != ResponseFraming::Empty {
+                if matches!(framing, ResponseFraming::Length(_)) {
+                    put_header(out, name, trim(h.value));
+                }
+                continue;
+            }
+            if is_hop_by_hop(name) || has_token(&tokens, name) {
+                continue;
+            }
+            if name.eq_ignore_ascii_case(b"via") {
+                via.push(h.value);
+            } else {
+                put_header(out, name, h.value);
+            }
+        }
+        put_list(out, b"via", &via, &[b"1.1 routemesh"]);
+        if close {
+            put_header(out, b"connection", b"close");
+        }
+        out.extend_from_slice(b"\r\n");
+    }
     Ok(Some(ResponseHead {
         len,
         code,
         framing,
         keep_alive,
+        close,
     }))
-}
-
-/// The client-bound head: status line, the task's fields minus hop-by-hop ones (framing
-/// fields kept as the body is relayed), `Via`, and `Connection: close` when closing.
-fn rewrite_response(raw: &[u8], head: &ResponseHead, close: bool, out: &mut Vec<u8>) {
-    let mut fields = [httparse::EMPTY_HEADER; MAX_RESPONSE_HEADERS];
-    let mut resp = httparse::Response::new(&mut fields);
-    let _ = resp.parse(raw);
-    let tokens = connection_tokens(resp.headers);
-    out.extend_from_slice(b"HTTP/1.1 ");
-    // httparse gives three digits.
-    for d in [head.code / 100, head.code / 10 % 10, head.code % 10] {
-        out.push(b'0' + d as u8);
-    }
-    out.push(b' ');
-    match resp.reason.filter(|r| !r.is_empty()) {
-        Some(r) => out.extend_from_slice(r.as_bytes()),
-        None => out.extend_from_slice(
-            hyper::StatusCode::from_u16(head.code)
-                .ok()
-                .and_then(|s| s.canonical_reason())
-                .unwrap_or("")
-                .as_bytes(),
-        ),
-    }
-    out.extend_from_slice(b"\r\n");
-    let mut via: Vec<&[u8]> = Vec::new();
-    for h in resp.headers.iter() {
-        let name = h.name.as_bytes();
-        if name.eq_ignore_ascii_case(b"transfer-encoding") {
-            if head.framing == ResponseFraming::Chunked {
-                put_header(out, name, h.value);
-            }
-            continue;
-        }
-        if name.eq_ignore_ascii_case(b"content-length") && head.framing != ResponseFraming::Empty {
-            if matches!(head.framing, ResponseFraming::Length(_)) {
-                put_header(out, name, trim(h.value));
-            }
-            continue;
-        }
-        if is_hop_by_hop(name) || has_token(&tokens, name) {
-            continue;
-        }
-        if name.eq_ignore_ascii_case(b"via") {
-            via.push(h.value);
-        } else {
-            put_header(out, name, h.value);
-        }
-    }
-    put_list(out, b"via", &via, &[b"1.1 routemesh"]);
-    if close {
-        put_header(out, b"connection", b"close");
-    }
-    out.extend_from_slice(b"\r\n");
 }
 
 #[cfg(test)]
 mod tests {
     use super::*;
 
+    fn parse(raw: &[u8], head_request: bool) -> Result<Option<ResponseHead>, String> {
+        parse_response(raw, head_request, false, &mut Vec::new())
+    }
+
     fn rewritten(raw: &[u8], head_request: bool, close: bool) -> String {
-        let head = parse_response(raw, head_request).unwrap().unwrap();
         let mut out = Vec::new();
-        rewrite_response(&raw[..head.len], &head, close, &mut out);
+        parse_response(raw, head_request, close, &mut out)
+            .unwrap()
+            .unwrap();
         String::from_utf8(out).unwrap()
     }
 
@@ -1073,38 +1079,32 @@ mod tests {
 
     #[test]
     fn response_framing() {
-        let h = parse_response(b"HTTP/1.1 200 OK\r\nContent-Length: 5\r\n\r\nhello", false)
+        let h = parse(b"HTTP/1.1 200 OK\r\nContent-Length: 5\r\n\r\nhello", false)
             .unwrap()
             .unwrap();
         assert!(h.framing == ResponseFraming::Length(5) && h.keep_alive);
-        let h = parse_response(
+        let h = parse(
             b"HTTP/1.1 200 OK\r\nTransfer-Encoding: gzip, chunked\r\n\r\n",
             false,
         )
         .unwrap()
         .unwrap();
         assert!(h.framing == ResponseFraming::Chunked);
-        let h = parse_response(b"HTTP/1.0 200 OK\r\n\r\n", false)
-            .unwrap()
-            .unwrap();
+        let h = parse(b"HTTP/1.0 200 OK\r\n\r\n", false).unwrap().unwrap();
         assert!(h.framing == ResponseFraming::Close && !h.keep_alive);
-        let h = parse_response(b"HTTP/1.1 200 OK\r\nContent-Length: 9\r\n\r\n", true)
+        let h = parse(b"HTTP/1.1 200 OK\r\nContent-Length: 9\r\n\r\n", true)
             .unwrap()
             .unwrap();
         assert!(h.framing == ResponseFraming::Empty);
         assert!(
-            parse_response(
+            parse(
                 b"HTTP/1.1 200 OK\r\nContent-Length: 1\r\nContent-Length: 2\r\n\r\n",
                 false
             )
             .is_err()
         );
-        assert!(parse_response(b"HTTP/1.1 200 OK\r\nContent-Length: +1\r\n\r\n", false).is_err());
-        assert!(
-            parse_response(b"HTTP/1.1 200 OK\r\n", false)
-                .unwrap()
-                .is_none()
-        );
+        assert!(parse(b"HTTP/1.1 200 OK\r\nContent-Length: +1\r\n\r\n", false).is_err());
+        assert!(parse(b"HTTP/1.1 200 OK\r\n", false).unwrap().is_none());
     }
 
     #[test]
