@@ -17,7 +17,7 @@
 
 use std::cell::RefCell;
 use std::collections::HashMap;
-use std::net::{IpAddr, SocketAddr};
+use std::net::SocketAddr;
 use std::sync::Arc;
 use std::time::Duration;
 
@@ -28,6 +28,7 @@ use tokio::time::Instant;
 
 use super::errors::ProxyError;
 use super::head::{Chunked, Framing, check_head, trim_ows as trim};
+use super::headers::{HOP_BY_HOP, client_ip, forwarded_for, put_forwarded_value};
 use super::{UPSTREAM_LOG, is_idempotent_bytes, route};
 use crate::config::{Balance, HashKey, UpstreamProtocol};
 use crate::proxy::socket::{read_some, write_all};
@@ -175,7 +176,7 @@ struct Client<'a> {
     peer: SocketAddr,
     /// The peer as `X-Forwarded-For` and `Forwarded: for=` write it.
     xff: String,
-    forwarded_for: String,
+    forwarded_for: Vec<u8>,
     /// The task connection of the last request, kept for the next one.
     held: Option<(SocketAddr, TcpStream)>,
     out: Vec<u8>,
@@ -230,23 +231,13 @@ pub async fn serve(
     mut buf: BytesMut,
     accepted: Instant,
 ) -> Outcome {
-    let ip = match peer.ip() {
-        IpAddr::V6(v6) => v6
-            .to_ipv4_mapped()
-            .map(IpAddr::V4)
-            .unwrap_or(IpAddr::V6(v6)),
-        v4 => v4,
-    };
-    let forwarded_for = match ip {
-        IpAddr::V4(v4) => format!("for={v4}"),
-        IpAddr::V6(v6) => format!("for=\"[{v6}]\""),
-    };
+    let ip = client_ip(peer);
     let mut client = Client {
         ctx,
         stream,
         peer,
         xff: ip.to_string(),
-        forwarded_for,
+        forwarded_for: forwarded_for(ip),
         held: None,
         out: Vec::with_capacity(1024),
         rbuf: BytesMut::new(),
@@ -265,18 +256,9 @@ pub async fn serve(
 
 /// Whether a header name is hop-by-hop (never forwarded as is).
 fn is_hop_by_hop(name: &[u8]) -> bool {
-    const HOP: [&[u8]; 9] = [
-        b"connection",
-        b"keep-alive",
-        b"proxy-connection",
-        b"te",
-        b"trailer",
-        b"transfer-encoding",
-        b"upgrade",
-        b"proxy-authenticate",
-        b"proxy-authorization",
-    ];
-    HOP.iter().any(|h| h.eq_ignore_ascii_case(name))
+    HOP_BY_HOP
+        .iter()
+        .any(|h| h.as_bytes().eq_ignore_ascii_case(name))
 }
 
 /// The comma-separated tokens of every `Connection` field.
@@ -313,25 +295,6 @@ fn put_list(out: &mut Vec<u8>, name: &[u8], earlier: &[&[u8]], ours: &[&[u8]]) {
         out.extend_from_slice(part);
     }
     out.extend_from_slice(b"\r\n");
-}
-
-/// RFC 7239 value: a token, or a quoted string.
-fn put_forwarded_value(out: &mut Vec<u8>, s: &[u8]) {
-    let token = !s.is_empty()
-        && s.iter()
-            .all(|b| b.is_ascii_alphanumeric() || b"!#$%&'*+-.^_`|~".contains(b));
-    if token {
-        out.extend_from_slice(s);
-        return;
-    }
-    out.push(b'"');
-    for &b in s {
-        if b == b'\\' || b == b'"' {
-            out.push(b'\\');
-        }
-        out.push(b);
-    }
-    out.push(b'"');
 }
 
 impl Client<'_> {
@@ -566,7 +529,7 @@ impl Client<'_> {
             put_header(out, b"x-forwarded-host", h.as_bytes());
         }
         let mut fwd = Vec::with_capacity(64);
-        fwd.extend_from_slice(self.forwarded_for.as_bytes());
+        fwd.extend_from_slice(&self.forwarded_for);
         if let Some(h) = host_raw {
             fwd.extend_from_slice(b";host=");
             put_forwarded_value(&mut fwd, h.as_bytes());

@@ -10,17 +10,22 @@ use std::net::{IpAddr, SocketAddr};
 
 use hyper::header::{self, HeaderMap, HeaderName, HeaderValue};
 
+use super::head::is_tchar;
+
 /// Hop-by-hop headers (RFC 9110 §7.6.1 plus the classic RFC 2616 list and
 /// `Proxy-Connection`): they describe one connection, never the end-to-end message.
-const HOP_BY_HOP: [HeaderName; 8] = [
-    header::CONNECTION,
-    HeaderName::from_static("keep-alive"),
-    HeaderName::from_static("proxy-connection"),
-    header::TE,
-    header::TRAILER,
-    header::TRANSFER_ENCODING,
-    header::UPGRADE,
-    header::PROXY_AUTHENTICATE,
+/// `Proxy-Authorization` carries credentials for this hop (RFC 9110 §11.7.2). Lower case;
+/// the lean HTTP/1.1 path (`h1.rs`) strips the same list.
+pub(crate) const HOP_BY_HOP: [&str; 9] = [
+    "connection",
+    "keep-alive",
+    "proxy-connection",
+    "te",
+    "trailer",
+    "transfer-encoding",
+    "upgrade",
+    "proxy-authenticate",
+    "proxy-authorization",
 ];
 
 /// Whether the `Connection` header lists `token` (case-insensitive).
@@ -51,11 +56,12 @@ pub fn strip_hop_by_hop(headers: &mut HeaderMap) -> Option<HeaderValue> {
         .filter_map(|t| HeaderName::from_bytes(t.trim().as_bytes()).ok())
         .filter(|n| *n != header::HOST)
         .collect();
-    for name in named.iter().chain(HOP_BY_HOP.iter()) {
+    for name in &named {
         headers.remove(name);
     }
-    // Proxy-Authorization carries credentials for this hop (RFC 9110 §11.7.2).
-    headers.remove(header::PROXY_AUTHORIZATION);
+    for name in HOP_BY_HOP {
+        headers.remove(name);
+    }
     upgrade
 }
 
@@ -95,26 +101,50 @@ fn append_list(headers: &mut HeaderMap, name: HeaderName, ours: &str) {
     }
 }
 
-/// RFC 7239 value: a token, or a quoted string when it has characters a token cannot hold.
-fn forwarded_value(s: &str) -> String {
-    let token = !s.is_empty()
-        && s.bytes()
-            .all(|b| b.is_ascii_alphanumeric() || b"!#$%&'*+-.^_`|~".contains(&b));
-    if token {
-        s.to_string()
-    } else {
-        format!("\"{}\"", s.replace('\\', "\\\\").replace('"', "\\\""))
+/// Writes an RFC 7239 value: a token, or a quoted string when it has characters a token
+/// cannot hold.
+pub(crate) fn put_forwarded_value(out: &mut Vec<u8>, s: &[u8]) {
+    if !s.is_empty() && s.iter().all(|&b| is_tchar(b)) {
+        out.extend_from_slice(s);
+        return;
     }
+    out.push(b'"');
+    for &b in s {
+        if b == b'\\' || b == b'"' {
+            out.push(b'\\');
+        }
+        out.push(b);
+    }
+    out.push(b'"');
+}
+
+/// The client's address as the forwarding headers give it: an IPv4-mapped IPv6 peer (a
+/// dual-stack listener) as plain IPv4.
+pub(crate) fn client_ip(peer: SocketAddr) -> IpAddr {
+    match peer.ip() {
+        IpAddr::V6(v6) => v6
+            .to_ipv4_mapped()
+            .map(IpAddr::V4)
+            .unwrap_or(IpAddr::V6(v6)),
+        v4 => v4,
+    }
+}
+
+/// `for=<node>` of RFC 7239 for a client address (IPv6 bracketed, hence quoted).
+pub(crate) fn forwarded_for(ip: IpAddr) -> Vec<u8> {
+    let node = match ip {
+        IpAddr::V4(v4) => v4.to_string(),
+        IpAddr::V6(v6) => format!("[{v6}]"),
+    };
+    let mut out = b"for=".to_vec();
+    put_forwarded_value(&mut out, node.as_bytes());
+    out
 }
 
 /// Adds the forwarding headers for a request going to a task. Call after
 /// [`strip_hop_by_hop`].
 pub fn add_forwarded(headers: &mut HeaderMap, f: &Forwarding<'_>) {
-    let ip = f.peer.ip();
-    let ip = match ip {
-        IpAddr::V6(v6) => v6.to_ipv4_mapped().map(IpAddr::V4).unwrap_or(ip),
-        v4 => v4,
-    };
+    let ip = client_ip(f.peer);
     append_list(
         headers,
         HeaderName::from_static("x-forwarded-for"),
@@ -133,18 +163,15 @@ pub fn add_forwarded(headers: &mut HeaderMap, f: &Forwarding<'_>) {
             headers.remove(xfh);
         }
     }
-    let node = match ip {
-        IpAddr::V4(v4) => v4.to_string(),
-        IpAddr::V6(v6) => format!("[{v6}]"),
-    };
-    let mut fwd = format!("for={}", forwarded_value(&node));
+    let mut fwd = forwarded_for(ip);
     if let Some(h) = f.host {
-        fwd.push_str(";host=");
-        fwd.push_str(&forwarded_value(h));
+        fwd.extend_from_slice(b";host=");
+        put_forwarded_value(&mut fwd, h.as_bytes());
     }
-    fwd.push_str(";proto=");
-    fwd.push_str(f.proto);
-    append_list(headers, header::FORWARDED, &fwd);
+    fwd.extend_from_slice(b";proto=");
+    fwd.extend_from_slice(f.proto.as_bytes());
+    // Built from &str parts and ASCII only: always UTF-8.
+    append_list(headers, header::FORWARDED, &String::from_utf8_lossy(&fwd));
     add_via(headers, f.version);
 }
 
