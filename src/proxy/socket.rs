@@ -37,13 +37,24 @@ pub async fn read_some(s: &TcpStream, buf: &mut BytesMut, grow: usize) -> io::Re
 /// One read without waiting; `None` when nothing had arrived.
 pub fn try_read_some(s: &TcpStream, buf: &mut BytesMut) -> Option<io::Result<usize>> {
     let offered = buf.capacity() - buf.len();
+    try_read_with(s, offered, || s.try_read_buf(buf))
+}
+
+/// Runs `read`, one non-blocking read of at most `offered` bytes from `s` (a recv, a
+/// splice into a pipe), if `s` is readable. A short result clears the read readiness (the
+/// socket is drained); `None`: nothing had arrived.
+pub fn try_read_with(
+    s: &TcpStream,
+    offered: usize,
+    read: impl FnOnce() -> io::Result<usize>,
+) -> Option<io::Result<usize>> {
     let mut out = None;
     let _ = s.try_io(Interest::READABLE, || {
-        let r = s.try_read_buf(buf);
+        let r = read();
         if let Err(e) = &r
             && e.kind() == io::ErrorKind::WouldBlock
         {
-            return r.map(drop); // nothing there: readiness cleared by the inner read
+            return r.map(drop); // nothing there: tokio clears the readiness
         }
         let drained = matches!(r, Ok(n) if n > 0 && n < offered);
         out = Some(r);

@@ -14,6 +14,8 @@ use std::os::fd::{AsRawFd, FromRawFd, OwnedFd, RawFd};
 use tokio::io::Interest;
 use tokio::net::TcpStream;
 
+use super::socket::try_read_with;
+
 /// The default pipe capacity, and most bytes moved per splice call with it.
 const CHUNK: usize = 64 * 1024;
 /// The capacity asked for a forwarding pipe: fewer, larger splices for bulk flows. Pages are
@@ -104,24 +106,14 @@ pub async fn forward(
                 Err(_) => return Ok(Forwarded::NoPipe),
             },
         };
-        // A splice that moved less than it could means the socket is drained: clear its
-        // readiness now (as socket.rs does for reads) rather than learn it from EAGAIN.
-        let mut got = None;
-        let r = from.try_io(Interest::READABLE, || {
-            let n = splice(from.as_raw_fd(), p.write.as_raw_fd(), chunk)?;
-            got = Some(n);
-            if n > 0 && n < chunk {
-                Err(io::ErrorKind::WouldBlock.into())
-            } else {
-                Ok(n)
-            }
-        });
-        let moved = match (r, got) {
-            (_, Some(0)) => return Ok(Forwarded::Eof),
-            (_, Some(n)) => n,
-            (Err(e), None) if e.kind() == io::ErrorKind::WouldBlock => continue,
-            (Err(e), None) => return Err(e),
-            (Ok(_), None) => continue,
+        // A splice that moved less than it could clears the readiness, as a short read does.
+        let moved = match try_read_with(from, chunk, || {
+            splice(from.as_raw_fd(), p.write.as_raw_fd(), chunk)
+        }) {
+            None => continue,
+            Some(Ok(0)) => return Ok(Forwarded::Eof),
+            Some(Ok(n)) => n,
+            Some(Err(e)) => return Err(e),
         };
         // Drain the pipe into the destination before reading more.
         let mut left = moved;
