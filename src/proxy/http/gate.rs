@@ -305,17 +305,18 @@ impl<IO: AsyncRead + Unpin> AsyncRead for Gate<IO> {
                     }
                     return Pin::new(&mut this.io).poll_read(cx, dst);
                 }
-                State::Length(left) => {
-                    if this.buf.is_empty() {
-                        if this.eof {
-                            return Poll::Ready(Ok(()));
-                        }
-                        match this.fill(cx) {
-                            Poll::Ready(Ok(_)) => continue,
-                            Poll::Ready(Err(e)) => return Poll::Ready(Err(e)),
-                            Poll::Pending => return Poll::Pending,
-                        }
+                // A body state with nothing buffered: read more (EOF ends the body here).
+                State::Length(_) | State::Chunked(_) if this.buf.is_empty() => {
+                    if this.eof {
+                        return Poll::Ready(Ok(()));
                     }
+                    match this.fill(cx) {
+                        Poll::Ready(Ok(_)) => continue,
+                        Poll::Ready(Err(e)) => return Poll::Ready(Err(e)),
+                        Poll::Pending => return Poll::Pending,
+                    }
+                }
+                State::Length(left) => {
                     let take = (*left).min(this.buf.len() as u64) as usize;
                     *left -= take as u64;
                     this.out = this.buf.split_to(take).freeze();
@@ -324,16 +325,6 @@ impl<IO: AsyncRead + Unpin> AsyncRead for Gate<IO> {
                     }
                 }
                 State::Chunked(c) => {
-                    if this.buf.is_empty() {
-                        if this.eof {
-                            return Poll::Ready(Ok(()));
-                        }
-                        match this.fill(cx) {
-                            Poll::Ready(Ok(_)) => continue,
-                            Poll::Ready(Err(e)) => return Poll::Ready(Err(e)),
-                            Poll::Pending => return Poll::Pending,
-                        }
-                    }
                     match c.feed(&this.buf) {
                         Ok(n) => {
                             let done = c.is_done();
