@@ -393,7 +393,7 @@ pub fn effect_of(e: &EventMessage) -> EventEffect {
 }
 
 #[cfg(test)]
-mod tests {
+pub(crate) mod tests {
     use std::collections::HashMap;
 
     use bollard::models::{EventActor, EventMessageTypeEnum};
@@ -634,12 +634,18 @@ mod tests {
         assert_eq!(c.labels.get(LABEL_PORT).map(String::as_str), Some("8080"));
     }
 
-    fn event(action: &str, attrs: &[(&str, &str)]) -> EventMessage {
+    /// An engine event about object `id` (container and swarm tests).
+    pub(crate) fn event_message(
+        typ: EventMessageTypeEnum,
+        id: &str,
+        action: &str,
+        attrs: &[(&str, &str)],
+    ) -> EventMessage {
         EventMessage {
-            typ: Some(EventMessageTypeEnum::CONTAINER),
+            typ: Some(typ),
             action: Some(action.into()),
             actor: Some(EventActor {
-                id: Some("abc".into()),
+                id: Some(id.into()),
                 attributes: Some(
                     attrs
                         .iter()
@@ -649,6 +655,10 @@ mod tests {
             }),
             ..Default::default()
         }
+    }
+
+    fn event(action: &str, attrs: &[(&str, &str)]) -> EventMessage {
+        event_message(EventMessageTypeEnum::CONTAINER, "abc", action, attrs)
     }
 
     #[test]

@@ -501,10 +501,6 @@ pub fn union(containers: &[TaskConfig], swarm: &[TaskConfig]) -> Vec<TaskConfig>
 
 #[cfg(test)]
 mod tests {
-    use std::collections::HashMap;
-
-    use bollard::models::EventActor;
-
     use super::*;
     use crate::docker::container::{LABEL_PORT, LABEL_WEIGHT};
 
@@ -695,20 +691,7 @@ mod tests {
     }
 
     fn event(typ: EventMessageTypeEnum, action: &str, attrs: &[(&str, &str)]) -> EventMessage {
-        EventMessage {
-            typ: Some(typ),
-            action: Some(action.into()),
-            actor: Some(EventActor {
-                id: Some("obj".into()),
-                attributes: Some(
-                    attrs
-                        .iter()
-                        .map(|(k, v)| (k.to_string(), v.to_string()))
-                        .collect::<HashMap<_, _>>(),
-                ),
-            }),
-            ..Default::default()
-        }
+        crate::docker::container::tests::event_message(typ, "obj", action, attrs)
     }
 
     #[test]
