@@ -38,6 +38,23 @@ fn task(service: &str, addr: SocketAddr, id: &str) -> String {
     format!("[[task]]\nservice = \"{service}\"\naddr = \"{addr}\"\nid = \"{id}\"\n")
 }
 
+/// The reference layout: an nginx `web` task `id` on n2 only, registered by n2's daemon;
+/// daemons on all three nodes.
+fn web_on_n2(id: &str) -> (Lab, Vec<SocketAddr>) {
+    let mut lab = Lab::start(WEB_PROTOCOL);
+    let web = lab.start_nginx(2, &[id]);
+    lab.start_daemon(1, "");
+    lab.start_daemon(2, &task("web", web[0], id));
+    lab.start_daemon(3, "");
+    (lab, web)
+}
+
+/// Steady HTTP load through the web port of `nodes`.
+fn load_via(lab: &Lab, nodes: &[usize]) -> Load {
+    let targets: Vec<SocketAddr> = nodes.iter().map(|&i| lab.web(i)).collect();
+    Load::start(&targets, INTERVAL, CLIENT_TIMEOUT, LOAD_MAX)
+}
+
 /// Wait until every node of `nodes` routes `service` to exactly `addrs` (as sets).
 fn wait_routable(
     lab: &Lab,
@@ -111,11 +128,7 @@ fn bodies(samples: &[Sample]) -> BTreeMap<String, usize> {
 /// Scenario 1: nginx `web` only on n2, published on 80 of every node.
 #[test]
 fn s1_web_on_one_node_is_served_through_every_node() {
-    let mut lab = Lab::start(WEB_PROTOCOL);
-    let web = lab.start_nginx(2, &["n2-r1"]);
-    lab.start_daemon(1, "");
-    lab.start_daemon(2, &task("web", web[0], "n2-r1"));
-    lab.start_daemon(3, "");
+    let (lab, web) = web_on_n2("n2-r1");
     wait_routable(&lab, &[1, 2, 3], "web", &web, PROPAGATION);
     for i in 1..=3 {
         assert_eq!(get(&lab, i), Ok("n2-r1\n".to_string()), "GET via n{i}");
@@ -126,19 +139,10 @@ fn s1_web_on_one_node_is_served_through_every_node() {
 /// replacement on n3 is served through n1 and n3; `node ls` shows n2 Down.
 #[test]
 fn s2_power_off_the_only_task_fails_fast_then_replacement_serves() {
-    let mut lab = Lab::start(WEB_PROTOCOL);
-    let web = lab.start_nginx(2, &["n2-r1"]);
-    lab.start_daemon(1, "");
-    lab.start_daemon(2, &task("web", web[0], "n2-r1"));
-    lab.start_daemon(3, "");
+    let (mut lab, web) = web_on_n2("n2-r1");
     wait_routable(&lab, &[1, 3], "web", &web, PROPAGATION);
 
-    let load = Load::start(
-        &[lab.web(1), lab.web(3)],
-        INTERVAL,
-        CLIENT_TIMEOUT,
-        LOAD_MAX,
-    );
+    let load = load_via(&lab, &[1, 3]);
     sleep(Duration::from_millis(300));
     let off_at = load.elapsed();
     let off_instant = Instant::now();
@@ -235,12 +239,7 @@ fn s3_power_off_one_replica_node_under_load_loses_nothing() {
     lab.start_daemon(3, &task("web", r3[0], "n3-r1"));
     wait_routable(&lab, &[1, 3], "web", &[r2[0], r3[0]], PROPAGATION);
 
-    let load = Load::start(
-        &[lab.web(1), lab.web(3)],
-        INTERVAL,
-        CLIENT_TIMEOUT,
-        LOAD_MAX,
-    );
+    let load = load_via(&lab, &[1, 3]);
     sleep(Duration::from_millis(500));
     let off_at = load.elapsed();
     lab.power_off(2);
@@ -455,12 +454,7 @@ fn s6_losing_an_etcd_member_keeps_data_plane_and_discovery() {
     }
     wait_routable(&lab, &[a, b], "web", &[ra[0], rb[0]], PROPAGATION);
 
-    let load = Load::start(
-        &[lab.web(a), lab.web(b)],
-        INTERVAL,
-        CLIENT_TIMEOUT,
-        LOAD_MAX,
-    );
+    let load = load_via(&lab, &[a, b]);
     sleep(Duration::from_millis(300));
     let off_at = load.elapsed();
     lab.power_off(leader);
@@ -526,8 +520,7 @@ fn s7a_rolling_replacement_via_etcd_loses_nothing() {
     ]);
     wait_routable(&lab, &[1, 2, 3], "web", &old, PROPAGATION);
 
-    let targets = [lab.web(1), lab.web(2), lab.web(3)];
-    let load = Load::start(&targets, INTERVAL, CLIENT_TIMEOUT, LOAD_MAX);
+    let load = load_via(&lab, &[1, 2, 3]);
     sleep(Duration::from_millis(300));
     let new = lab.start_nginx(3, &["new"]);
     lab.cli_ok(&[
@@ -577,19 +570,10 @@ fn s7a_rolling_replacement_via_etcd_loses_nothing() {
 /// stop the old nginx: 0 failed requests through the other nodes.
 #[test]
 fn s7b_rolling_replacement_by_node_drain_loses_nothing() {
-    let mut lab = Lab::start(WEB_PROTOCOL);
-    let old = lab.start_nginx(2, &["old"]);
-    lab.start_daemon(1, "");
-    lab.start_daemon(2, &task("web", old[0], "old"));
-    lab.start_daemon(3, "");
+    let (mut lab, old) = web_on_n2("old");
     wait_routable(&lab, &[1, 3], "web", &old, PROPAGATION);
 
-    let load = Load::start(
-        &[lab.web(1), lab.web(3)],
-        INTERVAL,
-        CLIENT_TIMEOUT,
-        LOAD_MAX,
-    );
+    let load = load_via(&lab, &[1, 3]);
     sleep(Duration::from_millis(300));
     let new = lab.start_nginx(1, &["new"]);
     lab.cli_ok(&[
