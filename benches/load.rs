@@ -30,7 +30,7 @@ mod proc_;
 use proc_::Proc;
 #[path = "common/stats.rs"]
 mod stats;
-use stats::{env_or, env_threads, fmt_us, median, ratio};
+use stats::{env_or, env_threads, fmt_cpu_us, fmt_us, median, ratio};
 
 use std::collections::BTreeMap;
 use std::fmt::Write as _;
@@ -557,11 +557,7 @@ fn run_rounds(
             median(&s.rps),
             fmt_us(median(&s.p50)),
             fmt_us(median(&s.p99)),
-            if cpu.is_nan() {
-                "-".to_string()
-            } else {
-                format!("{cpu:.1}")
-            },
+            fmt_cpu_us(cpu),
             s.errors
         );
     }

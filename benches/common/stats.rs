@@ -16,6 +16,15 @@ pub fn median(v: &[f64]) -> f64 {
 }
 
 /// Microseconds as "850 µs" or "2.31 ms" ("-" for NaN).
+/// A CPU time in µs with one decimal, "-" when unmeasured.
+pub fn fmt_cpu_us(us: f64) -> String {
+    if us.is_nan() {
+        "-".into()
+    } else {
+        format!("{us:.1}")
+    }
+}
+
 pub fn fmt_us(us: f64) -> String {
     if us.is_nan() {
         "-".into()
