@@ -67,6 +67,19 @@ pub fn set_keepalive(stream: &TcpStream) {
     let _ = socket2::SockRef::from(stream).set_tcp_keepalive(&keepalive());
 }
 
+/// A connect to `task` of `service` failed: eject the task on this node (passive health),
+/// count it, and log it (rate-limited). Shared by the TCP and both HTTP paths.
+pub fn connect_failed(metrics: &Metrics, service: &str, task: &Task, e: &io::Error) {
+    task.state.eject(now_ms(), format!("connect: {e}"));
+    metrics
+        .upstream_connect_errors_total
+        .with_label_values(&[service, task.id.as_str()])
+        .inc();
+    if let Some(suppressed) = CONNECT_FAILED_LOG.allow() {
+        tracing::warn!(service, task = %task.id, addr = %task.addr, error = %e, suppressed, "upstream connect failed; trying another task");
+    }
+}
+
 /// Connects to a task of `svc`, failing over to other tasks. `hash` is the key hash for
 /// consistent-hashing services (`None` otherwise).
 pub async fn connect(
@@ -108,14 +121,7 @@ pub async fn connect(
             }
             Err(e) => {
                 drop(in_flight);
-                task.state.eject(now_ms(), format!("connect: {e}"));
-                metrics
-                    .upstream_connect_errors_total
-                    .with_label_values(&[svc.name.as_str(), task.id.as_str()])
-                    .inc();
-                if let Some(suppressed) = CONNECT_FAILED_LOG.allow() {
-                    tracing::warn!(service = %svc.name, task = %task.id, addr = %task.addr, error = %e, suppressed, "upstream connect failed; trying another task");
-                }
+                connect_failed(metrics, svc.name.as_str(), &task, &e);
                 last = Some(e);
             }
         }

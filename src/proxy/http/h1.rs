@@ -29,7 +29,9 @@ use tokio::time::Instant;
 use super::errors::ProxyError;
 use super::head::{Chunked, Framing, check_head, trim_ows as trim};
 use super::headers::{HOP_BY_HOP, client_ip, forwarded_for, put_forwarded_value};
-use super::{UPSTREAM_LOG, is_idempotent_bytes, route};
+use super::{
+    ClosedEarly, UPSTREAM_LOG, closed_early, eject_after_early_close, is_idempotent_bytes, route,
+};
 use crate::config::{Balance, HashKey, UpstreamProtocol};
 use crate::proxy::socket::{read_some, write_all};
 use crate::proxy::{ListenerCtx, upstream};
@@ -658,14 +660,7 @@ impl Client<'_> {
                 Ok(None) => break Some(ProxyError::Timeout(settings.request_timeout)),
                 Err(e) => {
                     drop(in_flight);
-                    task.state.eject(now_ms(), format!("connect: {e}"));
-                    ctx.metrics
-                        .upstream_connect_errors_total
-                        .with_label_values(&[name, task.id.as_str()])
-                        .inc();
-                    if let Some(suppressed) = UPSTREAM_LOG.allow() {
-                        tracing::warn!(service = %name, task = %task.id, addr = %task.addr, error = %e, suppressed, "upstream connect failed; trying another task");
-                    }
+                    upstream::connect_failed(&ctx.metrics, name, &task, &e);
                     last_error = Some(format!("connect to {}: {e}", task.addr));
                     continue;
                 }
@@ -736,7 +731,14 @@ impl Client<'_> {
                     });
                 }
                 // Closed before any response byte.
-                if req.idempotent && reused && !stale_retry_used {
+                let next = closed_early(
+                    req.idempotent,
+                    reused,
+                    stale_retry_used,
+                    self.tried.len(),
+                    max_attempts,
+                );
+                if next == ClosedEarly::RetryFresh {
                     stale_retry_used = true;
                     fresh_only = true;
                     self.tried.pop();
@@ -744,11 +746,8 @@ impl Client<'_> {
                     tracing::debug!(service = %name, task = %task.id, error = %why, "kept connection closed before the response; retrying once");
                     continue 'attempts;
                 }
-                if !reused {
-                    task.state
-                        .eject(now_ms(), format!("reset before any response: {why}"));
-                }
-                if req.idempotent && self.tried.len() < max_attempts {
+                eject_after_early_close(&task, reused, &why);
+                if next == ClosedEarly::RetryElsewhere {
                     last_error = Some(format!("{} ({}): {why}", task.id, task.addr));
                     fresh_only = true;
                     continue 'attempts;

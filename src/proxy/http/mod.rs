@@ -48,7 +48,7 @@ use self::errors::ProxyError;
 use self::gate::{ConnShared, Gate, GateLimits};
 use self::headers::Forwarding;
 use self::pool::{Pool, SendError, Sender};
-use super::{ListenerCtx, OpenConnection};
+use super::{ListenerCtx, OpenConnection, upstream};
 use crate::config::{ServiceName, UpstreamProtocol};
 use crate::ratelimit::LogLimiter;
 use crate::snapshot::{Task, now_ms};
@@ -335,6 +335,48 @@ fn replay_request(m: &Method, u: &hyper::Uri, v: Version, h: &hyper::HeaderMap) 
     r
 }
 
+/// What to do after a task's connection closed before any response byte.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum ClosedEarly {
+    /// A kept connection the task closed while it idled: send again once, to the same
+    /// pick, on a fresh connection (costs no attempt).
+    RetryFresh,
+    /// A fresh connection reset: the task is likely dying (a node losing power resets what
+    /// is in flight); give the request to another task, as after a failed connect.
+    RetryElsewhere,
+    Fail,
+}
+
+/// The rule both HTTP paths follow. `replayable`: the request is idempotent and the proxy
+/// still holds all of it. Eject the task unless the connection was a kept one (see
+/// [`ejects`]).
+fn closed_early(
+    replayable: bool,
+    reused: bool,
+    stale_retry_used: bool,
+    tried: usize,
+    max_attempts: usize,
+) -> ClosedEarly {
+    if !replayable {
+        ClosedEarly::Fail
+    } else if reused && !stale_retry_used {
+        ClosedEarly::RetryFresh
+    } else if tried < max_attempts {
+        ClosedEarly::RetryElsewhere
+    } else {
+        ClosedEarly::Fail
+    }
+}
+
+/// Ejects `task` after an early close on a fresh connection (`reused` ones are closed by
+/// idle timeouts, which says nothing about the task's health).
+fn eject_after_early_close(task: &Task, reused: bool, why: &dyn std::fmt::Display) {
+    if !reused {
+        task.state
+            .eject(now_ms(), format!("reset before any response: {why}"));
+    }
+}
+
 /// Why a send on a reused connection may be retried once: it closed before any response.
 fn closed_before_response(e: &hyper::Error) -> bool {
     if e.is_incomplete_message() || e.is_canceled() || e.is_closed() {
@@ -549,14 +591,7 @@ async fn forward(
                     }
                     Ok(Err(e)) => {
                         drop(in_flight);
-                        task.state.eject(now_ms(), format!("connect: {e}"));
-                        ctx.metrics
-                            .upstream_connect_errors_total
-                            .with_label_values(&[name.as_str(), task.id.as_str()])
-                            .inc();
-                        if let Some(suppressed) = UPSTREAM_LOG.allow() {
-                            tracing::warn!(service = %name, task = %task.id, addr = %task.addr, error = %e, suppressed, "upstream connect failed; trying another task");
-                        }
+                        upstream::connect_failed(&ctx.metrics, name.as_str(), &task, &e);
                         last_error = Some(format!("connect to {}: {e}", task.addr));
                         continue;
                     }
@@ -629,10 +664,18 @@ async fn forward(
                         "request body malformed or cut short".into(),
                     ));
                 }
-                match &replay {
-                    Some((m, u, v, h))
-                        if reused && !stale_retry_used && closed_before_response(&e) =>
-                    {
+                let closed = closed_before_response(&e);
+                let next = match &replay {
+                    Some(_) if closed => {
+                        closed_early(true, reused, stale_retry_used, tried.len(), max_attempts)
+                    }
+                    _ => ClosedEarly::Fail,
+                };
+                if closed && next != ClosedEarly::RetryFresh {
+                    eject_after_early_close(&task, reused, &e);
+                }
+                match (next, &replay) {
+                    (ClosedEarly::RetryFresh, Some((m, u, v, h))) => {
                         stale_retry_used = true;
                         fresh_only = true;
                         tried.pop();
@@ -643,28 +686,14 @@ async fn forward(
                         pending = replay_request(m, u, *v, h);
                         tracing::debug!(service = %name, task = %task.id, error = %e, "pooled connection closed before the response; retrying once");
                     }
-                    // A fresh connection reset before any response byte: the task is likely
-                    // dying (a node losing power resets what is in flight). Eject it here
-                    // and give an idempotent request to another task, as connect failures.
-                    Some((m, u, v, h))
-                        if closed_before_response(&e) && tried.len() < max_attempts =>
-                    {
-                        task.state
-                            .eject(now_ms(), format!("reset before any response: {e}"));
-                        ctx.metrics
-                            .retries_total
-                            .with_label_values(&[name.as_str()])
-                            .inc();
+                    // Counted in retries_total when the next task is picked.
+                    (ClosedEarly::RetryElsewhere, Some((m, u, v, h))) => {
                         pending = replay_request(m, u, *v, h);
                         fresh_only = true;
                         last_error = Some(format!("{} ({}): {e}", task.id, task.addr));
                         tracing::debug!(service = %name, task = %task.id, error = %e, "reset before the response; retrying on another task");
                     }
                     _ => {
-                        if closed_before_response(&e) && !reused {
-                            task.state
-                                .eject(now_ms(), format!("reset before any response: {e}"));
-                        }
                         return Err(ProxyError::UpstreamFailed {
                             attempts: tried.len(),
                             last: format!("{} ({}): {e}", task.id, task.addr),
@@ -710,5 +739,33 @@ async fn tunnel(
             tx.inc_by(to_client);
         }
         Err(e) => tracing::debug!(task = %task.id, error = %e, "tunnel ended with an error"),
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn early_close_rule() {
+        use ClosedEarly::*;
+        // (replayable, reused, stale retry used, tried, max) → what next
+        let cases = [
+            ((false, true, false, 1, 3), Fail),
+            ((false, false, false, 1, 3), Fail),
+            ((true, true, false, 1, 3), RetryFresh),
+            ((true, true, true, 1, 3), RetryElsewhere),
+            ((true, false, false, 1, 3), RetryElsewhere),
+            ((true, false, true, 2, 3), RetryElsewhere),
+            ((true, false, false, 3, 3), Fail),
+            ((true, true, false, 3, 3), RetryFresh),
+        ];
+        for ((rp, re, st, t, m), want) in cases {
+            assert_eq!(
+                closed_early(rp, re, st, t, m),
+                want,
+                "{rp} {re} {st} {t} {m}"
+            );
+        }
     }
 }
