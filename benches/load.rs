@@ -27,7 +27,7 @@ mod support;
 
 #[path = "common/proc.rs"]
 mod proc_;
-use proc_::Proc;
+use proc_::{Proc, children, cpu_secs, proc_stat};
 #[path = "common/stats.rs"]
 mod stats;
 use stats::{env_or, env_threads, fmt_cpu_us, fmt_us, median, ratio};
@@ -71,59 +71,6 @@ impl Opts {
 fn tool(name: &str) -> PathBuf {
     which(name).unwrap_or_else(|| {
         panic!("{name} not found: `apt-get install -y nginx haproxy wrk iperf3` (Debian)")
-    })
-}
-
-// ---------------------------------------------------------------------------------------------
-// /proc readings
-
-/// (ppid, utime + stime in ticks) of a process, all its threads included.
-fn proc_stat(pid: u32) -> Option<(u32, u64)> {
-    let stat = std::fs::read_to_string(format!("/proc/{pid}/stat")).ok()?;
-    let rest = &stat[stat.rfind(')')? + 2..];
-    let f: Vec<&str> = rest.split_whitespace().collect();
-    // After "pid (comm) ": state ppid pgrp session tty tpgid flags minflt cminflt majflt
-    // cmajflt utime stime …
-    Some((
-        f.get(1)?.parse().ok()?,
-        f.get(11)?.parse::<u64>().ok()? + f.get(12)?.parse::<u64>().ok()?,
-    ))
-}
-
-/// Direct children of `pid` (nginx workers).
-fn children(pid: u32) -> Vec<u32> {
-    let mut out = Vec::new();
-    for entry in std::fs::read_dir("/proc").into_iter().flatten().flatten() {
-        if let Some(p) = entry
-            .file_name()
-            .to_str()
-            .and_then(|s| s.parse::<u32>().ok())
-            && proc_stat(p).is_some_and(|(ppid, _)| ppid == pid)
-        {
-            out.push(p);
-        }
-    }
-    out
-}
-
-/// CPU seconds used so far by `pid` and its children.
-fn cpu_secs(pid: u32) -> f64 {
-    let ticks: u64 = std::iter::once(pid)
-        .chain(children(pid))
-        .filter_map(|p| proc_stat(p).map(|(_, t)| t))
-        .sum();
-    ticks as f64 / clock_ticks()
-}
-
-fn clock_ticks() -> f64 {
-    static TICKS: std::sync::OnceLock<f64> = std::sync::OnceLock::new();
-    *TICKS.get_or_init(|| {
-        Command::new("getconf")
-            .arg("CLK_TCK")
-            .output()
-            .ok()
-            .and_then(|o| String::from_utf8_lossy(&o.stdout).trim().parse().ok())
-            .unwrap_or(100.0)
     })
 }
 

@@ -37,7 +37,7 @@ mod support;
 
 #[path = "common/proc.rs"]
 mod proc_;
-use proc_::Proc;
+use proc_::{Proc, cpu_secs};
 #[path = "common/stats.rs"]
 mod stats;
 use stats::{env_or, env_threads, fmt_cpu_us, fmt_us, median, ratio};
@@ -224,36 +224,6 @@ worker_threads = {threads}
     let mut d = Daemon::start_with_env(&toml, &[("RUST_LOG", "warn")]);
     d.wait_ready();
     d
-}
-
-// ---------------------------------------------------------------------------------------------
-// /proc readings
-
-/// utime + stime of a process (all its threads), in seconds.
-fn cpu_secs(pid: u32) -> f64 {
-    let ticks = std::fs::read_to_string(format!("/proc/{pid}/stat"))
-        .ok()
-        .and_then(|stat| {
-            let rest = &stat[stat.rfind(')')? + 2..];
-            let f: Vec<&str> = rest.split_whitespace().collect();
-            // After "pid (comm) ": state ppid pgrp session tty tpgid flags minflt cminflt
-            // majflt cmajflt utime stime …
-            Some(f.get(11)?.parse::<u64>().ok()? + f.get(12)?.parse::<u64>().ok()?)
-        })
-        .unwrap_or(0);
-    ticks as f64 / clock_ticks()
-}
-
-fn clock_ticks() -> f64 {
-    static TICKS: std::sync::OnceLock<f64> = std::sync::OnceLock::new();
-    *TICKS.get_or_init(|| {
-        Command::new("getconf")
-            .arg("CLK_TCK")
-            .output()
-            .ok()
-            .and_then(|o| String::from_utf8_lossy(&o.stdout).trim().parse().ok())
-            .unwrap_or(100.0)
-    })
 }
 
 // ---------------------------------------------------------------------------------------------

@@ -33,3 +33,55 @@ impl Proc {
         self.child.id()
     }
 }
+
+// /proc readings (CPU time of the processes under test)
+
+/// (ppid, utime + stime in ticks) of a process, all its threads included.
+pub fn proc_stat(pid: u32) -> Option<(u32, u64)> {
+    let stat = std::fs::read_to_string(format!("/proc/{pid}/stat")).ok()?;
+    let rest = &stat[stat.rfind(')')? + 2..];
+    let f: Vec<&str> = rest.split_whitespace().collect();
+    // After "pid (comm) ": state ppid pgrp session tty tpgid flags minflt cminflt majflt
+    // cmajflt utime stime …
+    Some((
+        f.get(1)?.parse().ok()?,
+        f.get(11)?.parse::<u64>().ok()? + f.get(12)?.parse::<u64>().ok()?,
+    ))
+}
+
+/// Direct children of `pid` (nginx workers).
+pub fn children(pid: u32) -> Vec<u32> {
+    let mut out = Vec::new();
+    for entry in std::fs::read_dir("/proc").into_iter().flatten().flatten() {
+        if let Some(p) = entry
+            .file_name()
+            .to_str()
+            .and_then(|s| s.parse::<u32>().ok())
+            && proc_stat(p).is_some_and(|(ppid, _)| ppid == pid)
+        {
+            out.push(p);
+        }
+    }
+    out
+}
+
+/// CPU seconds used so far by `pid` and its children.
+pub fn cpu_secs(pid: u32) -> f64 {
+    let ticks: u64 = std::iter::once(pid)
+        .chain(children(pid))
+        .filter_map(|p| proc_stat(p).map(|(_, t)| t))
+        .sum();
+    ticks as f64 / clock_ticks()
+}
+
+pub fn clock_ticks() -> f64 {
+    static TICKS: std::sync::OnceLock<f64> = std::sync::OnceLock::new();
+    *TICKS.get_or_init(|| {
+        std::process::Command::new("getconf")
+            .arg("CLK_TCK")
+            .output()
+            .ok()
+            .and_then(|o| String::from_utf8_lossy(&o.stdout).trim().parse().ok())
+            .unwrap_or(100.0)
+    })
+}
