@@ -11,7 +11,7 @@ use serde_json::json;
 
 use super::{ClusterArgs, NodeCmd, ServiceCmd, TaskCmd, table};
 use crate::config::{self, Config, NodeName, ServiceName, TaskId};
-use crate::discovery::etcd::connect;
+use crate::discovery::etcd::{DiscoveryError, connect};
 use crate::discovery::keys::{TaskRecord, node_alive_key, node_info_key, task_key, watch_prefix};
 use crate::discovery::table::{RoutingTable, Update};
 
@@ -28,8 +28,9 @@ pub enum CliError {
     Usage(String),
     #[error("{0}")]
     Config(#[from] config::ConfigError),
-    #[error("cannot reach etcd at {endpoints}: {reason}")]
-    Unreachable { endpoints: String, reason: String },
+    /// etcd failed: one line naming the member, the cause and the fix.
+    #[error("{0}")]
+    Etcd(String),
 }
 
 const TIMEOUT: Duration = Duration::from_secs(5);
@@ -91,6 +92,13 @@ fn target(args: &ClusterArgs) -> Result<Target, CliError> {
 }
 
 pub fn main(op: Op) -> ExitCode {
+    // Errors are one line; `RUST_LOG=debug` adds the full chain of each etcd error.
+    if let Ok(filter) = tracing_subscriber::EnvFilter::try_from_default_env() {
+        let _ = tracing_subscriber::fmt()
+            .with_env_filter(filter)
+            .with_writer(std::io::stderr)
+            .try_init();
+    }
     let rt = match tokio::runtime::Builder::new_current_thread()
         .enable_all()
         .build()
@@ -138,35 +146,34 @@ async fn dispatch(op: Op) -> Result<String, CliError> {
     }
 }
 
-fn unreachable(t: &Target, e: impl std::fmt::Display) -> CliError {
-    CliError::Unreachable {
-        endpoints: t.endpoints.join(","),
-        reason: e.to_string(),
-    }
+fn etcd_failed(endpoint: &str, e: DiscoveryError) -> CliError {
+    tracing::debug!(endpoint, error = %e.chain(), "etcd request failed");
+    CliError::Etcd(e.explain(endpoint, true))
 }
 
-async fn client(t: &Target) -> Result<Client, CliError> {
+/// A client of the first answering member, and that member's URL.
+async fn client(t: &Target) -> Result<(Client, String), CliError> {
     connect(&t.endpoints, Duration::from_secs(2), &t.security)
         .await
-        .map_err(|e| unreachable(t, e))
+        .map_err(|e| etcd_failed(&t.endpoints.join(","), e))
 }
 
 /// Runs one etcd request with the CLI's time bound.
-async fn bounded<T, F>(t: &Target, f: F) -> Result<T, CliError>
+async fn bounded<T, F>(endpoint: &str, f: F) -> Result<T, CliError>
 where
     F: std::future::Future<Output = Result<T, etcd_client::Error>>,
 {
     match tokio::time::timeout(TIMEOUT, f).await {
         Ok(Ok(v)) => Ok(v),
-        Ok(Err(e)) => Err(unreachable(t, e)),
-        Err(_) => Err(unreachable(t, format!("no answer within {TIMEOUT:?}"))),
+        Ok(Err(e)) => Err(etcd_failed(endpoint, e.into())),
+        Err(_) => Err(etcd_failed(endpoint, DiscoveryError::Timeout(TIMEOUT))),
     }
 }
 
 async fn load_table(t: &Target) -> Result<RoutingTable, CliError> {
-    let mut c = client(t).await?;
+    let (mut c, ep) = client(t).await?;
     let resp = bounded(
-        t,
+        &ep,
         c.get(
             watch_prefix(&t.prefix),
             Some(GetOptions::new().with_prefix()),
@@ -218,16 +225,16 @@ async fn task_add(
         Some(id) => usage(TaskId::new(&id))?,
         None => TaskId::derived(node.as_ref(), addr),
     };
-    let mut c = client(t).await?;
+    let (mut c, ep) = client(t).await?;
     let mut options = None;
     if let Some(node) = &node {
-        let alive = bounded(t, c.get(node_alive_key(&t.prefix, node), None)).await?;
+        let alive = bounded(&ep, c.get(node_alive_key(&t.prefix, node), None)).await?;
         match alive.kvs().first() {
             Some(kv) if kv.lease() != 0 => {
                 options = Some(PutOptions::new().with_lease(kv.lease()));
             }
             _ => {
-                let info = bounded(t, c.get(node_info_key(&t.prefix, node), None)).await?;
+                let info = bounded(&ep, c.get(node_info_key(&t.prefix, node), None)).await?;
                 return Err(CliError::Usage(if info.kvs().is_empty() {
                     format!("unknown node {node}: `routemesh node ls` lists the nodes")
                 } else {
@@ -240,7 +247,7 @@ async fn task_add(
     }
     let rec = TaskRecord { addr, node, weight };
     bounded(
-        t,
+        &ep,
         c.put(task_key(&t.prefix, &service, &id), rec.to_json(), options),
     )
     .await?;
@@ -257,8 +264,8 @@ async fn task_add(
 async fn task_rm(t: &Target, service: &str, id: &str) -> Result<String, CliError> {
     let service = usage(ServiceName::new(service))?;
     let id = usage(TaskId::new(id))?;
-    let mut c = client(t).await?;
-    let resp = bounded(t, c.delete(task_key(&t.prefix, &service, &id), None)).await?;
+    let (mut c, ep) = client(t).await?;
+    let resp = bounded(&ep, c.delete(task_key(&t.prefix, &service, &id), None)).await?;
     if resp.deleted() == 0 {
         return Err(CliError::Usage(format!(
             "service {service} has no task {id}: `routemesh service ps {service}` lists them"

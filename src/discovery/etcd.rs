@@ -13,16 +13,18 @@ use tokio::sync::watch;
 use tokio_util::sync::CancellationToken;
 
 use super::Publisher;
+use super::failure::{self, Cause};
 use super::keys::watch_prefix;
 use super::table::Update;
 use crate::config::{DiscoveryConfig, EtcdSecurity, ServiceName, ServiceSettings};
 
-/// Why a discovery round ended.
+/// Why a discovery round ended. Displayed in plain words (see [`Cause`]); the full chain of
+/// an etcd client error is logged at debug level only.
 #[derive(Debug, thiserror::Error)]
 pub enum DiscoveryError {
-    #[error("etcd request failed: {0}")]
+    #[error("{}", Cause::of(.0))]
     Etcd(#[from] etcd_client::Error),
-    #[error("etcd did not answer within {0:?}")]
+    #[error("timed out (no answer within {0:?})")]
     Timeout(Duration),
     #[error("watch canceled by etcd: {0}")]
     Canceled(String),
@@ -32,6 +34,58 @@ pub enum DiscoveryError {
     Closed,
     #[error("etcd credentials: {0}")]
     Credentials(String),
+    /// No member answered: each member with why.
+    #[error("{}", members_line(.0))]
+    Unreachable(Vec<(String, DiscoveryError)>),
+}
+
+impl DiscoveryError {
+    /// The cause in plain words (of the last member tried, when none answered).
+    pub fn cause(&self) -> Cause {
+        match self {
+            DiscoveryError::Etcd(e) => Cause::of(e),
+            DiscoveryError::Timeout(d) => Cause::TimedOut(Some(*d)),
+            DiscoveryError::Credentials(d) => Cause::Credentials(d.clone()),
+            DiscoveryError::Closed => Cause::Closed,
+            DiscoveryError::Unreachable(all) => {
+                all.last().map(|(_, e)| e.cause()).unwrap_or(Cause::Closed)
+            }
+            other => Cause::Other(other.to_string()),
+        }
+    }
+
+    /// One line for an operator: the member(s), the cause, and what to check (`cli`: the
+    /// command line's flags; else the daemon's config).
+    pub fn explain(&self, endpoint: &str, cli: bool) -> String {
+        let fix = self.cause().fix(cli);
+        match self {
+            DiscoveryError::Unreachable(all) if all.len() == 1 => {
+                format!("cannot reach etcd at {}: {}; {fix}", all[0].0, all[0].1)
+            }
+            DiscoveryError::Unreachable(_) => format!("cannot reach etcd ({self}); {fix}"),
+            other => format!("etcd at {endpoint}: {other}; {fix}"),
+        }
+    }
+
+    /// The full error chain, for `RUST_LOG=debug`.
+    pub fn chain(&self) -> String {
+        match self {
+            DiscoveryError::Etcd(e) => failure::chain(e),
+            DiscoveryError::Unreachable(all) => all
+                .iter()
+                .map(|(ep, e)| format!("{ep}: {}", e.chain()))
+                .collect::<Vec<_>>()
+                .join("; "),
+            other => other.to_string(),
+        }
+    }
+}
+
+fn members_line(all: &[(String, DiscoveryError)]) -> String {
+    all.iter()
+        .map(|(ep, e)| format!("{ep}: {e}"))
+        .collect::<Vec<_>>()
+        .join("; ")
 }
 
 /// Connection options shared by the daemon and the CLI.
@@ -93,19 +147,27 @@ impl Members {
 
     /// The first member, from the rotation point on, that answers.
     pub async fn connect(&mut self, dial_timeout: Duration) -> Result<Client, DiscoveryError> {
-        let mut last = DiscoveryError::Closed;
+        let mut failed = Vec::new();
         for _ in 0..self.endpoints.len() {
-            let ep = &self.endpoints[self.next % self.endpoints.len()];
-            match connect_one(ep, dial_timeout, &self.security).await {
+            let ep = self.current().to_string();
+            match connect_one(&ep, dial_timeout, &self.security).await {
                 Ok(c) => return Ok(c),
                 Err(e) => {
-                    tracing::debug!(endpoint = %ep, error = %e, "etcd member unreachable; trying the next");
-                    last = e;
+                    tracing::debug!(endpoint = %ep, error = %e.chain(), "etcd member unreachable; trying the next");
+                    failed.push((ep, e));
                     self.next = (self.next + 1) % self.endpoints.len();
                 }
             }
         }
-        Err(last)
+        Err(DiscoveryError::Unreachable(failed))
+    }
+
+    /// The member in use (after a successful connect) or tried next.
+    pub fn current(&self) -> &str {
+        self.endpoints
+            .get(self.next % self.endpoints.len().max(1))
+            .map(String::as_str)
+            .unwrap_or("")
     }
 
     /// Marks the member in use as failed: the next connect starts with another one.
@@ -114,16 +176,16 @@ impl Members {
     }
 }
 
-/// Connects to the first answering member of `endpoints` (used by the CLI).
+/// Connects to the first answering member of `endpoints` (used by the CLI); returns the
+/// client and the member it talks to.
 pub async fn connect(
     endpoints: &[String],
     dial_timeout: Duration,
     security: &EtcdSecurity,
-) -> Result<Client, DiscoveryError> {
-    Members::new(endpoints)
-        .with_security(security.clone())
-        .connect(dial_timeout)
-        .await
+) -> Result<(Client, String), DiscoveryError> {
+    let mut members = Members::new(endpoints).with_security(security.clone());
+    let client = members.connect(dial_timeout).await?;
+    Ok((client, members.current().to_string()))
 }
 
 /// Runs until `shutdown`: keeps `publisher`'s table in step with etcd.
@@ -156,11 +218,13 @@ pub async fn run(
             Ok(()) => tracing::debug!("periodic re-list of etcd"),
             Err(e) => {
                 publisher.status().set_up(false);
+                let why = e.explain(members.current(), false);
                 // Reconnect, starting with another member.
                 client = None;
                 members.rotate();
                 let delay = backoff.next_delay();
-                tracing::warn!(error = %e, retry_in = ?delay, "etcd discovery interrupted; serving the last routing snapshot");
+                tracing::debug!(error = %e.chain(), "etcd discovery error chain");
+                tracing::warn!(retry_in = ?delay, "etcd discovery interrupted, serving the last routing snapshot: {why}");
                 tokio::select! {
                     _ = tokio::time::sleep(delay) => {}
                     _ = shutdown.cancelled() => return,

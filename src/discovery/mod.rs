@@ -4,6 +4,7 @@
 //! (`node.rs`). It never imports `proxy`.
 
 pub mod etcd;
+pub mod failure;
 pub mod keys;
 pub mod node;
 pub mod security;

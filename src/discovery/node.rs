@@ -12,6 +12,7 @@ use tokio::sync::watch;
 use tokio_util::sync::CancellationToken;
 
 use super::etcd::{Backoff, DiscoveryError, Members};
+use super::failure;
 use super::keys::{NodeRecord, TaskRecord, node_alive_key, node_info_key, task_key};
 use crate::config::{NodeName, TaskConfig};
 
@@ -68,10 +69,12 @@ pub async fn run(
             e = round => e,
             _ = shutdown.cancelled() => break,
         };
+        let why = err.explain(members.current(), false);
         client = None;
         members.rotate();
         let delay = backoff.next_delay();
-        tracing::warn!(error = %err, retry_in = ?delay, "node lease keeper interrupted");
+        tracing::debug!(error = %err.chain(), "node lease keeper error chain");
+        tracing::warn!(retry_in = ?delay, "node lease keeper interrupted: {why}");
         tokio::select! {
             _ = tokio::time::sleep(delay) => {}
             _ = shutdown.cancelled() => break,
@@ -83,7 +86,10 @@ pub async fn run(
     if let (Some(mut c), Some(id)) = (client, lease) {
         match tokio::time::timeout(settings.dial_timeout, c.lease_revoke(id)).await {
             Ok(Ok(_)) => tracing::info!(lease = id, "node lease revoked"),
-            Ok(Err(e)) => tracing::warn!(error = %e, "could not revoke the node lease"),
+            Ok(Err(e)) => tracing::warn!(
+                "could not revoke the node lease: {}",
+                failure::Cause::of(&e)
+            ),
             Err(_) => tracing::warn!("timed out revoking the node lease"),
         }
     }
