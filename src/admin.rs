@@ -1,7 +1,8 @@
 //! The admin listener: read-only endpoints for operators and orchestrators.
 //!
 //! `GET /healthz` 200 while the process runs; `GET /readyz` 200 once listeners are bound and
-//! discovery has synced once (else 503); `GET /routes` the current snapshot as JSON;
+//! discovery has synced once, and while this node is not drained nor shutting down (else 503
+//! with the reason); `GET /routes` the current snapshot and this node's listeners as JSON;
 //! `GET /metrics` Prometheus text. Nothing here changes state.
 
 use std::convert::Infallible;
@@ -17,8 +18,12 @@ use serde_json::json;
 use tokio::net::TcpListener;
 use tokio_util::sync::CancellationToken;
 
+use arc_swap::ArcSwap;
+
 use crate::config::NodeName;
 use crate::discovery::DiscoveryStatus;
+use crate::discovery::keys::PublishedListener;
+use crate::discovery::published::Decision;
 use crate::metrics::Metrics;
 use crate::snapshot::{SharedSnapshot, Snapshot, now_ms};
 
@@ -32,13 +37,36 @@ pub struct AdminState {
     pub listeners_bound: AtomicBool,
     /// Set when shutdown starts: /readyz turns 503 so load balancers stop sending.
     pub draining: AtomicBool,
+    /// Every listener this node serves or was asked to (TOML and cluster-published), with its
+    /// state: what the node's `alive` record reports. Written by the app's listener manager.
+    pub listeners: ArcSwap<Vec<PublishedListener>>,
 }
 
 impl AdminState {
+    /// Why /readyz says 503, or None when ready.
+    pub fn not_ready(&self) -> Option<&'static str> {
+        let drained = || {
+            self.snapshot
+                .load()
+                .nodes
+                .get(&self.node)
+                .is_some_and(|n| n.is_drained())
+        };
+        if self.draining.load(Ordering::Relaxed) {
+            Some("shutting down")
+        } else if !self.listeners_bound.load(Ordering::Acquire) {
+            Some("listeners not bound yet")
+        } else if !self.discovery.synced() {
+            Some("discovery has not synced yet")
+        } else if drained() {
+            Some("node drained (routemesh node update --availability active NODE)")
+        } else {
+            None
+        }
+    }
+
     pub fn ready(&self) -> bool {
-        self.listeners_bound.load(Ordering::Acquire)
-            && self.discovery.synced()
-            && !self.draining.load(Ordering::Relaxed)
+        self.not_ready().is_none()
     }
 }
 
@@ -89,27 +117,18 @@ fn route(state: &AdminState, req: Request<Incoming>) -> Response<Full<Bytes>> {
     }
     match req.uri().path() {
         "/healthz" => text(StatusCode::OK, "ok\n", "text/plain"),
-        "/readyz" => {
-            if state.ready() {
-                text(StatusCode::OK, "ready\n", "text/plain")
-            } else {
-                let why = if state.draining.load(Ordering::Relaxed) {
-                    "draining"
-                } else if !state.listeners_bound.load(Ordering::Acquire) {
-                    "listeners not bound yet"
-                } else {
-                    "discovery has not synced yet"
-                };
-                text(
-                    StatusCode::SERVICE_UNAVAILABLE,
-                    format!("not ready: {why}\n"),
-                    "text/plain",
-                )
-            }
-        }
+        "/readyz" => match state.not_ready() {
+            None => text(StatusCode::OK, "ready\n", "text/plain"),
+            Some(why) => text(
+                StatusCode::SERVICE_UNAVAILABLE,
+                format!("not ready: {why}\n"),
+                "text/plain",
+            ),
+        },
         "/routes" => {
             let snap = state.snapshot.load();
-            let body = routes_json(&state.node, &snap, &state.discovery);
+            let mut body = routes_json(&state.node, &snap, &state.discovery);
+            body["listeners"] = serde_json::to_value(&**state.listeners.load()).unwrap_or_default();
             text(
                 StatusCode::OK,
                 serde_json::to_vec_pretty(&body).unwrap_or_default(),
@@ -176,8 +195,29 @@ pub fn routes_json(
             json!({
                 "name": name.as_str(),
                 "status": if e.is_ready() { "Ready" } else { "Down" },
+                "availability": e.availability.as_str(),
                 "advertise": e.record().and_then(|r| r.advertise).map(|a| a.to_string()),
                 "version": e.record().map(|r| r.version.clone()),
+            })
+        })
+        .collect();
+    let published: Vec<_> = snap
+        .published
+        .iter()
+        .map(|p| {
+            let (decision, with) = match &p.decision {
+                Decision::Bind => ("bind", None),
+                Decision::Shadowed { by } => ("shadowed", Some(by.as_str())),
+                Decision::Conflict { with } => ("conflict", Some(with.as_str())),
+            };
+            json!({
+                "name": p.config.name,
+                "listen": p.config.listen.to_string(),
+                "protocol": p.config.protocol.as_str(),
+                "service": p.config.service.as_ref().map(|s| s.as_str()),
+                "source": p.source.as_str(),
+                "decision": decision,
+                "held_by": with,
             })
         })
         .collect();
@@ -189,6 +229,7 @@ pub fn routes_json(
         "last_sync_age_seconds": discovery.last_sync_age_secs(),
         "services": services,
         "nodes": nodes,
+        "published": published,
         "invalid": snap.invalid,
     })
 }

@@ -269,6 +269,8 @@ fn node_record(config: &Config, started: u64) -> NodeRecord {
                     .as_ref()
                     .map(|s| s.to_string())
                     .unwrap_or_default(),
+                state: "bound".into(),
+                source: "config".into(),
             })
             .collect(),
     }
@@ -331,6 +333,7 @@ pub async fn run(
         metrics: metrics.clone(),
         listeners_bound: Default::default(),
         draining: Default::default(),
+        listeners: Default::default(),
     });
     let admin_stop = CancellationToken::new();
     let admin_task = tokio::spawn(admin::serve(

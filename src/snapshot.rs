@@ -17,6 +17,7 @@ use serde::Serialize;
 
 use crate::balance::Selector;
 use crate::config::{NodeName, ServiceName, ServiceSettings, TaskId};
+use crate::discovery::published::{self, Published};
 use crate::discovery::table::{NodeEntry, RoutingTable};
 
 /// Where readers find the current snapshot.
@@ -149,6 +150,8 @@ pub struct Task {
     pub weight: u32,
     /// False when the task's node is Down: out of routing on every node.
     pub node_ready: bool,
+    /// True when the task's node is drained: no new connections from any node.
+    pub node_drained: bool,
     pub state: Arc<TaskState>,
 }
 
@@ -188,10 +191,15 @@ impl Task {
         self.addr == addr && &self.node == node && self.weight == weight
     }
 
+    /// Whether new connections may go to it at all (health and ejection aside).
+    pub fn is_candidate(&self) -> bool {
+        self.node_ready && !self.node_drained && self.weight > 0
+    }
+
     pub fn status(&self, now: u64) -> TaskStatus {
         if !self.node_ready {
             TaskStatus::NodeDown
-        } else if self.weight == 0 {
+        } else if self.weight == 0 || self.node_drained {
             TaskStatus::Drained
         } else if self.state.health() == Health::Unhealthy {
             TaskStatus::Unhealthy
@@ -218,7 +226,7 @@ impl Service {
         let candidates = tasks
             .iter()
             .enumerate()
-            .filter(|(_, t)| t.node_ready && t.weight > 0)
+            .filter(|(_, t)| t.is_candidate())
             .map(|(i, _)| i)
             .collect();
         let selector = Selector::build(settings.balance, &tasks, candidates);
@@ -264,6 +272,9 @@ pub struct Snapshot {
     pub synced: bool,
     pub services: HashMap<ServiceName, Arc<Service>>,
     pub nodes: BTreeMap<NodeName, NodeEntry>,
+    /// The cluster's published listeners (etcd and task-requested), in name order, with the
+    /// cluster-wide decision about each; every node reconciles its listeners against these.
+    pub published: Arc<Vec<Published>>,
     /// Keys skipped as malformed, with why.
     pub invalid: BTreeMap<String, String>,
 }
@@ -293,6 +304,7 @@ impl Snapshot {
             let records = table.tasks.get(name);
             for (id, rec) in records.into_iter().flatten() {
                 let node_ready = table.node_allows(rec.node.as_ref());
+                let node_drained = table.node_drained(rec.node.as_ref());
                 let prev_task = prev_svc.and_then(|p| {
                     p.tasks
                         .binary_search_by(|t| t.id.cmp(id))
@@ -302,7 +314,8 @@ impl Snapshot {
                 match prev_task {
                     Some(t)
                         if t.same_definition(rec.addr, &rec.node, rec.weight)
-                            && t.node_ready == node_ready =>
+                            && t.node_ready == node_ready
+                            && t.node_drained == node_drained =>
                     {
                         tasks.push(t.clone())
                     }
@@ -318,6 +331,7 @@ impl Snapshot {
                             node: rec.node.clone(),
                             weight: rec.weight,
                             node_ready,
+                            node_drained,
                             state,
                         }));
                     }
@@ -329,11 +343,20 @@ impl Snapshot {
             };
             services.insert(name.clone(), svc);
         }
+        // Reuse the previous list when nothing about the published listeners changed, so the
+        // app's reconcile can skip work by pointer comparison.
+        let next = published::published(table);
+        let published = if *prev.published == next {
+            prev.published.clone()
+        } else {
+            Arc::new(next)
+        };
         Snapshot {
             revision: table.revision,
             synced: true,
             services,
             nodes: table.nodes.clone(),
+            published,
             invalid: table.invalid.clone(),
         }
     }
@@ -348,6 +371,7 @@ pub(crate) fn test_task(i: usize, weight: u32) -> Arc<Task> {
         node: None,
         weight,
         node_ready: true,
+        node_drained: false,
         state: Arc::default(),
     })
 }
@@ -412,6 +436,30 @@ mod tests {
         }
         assert_eq!(svc.tasks[1].status(now_ms()), TaskStatus::NodeDown);
         assert_eq!(svc.live_count(now_ms()), 1);
+    }
+
+    #[test]
+    fn tasks_of_a_drained_node_get_nothing_new() {
+        let mut entries = vec![
+            ("/rm/tasks/web/a", r#"{"addr":"127.0.0.1:1","node":"n1"}"#),
+            ("/rm/tasks/web/b", r#"{"addr":"127.0.0.1:2","node":"n2"}"#),
+            ("/rm/nodes/n1/alive", "{}"),
+            ("/rm/nodes/n2/alive", "{}"),
+            ("/rm/nodes/n2/availability", "drain"),
+        ];
+        let s = Snapshot::build(&table(&entries), &BTreeMap::new(), &Snapshot::default());
+        let svc = s.service(&web()).unwrap();
+        for _ in 0..10 {
+            assert_eq!(svc.pick(&[], now_ms(), None), Some(0));
+        }
+        assert_eq!(svc.tasks[1].status(now_ms()), TaskStatus::Drained);
+        let kept = svc.tasks[1].state.clone();
+        // Back to active: routable again, with its runtime state kept.
+        entries[4] = ("/rm/nodes/n2/availability", "\"active\"");
+        let s2 = Snapshot::build(&table(&entries), &BTreeMap::new(), &s);
+        let svc2 = s2.service(&web()).unwrap();
+        assert_eq!(svc2.tasks[1].status(now_ms()), TaskStatus::Healthy);
+        assert!(Arc::ptr_eq(&kept, &svc2.tasks[1].state));
     }
 
     #[test]

@@ -209,6 +209,7 @@ mod tests {
             node: None,
             weight,
             node_ready: true,
+            node_drained: false,
             state: Arc::default(),
         })
     }

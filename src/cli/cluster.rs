@@ -1,5 +1,6 @@
-//! The cluster commands: `task add|rm`, `service ls|ps`, `node ls`. They talk to etcd directly
-//! with the same key schema the daemons use. Errors are one line on stderr, exit 1.
+//! The cluster commands: `task add|rm`, `service ls|ps`, `node ls|update`,
+//! `publish add|rm|ls|ps`. They talk to etcd directly with the same key schema the daemons
+//! use. Errors are one line on stderr, exit 1.
 
 use std::collections::BTreeMap;
 use std::net::SocketAddr;
@@ -9,16 +10,21 @@ use std::time::Duration;
 use etcd_client::{Client, GetOptions, PutOptions};
 use serde_json::json;
 
-use super::{ClusterArgs, NodeCmd, ServiceCmd, TaskCmd, table};
-use crate::config::{self, Config, NodeName, ServiceName, TaskId};
+use super::{AvailabilityArg, ClusterArgs, NodeCmd, PublishCmd, ServiceCmd, TaskCmd, table};
+use crate::config::{self, Config, NodeName, PublishSpec, ServiceName, TaskId};
 use crate::discovery::etcd::{DiscoveryError, connect};
-use crate::discovery::keys::{TaskRecord, node_alive_key, node_info_key, task_key, watch_prefix};
+use crate::discovery::keys::{
+    Availability, TaskRecord, listener_key, node_alive_key, node_availability_key, node_info_key,
+    task_key, valid_listener_name, watch_prefix,
+};
+use crate::discovery::published::{self, Source, overlaps};
 use crate::discovery::table::{RoutingTable, Update};
 
 pub enum Op {
     Task(TaskCmd),
     Service(ServiceCmd),
     Node(NodeCmd),
+    Publish(PublishCmd),
 }
 
 /// A cluster command's failure: printed as `error: …`.
@@ -129,8 +135,23 @@ async fn dispatch(op: Op) -> Result<String, CliError> {
             id,
             node,
             weight,
+            publish,
             cluster,
-        }) => task_add(&target(&cluster)?, &service, &addr, id, node, weight).await,
+        }) => {
+            let publish = publish
+                .iter()
+                .map(|p| usage(PublishSpec::parse(p)))
+                .collect::<Result<Vec<_>, _>>()?;
+            let task = NewTask {
+                service: &service,
+                addr: &addr,
+                id,
+                node,
+                weight,
+                publish,
+            };
+            task_add(&target(&cluster)?, task).await
+        }
         Op::Task(TaskCmd::Rm {
             service,
             id,
@@ -143,6 +164,25 @@ async fn dispatch(op: Op) -> Result<String, CliError> {
             cluster,
         }) => service_ps(&target(&cluster)?, &service, admin.as_deref()).await,
         Op::Node(NodeCmd::Ls { cluster }) => node_ls(&target(&cluster)?).await,
+        Op::Node(NodeCmd::Update {
+            availability,
+            node,
+            cluster,
+        }) => node_update(&target(&cluster)?, &node, availability).await,
+        Op::Publish(PublishCmd::Add {
+            service,
+            port,
+            name,
+            listen,
+            cluster,
+        }) => publish_add(&target(&cluster)?, &service, &port, name, listen).await,
+        Op::Publish(PublishCmd::Rm { name, cluster }) => {
+            publish_rm(&target(&cluster)?, &name).await
+        }
+        Op::Publish(PublishCmd::Ls { cluster }) => publish_ls(&target(&cluster)?).await,
+        Op::Publish(PublishCmd::Ps { name, cluster }) => {
+            publish_ps(&target(&cluster)?, &name).await
+        }
     }
 }
 
@@ -201,14 +241,27 @@ fn usage<T, E: std::fmt::Display>(r: Result<T, E>) -> Result<T, CliError> {
     r.map_err(|e| CliError::Usage(e.to_string()))
 }
 
-async fn task_add(
-    t: &Target,
-    service: &str,
-    addr: &str,
+/// `task add`'s arguments.
+struct NewTask<'a> {
+    service: &'a str,
+    addr: &'a str,
     id: Option<String>,
     node: Option<String>,
     weight: u32,
-) -> Result<String, CliError> {
+    publish: Vec<PublishSpec>,
+}
+
+async fn task_add(t: &Target, task: NewTask<'_>) -> Result<String, CliError> {
+    let NewTask {
+        service,
+        addr,
+        id,
+        node,
+        weight,
+        mut publish,
+    } = task;
+    publish.sort();
+    publish.dedup();
     let service = usage(ServiceName::new(service))?;
     let addr: SocketAddr = addr.parse().map_err(|_| {
         CliError::Usage(format!(
@@ -245,7 +298,12 @@ async fn task_add(
             }
         }
     }
-    let rec = TaskRecord { addr, node, weight };
+    let rec = TaskRecord {
+        addr,
+        node,
+        weight,
+        publish,
+    };
     bounded(
         &ep,
         c.put(task_key(&t.prefix, &service, &id), rec.to_json(), options),
@@ -296,7 +354,11 @@ async fn service_ls(t: &Target) -> Result<String, CliError> {
     for (name, tasks) in &table.tasks {
         let routable = tasks
             .values()
-            .filter(|r| table.node_allows(r.node.as_ref()) && r.weight > 0)
+            .filter(|r| {
+                table.node_allows(r.node.as_ref())
+                    && !table.node_drained(r.node.as_ref())
+                    && r.weight > 0
+            })
             .count();
         rows.push(vec![
             name.to_string(),
@@ -421,19 +483,244 @@ async fn node_ls(t: &Target) -> Result<String, CliError> {
             .map(|r| r.version.clone())
             .filter(|v| !v.is_empty())
             .unwrap_or("-".into());
+        let availability = e.availability.as_str();
         rows.push(vec![
             name.to_string(),
             addr.clone(),
             status.to_string(),
+            availability.to_string(),
             version.clone(),
         ]);
-        out.push(
-            json!({ "name": name.as_str(), "address": addr, "status": status, "version": version }),
-        );
+        out.push(json!({
+            "name": name.as_str(),
+            "address": addr,
+            "status": status,
+            "availability": availability,
+            "version": version,
+        }));
     }
     Ok(if t.json {
         format!("{}\n", serde_json::Value::Array(out))
     } else {
-        table::render(&["NAME", "ADDRESS", "STATUS", "VERSION"], &rows)
+        table::render(
+            &["NAME", "ADDRESS", "STATUS", "AVAILABILITY", "VERSION"],
+            &rows,
+        )
+    })
+}
+
+async fn node_update(
+    t: &Target,
+    node: &str,
+    availability: AvailabilityArg,
+) -> Result<String, CliError> {
+    let node = usage(NodeName::new(node))?;
+    let availability = match availability {
+        AvailabilityArg::Active => Availability::Active,
+        AvailabilityArg::Drain => Availability::Drain,
+    };
+    let (mut c, ep) = client(t).await?;
+    let known = bounded(
+        &ep,
+        c.get(
+            format!("{}/nodes/{node}/", t.prefix),
+            Some(GetOptions::new().with_prefix().with_count_only()),
+        ),
+    )
+    .await?;
+    if known.count() == 0 {
+        return Err(CliError::Usage(format!(
+            "unknown node {node}: `routemesh node ls` lists the nodes"
+        )));
+    }
+    bounded(
+        &ep,
+        c.put(
+            node_availability_key(&t.prefix, &node),
+            availability.as_str(),
+            None,
+        ),
+    )
+    .await?;
+    Ok(if t.json {
+        format!(
+            "{}\n",
+            json!({ "node": node.as_str(), "availability": availability.as_str() })
+        )
+    } else {
+        format!("{node}\n")
+    })
+}
+
+async fn publish_add(
+    t: &Target,
+    service: &str,
+    port: &str,
+    name: Option<String>,
+    listen: Option<String>,
+) -> Result<String, CliError> {
+    let service = usage(ServiceName::new(service))?;
+    let spec = usage(PublishSpec::parse(port))?;
+    let name = name.unwrap_or_else(|| spec.listener_name(&service));
+    if !valid_listener_name(&name) {
+        return Err(CliError::Usage(format!(
+            "listener name {name:?} is not valid: use 1-64 characters from A-Z a-z 0-9 . _ - (--name NAME)"
+        )));
+    }
+    let ip: std::net::IpAddr = match listen.as_deref() {
+        None => std::net::Ipv4Addr::UNSPECIFIED.into(),
+        Some(ip) => ip.trim_matches(['[', ']']).parse().map_err(|_| {
+            CliError::Usage(format!(
+                "--listen {ip:?} is not an IP address (e.g. 0.0.0.0, 10.0.0.1 or ::)"
+            ))
+        })?,
+    };
+    let addr = SocketAddr::new(ip, spec.port);
+    let value = json!({
+        "listen": addr.to_string(),
+        "protocol": spec.protocol.as_str(),
+        "service": service.as_str(),
+    })
+    .to_string();
+    // The daemons validate it the same way; refuse here what they would skip.
+    usage(config::published::listener_from_json(
+        &name,
+        value.as_bytes(),
+    ))?;
+    let table = load_table(t).await?;
+    if let Some(existing) = table.listeners.get(&name)
+        && (existing.listen != addr
+            || existing.protocol != spec.protocol
+            || existing.service.as_ref() != Some(&service))
+    {
+        return Err(CliError::Usage(format!(
+            "{name} is already published on {} for {}: `routemesh publish rm {name}` first",
+            existing.listen,
+            existing.service.as_ref().map(|s| s.as_str()).unwrap_or("-")
+        )));
+    }
+    if let Some((other, l)) = table
+        .listeners
+        .iter()
+        .find(|(n, l)| **n != name && overlaps(l.listen, addr))
+    {
+        return Err(CliError::Usage(format!(
+            "{addr} is already published as {other} (on {}): pick another port, or `routemesh publish rm {other}`",
+            l.listen
+        )));
+    }
+    let (mut c, ep) = client(t).await?;
+    bounded(&ep, c.put(listener_key(&t.prefix, &name), value, None)).await?;
+    Ok(if t.json {
+        format!(
+            "{}\n",
+            json!({ "name": name, "listen": addr.to_string(), "protocol": spec.protocol.as_str(), "service": service.as_str() })
+        )
+    } else {
+        format!("{name}\n")
+    })
+}
+
+async fn publish_rm(t: &Target, name: &str) -> Result<String, CliError> {
+    let table = load_table(t).await?;
+    if !table.listeners.contains_key(name) {
+        let requested = published::published(&table)
+            .into_iter()
+            .find(|p| p.config.name == name && p.source == Source::Tasks);
+        return Err(CliError::Usage(match requested {
+            Some(p) => format!(
+                "{name} is published by the tasks of service {} (their publish list): it goes away with the last task that asks for it",
+                p.config.service.as_ref().map(|s| s.as_str()).unwrap_or("-")
+            ),
+            None => format!("no published listener {name}: `routemesh publish ls` lists them"),
+        }));
+    }
+    let (mut c, ep) = client(t).await?;
+    bounded(&ep, c.delete(listener_key(&t.prefix, name), None)).await?;
+    Ok(if t.json {
+        format!("{}\n", json!({ "removed": name }))
+    } else {
+        format!("{name}\n")
+    })
+}
+
+/// What each Ready node reports about listener `name` (from its `alive` record).
+fn node_states<'a>(
+    table: &'a RoutingTable,
+    name: &'a str,
+) -> impl Iterator<Item = (&'a NodeName, Option<&'a str>)> + 'a {
+    table.nodes.iter().filter_map(move |(node, e)| {
+        let rec = e.alive.as_ref()?;
+        let state = rec
+            .listeners
+            .iter()
+            .find(|l| l.name == name && l.source != "config")
+            .map(|l| l.state.as_str());
+        Some((node, state))
+    })
+}
+
+async fn publish_ls(t: &Target) -> Result<String, CliError> {
+    let table = load_table(t).await?;
+    let mut rows = Vec::new();
+    let mut out = Vec::new();
+    for p in published::published(&table) {
+        let name = p.config.name.as_str();
+        let (mut bound, mut ready) = (0, 0);
+        for (_, state) in node_states(&table, name) {
+            ready += 1;
+            bound += usize::from(state == Some("bound"));
+        }
+        let service = p.config.service.as_ref().map(|s| s.as_str()).unwrap_or("-");
+        rows.push(vec![
+            name.to_string(),
+            p.config.listen.to_string(),
+            p.config.protocol.as_str().to_string(),
+            service.to_string(),
+            format!("{bound}/{ready}"),
+            p.source.as_str().to_string(),
+        ]);
+        out.push(json!({
+            "name": name,
+            "listen": p.config.listen.to_string(),
+            "protocol": p.config.protocol.as_str(),
+            "service": service,
+            "bound": bound,
+            "ready": ready,
+            "source": p.source.as_str(),
+        }));
+    }
+    Ok(if t.json {
+        format!("{}\n", serde_json::Value::Array(out))
+    } else {
+        table::render(
+            &["NAME", "LISTEN", "PROTOCOL", "SERVICE", "NODES", "SOURCE"],
+            &rows,
+        )
+    })
+}
+
+async fn publish_ps(t: &Target, name: &str) -> Result<String, CliError> {
+    let table = load_table(t).await?;
+    if !published::published(&table)
+        .iter()
+        .any(|p| p.config.name == name)
+    {
+        return Err(CliError::Usage(format!(
+            "no published listener {name}: `routemesh publish ls` lists them"
+        )));
+    }
+    let mut rows = Vec::new();
+    let mut out = Vec::new();
+    for (node, state) in node_states(&table, name) {
+        // A node that does not list it has not applied it yet (or runs the static backend).
+        let state = state.unwrap_or("pending");
+        rows.push(vec![node.to_string(), state.to_string()]);
+        out.push(json!({ "node": node.as_str(), "state": state }));
+    }
+    Ok(if t.json {
+        format!("{}\n", serde_json::Value::Array(out))
+    } else {
+        table::render(&["NODE", "STATE"], &rows)
     })
 }

@@ -44,9 +44,12 @@ pub enum Command {
     /// List services and their tasks.
     #[command(subcommand)]
     Service(ServiceCmd),
-    /// List nodes.
+    /// List nodes and set their availability.
     #[command(subcommand)]
     Node(NodeCmd),
+    /// Publish ports on every node (listeners in etcd).
+    #[command(subcommand)]
+    Publish(PublishCmd),
 }
 
 /// Where the cluster commands find etcd.
@@ -80,6 +83,10 @@ pub enum TaskCmd {
         node: Option<String>,
         #[arg(long, default_value_t = 1)]
         weight: u32,
+        /// Ports every node publishes for the service while this task is registered
+        /// (PORT[/PROTOCOL], protocol tcp by default; repeat or separate with commas).
+        #[arg(long, value_name = "PORT[/PROTOCOL]", value_delimiter = ',')]
+        publish: Vec<String>,
         #[command(flatten)]
         cluster: ClusterArgs,
     },
@@ -113,8 +120,60 @@ pub enum ServiceCmd {
 
 #[derive(Debug, Subcommand)]
 pub enum NodeCmd {
-    /// Nodes with their status.
+    /// Nodes with their status and availability.
     Ls {
+        #[command(flatten)]
+        cluster: ClusterArgs,
+    },
+    /// Drain a node (its tasks get no new connections from any node) or make it active again.
+    Update {
+        /// `active` or `drain`.
+        #[arg(long, value_name = "active|drain")]
+        availability: AvailabilityArg,
+        node: String,
+        #[command(flatten)]
+        cluster: ClusterArgs,
+    },
+}
+
+/// `node update --availability`.
+#[derive(Debug, Clone, Copy, clap::ValueEnum)]
+pub enum AvailabilityArg {
+    Active,
+    Drain,
+}
+
+#[derive(Debug, Subcommand)]
+pub enum PublishCmd {
+    /// Publish a port of SERVICE on every node; prints the listener's name.
+    Add {
+        service: String,
+        /// PORT[/PROTOCOL]: tcp (default), http or tls.
+        #[arg(value_name = "PORT[/PROTOCOL]")]
+        port: String,
+        /// Listener name (default SERVICE-PORT-PROTOCOL).
+        #[arg(long)]
+        name: Option<String>,
+        /// The IP every node binds (default 0.0.0.0, all addresses).
+        #[arg(long, value_name = "IP")]
+        listen: Option<String>,
+        #[command(flatten)]
+        cluster: ClusterArgs,
+    },
+    /// Stop publishing a listener on every node.
+    Rm {
+        name: String,
+        #[command(flatten)]
+        cluster: ClusterArgs,
+    },
+    /// The cluster's published listeners, with how many Ready nodes bind each.
+    Ls {
+        #[command(flatten)]
+        cluster: ClusterArgs,
+    },
+    /// The state of one published listener on each node.
+    Ps {
+        name: String,
         #[command(flatten)]
         cluster: ClusterArgs,
     },
@@ -154,6 +213,7 @@ pub fn main(cli: Cli) -> ExitCode {
         Command::Task(cmd) => cluster::main(cluster::Op::Task(cmd)),
         Command::Service(cmd) => cluster::main(cluster::Op::Service(cmd)),
         Command::Node(cmd) => cluster::main(cluster::Op::Node(cmd)),
+        Command::Publish(cmd) => cluster::main(cluster::Op::Publish(cmd)),
     }
 }
 

@@ -11,6 +11,8 @@ pub mod edge;
 pub mod error;
 pub mod file;
 pub mod names;
+pub mod publish;
+pub mod published;
 
 use std::collections::{BTreeMap, BTreeSet};
 use std::net::{IpAddr, SocketAddr};
@@ -27,6 +29,7 @@ use error::Issues;
 pub use error::{ConfigError, ConfigIssue};
 use file::{RawConfig, S};
 pub use names::{NameError, NodeName, ServiceName, TaskId};
+pub use publish::PublishSpec;
 
 /// A whole, valid configuration.
 #[derive(Debug, Clone)]
@@ -88,7 +91,7 @@ pub struct AdminConfig {
     pub listen: SocketAddr,
 }
 
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize)]
+#[derive(Debug, Clone, Copy, PartialEq, Eq, PartialOrd, Ord, Hash, Serialize)]
 #[serde(rename_all = "snake_case")]
 pub enum Protocol {
     Tcp,
@@ -105,6 +108,16 @@ impl Protocol {
             Protocol::Tls => "tls",
         }
     }
+
+    /// The protocol named `text` (as `listener.protocol` spells it).
+    pub fn parse(text: &str) -> Option<Protocol> {
+        [Protocol::Tcp, Protocol::Http, Protocol::Tls]
+            .into_iter()
+            .find(|p| p.as_str() == text)
+    }
+
+    /// The accepted spellings, for error messages.
+    pub const NAMES: &'static str = "tcp, http or tls";
 }
 
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -253,6 +266,9 @@ pub struct TaskConfig {
     pub addr: SocketAddr,
     pub id: TaskId,
     pub weight: u32,
+    /// Ports this task asks every node to publish for its service (Docker's
+    /// `routemesh.publish` label).
+    pub publish: Vec<PublishSpec>,
 }
 
 /// Listener-wide HTTP limits.
@@ -1065,6 +1081,7 @@ fn validate(path: &Path, raw: RawConfig, issues: &mut Issues) -> Config {
             addr,
             id,
             weight,
+            publish: Vec::new(),
         });
     }
 

@@ -4,15 +4,19 @@
 //! {prefix}/tasks/{service}/{task_id}  {"addr":"IP:PORT","node":"NAME","weight":1}   any writer
 //! {prefix}/nodes/{node}/alive         {"advertise":..,"version":..,"started":..}      node lease
 //! {prefix}/nodes/{node}/info          {"advertise":..,"version":..,"listeners":[..]}  permanent
+//! {prefix}/nodes/{node}/availability  active | drain                                  permanent
+//! {prefix}/listeners/{name}           {"listen":"0.0.0.0:80","protocol":"http",..}   any writer
 //! ```
-//! A node is Ready while its `alive` key exists and Down when only `info` remains. Pure: no
+//! A node is Ready while its `alive` key exists and Down when only `info` remains; a drained
+//! node's tasks get no new connections. A published listener has the keys of a TOML
+//! `[[listener]]` (validated by the same code, in `config`); every node binds it. Pure: no
 //! IO, no clock.
 
 use std::net::{IpAddr, SocketAddr};
 
 use serde::{Deserialize, Serialize};
 
-use crate::config::{NodeName, ServiceName, TaskId};
+use crate::config::{NodeName, PublishSpec, ServiceName, TaskId};
 
 /// What a key under the prefix names.
 #[derive(Debug, Clone, PartialEq, Eq, PartialOrd, Ord)]
@@ -20,6 +24,9 @@ pub enum Key {
     Task(ServiceName, TaskId),
     NodeAlive(NodeName),
     NodeInfo(NodeName),
+    NodeAvailability(NodeName),
+    /// `{prefix}/listeners/{name}`: a listener published for the whole cluster.
+    Listener(String),
 }
 
 /// A key under the prefix that does not fit the schema.
@@ -27,8 +34,12 @@ pub enum Key {
 pub enum KeyError {
     #[error("key is not valid UTF-8")]
     NotUtf8,
-    #[error("unrecognised key layout (expected tasks/SERVICE/ID or nodes/NAME/alive|info)")]
+    #[error(
+        "unrecognised key layout (expected tasks/SERVICE/ID, nodes/NAME/alive|info|availability or listeners/NAME)"
+    )]
     Layout,
+    #[error("listener name {0:?} is not valid: use 1-64 characters from A-Z a-z 0-9 . _ -")]
+    ListenerName(String),
     #[error("{0}")]
     Name(#[from] crate::config::NameError),
 }
@@ -44,6 +55,12 @@ pub enum ValueError {
     Node(crate::config::NameError),
     #[error("`weight` {0} is out of range 0..=1000")]
     Weight(u64),
+    #[error("`publish`: {0}")]
+    Publish(String),
+    #[error("availability {0:?}: use active or drain")]
+    Availability(String),
+    #[error("{0}")]
+    Listener(String),
 }
 
 pub fn tasks_prefix(prefix: &str) -> String {
@@ -64,6 +81,28 @@ pub fn node_alive_key(prefix: &str, node: &NodeName) -> String {
 
 pub fn node_info_key(prefix: &str, node: &NodeName) -> String {
     format!("{prefix}/nodes/{node}/info")
+}
+
+pub fn node_availability_key(prefix: &str, node: &NodeName) -> String {
+    format!("{prefix}/nodes/{node}/availability")
+}
+
+pub fn listeners_prefix(prefix: &str) -> String {
+    format!("{prefix}/listeners/")
+}
+
+pub fn listener_key(prefix: &str, name: &str) -> String {
+    format!("{prefix}/listeners/{name}")
+}
+
+/// A listener name as TOML allows it (`listener.name`): 1-64 characters from
+/// `[A-Za-z0-9._-]`.
+pub fn valid_listener_name(name: &str) -> bool {
+    !name.is_empty()
+        && name.len() <= 64
+        && name
+            .bytes()
+            .all(|b| b.is_ascii_alphanumeric() || matches!(b, b'.' | b'_' | b'-'))
 }
 
 /// Everything discovery watches.
@@ -90,6 +129,11 @@ impl Key {
             ["nodes", node, "info"] => NodeName::new(node)
                 .map(Key::NodeInfo)
                 .map_err(KeyError::from),
+            ["nodes", node, "availability"] => NodeName::new(node)
+                .map(Key::NodeAvailability)
+                .map_err(KeyError::from),
+            ["listeners", name] if valid_listener_name(name) => Ok(Key::Listener(name.to_string())),
+            ["listeners", name] => Err(KeyError::ListenerName(name.to_string())),
             _ => Err(KeyError::Layout),
         })
     }
@@ -102,6 +146,8 @@ pub struct TaskRecord {
     /// The node that hosts it; when that node is Down the task is out of routing.
     pub node: Option<NodeName>,
     pub weight: u32,
+    /// Ports every node publishes for this task's service while a task asks for them.
+    pub publish: Vec<PublishSpec>,
 }
 
 #[derive(Serialize, Deserialize)]
@@ -111,6 +157,8 @@ struct TaskWire {
     node: Option<String>,
     #[serde(default, skip_serializing_if = "Option::is_none")]
     weight: Option<u64>,
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    publish: Vec<String>,
 }
 
 impl TaskRecord {
@@ -131,7 +179,19 @@ impl TaskRecord {
             Some(w) if w <= 1000 => w as u32,
             Some(w) => return Err(ValueError::Weight(w)),
         };
-        Ok(TaskRecord { addr, node, weight })
+        let mut publish = wire
+            .publish
+            .iter()
+            .map(|p| PublishSpec::parse(p).map_err(ValueError::Publish))
+            .collect::<Result<Vec<_>, _>>()?;
+        publish.sort();
+        publish.dedup();
+        Ok(TaskRecord {
+            addr,
+            node,
+            weight,
+            publish,
+        })
     }
 
     pub fn to_json(&self) -> String {
@@ -139,18 +199,75 @@ impl TaskRecord {
             addr: self.addr.to_string(),
             node: self.node.as_ref().map(|n| n.to_string()),
             weight: (self.weight != 1).then_some(self.weight as u64),
+            publish: self.publish.iter().map(|p| p.to_string()).collect(),
         };
         serde_json::to_string(&wire).expect("plain struct serializes")
     }
 }
 
-/// A listener as published in the node's info record (for `node ls` and DNS SRV answers).
+/// A listener as published in the node's records (for `node ls`, `publish ls|ps` and DNS SRV
+/// answers): every listener this node serves, from its TOML file or from the cluster.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 pub struct PublishedListener {
     pub name: String,
     pub port: u16,
     pub protocol: String,
     pub service: String,
+    /// `bound` | `shadowed` | `conflict` | `failed: REASON` | `refused: REASON` (absent in
+    /// records of older daemons: bound).
+    #[serde(default = "bound", skip_serializing_if = "is_bound")]
+    pub state: String,
+    /// Where the listener comes from: `config` (this node's TOML), `etcd` or `tasks`.
+    #[serde(default = "from_config", skip_serializing_if = "is_from_config")]
+    pub source: String,
+}
+
+fn bound() -> String {
+    "bound".into()
+}
+fn is_bound(s: &str) -> bool {
+    s == "bound"
+}
+fn from_config() -> String {
+    "config".into()
+}
+fn is_from_config(s: &str) -> bool {
+    s == "config"
+}
+
+impl PublishedListener {
+    pub fn is_bound(&self) -> bool {
+        is_bound(&self.state)
+    }
+}
+
+/// `{prefix}/nodes/{node}/availability`: whether a node takes new connections for its tasks
+/// (absent = active). A drained node keeps serving what reaches it.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default, Serialize)]
+#[serde(rename_all = "snake_case")]
+pub enum Availability {
+    #[default]
+    Active,
+    Drain,
+}
+
+impl Availability {
+    /// `active` or `drain`, bare or as a JSON string.
+    pub fn parse(value: &[u8]) -> Result<Availability, ValueError> {
+        let text = String::from_utf8_lossy(value);
+        match text.trim().trim_matches('"').trim() {
+            "active" => Ok(Availability::Active),
+            "drain" => Ok(Availability::Drain),
+            other => Err(ValueError::Availability(other.to_string())),
+        }
+    }
+
+    pub fn as_str(self) -> &'static str {
+        match self {
+            Availability::Active => "active",
+            Availability::Drain => "drain",
+        }
+    }
 }
 
 /// The node records (`alive` and `info` share one shape).

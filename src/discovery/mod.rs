@@ -7,6 +7,7 @@ pub mod etcd;
 pub mod failure;
 pub mod keys;
 pub mod node;
+pub mod published;
 pub mod security;
 pub mod static_;
 pub mod table;

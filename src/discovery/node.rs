@@ -224,6 +224,7 @@ async fn write(
             addr: t.addr,
             node: Some(new.node.clone()),
             weight: t.weight,
+            publish: t.publish.clone(),
         };
         ops.push(TxnOp::put(
             task_key(&s.prefix, &t.service, &t.id),

@@ -15,6 +15,7 @@ pub fn publish_tasks(publisher: &mut Publisher, prefix: &str, tasks: &[TaskConfi
                 addr: t.addr,
                 node: None,
                 weight: t.weight,
+                publish: t.publish.clone(),
             };
             (
                 task_key(prefix, &t.service, &t.id).into_bytes(),

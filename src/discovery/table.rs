@@ -4,8 +4,8 @@
 
 use std::collections::BTreeMap;
 
-use super::keys::{Key, NodeRecord, TaskRecord};
-use crate::config::{NodeName, ServiceName, TaskId};
+use super::keys::{Availability, Key, NodeRecord, TaskRecord};
+use crate::config::{ListenerConfig, NodeName, ServiceName, TaskId};
 
 /// One change, as read from etcd.
 #[derive(Debug, Clone)]
@@ -40,11 +40,20 @@ pub struct NodeEntry {
     pub alive: Option<NodeRecord>,
     /// The permanent record: lets a node that stopped heartbeating be shown as Down.
     pub info: Option<NodeRecord>,
+    /// `nodes/{node}/availability` (absent = active).
+    pub availability: Availability,
 }
 
 impl NodeEntry {
     pub fn is_ready(&self) -> bool {
         self.alive.is_some()
+    }
+    pub fn is_drained(&self) -> bool {
+        self.availability == Availability::Drain
+    }
+    /// No record and no availability: nothing left to show.
+    fn is_empty(&self) -> bool {
+        self.alive.is_none() && self.info.is_none() && self.availability == Availability::Active
     }
     /// The freshest record we have.
     pub fn record(&self) -> Option<&NodeRecord> {
@@ -58,6 +67,8 @@ pub struct RoutingTable {
     pub revision: i64,
     pub tasks: BTreeMap<ServiceName, BTreeMap<TaskId, TaskRecord>>,
     pub nodes: BTreeMap<NodeName, NodeEntry>,
+    /// Listeners published for the whole cluster (`listeners/{name}`), validated.
+    pub listeners: BTreeMap<String, ListenerConfig>,
     /// Keys currently skipped, with why (shown by /routes).
     pub invalid: BTreeMap<String, String>,
 }
@@ -137,6 +148,37 @@ impl RoutingTable {
                     }
                 }
             },
+            Key::NodeAvailability(node) => {
+                let availability = match Availability::parse(value) {
+                    Ok(a) => {
+                        self.invalid.remove(&key_text);
+                        a
+                    }
+                    Err(e) => {
+                        let reason = invalid(e.to_string());
+                        self.invalid.insert(key_text.clone(), reason);
+                        previous
+                            .and_then(|p| p.nodes.get(&node))
+                            .map(|n| n.availability)
+                            .unwrap_or_default()
+                    }
+                };
+                self.nodes.entry(node).or_default().availability = availability;
+            }
+            Key::Listener(name) => match crate::config::published::listener_from_json(&name, value)
+            {
+                Ok(listener) => {
+                    self.invalid.remove(&key_text);
+                    self.listeners.insert(name, listener);
+                }
+                Err(e) => {
+                    let reason = invalid(e);
+                    self.invalid.insert(key_text.clone(), reason);
+                    if let Some(prev) = previous.and_then(|p| p.listeners.get(&name)) {
+                        self.listeners.insert(name, prev.clone());
+                    }
+                }
+            },
             Key::NodeAlive(node) | Key::NodeInfo(node) => {
                 let alive = matches!(Key::parse(&self.prefix, key), Some(Ok(Key::NodeAlive(_))));
                 let record = match NodeRecord::parse(value) {
@@ -181,21 +223,13 @@ impl RoutingTable {
                     }
                 }
             }
-            Some(Ok(Key::NodeAlive(node))) => {
-                if let Some(n) = self.nodes.get_mut(&node) {
-                    n.alive = None;
-                    if n.info.is_none() {
-                        self.nodes.remove(&node);
-                    }
-                }
+            Some(Ok(Key::NodeAlive(node))) => self.edit_node(&node, |n| n.alive = None),
+            Some(Ok(Key::NodeInfo(node))) => self.edit_node(&node, |n| n.info = None),
+            Some(Ok(Key::NodeAvailability(node))) => {
+                self.edit_node(&node, |n| n.availability = Availability::Active)
             }
-            Some(Ok(Key::NodeInfo(node))) => {
-                if let Some(n) = self.nodes.get_mut(&node) {
-                    n.info = None;
-                    if n.alive.is_none() {
-                        self.nodes.remove(&node);
-                    }
-                }
+            Some(Ok(Key::Listener(name))) => {
+                self.listeners.remove(&name);
             }
             _ => {}
         }
@@ -208,6 +242,21 @@ impl RoutingTable {
         match node {
             None => true,
             Some(n) => self.nodes.get(n).is_none_or(|e| e.is_ready()),
+        }
+    }
+
+    /// Whether the task's node is drained (no new connections for its tasks).
+    pub fn node_drained(&self, node: Option<&NodeName>) -> bool {
+        node.and_then(|n| self.nodes.get(n))
+            .is_some_and(NodeEntry::is_drained)
+    }
+
+    fn edit_node(&mut self, node: &NodeName, f: impl FnOnce(&mut NodeEntry)) {
+        if let Some(n) = self.nodes.get_mut(node) {
+            f(n);
+            if n.is_empty() {
+                self.nodes.remove(node);
+            }
         }
     }
 }

@@ -393,6 +393,8 @@ mod tests {
                     port: *p,
                     protocol: "tcp".into(),
                     service: (*s).into(),
+                    state: "bound".into(),
+                    source: "config".into(),
                 })
                 .collect(),
         }

@@ -1,8 +1,9 @@
 //! Which nodes the answers may name, and the per-source rate limit. Pure: no sockets, times
 //! are passed in, so the rules are unit-tested.
 //!
-//! A node is live when its lease-bound `alive` record exists (Ready), it has an `advertise`
-//! address, and this node's own reachability probe does not see it as unreachable. When that
+//! A node is live when its lease-bound `alive` record exists (Ready), it is not drained, it
+//! has an `advertise` address, and this node's own reachability probe does not see it as
+//! unreachable. Only the listeners it reports as bound are named (SRV). When that
 //! leaves nobody, the last non-empty set is served instead of nothing: a node cut off from
 //! etcd or from its peers should not blank the whole name.
 
@@ -20,20 +21,26 @@ pub const UNREACHABLE_AFTER: u32 = 2;
 /// Consecutive passed probes that bring it back.
 pub const REACHABLE_AFTER: u32 = 1;
 
-/// Ready nodes with an advertise address, minus those in `unreachable`, in name order.
+/// Ready, undrained nodes with an advertise address, minus those in `unreachable`, in name
+/// order, each with its bound listeners.
 pub fn live_nodes(
     nodes: &BTreeMap<NodeName, NodeEntry>,
     unreachable: &BTreeSet<NodeName>,
 ) -> Vec<LiveNode> {
     nodes
         .iter()
-        .filter(|(name, _)| !unreachable.contains(*name))
+        .filter(|(name, e)| !unreachable.contains(*name) && !e.is_drained())
         .filter_map(|(name, e)| {
             let rec = e.alive.as_ref()?;
             Some(LiveNode {
                 name: name.to_string(),
                 addr: rec.advertise?,
-                listeners: rec.listeners.clone(),
+                listeners: rec
+                    .listeners
+                    .iter()
+                    .filter(|l| l.is_bound())
+                    .cloned()
+                    .collect(),
             })
         })
         .collect()
@@ -52,11 +59,10 @@ pub fn probe_targets(
         .filter(|(name, _)| *name != self_node)
         .filter_map(|(name, e)| {
             let rec = e.alive.as_ref()?;
-            let port = rec
-                .listeners
-                .iter()
+            let bound = || rec.listeners.iter().filter(|l| l.is_bound());
+            let port = bound()
                 .find(|l| l.protocol == "http")
-                .or(rec.listeners.first())?
+                .or(bound().next())?
                 .port;
             Some((name.clone(), SocketAddr::new(rec.advertise?, port)))
         })
@@ -185,6 +191,8 @@ mod tests {
                     port: p,
                     protocol: "tcp".into(),
                     service: "s".into(),
+                    state: "bound".into(),
+                    source: "config".into(),
                 })
                 .into_iter()
                 .collect(),
@@ -196,6 +204,7 @@ mod tests {
         let alive = |ip, port| NodeEntry {
             alive: Some(rec(ip, port)),
             info: Some(rec(ip, port)),
+            availability: Default::default(),
         };
         t.insert(n("a"), alive(Some("10.0.0.1"), Some(80)));
         t.insert(n("b"), alive(Some("10.0.0.2"), None));
@@ -205,9 +214,29 @@ mod tests {
             NodeEntry {
                 alive: None,
                 info: Some(rec(Some("10.0.0.4"), Some(80))),
+                availability: Default::default(),
             },
         );
         t
+    }
+
+    #[test]
+    fn drained_nodes_and_unbound_listeners_are_left_out() {
+        let mut t = table();
+        t.get_mut(&n("b")).unwrap().availability = crate::discovery::keys::Availability::Drain;
+        let mut a = t[&n("a")].clone();
+        if let Some(r) = a.alive.as_mut() {
+            r.listeners[0].state = "failed: address in use".into();
+        }
+        t.insert(n("a"), a);
+        let live = live_nodes(&t, &BTreeSet::new());
+        assert_eq!(live.len(), 1);
+        assert_eq!(live[0].name, "a");
+        assert!(
+            live[0].listeners.is_empty(),
+            "a failed listener is not named"
+        );
+        assert!(probe_targets(&t, &n("z")).is_empty());
     }
 
     #[test]

@@ -4,6 +4,8 @@
 //! Rules (the contract of `[docker]`, also in docs/docker.md):
 //! - a container is considered only when it carries `routemesh.service`; it must also carry
 //!   `routemesh.port` (1-65535); `routemesh.weight` (0-1000) is optional, default 1;
+//!   `routemesh.publish=80/http[,1883/tcp…]` is optional: ports every node publishes for the
+//!   service while the task is registered;
 //! - it must be running and not paused;
 //! - task id = the container's name, `node` = this node;
 //! - its address: with `[docker] network = "NAME"` its IP on that network; otherwise the
@@ -19,11 +21,12 @@ use std::net::{IpAddr, SocketAddr};
 
 use bollard::models::{ContainerInspectResponse, EventMessage, HealthStatusEnum};
 
-use crate::config::{ServiceName, TaskConfig, TaskId};
+use crate::config::{PublishSpec, ServiceName, TaskConfig, TaskId};
 
 pub const LABEL_SERVICE: &str = "routemesh.service";
 pub const LABEL_PORT: &str = "routemesh.port";
 pub const LABEL_WEIGHT: &str = "routemesh.weight";
+pub const LABEL_PUBLISH: &str = "routemesh.publish";
 
 /// The parts of `docker inspect` discovery looks at.
 #[derive(Debug, Clone, Default, PartialEq, Eq)]
@@ -125,7 +128,12 @@ pub fn task_of(c: &Container, sel: &Selection) -> Result<DockerTask, Skip> {
     if c.paused {
         return Err(Skip::Paused);
     }
-    let (service, port, label_weight) = labels_of(&c.labels)?;
+    let Labels {
+        service,
+        port,
+        weight: label_weight,
+        publish,
+    } = labels_of(&c.labels)?;
     let id = TaskId::new(&c.name).map_err(|e| {
         Skip::BadLabel(format!(
             "the container name is not a valid task id ({e}); rename the container"
@@ -142,16 +150,28 @@ pub fn task_of(c: &Container, sel: &Selection) -> Result<DockerTask, Skip> {
             addr,
             id,
             weight,
+            publish,
         },
         health: c.health,
         label_weight,
     })
 }
 
-/// Reads `routemesh.service`, `routemesh.port` and `routemesh.weight` (also the labels of
-/// swarm services, `swarm.rs`): (service, port, weight). The caller has checked that
+/// What the routemesh labels of a container (or a swarm service) say.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Labels {
+    pub service: ServiceName,
+    /// The port the container serves on.
+    pub port: u16,
+    pub weight: u32,
+    /// `routemesh.publish`: ports every node publishes for the service.
+    pub publish: Vec<PublishSpec>,
+}
+
+/// Reads `routemesh.service`, `routemesh.port`, `routemesh.weight` and `routemesh.publish`
+/// (also the labels of swarm services, `swarm.rs`). The caller has checked that
 /// `routemesh.service` is there.
-pub fn labels_of(labels: &BTreeMap<String, String>) -> Result<(ServiceName, u16, u32), Skip> {
+pub fn labels_of(labels: &BTreeMap<String, String>) -> Result<Labels, Skip> {
     let service = labels
         .get(LABEL_SERVICE)
         .map(String::as_str)
@@ -184,7 +204,28 @@ pub fn labels_of(labels: &BTreeMap<String, String>) -> Result<(ServiceName, u16,
             }
         },
     };
-    Ok((service, port, label_weight))
+    let mut publish = Vec::new();
+    for item in labels
+        .get(LABEL_PUBLISH)
+        .map(String::as_str)
+        .unwrap_or_default()
+        .split(',')
+        .map(str::trim)
+        .filter(|p| !p.is_empty())
+    {
+        let spec = PublishSpec::parse(item)
+            .map_err(|e| Skip::BadLabel(format!("label {LABEL_PUBLISH}: {e}")))?;
+        if !publish.contains(&spec) {
+            publish.push(spec);
+        }
+    }
+    publish.sort();
+    Ok(Labels {
+        service,
+        port,
+        weight: label_weight,
+        publish,
+    })
 }
 
 fn address(c: &Container, port: u16, sel: &Selection) -> Result<SocketAddr, Skip> {

@@ -26,7 +26,7 @@ use serde::{Deserialize, Deserializer};
 use super::container::{
     EventEffect, LABEL_SERVICE, Skip, effect_of as container_effect, labels_of,
 };
-use crate::config::{ServiceName, TaskConfig, TaskId};
+use crate::config::{PublishSpec, ServiceName, TaskConfig, TaskId};
 
 /// The container label the engine puts on a swarm task's container.
 pub const LABEL_TASK_ID: &str = "com.docker.swarm.task.id";
@@ -65,6 +65,7 @@ pub struct ServiceLabels {
     pub service: ServiceName,
     pub port: u16,
     pub weight: u32,
+    pub publish: Vec<PublishSpec>,
 }
 
 /// The labels of a swarm service, or why it is not one of ours.
@@ -72,11 +73,12 @@ pub fn service_of(s: &SwarmService) -> Result<ServiceLabels, Skip> {
     if !s.labels.contains_key(LABEL_SERVICE) {
         return Err(Skip::NotLabelled);
     }
-    let (service, port, weight) = labels_of(&s.labels)?;
+    let l = labels_of(&s.labels)?;
     Ok(ServiceLabels {
-        service,
-        port,
-        weight,
+        service: l.service,
+        port: l.port,
+        weight: l.weight,
+        publish: l.publish,
     })
 }
 
@@ -182,6 +184,7 @@ pub fn task_of(
         addr: SocketAddr::new(ip, labels.port),
         id,
         weight: labels.weight,
+        publish: labels.publish.clone(),
     })
 }
 
@@ -832,6 +835,7 @@ mod tests {
             addr: addr.parse().unwrap(),
             id: TaskId::new(id).unwrap(),
             weight: 1,
+            publish: vec![],
         };
         let u = union(
             &[t("web.1.a", "10.0.0.1:80")],

@@ -224,6 +224,7 @@ mod tests {
             addr: addr.parse().unwrap(),
             id: TaskId::new(id).unwrap(),
             weight: 1,
+            publish: vec![],
         };
         let reg = Registration {
             node: NodeName::new("n1").unwrap(),
