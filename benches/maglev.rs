@@ -24,6 +24,7 @@ fn tasks(n: usize) -> Vec<Arc<Task>> {
                 node: None,
                 weight: 1,
                 node_ready: true,
+                node_drained: false,
                 state: Arc::default(),
             })
         })
