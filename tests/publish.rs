@@ -16,7 +16,11 @@ fn ok(args: &[&str]) -> String {
 
 fn fails(args: &[&str]) -> String {
     let out = cli(args);
-    assert!(!out.status.success(), "{args:?} should fail: {}", output_text(&out));
+    assert!(
+        !out.status.success(),
+        "{args:?} should fail: {}",
+        output_text(&out)
+    );
     let err = String::from_utf8(out.stderr).unwrap();
     assert_eq!(err.trim().lines().count(), 1, "one clear line: {err}");
     err
@@ -42,7 +46,9 @@ fn a_drained_node_gets_no_new_connections_and_is_not_ready() {
     let (b1, b2) = (TcpBackend::start("on-n1"), TcpBackend::start("on-n2"));
     for (id, b, n) in [("w1", &b1, "n1"), ("w2", &b2, "n2")] {
         let addr = b.addr().to_string();
-        ok(&["task", "add", "web", &addr, "--etcd", &ep, "--id", id, "--node", n]);
+        ok(&[
+            "task", "add", "web", &addr, "--etcd", &ep, "--id", id, "--node", n,
+        ]);
     }
     eventually(Duration::from_secs(10), "both tasks served via n1", || {
         let seen: std::collections::BTreeSet<String> =
@@ -54,15 +60,30 @@ fn a_drained_node_gets_no_new_connections_and_is_not_ready() {
     assert_eq!(greeting, "on-n2");
 
     assert_eq!(
-        ok(&["node", "update", "--availability", "drain", "n2", "--etcd", &ep]).trim(),
+        ok(&[
+            "node",
+            "update",
+            "--availability",
+            "drain",
+            "n2",
+            "--etcd",
+            &ep
+        ])
+        .trim(),
         "n2"
     );
     eventually(Duration::from_secs(5), "n2's task out of rotation", || {
         (0..10).all(|_| hello(l1).is_ok_and(|n| n == "on-n1"))
             && (0..10).all(|_| hello(l2).is_ok_and(|n| n == "on-n1"))
     });
-    assert_eq!(echo_once(&mut open, b"still here\n"), b"still here\n", "the open connection keeps working");
-    eventually(Duration::from_secs(5), "n2 not ready", || n2.ready_status() == 503);
+    assert_eq!(
+        echo_once(&mut open, b"still here\n"),
+        b"still here\n",
+        "the open connection keeps working"
+    );
+    eventually(Duration::from_secs(5), "n2 not ready", || {
+        n2.ready_status() == 503
+    });
     let (_, why) = n2.admin_get("/readyz");
     assert!(why.contains("drain"), "{why}");
     assert_eq!(n1.ready_status(), 200);
@@ -85,7 +106,11 @@ fn a_drained_node_gets_no_new_connections_and_is_not_ready() {
             .map(String::from)
             .collect()
     };
-    assert_eq!(row("n2")[..4], ["n2", "127.0.0.1", "Ready", "drain"], "{ls}");
+    assert_eq!(
+        row("n2")[..4],
+        ["n2", "127.0.0.1", "Ready", "drain"],
+        "{ls}"
+    );
     assert_eq!(row("n1")[3], "active", "{ls}");
     let routes = n1.routes();
     let w2 = &routes["services"][0]["tasks"][1];
@@ -94,15 +119,29 @@ fn a_drained_node_gets_no_new_connections_and_is_not_ready() {
         serde_json::from_str(&ok(&["service", "ls", "--etcd", &ep, "--json"])).unwrap();
     assert_eq!(ls[0]["routable"], 1, "{ls}");
 
-    ok(&["node", "update", "--availability", "active", "n2", "--etcd", &ep]);
+    ok(&[
+        "node",
+        "update",
+        "--availability",
+        "active",
+        "n2",
+        "--etcd",
+        &ep,
+    ]);
     eventually(Duration::from_secs(5), "n2's task back", || {
         (0..20).any(|_| hello(l1).is_ok_and(|n| n == "on-n2"))
     });
-    eventually(Duration::from_secs(5), "n2 ready again", || n2.ready_status() == 200);
+    eventually(Duration::from_secs(5), "n2 ready again", || {
+        n2.ready_status() == 200
+    });
     let nodes: serde_json::Value =
         serde_json::from_str(&ok(&["node", "ls", "--etcd", &ep, "--json"])).unwrap();
     assert!(
-        nodes.as_array().unwrap().iter().all(|n| n["availability"] == "active"),
+        nodes
+            .as_array()
+            .unwrap()
+            .iter()
+            .all(|n| n["availability"] == "active"),
         "{nodes}"
     );
 }
@@ -132,18 +171,31 @@ fn eventually_open(addr: std::net::SocketAddr, want: &str) -> (std::net::TcpStre
 fn publish_and_node_update_refuse_bad_input_in_one_line() {
     let etcd = Etcd::start();
     let ep = etcd.endpoint();
-    let err = fails(&["node", "update", "--availability", "drain", "ghost", "--etcd", &ep]);
+    let err = fails(&[
+        "node",
+        "update",
+        "--availability",
+        "drain",
+        "ghost",
+        "--etcd",
+        &ep,
+    ]);
     assert!(err.contains("unknown node ghost"), "{err}");
     let err = fails(&["publish", "add", "web", "0", "--etcd", &ep]);
     assert!(err.contains("PORT[/PROTOCOL]"), "{err}");
     let err = fails(&["publish", "add", "web", "80/sctp", "--etcd", &ep]);
     assert!(err.contains("tcp, http or tls"), "{err}");
-    let err = fails(&["publish", "add", "web", "80", "--listen", "nowhere", "--etcd", &ep]);
+    let err = fails(&[
+        "publish", "add", "web", "80", "--listen", "nowhere", "--etcd", &ep,
+    ]);
     assert!(err.contains("--listen"), "{err}");
     let err = fails(&["publish", "add", "we/b", "80", "--etcd", &ep]);
     assert!(err.contains("service name"), "{err}");
 
-    assert_eq!(ok(&["publish", "add", "web", "8080/http", "--etcd", &ep]).trim(), "web-8080-http");
+    assert_eq!(
+        ok(&["publish", "add", "web", "8080/http", "--etcd", &ep]).trim(),
+        "web-8080-http"
+    );
     let stored = etcd.get("/routemesh/listeners/web-8080-http").unwrap();
     let v: serde_json::Value = serde_json::from_str(&stored).unwrap();
     assert_eq!(v["listen"], "0.0.0.0:8080");
@@ -153,11 +205,29 @@ fn publish_and_node_update_refuse_bad_input_in_one_line() {
     ok(&["publish", "add", "web", "8080/http", "--etcd", &ep]);
     let err = fails(&["publish", "add", "api", "8080", "--etcd", &ep]);
     assert!(err.contains("already published as web-8080-http"), "{err}");
-    let err = fails(&["publish", "add", "api", "9090", "--name", "web-8080-http", "--etcd", &ep]);
+    let err = fails(&[
+        "publish",
+        "add",
+        "api",
+        "9090",
+        "--name",
+        "web-8080-http",
+        "--etcd",
+        &ep,
+    ]);
     assert!(err.contains("publish rm web-8080-http"), "{err}");
     let named = ok(&[
-        "publish", "add", "api", "9090/tcp", "--name", "api", "--listen", "127.0.0.1", "--etcd",
-        &ep, "--json",
+        "publish",
+        "add",
+        "api",
+        "9090/tcp",
+        "--name",
+        "api",
+        "--listen",
+        "127.0.0.1",
+        "--etcd",
+        &ep,
+        "--json",
     ]);
     let named: serde_json::Value = serde_json::from_str(&named).unwrap();
     assert_eq!(named["name"], "api");
@@ -165,9 +235,11 @@ fn publish_and_node_update_refuse_bad_input_in_one_line() {
 
     let ls = ok(&["publish", "ls", "--etcd", &ep]);
     assert!(
-        ls.lines().next().unwrap().split_whitespace().eq([
-            "NAME", "LISTEN", "PROTOCOL", "SERVICE", "NODES", "SOURCE"
-        ]),
+        ls.lines()
+            .next()
+            .unwrap()
+            .split_whitespace()
+            .eq(["NAME", "LISTEN", "PROTOCOL", "SERVICE", "NODES", "SOURCE"]),
         "{ls}"
     );
     assert!(
@@ -188,7 +260,16 @@ fn publish_and_node_update_refuse_bad_input_in_one_line() {
     assert!(err.contains("no published listener api"), "{err}");
 
     // Ports asked for by tasks are listed with SOURCE tasks and cannot be removed by name.
-    ok(&["task", "add", "mqtt", "127.0.0.1:1884", "--publish", "1883", "--etcd", &ep]);
+    ok(&[
+        "task",
+        "add",
+        "mqtt",
+        "127.0.0.1:1884",
+        "--publish",
+        "1883",
+        "--etcd",
+        &ep,
+    ]);
     let ls: serde_json::Value =
         serde_json::from_str(&ok(&["publish", "ls", "--etcd", &ep, "--json"])).unwrap();
     let m = ls
@@ -201,6 +282,15 @@ fn publish_and_node_update_refuse_bad_input_in_one_line() {
     assert_eq!(m["listen"], "0.0.0.0:1883");
     let err = fails(&["publish", "rm", "mqtt-1883-tcp", "--etcd", &ep]);
     assert!(err.contains("tasks of service mqtt"), "{err}");
-    let err = fails(&["task", "add", "x", "127.0.0.1:1", "--publish", "70000", "--etcd", &ep]);
+    let err = fails(&[
+        "task",
+        "add",
+        "x",
+        "127.0.0.1:1",
+        "--publish",
+        "70000",
+        "--etcd",
+        &ep,
+    ]);
     assert!(err.contains("PORT[/PROTOCOL]"), "{err}");
 }

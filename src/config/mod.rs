@@ -29,7 +29,7 @@ use error::Issues;
 pub use error::{ConfigError, ConfigIssue};
 use file::{RawConfig, S};
 pub use names::{NameError, NodeName, ServiceName, TaskId};
-pub use publish::PublishSpec;
+pub use publish::{PortRanges, PublishSpec};
 
 /// A whole, valid configuration.
 #[derive(Debug, Clone)]

@@ -60,6 +60,82 @@ pub struct Published {
     pub decision: Decision,
 }
 
+/// What this node does with one listener, before binding.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum NodeDecision {
+    Bind,
+    /// A listener of this node's TOML (or an explicit published one) holds the address.
+    Shadowed {
+        by: String,
+    },
+    Conflict {
+        with: String,
+    },
+    /// This node's `[discovery] published_ports` does not allow the port.
+    Refused(String),
+}
+
+impl NodeDecision {
+    /// The state reported in the node's `alive` record when the listener is not bound.
+    pub fn state(&self) -> String {
+        match self {
+            NodeDecision::Bind => "bound".into(),
+            NodeDecision::Shadowed { .. } => "shadowed".into(),
+            NodeDecision::Conflict { .. } => "conflict".into(),
+            NodeDecision::Refused(why) => format!("refused: {why}"),
+        }
+    }
+}
+
+/// One listener this node serves or was asked to.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Planned {
+    pub config: ListenerConfig,
+    /// `None` for this node's TOML listeners.
+    pub source: Option<Source>,
+    pub decision: NodeDecision,
+}
+
+/// This node's listeners: its TOML ones (always bound; they win every clash) and the
+/// cluster's published ones, with the cluster's decision, then the `allowed` ports, then the
+/// TOML listeners applied. Same inputs, same plan, on every node.
+pub fn node_plan(
+    toml: &[ListenerConfig],
+    published: &[Published],
+    allowed: &crate::config::PortRanges,
+) -> Vec<Planned> {
+    let mut plan: Vec<Planned> = toml
+        .iter()
+        .map(|c| Planned {
+            config: c.clone(),
+            source: None,
+            decision: NodeDecision::Bind,
+        })
+        .collect();
+    for p in published {
+        let decision = match &p.decision {
+            Decision::Shadowed { by } => NodeDecision::Shadowed { by: by.clone() },
+            Decision::Conflict { with } => NodeDecision::Conflict { with: with.clone() },
+            Decision::Bind if !allowed.allows(p.config.listen.port()) => {
+                NodeDecision::Refused("port not allowed".into())
+            }
+            Decision::Bind => match toml
+                .iter()
+                .find(|t| t.name == p.config.name || overlaps(t.listen, p.config.listen))
+            {
+                Some(t) => NodeDecision::Shadowed { by: t.name.clone() },
+                None => NodeDecision::Bind,
+            },
+        };
+        plan.push(Planned {
+            config: p.config.clone(),
+            source: Some(p.source),
+            decision,
+        });
+    }
+    plan
+}
+
 /// Whether two listen addresses cannot both be bound.
 pub fn overlaps(a: SocketAddr, b: SocketAddr) -> bool {
     a.port() == b.port() && (a.ip() == b.ip() || a.ip().is_unspecified() || b.ip().is_unspecified())
@@ -239,6 +315,65 @@ mod tests {
                 ),
             ]
         );
+    }
+
+    #[test]
+    fn the_node_plan_lets_toml_win_and_applies_the_allowlist() {
+        let t = table(&[
+            (
+                "/rm/listeners/web",
+                r#"{"listen":"0.0.0.0:80","protocol":"http","service":"web"}"#,
+            ),
+            (
+                "/rm/listeners/mqtt",
+                r#"{"listen":"0.0.0.0:1883","service":"mqtt"}"#,
+            ),
+            (
+                "/rm/listeners/api",
+                r#"{"listen":"0.0.0.0:8081","service":"api"}"#,
+            ),
+            (
+                "/rm/listeners/dup",
+                r#"{"listen":"0.0.0.0:80","service":"x"}"#,
+            ),
+        ]);
+        let toml = crate::config::published::listener_from_json(
+            "local-mqtt",
+            br#"{"listen":"127.0.0.1:1883","service":"mqtt"}"#,
+        )
+        .unwrap();
+        let allowed = crate::config::PortRanges::new(vec![(80, 80), (1883, 1883)]);
+        let plan = node_plan(&[toml], &published(&t), &allowed);
+        let got: Vec<(&str, Option<Source>, NodeDecision)> = plan
+            .iter()
+            .map(|p| (p.config.name.as_str(), p.source, p.decision.clone()))
+            .collect();
+        assert_eq!(
+            got,
+            [
+                ("local-mqtt", None, NodeDecision::Bind),
+                (
+                    "api",
+                    Some(Source::Etcd),
+                    NodeDecision::Refused("port not allowed".into())
+                ),
+                ("dup", Some(Source::Etcd), NodeDecision::Bind),
+                (
+                    "mqtt",
+                    Some(Source::Etcd),
+                    NodeDecision::Shadowed {
+                        by: "local-mqtt".into()
+                    }
+                ),
+                (
+                    "web",
+                    Some(Source::Etcd),
+                    NodeDecision::Conflict { with: "dup".into() }
+                ),
+            ]
+        );
+        assert_eq!(plan[1].decision.state(), "refused: port not allowed");
+        assert_eq!(plan[3].decision.state(), "shadowed");
     }
 
     #[test]
