@@ -99,7 +99,7 @@ impl Listeners {
             drain: self.conns.drain.clone(),
         });
         // Limits and PROXY headers are checked before any protocol handler runs.
-        let admission = proxy::edge::Admission::new(
+        let admission = proxy::admission::Admission::new(
             &cfg.name,
             &cfg.edge,
             self.metrics.clone(),

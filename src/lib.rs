@@ -11,7 +11,7 @@
 //! - `admin`     /healthz /readyz /routes /metrics
 //! - `dns`       the cluster name: an authoritative DNS responder that names only live nodes
 //! - `metrics`   the Prometheus registry and metric families
-//! - `mqtt`      the MQTT CONNECT parser behind client-id routing (pure)
+//! - `protocol`  sans-IO parsers of first bytes: MQTT CONNECT, PROXY protocol, TLS ClientHello
 //! - `app`       wiring, reload and drain
 //! - `cli`       the command line
 //! - `ratelimit` rate-limited logging for the data path
@@ -26,7 +26,7 @@ pub mod dns;
 pub mod docker;
 pub mod health;
 pub mod metrics;
-pub mod mqtt;
+pub mod protocol;
 pub mod proxy;
 pub mod ratelimit;
 pub mod snapshot;

@@ -11,7 +11,7 @@
 //!
 //! `protocol = "tls"` listeners: passthrough routed by SNI. The ClientHello
 //! is read with MSG_PEEK (bounded by `handshake_timeout` and `max_client_hello_bytes`),
-//! parsed by `client_hello.rs`, and the connection is handed to the TCP proxy with the
+//! parsed by `protocol::client_hello`, and the connection is handed to the TCP proxy with the
 //! service its SNI routes to; the bytes go to the task untouched and the task does the
 //! handshake. Garbage, a truncated or oversized ClientHello, a name no route matches on a
 //! listener without a default `service` (or no name at all there) or a silent client close
@@ -29,11 +29,11 @@ use tokio_rustls::rustls::sign::CertifiedKey;
 use tokio_rustls::rustls::{self, ServerConfig};
 
 use super::ListenerCtx;
-use super::client_hello::{self, Hello};
-use super::edge::count_rejected;
+use super::admission::count_rejected;
 use super::http::route::host_matches;
 use super::socket::{PeekReasons, peek_until};
 use crate::config::edge::{CertConfig, CertError, load_cert_pair, tls_provider};
+use crate::protocol::client_hello::{self, Hello};
 
 /// A tls listener's routes, each with the context its connections run under.
 pub struct SniRouter {

@@ -540,7 +540,7 @@ async fn forward(
     let mut pending = Request::from_parts(parts, body);
 
     let proxy_header = settings.send_proxy.map(|v| {
-        crate::proxy::proxy_protocol::encode(v, conn.peer, conn.local.unwrap_or(conn.peer))
+        crate::protocol::proxy_protocol::encode(v, conn.peer, conn.local.unwrap_or(conn.peer))
     });
     let request_timeout = settings.request_timeout;
     let deadline = Instant::now() + request_timeout;
