@@ -20,7 +20,8 @@ use tokio_util::sync::CancellationToken;
 use crate::config::NodeName;
 use crate::discovery::DiscoveryStatus;
 use crate::metrics::Metrics;
-use crate::snapshot::{SharedSnapshot, Snapshot, now_ms};
+use crate::snapshot::{SharedSnapshot, Snapshot};
+use crate::util::clock::now_ms;
 
 /// What the admin endpoints read.
 pub struct AdminState {

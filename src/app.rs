@@ -28,6 +28,7 @@ use crate::metrics::Metrics;
 use crate::proxy::listener::{self, Connections};
 use crate::proxy::{self, ListenerCtx};
 use crate::snapshot::{SharedSnapshot, Snapshot};
+use crate::util::net;
 
 /// Start-up failures (the daemon exits non-zero with this message).
 #[derive(Debug, thiserror::Error)]
@@ -193,7 +194,7 @@ impl Listeners {
         let mut fresh = Vec::new();
         for l in &config.listeners {
             if !self.running.contains_key(&l.listen) {
-                let socket = listener::bind(l.listen).map_err(|source| AppError::Bind {
+                let socket = net::bind(l.listen).map_err(|source| AppError::Bind {
                     what: format!("listener {}", l.name),
                     addr: l.listen,
                     source,
@@ -319,7 +320,7 @@ pub async fn run(
         .unwrap_or(0);
 
     // Admin first, so /healthz answers while the rest starts.
-    let admin_socket = listener::bind(config.admin.listen).map_err(|source| AppError::Bind {
+    let admin_socket = net::bind(config.admin.listen).map_err(|source| AppError::Bind {
         what: "admin listener".into(),
         addr: config.admin.listen,
         source,

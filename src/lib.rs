@@ -15,6 +15,7 @@
 //! - `app`       wiring, reload and drain
 //! - `cli`       the command line
 //! - `ratelimit` rate-limited logging for the data path
+//! - `util`      runtime helpers: the clock, retry backoff, socket bind/dial
 
 pub mod admin;
 pub mod app;
@@ -30,3 +31,4 @@ pub mod protocol;
 pub mod proxy;
 pub mod ratelimit;
 pub mod snapshot;
+pub mod util;

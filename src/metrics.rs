@@ -13,7 +13,8 @@ use prometheus::{
 };
 
 use crate::discovery::DiscoveryStatus;
-use crate::snapshot::{Snapshot, TaskStatus, now_ms};
+use crate::snapshot::{Snapshot, TaskStatus};
+use crate::util::clock::now_ms;
 
 /// Every metric the daemon exports.
 pub struct Metrics {

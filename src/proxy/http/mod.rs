@@ -51,7 +51,8 @@ use self::pool::{Pool, SendError, Sender};
 use super::{ListenerCtx, OpenConnection, upstream};
 use crate::config::{ServiceName, UpstreamProtocol};
 use crate::ratelimit::LogLimiter;
-use crate::snapshot::{Task, now_ms};
+use crate::snapshot::Task;
+use crate::util::clock::now_ms;
 
 /// The client preface of HTTP/2 (RFC 9113 §3.4).
 const H2_PREFACE: &[u8] = b"PRI * HTTP/2.0\r\n\r\nSM\r\n\r\n";
