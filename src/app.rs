@@ -18,6 +18,7 @@ use tokio::task::JoinHandle;
 use tokio_util::sync::CancellationToken;
 
 use crate::admin::{self, AdminState};
+use crate::config::certs::{CertError, LoadedCerts, load_certs};
 use crate::config::{
     Config, DiscoveryBackend, ListenerConfig, Protocol, ServiceName, ServiceSettings,
 };
@@ -46,7 +47,7 @@ pub enum AppError {
     Tls {
         listener: String,
         #[source]
-        source: crate::config::edge::CertError,
+        source: CertError,
     },
 }
 
@@ -84,7 +85,7 @@ impl Listeners {
         cfg: ListenerConfig,
         socket: TcpListener,
         config: &Config,
-        certs: Option<proxy::tls::LoadedCerts>,
+        certs: Option<LoadedCerts>,
     ) {
         let stop = CancellationToken::new();
         let tls = certs.map(proxy::tls::Terminator::new);
@@ -183,11 +184,10 @@ impl Listeners {
         let mut certs = BTreeMap::new();
         for l in &config.listeners {
             if l.protocol == Protocol::Http && !l.edge.tls.is_empty() {
-                let loaded =
-                    proxy::tls::load_certs(&l.edge.tls).map_err(|source| AppError::Tls {
-                        listener: l.name.clone(),
-                        source,
-                    })?;
+                let loaded = load_certs(&l.edge.tls).map_err(|source| AppError::Tls {
+                    listener: l.name.clone(),
+                    source,
+                })?;
                 certs.insert(l.listen, loaded);
             }
         }

@@ -5,28 +5,51 @@
 //! none. Nothing here binds sockets or talks to etcd; this module imports nothing else of
 //! the project.
 
+pub mod admin;
+pub mod certs;
+pub mod discovery;
 pub mod dns;
 pub mod docker;
-pub mod edge;
 pub mod error;
 pub mod file;
+pub mod http;
+pub mod listener;
+pub mod log;
 pub mod names;
+pub mod node;
+pub mod route;
+pub mod runtime;
+pub mod service;
+pub mod task;
+mod values;
 
 use std::collections::{BTreeMap, BTreeSet};
-use std::net::{IpAddr, SocketAddr};
-use std::ops::Range;
+use std::net::IpAddr;
 use std::path::{Path, PathBuf};
 use std::time::Duration;
 
-use serde::Serialize;
-
+pub use admin::{AdminConfig, DEFAULT_ADMIN};
+pub use discovery::{
+    DEFAULT_ENDPOINT, DEFAULT_PREFIX, DiscoveryBackend, DiscoveryConfig, EtcdAuth, EtcdSecurity,
+    EtcdTls, Password,
+};
 pub use dns::DnsConfig;
 pub use docker::DockerConfig;
-pub use edge::{EtcdSecurity, ListenerEdge, ProxyVersion};
 use error::Issues;
 pub use error::{ConfigError, ConfigIssue};
-use file::{RawConfig, S};
+use file::{RawConfig, path_segments, span_of};
+pub use http::HttpLimits;
+pub use listener::{Cidr, ListenerConfig, ListenerEdge, Protocol};
+pub use log::{LogConfig, LogFormat};
 pub use names::{NameError, NodeName, ServiceName, TaskId};
+pub use node::{NodeConfig, hostname};
+pub use route::{RouteConfig, SniRoute};
+pub use runtime::RuntimeConfig;
+pub use service::{
+    Balance, HashKey, HealthKind, HealthSettings, ProxyVersion, ServiceSettings, UpstreamProtocol,
+};
+pub use task::TaskConfig;
+use values::{duration, int_in, name, one_of, positive_duration, socket_addr, span};
 
 /// A whole, valid configuration.
 #[derive(Debug, Clone)]
@@ -49,259 +72,6 @@ pub struct Config {
     /// `[docker]` engine discovery (disabled by default); app.rs starts it.
     pub docker: DockerConfig,
 }
-
-#[derive(Debug, Clone)]
-pub struct NodeConfig {
-    /// Unique per node; the key of its liveness records.
-    pub name: NodeName,
-    /// Address clients use for this node (shown by `node ls`, used by DNS answers).
-    pub advertise: Option<IpAddr>,
-    /// How long open connections may run after SIGTERM.
-    pub drain_timeout: Duration,
-}
-
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub enum DiscoveryBackend {
-    Etcd,
-    Static,
-}
-
-#[derive(Debug, Clone)]
-pub struct DiscoveryConfig {
-    pub backend: DiscoveryBackend,
-    /// All etcd members; the client fails over between them.
-    pub endpoints: Vec<String>,
-    /// Key prefix without a trailing slash, e.g. `/routemesh`.
-    pub prefix: String,
-    /// Lease TTL for this node and the tasks it hosts.
-    pub node_ttl: Duration,
-    /// A full re-list every so often, guarding against lost watch events.
-    pub resync_interval: Duration,
-    /// Bound on connecting to etcd and on each request.
-    pub dial_timeout: Duration,
-    /// TLS and user/password for etcd (edge.rs).
-    pub security: EtcdSecurity,
-}
-
-#[derive(Debug, Clone)]
-pub struct AdminConfig {
-    pub listen: SocketAddr,
-}
-
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize)]
-#[serde(rename_all = "snake_case")]
-pub enum Protocol {
-    Tcp,
-    Http,
-    /// TLS passthrough routed by the ClientHello's SNI (edge.rs).
-    Tls,
-}
-
-impl Protocol {
-    pub fn as_str(self) -> &'static str {
-        match self {
-            Protocol::Tcp => "tcp",
-            Protocol::Http => "http",
-            Protocol::Tls => "tls",
-        }
-    }
-}
-
-#[derive(Debug, Clone, PartialEq, Eq)]
-pub struct ListenerConfig {
-    /// Metric label and log field; default `<protocol>-<port>`.
-    pub name: String,
-    pub listen: SocketAddr,
-    pub protocol: Protocol,
-    /// The default route: where connections (tcp), requests no route matches (http) and
-    /// names no SNI route matches (tls) go. Required for tcp listeners; without it an http
-    /// listener answers 404 and a tls listener closes the connection.
-    pub service: Option<ServiceName>,
-    /// HTTP routes, first match wins (http listeners only).
-    pub routes: Vec<RouteConfig>,
-    /// PROXY protocol, connection limits, TLS (edge.rs).
-    pub edge: ListenerEdge,
-}
-
-#[derive(Debug, Clone, PartialEq, Eq)]
-pub struct RouteConfig {
-    /// Exact host or `*.suffix`, lower-cased, no port.
-    pub host: Option<String>,
-    pub path_prefix: Option<String>,
-    pub service: ServiceName,
-}
-
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize)]
-#[serde(rename_all = "snake_case")]
-pub enum Balance {
-    RoundRobin,
-    LeastConn,
-    P2c,
-    /// Consistent hashing on `hash_key` (Maglev lookup table).
-    Maglev,
-}
-
-/// What a consistent-hash balancer hashes.
-#[derive(Debug, Clone, PartialEq, Eq, Serialize)]
-#[serde(rename_all = "snake_case")]
-pub enum HashKey {
-    /// The MQTT CONNECT's client identifier (tcp listeners).
-    MqttClientId,
-    /// The client's IP address.
-    SourceIp,
-    /// An HTTP request header (lower-cased name).
-    Header(String),
-}
-
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize)]
-#[serde(rename_all = "snake_case")]
-pub enum HealthKind {
-    Tcp,
-    Http,
-}
-
-/// Active health checks of a service's tasks, run by every node that serves it.
-#[derive(Debug, Clone, PartialEq, Eq, Serialize)]
-pub struct HealthSettings {
-    pub kind: HealthKind,
-    /// Request path of `http` checks.
-    pub path: String,
-    /// Inclusive range of passing statuses.
-    pub expect_status: (u16, u16),
-    #[serde(with = "humantime_serde_compat")]
-    pub interval: Duration,
-    #[serde(with = "humantime_serde_compat")]
-    pub timeout: Duration,
-    /// Consecutive failures that make a task unhealthy.
-    pub unhealthy_threshold: u32,
-    /// Consecutive passes that make it healthy again.
-    pub healthy_threshold: u32,
-}
-
-impl Default for HealthSettings {
-    /// Without a `[service.NAME.health]` section: a TCP connect check every 2 s.
-    fn default() -> Self {
-        HealthSettings {
-            kind: HealthKind::Tcp,
-            path: "/".into(),
-            expect_status: (200, 399),
-            interval: Duration::from_secs(2),
-            timeout: Duration::from_millis(500),
-            unhealthy_threshold: 2,
-            healthy_threshold: 1,
-        }
-    }
-}
-
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize)]
-#[serde(rename_all = "snake_case")]
-pub enum UpstreamProtocol {
-    Http1,
-    H2c,
-}
-
-/// Per-service settings, shared by every listener that routes to the service.
-#[derive(Debug, Clone, PartialEq, Eq, Serialize)]
-pub struct ServiceSettings {
-    pub balance: Balance,
-    #[serde(with = "humantime_serde_compat")]
-    pub connect_timeout: Duration,
-    /// Other tasks tried after a failed or timed-out connect.
-    pub retries: u32,
-    pub upstream_protocol: UpstreamProtocol,
-    #[serde(with = "humantime_serde_compat")]
-    pub request_timeout: Duration,
-    /// What `balance = "maglev"` hashes (default: the client's IP).
-    pub hash_key: HashKey,
-    /// How long a tcp listener waits for the first packet it must parse (MQTT CONNECT).
-    #[serde(with = "humantime_serde_compat")]
-    pub peek_timeout: Duration,
-    /// Most bytes buffered before routing on the first packet.
-    pub max_connect_bytes: usize,
-    /// A PROXY protocol header written to each upstream connection (tcp and tls listeners).
-    pub send_proxy: Option<ProxyVersion>,
-    pub health: HealthSettings,
-}
-
-impl Default for ServiceSettings {
-    fn default() -> Self {
-        ServiceSettings {
-            balance: Balance::RoundRobin,
-            connect_timeout: Duration::from_secs(1),
-            retries: 2,
-            upstream_protocol: UpstreamProtocol::Http1,
-            request_timeout: Duration::from_secs(60),
-            hash_key: HashKey::SourceIp,
-            peek_timeout: Duration::from_secs(5),
-            max_connect_bytes: 65536,
-            send_proxy: None,
-            health: HealthSettings::default(),
-        }
-    }
-}
-
-mod humantime_serde_compat {
-    use std::time::Duration;
-    pub fn serialize<S: serde::Serializer>(d: &Duration, s: S) -> Result<S::Ok, S::Error> {
-        s.serialize_str(&humantime::format_duration(*d).to_string())
-    }
-}
-
-#[derive(Debug, Clone, PartialEq, Eq)]
-pub struct TaskConfig {
-    pub service: ServiceName,
-    pub addr: SocketAddr,
-    pub id: TaskId,
-    pub weight: u32,
-}
-
-/// Listener-wide HTTP limits.
-#[derive(Debug, Clone, PartialEq, Eq)]
-pub struct HttpLimits {
-    pub max_header_bytes: usize,
-    pub max_headers: usize,
-    pub header_read_timeout: Duration,
-    pub idle_timeout: Duration,
-    /// 0 = unlimited.
-    pub max_body_bytes: u64,
-}
-
-impl Default for HttpLimits {
-    fn default() -> Self {
-        HttpLimits {
-            max_header_bytes: 65536,
-            max_headers: 100,
-            header_read_timeout: Duration::from_secs(10),
-            idle_timeout: Duration::from_secs(60),
-            max_body_bytes: 0,
-        }
-    }
-}
-
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub enum LogFormat {
-    Text,
-    Json,
-}
-
-#[derive(Debug, Clone, PartialEq, Eq)]
-pub struct LogConfig {
-    /// A tracing filter directive (`info`, `routemesh=debug`); RUST_LOG wins when set.
-    pub level: String,
-    pub format: LogFormat,
-    /// One line per HTTP request.
-    pub access: bool,
-}
-
-#[derive(Debug, Clone, PartialEq, Eq)]
-pub struct RuntimeConfig {
-    /// Tokio worker threads; default the number of cores.
-    pub worker_threads: usize,
-}
-
-pub const DEFAULT_ADMIN: &str = "127.0.0.1:9901";
-pub const DEFAULT_ENDPOINT: &str = "http://127.0.0.1:2379";
-pub const DEFAULT_PREFIX: &str = "/routemesh";
 
 impl Config {
     /// Reads and validates `path`.
@@ -359,261 +129,6 @@ impl Config {
     pub fn service_settings(&self, name: &ServiceName) -> ServiceSettings {
         self.services.get(name).cloned().unwrap_or_default()
     }
-}
-
-/// The key path of an ignored value, without serde's internal wrappers (Spanned's fields).
-fn path_segments(path: &serde_ignored::Path<'_>) -> Vec<String> {
-    use serde_ignored::Path as P;
-    let mut out = Vec::new();
-    let mut cur = path;
-    loop {
-        match cur {
-            P::Root => break,
-            P::Seq { parent, index } => {
-                out.push(index.to_string());
-                cur = parent;
-            }
-            P::Map { parent, key } => {
-                if !key.starts_with("$__") {
-                    out.push(key.clone());
-                }
-                cur = parent;
-            }
-            P::Some { parent } | P::NewtypeStruct { parent } | P::NewtypeVariant { parent } => {
-                cur = parent
-            }
-        }
-    }
-    out.reverse();
-    out
-}
-
-/// The span of the key at `segments` (array indices as numbers) in the parsed document.
-fn span_of(table: &toml::de::DeTable<'_>, segments: &[String]) -> Option<Range<usize>> {
-    use toml::de::DeValue;
-    let (first, rest) = segments.split_first()?;
-    let (key, value) = table.iter().find(|(k, _)| k.get_ref().as_ref() == first)?;
-    if rest.is_empty() {
-        return Some(key.span());
-    }
-    let mut value = value;
-    let mut rest = rest;
-    // Walk through arrays (of tables) by index.
-    while let DeValue::Array(items) = value.get_ref() {
-        let (idx, r) = rest.split_first()?;
-        value = items.get(idx.parse::<usize>().ok()?)?;
-        rest = r;
-        if rest.is_empty() {
-            return Some(value.span());
-        }
-    }
-    match value.get_ref() {
-        DeValue::Table(t) => span_of(t, rest).or(Some(key.span())),
-        _ => Some(key.span()),
-    }
-}
-
-fn span<T>(s: &S<T>) -> Range<usize> {
-    s.span()
-}
-
-fn duration(issues: &mut Issues, v: &Option<S<String>>, default: Duration, key: &str) -> Duration {
-    let Some(v) = v else { return default };
-    match humantime::parse_duration(v.get_ref().trim()) {
-        Ok(d) => d,
-        Err(e) => {
-            issues.at(
-                span(v),
-                format!(
-                    "`{key}`: {:?} is not a duration ({e}); write a string like \"500ms\", \"3s\" or \"1m\"",
-                    v.get_ref()
-                ),
-            );
-            default
-        }
-    }
-}
-
-fn positive_duration(
-    issues: &mut Issues,
-    v: &Option<S<String>>,
-    default: Duration,
-    key: &str,
-) -> Duration {
-    let d = duration(issues, v, default, key);
-    if d.is_zero() {
-        if let Some(v) = v {
-            issues.at(span(v), format!("`{key}` must be greater than zero"));
-        }
-        return default;
-    }
-    d
-}
-
-fn int_in(
-    issues: &mut Issues,
-    v: &Option<S<i64>>,
-    default: i64,
-    range: std::ops::RangeInclusive<i64>,
-    key: &str,
-) -> i64 {
-    let Some(v) = v else { return default };
-    let n = *v.get_ref();
-    if range.contains(&n) {
-        n
-    } else {
-        issues.at(
-            span(v),
-            format!(
-                "`{key}` = {n} is out of range: use a whole number from {} to {}",
-                range.start(),
-                range.end()
-            ),
-        );
-        default
-    }
-}
-
-fn name<T>(
-    issues: &mut Issues,
-    v: &S<String>,
-    key: &str,
-    make: fn(&str) -> Result<T, NameError>,
-) -> Option<T> {
-    match make(v.get_ref()) {
-        Ok(n) => Some(n),
-        Err(e) => {
-            issues.at(span(v), format!("`{key}`: {e}"));
-            None
-        }
-    }
-}
-
-fn socket_addr(issues: &mut Issues, v: &S<String>, key: &str) -> Option<SocketAddr> {
-    match v.get_ref().trim().parse::<SocketAddr>() {
-        Ok(a) => Some(a),
-        Err(_) => {
-            issues.at(
-                span(v),
-                format!(
-                    "`{key}`: {:?} is not an IP:PORT address; write e.g. \"0.0.0.0:80\", \"10.0.0.2:1884\" or \"[::1]:80\"",
-                    v.get_ref()
-                ),
-            );
-            None
-        }
-    }
-}
-
-fn one_of<T: Copy>(
-    issues: &mut Issues,
-    v: &Option<S<String>>,
-    default: T,
-    choices: &[(&str, T)],
-    key: &str,
-) -> T {
-    let Some(v) = v else { return default };
-    match choices.iter().find(|(s, _)| *s == v.get_ref()) {
-        Some((_, t)) => *t,
-        None => {
-            let names: Vec<String> = choices.iter().map(|(s, _)| format!("\"{s}\"")).collect();
-            issues.at(
-                span(v),
-                format!(
-                    "`{key}` = {:?} is not supported: use one of {}",
-                    v.get_ref(),
-                    names.join(", ")
-                ),
-            );
-            default
-        }
-    }
-}
-
-fn health_settings(issues: &mut Issues, raw: Option<&S<file::RawHealth>>) -> HealthSettings {
-    let def = HealthSettings::default();
-    let Some(raw) = raw else { return def };
-    let h = raw.get_ref();
-    // An explicit section starts from the documented section defaults (interval 1s).
-    let interval_default = Duration::from_secs(1);
-    let expect_status = match &h.expect_status {
-        None => def.expect_status,
-        Some(v) => {
-            let text = v.get_ref().trim();
-            let parsed = match text.split_once('-') {
-                Some((a, b)) => a
-                    .trim()
-                    .parse::<u16>()
-                    .ok()
-                    .zip(b.trim().parse::<u16>().ok()),
-                None => text.parse::<u16>().ok().map(|c| (c, c)),
-            };
-            match parsed {
-                Some((a, b)) if (100..=599).contains(&a) && (100..=599).contains(&b) && a <= b => {
-                    (a, b)
-                }
-                _ => {
-                    issues.at(
-                        span(v),
-                        format!("`health.expect_status` = {text:?}: write a status or a range like \"200-399\""),
-                    );
-                    def.expect_status
-                }
-            }
-        }
-    };
-    let path = match &h.path {
-        None => def.path.clone(),
-        Some(p) if p.get_ref().starts_with('/') && !p.get_ref().contains(char::is_whitespace) => {
-            p.get_ref().clone()
-        }
-        Some(p) => {
-            issues.at(
-                span(p),
-                "`health.path` must start with '/' and contain no spaces",
-            );
-            def.path.clone()
-        }
-    };
-    let interval = positive_duration(issues, &h.interval, interval_default, "health.interval");
-    let timeout = positive_duration(issues, &h.timeout, def.timeout, "health.timeout");
-    HealthSettings {
-        kind: one_of(
-            issues,
-            &h.kind,
-            def.kind,
-            &[("tcp", HealthKind::Tcp), ("http", HealthKind::Http)],
-            "health.kind",
-        ),
-        path,
-        expect_status,
-        interval,
-        timeout,
-        unhealthy_threshold: int_in(
-            issues,
-            &h.unhealthy_threshold,
-            2,
-            1..=100,
-            "health.unhealthy_threshold",
-        ) as u32,
-        healthy_threshold: int_in(
-            issues,
-            &h.healthy_threshold,
-            1,
-            1..=100,
-            "health.healthy_threshold",
-        ) as u32,
-    }
-}
-
-/// This machine's host name, the default node name.
-pub fn hostname() -> String {
-    std::fs::read_to_string("/proc/sys/kernel/hostname")
-        .or_else(|_| std::fs::read_to_string("/etc/hostname"))
-        .map(|s| s.trim().to_string())
-        .ok()
-        .filter(|s| !s.is_empty())
-        .unwrap_or_else(|| "localhost".to_string())
 }
 
 fn validate(path: &Path, raw: RawConfig, issues: &mut Issues) -> Config {
@@ -753,7 +268,7 @@ fn validate(path: &Path, raw: RawConfig, issues: &mut Issues) -> Config {
         "discovery.dial_timeout",
     );
 
-    let security = edge::etcd_security(issues, path, &d, &endpoints);
+    let security = discovery::etcd_security(issues, path, &d, &endpoints);
 
     // [admin]
     let admin_raw = raw.admin.map(|a| a.into_inner()).unwrap_or_default();
@@ -806,7 +321,7 @@ fn validate(path: &Path, raw: RawConfig, issues: &mut Issues) -> Config {
         let mut routes = Vec::new();
         for r in &l.route {
             if protocol == Protocol::Tls {
-                continue; // SNI routes: edge.rs
+                continue; // SNI routes: listener::listener
             }
             if protocol != Protocol::Http {
                 issues.at(
@@ -910,7 +425,7 @@ fn validate(path: &Path, raw: RawConfig, issues: &mut Issues) -> Config {
             protocol,
             service,
             routes,
-            edge: edge::listener(issues, path, l, protocol),
+            edge: listener::listener(issues, path, l, protocol),
         });
     }
     if listeners.iter().any(|l| l.listen == admin_listen) {
@@ -1003,8 +518,8 @@ fn validate(path: &Path, raw: RawConfig, issues: &mut Issues) -> Config {
                 16..=16 * 1024 * 1024,
                 "service.max_connect_bytes",
             ) as usize,
-            send_proxy: edge::send_proxy(issues, &s.send_proxy),
-            health: health_settings(issues, s.health.as_ref()),
+            send_proxy: service::send_proxy(issues, &s.send_proxy),
+            health: service::health_settings(issues, s.health.as_ref()),
         };
         if let Some(v) = &s.hash_key
             && settings.balance != Balance::Maglev

@@ -1,33 +1,37 @@
-//! Edge and security keys: PROXY protocol, connection limits, TLS (termination on http
-//! listeners, SNI passthrough on tls listeners) and etcd TLS/auth. The raw serde shapes and
-//! their validation live here; `file.rs` and `mod.rs` only hold one field and one call each.
-//!
-//! Paths are kept as given (relative ones resolved against the config file's directory) and
-//! read again by their users, so a reload or a reconnect picks up rotated files. The one
-//! exception to "config reads no files": the certificates of TLS-terminating listeners are
-//! loaded and checked (PEM, key matching the certificate) at validation by
-//! [`load_cert_pair`], so `routemesh check` and a reload refuse a bad file with its position;
-//! the proxy loads them through the same function. Opens no socket.
+//! The `[[listener]]` tables: a published port, its protocol, its default service and routes,
+//! and its admission settings (PROXY protocol, connection limits, TLS termination and the
+//! ClientHello bound of tls listeners).
 
-use std::fmt;
-use std::net::IpAddr;
-use std::path::{Path, PathBuf};
-use std::sync::Arc;
+use std::net::{IpAddr, SocketAddr};
+use std::path::Path;
 use std::time::Duration;
 
 use serde::{Deserialize, Serialize};
 
-use tokio_rustls::rustls;
-use tokio_rustls::rustls::pki_types::pem::PemObject;
-use tokio_rustls::rustls::pki_types::{CertificateDer, PrivateKeyDer};
-use tokio_rustls::rustls::sign::CertifiedKey;
-
+use super::certs::{CertConfig, CertError, load_cert_pair};
 use super::error::Issues;
-use super::file::{RawDiscovery, RawListener, S};
-use super::{Protocol, ServiceName};
+use super::file::S;
+use super::names::ServiceName;
+use super::route::{RawRoute, RouteConfig, SniRoute};
+use super::values::{resolve, server_name, span};
 
-// ---------------------------------------------------------------------------------------------
-// Raw shapes
+#[derive(Debug, Default, Deserialize)]
+pub struct RawListener {
+    pub name: Option<S<String>>,
+    pub listen: Option<S<String>>,
+    pub protocol: Option<S<String>>,
+    pub service: Option<S<String>>,
+    #[serde(default)]
+    pub route: Vec<S<RawRoute>>,
+    // admission and TLS keys (validated by `listener`)
+    pub accept_proxy: Option<S<bool>>,
+    pub trusted_proxies: Option<S<Vec<S<String>>>>,
+    pub max_connections: Option<S<i64>>,
+    pub max_connections_per_ip: Option<S<i64>>,
+    pub handshake_timeout: Option<S<String>>,
+    pub max_client_hello_bytes: Option<S<i64>>,
+    pub tls: Option<S<RawListenerTls>>,
+}
 
 /// `[[listener]] tls = { cert, key }` or `[[listener.tls.cert]]` tables.
 #[derive(Debug, Default, Deserialize)]
@@ -46,129 +50,39 @@ pub struct RawCertEntry {
     pub key: Option<String>,
 }
 
-/// `[discovery] tls = { ca, cert, key }`.
-#[derive(Debug, Default, Deserialize)]
-pub struct RawEtcdTls {
-    pub ca: Option<S<String>>,
-    pub cert: Option<S<String>>,
-    pub key: Option<S<String>>,
-}
-
-// ---------------------------------------------------------------------------------------------
-// Validated values
-
-/// Which PROXY protocol header a service's upstream connections start with.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize)]
 #[serde(rename_all = "snake_case")]
-pub enum ProxyVersion {
-    V1,
-    V2,
+pub enum Protocol {
+    Tcp,
+    Http,
+    /// TLS passthrough routed by the ClientHello's SNI (route.rs).
+    Tls,
 }
 
-/// An IP network such as `10.0.0.0/8` (a bare address is a /32 or /128).
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub struct Cidr {
-    pub addr: IpAddr,
-    pub prefix: u8,
-}
-
-impl Cidr {
-    pub fn parse(s: &str) -> Option<Cidr> {
-        let (ip, prefix) = match s.split_once('/') {
-            Some((ip, p)) => (ip.parse::<IpAddr>().ok()?, Some(p.parse::<u8>().ok()?)),
-            None => (s.parse::<IpAddr>().ok()?, None),
-        };
-        let max = if ip.is_ipv4() { 32 } else { 128 };
-        let prefix = prefix.unwrap_or(max);
-        (prefix <= max).then_some(Cidr { addr: ip, prefix })
-    }
-
-    /// Whether `ip` is in this network (IPv4-mapped IPv6 addresses count as IPv4).
-    pub fn contains(&self, ip: IpAddr) -> bool {
-        let ip = match ip {
-            IpAddr::V6(v6) => v6.to_ipv4_mapped().map(IpAddr::V4).unwrap_or(ip),
-            v4 => v4,
-        };
-        match (self.addr, ip) {
-            (IpAddr::V4(net), IpAddr::V4(ip)) => {
-                let mask = u32::MAX.checked_shl(32 - self.prefix as u32).unwrap_or(0);
-                u32::from(net) & mask == u32::from(ip) & mask
-            }
-            (IpAddr::V6(net), IpAddr::V6(ip)) => {
-                let mask = u128::MAX.checked_shl(128 - self.prefix as u32).unwrap_or(0);
-                u128::from(net) & mask == u128::from(ip) & mask
-            }
-            _ => false,
+impl Protocol {
+    pub fn as_str(self) -> &'static str {
+        match self {
+            Protocol::Tcp => "tcp",
+            Protocol::Http => "http",
+            Protocol::Tls => "tls",
         }
     }
 }
 
-/// One certificate of a TLS-terminating listener.
 #[derive(Debug, Clone, PartialEq, Eq)]
-pub struct CertConfig {
-    /// Exact name or `*.suffix`, lower-cased; `None` only for the single-cert form.
-    pub sni: Option<String>,
-    pub cert: PathBuf,
-    pub key: PathBuf,
-}
-
-/// Why a certificate pair cannot be used, and which of the two files is at fault.
-#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
-pub enum CertError {
-    #[error("certificate {path}: {why}")]
-    Cert { path: String, why: String },
-    #[error("private key {path}: {why}")]
-    Key { path: String, why: String },
-}
-
-/// The crypto provider of TLS termination: rustls' `ring` (also what etcd-client uses).
-pub fn tls_provider() -> Arc<rustls::crypto::CryptoProvider> {
-    Arc::new(rustls::crypto::ring::default_provider())
-}
-
-/// Reads a PEM certificate chain (leaf first) and its PEM private key (PKCS#8, PKCS#1 or
-/// SEC1) and checks that the key belongs to the leaf certificate.
-pub fn load_cert_pair(cert: &Path, key: &Path) -> Result<CertifiedKey, CertError> {
-    let cert_err = |why: String| CertError::Cert {
-        path: cert.display().to_string(),
-        why,
-    };
-    let key_err = |why: String| CertError::Key {
-        path: key.display().to_string(),
-        why,
-    };
-    let cert_pem = std::fs::read(cert).map_err(|e| cert_err(format!("cannot read it: {e}")))?;
-    let chain = CertificateDer::pem_slice_iter(&cert_pem)
-        .collect::<Result<Vec<_>, _>>()
-        .map_err(|e| cert_err(format!("invalid PEM: {e}")))?;
-    if chain.is_empty() {
-        return Err(cert_err(
-            "no \"-----BEGIN CERTIFICATE-----\" block found".into(),
-        ));
-    }
-    let key_pem = std::fs::read(key).map_err(|e| key_err(format!("cannot read it: {e}")))?;
-    let der = PrivateKeyDer::from_pem_slice(&key_pem).map_err(|e| match e {
-        rustls::pki_types::pem::Error::NoItemsFound => key_err(
-            "no \"-----BEGIN PRIVATE KEY-----\" (or RSA / EC PRIVATE KEY) block found".into(),
-        ),
-        e => key_err(format!("invalid PEM: {e}")),
-    })?;
-    CertifiedKey::from_der(chain, der, &tls_provider()).map_err(|e| match e {
-        rustls::Error::InconsistentKeys(_) => key_err(format!(
-            "does not match the certificate {} (its public key differs)",
-            cert.display()
-        )),
-        rustls::Error::General(why) => key_err(format!("unusable key: {why}")),
-        e => cert_err(format!("unusable: {e}")),
-    })
-}
-
-/// A `[[listener.route]]` of a `protocol = "tls"` listener.
-#[derive(Debug, Clone, PartialEq, Eq)]
-pub struct SniRoute {
-    /// Exact name or `*.suffix`, lower-cased.
-    pub sni: String,
-    pub service: ServiceName,
+pub struct ListenerConfig {
+    /// Metric label and log field; default `<protocol>-<port>`.
+    pub name: String,
+    pub listen: SocketAddr,
+    pub protocol: Protocol,
+    /// The default route: where connections (tcp), requests no route matches (http) and
+    /// names no SNI route matches (tls) go. Required for tcp listeners; without it an http
+    /// listener answers 404 and a tls listener closes the connection.
+    pub service: Option<ServiceName>,
+    /// HTTP routes, first match wins (http listeners only).
+    pub routes: Vec<RouteConfig>,
+    /// PROXY protocol, connection limits, TLS.
+    pub edge: ListenerEdge,
 }
 
 /// Edge settings of one listener, read by the admission step and the TLS code in `proxy`.
@@ -207,89 +121,42 @@ impl Default for ListenerEdge {
     }
 }
 
-/// Where the etcd password comes from.
-#[derive(Clone, PartialEq, Eq)]
-pub enum Password {
-    Inline(String),
-    /// Read at each connect, so a rotated file is picked up.
-    File(PathBuf),
+/// An IP network such as `10.0.0.0/8` (a bare address is a /32 or /128).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Cidr {
+    pub addr: IpAddr,
+    pub prefix: u8,
 }
 
-impl fmt::Debug for Password {
-    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
-        match self {
-            Password::Inline(_) => f.write_str("Inline(<redacted>)"),
-            Password::File(p) => write!(f, "File({})", p.display()),
+impl Cidr {
+    pub fn parse(s: &str) -> Option<Cidr> {
+        let (ip, prefix) = match s.split_once('/') {
+            Some((ip, p)) => (ip.parse::<IpAddr>().ok()?, Some(p.parse::<u8>().ok()?)),
+            None => (s.parse::<IpAddr>().ok()?, None),
+        };
+        let max = if ip.is_ipv4() { 32 } else { 128 };
+        let prefix = prefix.unwrap_or(max);
+        (prefix <= max).then_some(Cidr { addr: ip, prefix })
+    }
+
+    /// Whether `ip` is in this network (IPv4-mapped IPv6 addresses count as IPv4).
+    pub fn contains(&self, ip: IpAddr) -> bool {
+        let ip = match ip {
+            IpAddr::V6(v6) => v6.to_ipv4_mapped().map(IpAddr::V4).unwrap_or(ip),
+            v4 => v4,
+        };
+        match (self.addr, ip) {
+            (IpAddr::V4(net), IpAddr::V4(ip)) => {
+                let mask = u32::MAX.checked_shl(32 - self.prefix as u32).unwrap_or(0);
+                u32::from(net) & mask == u32::from(ip) & mask
+            }
+            (IpAddr::V6(net), IpAddr::V6(ip)) => {
+                let mask = u128::MAX.checked_shl(128 - self.prefix as u32).unwrap_or(0);
+                u128::from(net) & mask == u128::from(ip) & mask
+            }
+            _ => false,
         }
     }
-}
-
-impl Password {
-    pub fn read(&self) -> std::io::Result<String> {
-        match self {
-            Password::Inline(s) => Ok(s.clone()),
-            Password::File(p) => Ok(std::fs::read_to_string(p)?
-                .trim_end_matches(['\r', '\n'])
-                .to_string()),
-        }
-    }
-}
-
-/// `[discovery] tls`: the CA that signed etcd's certificates, and our client pair for mTLS.
-#[derive(Debug, Clone, PartialEq, Eq)]
-pub struct EtcdTls {
-    pub ca: Option<PathBuf>,
-    pub cert: Option<PathBuf>,
-    pub key: Option<PathBuf>,
-}
-
-/// `[discovery] username` with `password` or `password_file`.
-#[derive(Debug, Clone, PartialEq, Eq)]
-pub struct EtcdAuth {
-    pub username: String,
-    pub password: Password,
-}
-
-/// How the daemon and the CLI authenticate to etcd.
-#[derive(Debug, Clone, Default, PartialEq, Eq)]
-pub struct EtcdSecurity {
-    pub tls: Option<EtcdTls>,
-    pub auth: Option<EtcdAuth>,
-}
-
-// ---------------------------------------------------------------------------------------------
-// Validation
-
-fn span<T>(v: &S<T>) -> std::ops::Range<usize> {
-    v.span()
-}
-
-/// Relative paths are relative to the config file.
-fn resolve(config: &Path, p: &str) -> PathBuf {
-    let p = Path::new(p);
-    if p.is_absolute() {
-        p.to_path_buf()
-    } else {
-        config
-            .parent()
-            .filter(|d| !d.as_os_str().is_empty())
-            .map(|d| d.join(p))
-            .unwrap_or_else(|| p.to_path_buf())
-    }
-}
-
-/// Exact host name or `*.suffix`, lower-cased.
-fn server_name(s: &str) -> Option<String> {
-    let v = s.trim().to_ascii_lowercase();
-    let bare = v.strip_prefix("*.").unwrap_or(&v);
-    let ok = !bare.is_empty()
-        && bare.len() <= 253
-        && !bare.starts_with('.')
-        && !bare.ends_with('.')
-        && bare
-            .bytes()
-            .all(|b| b.is_ascii_alphanumeric() || matches!(b, b'.' | b'-'));
-    ok.then_some(v)
 }
 
 fn limit(issues: &mut Issues, v: &Option<S<i64>>, key: &str) -> Option<usize> {
@@ -601,113 +468,10 @@ fn listener_certs(
     out
 }
 
-/// `send_proxy` of a `[service.NAME]`.
-pub(crate) fn send_proxy(issues: &mut Issues, v: &Option<S<String>>) -> Option<ProxyVersion> {
-    let v = v.as_ref()?;
-    match v.get_ref().as_str() {
-        "v1" => Some(ProxyVersion::V1),
-        "v2" => Some(ProxyVersion::V2),
-        other => {
-            issues.at(
-                span(v),
-                format!(
-                    "`service.send_proxy` = {other:?}: use \"v1\" or \"v2\" (or remove the key)"
-                ),
-            );
-            None
-        }
-    }
-}
-
-/// `[discovery] tls`, `username`, `password`, `password_file`; `endpoints` are the validated
-/// URLs (https:// needs `tls`, `tls` needs https://).
-pub(crate) fn etcd_security(
-    issues: &mut Issues,
-    config_path: &Path,
-    d: &RawDiscovery,
-    endpoints: &[String],
-) -> EtcdSecurity {
-    let tls = d.tls.as_ref().map(|t| {
-        let raw = t.get_ref();
-        let path = |v: &Option<S<String>>| v.as_ref().map(|p| resolve(config_path, p.get_ref()));
-        if raw.cert.is_some() != raw.key.is_some() {
-            issues.at(
-                span(t),
-                "`discovery.tls` needs both `cert` and `key` for client certificates (or neither)",
-            );
-        }
-        EtcdTls {
-            ca: path(&raw.ca),
-            cert: path(&raw.cert),
-            key: path(&raw.key),
-        }
-    });
-    let https = endpoints
-        .iter()
-        .filter(|e| e.starts_with("https://"))
-        .count();
-    if tls.is_some() && https != endpoints.len() {
-        let at = d.endpoints.as_ref().map(span).unwrap_or(0..0);
-        issues.at(
-            at,
-            "`discovery.tls` is set: write every endpoint as \"https://HOST:PORT\"",
-        );
-    }
-    if tls.is_none() && https > 0 {
-        let at = d.endpoints.as_ref().map(span).unwrap_or(0..0);
-        issues.at(
-            at,
-            "https:// endpoints need `discovery.tls = { ca = \"ca.pem\" }` (and `cert`/`key` for client-certificate auth)",
-        );
-    }
-    let password = match (&d.password, &d.password_file) {
-        (Some(p), Some(f)) => {
-            issues.at(
-                span(f),
-                "set `discovery.password` or `discovery.password_file`, not both",
-            );
-            Some(Password::Inline(p.get_ref().clone()))
-        }
-        (Some(p), None) => Some(Password::Inline(p.get_ref().clone())),
-        (None, Some(f)) => Some(Password::File(resolve(config_path, f.get_ref()))),
-        (None, None) => None,
-    };
-    let auth = match (&d.username, password) {
-        (Some(u), Some(password)) => {
-            if u.get_ref().is_empty() {
-                issues.at(span(u), "`discovery.username` is empty");
-            }
-            Some(EtcdAuth {
-                username: u.get_ref().clone(),
-                password,
-            })
-        }
-        (Some(u), None) => {
-            issues.at(
-                span(u),
-                "`discovery.username` needs `password` or `password_file`",
-            );
-            None
-        }
-        (None, Some(_)) => {
-            let at = d
-                .password
-                .as_ref()
-                .map(span)
-                .or(d.password_file.as_ref().map(span))
-                .unwrap_or(0..0);
-            issues.at(at, "`discovery.password` needs `username`");
-            None
-        }
-        (None, None) => None,
-    };
-    EtcdSecurity { tls, auth }
-}
-
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::config::Config;
+    use crate::config::{Config, Password, ProxyVersion};
 
     fn parse(src: &str) -> Result<Config, crate::config::ConfigError> {
         Config::parse(Path::new("/etc/routemesh/t.toml"), src)
@@ -965,26 +729,5 @@ send_proxy = "v2"
                 && text.contains("missing-key.pem"),
             "{text}"
         );
-    }
-
-    #[test]
-    fn bad_etcd_security() {
-        let text = err("[discovery]\nendpoints = [\"https://1.2.3.4:2379\"]\n");
-        assert!(text.contains("need `discovery.tls"), "{text}");
-        let text = err("[discovery]\ntls = { ca = \"ca.pem\" }\n");
-        assert!(text.contains("https://HOST:PORT"), "{text}");
-        let text = err(
-            "[discovery]\nendpoints = [\"https://1.2.3.4:2379\"]\ntls = { ca = \"ca.pem\", cert = \"c.pem\" }\n",
-        );
-        assert!(text.contains("both `cert` and `key`"), "{text}");
-        let text = err("[discovery]\nusername = \"u\"\n");
-        assert!(
-            text.contains("t.toml:2:12:") && text.contains("password_file"),
-            "{text}"
-        );
-        let text = err("[discovery]\npassword = \"p\"\n");
-        assert!(text.contains("needs `username`"), "{text}");
-        let text = err("[discovery]\nusername = \"u\"\npassword = \"p\"\npassword_file = \"f\"\n");
-        assert!(text.contains("not both"), "{text}");
     }
 }
