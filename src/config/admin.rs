@@ -4,7 +4,9 @@ use std::net::SocketAddr;
 
 use serde::Deserialize;
 
+use super::error::Issues;
 use super::file::S;
+use super::values::socket_addr;
 
 pub const DEFAULT_ADMIN: &str = "127.0.0.1:9901";
 
@@ -16,4 +18,14 @@ pub struct RawAdmin {
 #[derive(Debug, Clone)]
 pub struct AdminConfig {
     pub listen: SocketAddr,
+}
+
+/// Validates `[admin]`.
+pub(super) fn validate(issues: &mut Issues, raw: &RawAdmin) -> AdminConfig {
+    let listen = raw
+        .listen
+        .as_ref()
+        .and_then(|v| socket_addr(issues, v, "admin.listen"))
+        .unwrap_or_else(|| DEFAULT_ADMIN.parse().expect("valid literal"));
+    AdminConfig { listen }
 }

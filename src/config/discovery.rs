@@ -11,7 +11,7 @@ use serde::Deserialize;
 
 use super::error::Issues;
 use super::file::S;
-use super::values::{resolve, span};
+use super::values::{one_of, positive_duration, resolve, span};
 
 pub const DEFAULT_ENDPOINT: &str = "http://127.0.0.1:2379";
 pub const DEFAULT_PREFIX: &str = "/routemesh";
@@ -112,9 +112,122 @@ pub struct EtcdSecurity {
     pub auth: Option<EtcdAuth>,
 }
 
+/// Validates `[discovery]`, its etcd security keys included.
+pub(super) fn validate(
+    issues: &mut Issues,
+    config_path: &Path,
+    d: &RawDiscovery,
+) -> DiscoveryConfig {
+    let backend = one_of(
+        issues,
+        &d.backend,
+        DiscoveryBackend::Etcd,
+        &[
+            ("etcd", DiscoveryBackend::Etcd),
+            ("static", DiscoveryBackend::Static),
+        ],
+        "discovery.backend",
+    );
+    let endpoints = endpoints(issues, d.endpoints.as_ref());
+    let prefix = prefix(issues, d.prefix.as_ref());
+    let node_ttl = positive_duration(
+        issues,
+        &d.node_ttl,
+        Duration::from_secs(3),
+        "discovery.node_ttl",
+    );
+    if let Some(v) = &d.node_ttl
+        && (node_ttl.subsec_nanos() != 0 || node_ttl > Duration::from_secs(3600))
+    {
+        issues.at(
+            span(v),
+            "`discovery.node_ttl` must be a whole number of seconds from 1s to 1h (etcd leases count seconds; etcd raises TTLs below 2s to 2s)",
+        );
+    }
+    let resync_interval = positive_duration(
+        issues,
+        &d.resync_interval,
+        Duration::from_secs(300),
+        "discovery.resync_interval",
+    );
+    let dial_timeout = positive_duration(
+        issues,
+        &d.dial_timeout,
+        Duration::from_secs(2),
+        "discovery.dial_timeout",
+    );
+    let security = etcd_security(issues, config_path, d, &endpoints);
+    DiscoveryConfig {
+        backend,
+        endpoints,
+        prefix,
+        node_ttl,
+        resync_interval,
+        dial_timeout,
+        security,
+    }
+}
+
+/// `endpoints`: etcd URLs, `http://HOST:PORT` or `https://HOST:PORT`, trailing `/` dropped.
+fn endpoints(issues: &mut Issues, raw: Option<&S<Vec<S<String>>>>) -> Vec<String> {
+    let Some(list) = raw else {
+        return vec![DEFAULT_ENDPOINT.to_string()];
+    };
+    if list.get_ref().is_empty() {
+        issues.at(
+            span(list),
+            "`discovery.endpoints` is empty: list every etcd member, e.g. [\"http://10.0.0.1:2379\"]",
+        );
+    }
+    let mut out = Vec::new();
+    for ep in list.get_ref() {
+        let s = ep.get_ref().trim();
+        let rest = s
+            .strip_prefix("http://")
+            .or_else(|| s.strip_prefix("https://"));
+        let valid = rest.is_some_and(|r| {
+            let hostport = r.trim_end_matches('/');
+            hostport
+                .rsplit_once(':')
+                .is_some_and(|(h, p)| !h.is_empty() && p.parse::<u16>().is_ok_and(|p| p > 0))
+        });
+        if valid {
+            out.push(s.trim_end_matches('/').to_string());
+        } else {
+            issues.at(
+                span(ep),
+                format!(
+                    "`discovery.endpoints`: {s:?} is not an etcd URL; write \"http://HOST:PORT\" (or https://)"
+                ),
+            );
+        }
+    }
+    out
+}
+
+/// `prefix`: an absolute key prefix, kept without its trailing `/`.
+fn prefix(issues: &mut Issues, raw: Option<&S<String>>) -> String {
+    let Some(p) = raw else {
+        return DEFAULT_PREFIX.to_string();
+    };
+    let s = p.get_ref().trim_end_matches('/');
+    if !p.get_ref().starts_with('/') || s.is_empty() || s.contains("//") {
+        issues.at(
+            span(p),
+            format!(
+                "`discovery.prefix` = {:?}: write an absolute key prefix such as \"/routemesh\"",
+                p.get_ref()
+            ),
+        );
+        DEFAULT_PREFIX.to_string()
+    } else {
+        s.to_string()
+    }
+}
+
 /// `[discovery] tls`, `username`, `password`, `password_file`; `endpoints` are the validated
 /// URLs (https:// needs `tls`, `tls` needs https://).
-pub(crate) fn etcd_security(
+fn etcd_security(
     issues: &mut Issues,
     config_path: &Path,
     d: &RawDiscovery,

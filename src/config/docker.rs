@@ -15,9 +15,10 @@ use std::time::Duration;
 
 use serde::Deserialize;
 
+use super::DiscoveryBackend;
 use super::error::Issues;
 use super::file::S;
-use super::{DiscoveryBackend, positive_duration, span};
+use super::values::{positive_duration, span};
 
 pub const DEFAULT_DOCKER_SOCKET: &str = "/var/run/docker.sock";
 pub const DEFAULT_RECONCILE_INTERVAL: Duration = Duration::from_secs(30);

@@ -9,10 +9,12 @@ use std::collections::BTreeMap;
 use std::ops::Range;
 
 use serde::Deserialize;
+use serde::de::DeserializeOwned;
 use toml::Spanned;
 
 use super::admin::RawAdmin;
 use super::discovery::RawDiscovery;
+use super::error::Issues;
 use super::http::RawHttp;
 use super::listener::RawListener;
 use super::log::RawLog;
@@ -49,8 +51,48 @@ pub struct RawConfig {
     pub docker: Option<S<super::docker::RawDocker>>,
 }
 
+/// Reads `source` as TOML into `T`. A syntax error or a value of the wrong type is reported at
+/// its position and gives `None` (nothing else can be checked then); each key `T` does not
+/// know is reported at its own position.
+pub(super) fn deserialize<T: DeserializeOwned>(source: &str, issues: &mut Issues) -> Option<T> {
+    let table = match toml::de::DeTable::parse(source) {
+        Ok(t) => t,
+        Err(e) => {
+            issues.at(
+                e.span().unwrap_or(0..0),
+                format!("invalid TOML: {}", e.message().trim()),
+            );
+            return None;
+        }
+    };
+    let mut unknown: Vec<Vec<String>> = Vec::new();
+    let raw: T = match toml::Deserializer::parse(source)
+        .and_then(|de| serde_ignored::deserialize(de, |p| unknown.push(path_segments(&p))))
+    {
+        Ok(raw) => raw,
+        Err(e) => {
+            issues.at(
+                e.span().unwrap_or(0..0),
+                format!("{} (see config/example.toml)", e.message().trim()),
+            );
+            return None;
+        }
+    };
+    for segments in unknown {
+        let span = span_of(table.get_ref(), &segments).unwrap_or(0..0);
+        let key = segments.join(".");
+        issues.at(
+            span,
+            format!(
+                "unknown key `{key}`: remove it or check its spelling (config/example.toml lists every key)"
+            ),
+        );
+    }
+    Some(raw)
+}
+
 /// The key path of an ignored value, without serde's internal wrappers (Spanned's fields).
-pub(super) fn path_segments(path: &serde_ignored::Path<'_>) -> Vec<String> {
+fn path_segments(path: &serde_ignored::Path<'_>) -> Vec<String> {
     use serde_ignored::Path as P;
     let mut out = Vec::new();
     let mut cur = path;
@@ -77,7 +119,7 @@ pub(super) fn path_segments(path: &serde_ignored::Path<'_>) -> Vec<String> {
 }
 
 /// The span of the key at `segments` (array indices as numbers) in the parsed document.
-pub(super) fn span_of(table: &toml::de::DeTable<'_>, segments: &[String]) -> Option<Range<usize>> {
+fn span_of(table: &toml::de::DeTable<'_>, segments: &[String]) -> Option<Range<usize>> {
     use toml::de::DeValue;
     let (first, rest) = segments.split_first()?;
     let (key, value) = table.iter().find(|(k, _)| k.get_ref().as_ref() == first)?;

@@ -5,7 +5,9 @@ use std::time::Duration;
 
 use serde::Deserialize;
 
+use super::error::Issues;
 use super::file::S;
+use super::values::{int_in, positive_duration};
 
 #[derive(Debug, Default, Deserialize)]
 pub struct RawHttp {
@@ -36,5 +38,46 @@ impl Default for HttpLimits {
             idle_timeout: Duration::from_secs(60),
             max_body_bytes: 0,
         }
+    }
+}
+
+/// Validates `[http]`.
+pub(super) fn validate(issues: &mut Issues, raw: &RawHttp) -> HttpLimits {
+    let h = raw;
+    let hd = HttpLimits::default();
+    HttpLimits {
+        max_header_bytes: int_in(
+            issues,
+            &h.max_header_bytes,
+            hd.max_header_bytes as i64,
+            1024..=16 * 1024 * 1024,
+            "http.max_header_bytes",
+        ) as usize,
+        max_headers: int_in(
+            issues,
+            &h.max_headers,
+            hd.max_headers as i64,
+            1..=10_000,
+            "http.max_headers",
+        ) as usize,
+        header_read_timeout: positive_duration(
+            issues,
+            &h.header_read_timeout,
+            hd.header_read_timeout,
+            "http.header_read_timeout",
+        ),
+        idle_timeout: positive_duration(
+            issues,
+            &h.idle_timeout,
+            hd.idle_timeout,
+            "http.idle_timeout",
+        ),
+        max_body_bytes: int_in(
+            issues,
+            &h.max_body_bytes,
+            0,
+            0..=i64::MAX,
+            "http.max_body_bytes",
+        ) as u64,
     }
 }

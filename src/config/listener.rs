@@ -2,18 +2,19 @@
 //! and its admission settings (PROXY protocol, connection limits, TLS termination and the
 //! ClientHello bound of tls listeners).
 
+use std::collections::BTreeSet;
 use std::net::{IpAddr, SocketAddr};
 use std::path::Path;
 use std::time::Duration;
 
 use serde::{Deserialize, Serialize};
 
-use super::certs::{CertConfig, CertError, load_cert_pair};
+use super::certs::{self, CertConfig, RawListenerTls};
 use super::error::Issues;
 use super::file::S;
 use super::names::ServiceName;
-use super::route::{RawRoute, RouteConfig, SniRoute};
-use super::values::{resolve, server_name, span};
+use super::route::{self, RawRoute, RouteConfig, SniRoute};
+use super::values::{name, one_of, socket_addr, span};
 
 #[derive(Debug, Default, Deserialize)]
 pub struct RawListener {
@@ -23,7 +24,7 @@ pub struct RawListener {
     pub service: Option<S<String>>,
     #[serde(default)]
     pub route: Vec<S<RawRoute>>,
-    // admission and TLS keys (validated by `listener`)
+    // admission and TLS keys (validated by `edge`)
     pub accept_proxy: Option<S<bool>>,
     pub trusted_proxies: Option<S<Vec<S<String>>>>,
     pub max_connections: Option<S<i64>>,
@@ -31,23 +32,6 @@ pub struct RawListener {
     pub handshake_timeout: Option<S<String>>,
     pub max_client_hello_bytes: Option<S<i64>>,
     pub tls: Option<S<RawListenerTls>>,
-}
-
-/// `[[listener]] tls = { cert, key }` or `[[listener.tls.cert]]` tables.
-#[derive(Debug, Default, Deserialize)]
-pub struct RawListenerTls {
-    /// A path (with `key`), or an array of `{ sni, cert, key }` tables.
-    pub cert: Option<S<toml::Value>>,
-    pub key: Option<S<String>>,
-}
-
-/// One `[[listener.tls.cert]]` table.
-#[derive(Debug, Default, Deserialize)]
-#[serde(deny_unknown_fields)]
-pub struct RawCertEntry {
-    pub sni: Option<String>,
-    pub cert: Option<String>,
-    pub key: Option<String>,
 }
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize)]
@@ -159,62 +143,162 @@ impl Cidr {
     }
 }
 
-fn limit(issues: &mut Issues, v: &Option<S<i64>>, key: &str) -> Option<usize> {
-    let v = v.as_ref()?;
-    match *v.get_ref() {
-        0 => None,
-        n if (1..=10_000_000).contains(&n) => Some(n as usize),
-        n => {
+/// Validates one listener: a `[[listener]]` table of the file, or a listener published in
+/// etcd (through [`from_json`]). Relative certificate paths are resolved against the
+/// directory of `config_path`. `None` when the listener cannot be served; every problem is
+/// in `issues`. Checks against other listeners are [`clashes`].
+pub(crate) fn validate(
+    issues: &mut Issues,
+    raw: &S<RawListener>,
+    config_path: &Path,
+) -> Option<ListenerConfig> {
+    let l_span = span(raw);
+    let l = raw.get_ref();
+    let protocol = one_of(
+        issues,
+        &l.protocol,
+        Protocol::Tcp,
+        &[
+            ("tcp", Protocol::Tcp),
+            ("http", Protocol::Http),
+            ("tls", Protocol::Tls),
+        ],
+        "listener.protocol",
+    );
+    let listen = match &l.listen {
+        Some(v) => socket_addr(issues, v, "listener.listen"),
+        None => {
             issues.at(
-                span(v),
-                format!("`{key}` = {n}: use 1 to 10000000, or 0 for no limit"),
+                l_span.clone(),
+                "[[listener]] needs `listen`, e.g. listen = \"0.0.0.0:80\"",
             );
             None
         }
-    }
+    };
+    // Optional on http and tls listeners (no default route: 404 or close).
+    let service = match &l.service {
+        Some(v) => name(issues, v, "listener.service", ServiceName::new).map(Some),
+        None if protocol == Protocol::Tcp => {
+            issues.at(
+                l_span,
+                "[[listener]] needs `service`: the service its connections go to",
+            );
+            None
+        }
+        None => Some(None),
+    };
+    let routes = route::http_routes(issues, &l.route, protocol);
+    let (Some(listen), Some(service)) = (listen, service) else {
+        return None;
+    };
+    let name = match &l.name {
+        Some(v) => {
+            if !valid_name(v.get_ref()) {
+                issues.at(
+                    span(v),
+                    "`listener.name`: use 1-64 characters from A-Z a-z 0-9 . _ -",
+                );
+            }
+            v.get_ref().clone()
+        }
+        None => format!("{}-{}", protocol.as_str(), listen.port()),
+    };
+    Some(ListenerConfig {
+        name,
+        listen,
+        protocol,
+        service,
+        routes,
+        edge: edge(issues, config_path, l, protocol),
+    })
 }
 
-/// The edge settings of one `[[listener]]`; also validates its routes' `sni` keys.
-pub(crate) fn listener(
+fn valid_name(name: &str) -> bool {
+    !name.is_empty()
+        && name.len() <= 64
+        && name
+            .bytes()
+            .all(|b| b.is_ascii_alphanumeric() || matches!(b, b'.' | b'_' | b'-'))
+}
+
+/// Validates every `[[listener]]` of the file, then checks them against each other.
+pub(super) fn validate_all(
+    issues: &mut Issues,
+    raw: &[S<RawListener>],
+    config_path: &Path,
+) -> Vec<ListenerConfig> {
+    let mut listeners = Vec::new();
+    let mut raw_of = Vec::new();
+    for r in raw {
+        if let Some(l) = validate(issues, r, config_path) {
+            listeners.push(l);
+            raw_of.push(r);
+        }
+    }
+    for clash in clashes(&listeners) {
+        match clash {
+            Clash::Address(i) => {
+                let r = raw_of[i];
+                let at = r.get_ref().listen.as_ref().map(span).unwrap_or(span(r));
+                let listen = listeners[i].listen;
+                issues.at(
+                    at,
+                    format!("two listeners bind {listen}: each `listen` address may appear once"),
+                );
+            }
+            Clash::Name(i) => {
+                let r = raw_of[i];
+                let at = r.get_ref().name.as_ref().map(span).unwrap_or(span(r));
+                let lname = &listeners[i].name;
+                issues.at(
+                    at,
+                    format!(
+                        "two listeners are named {lname:?}: give each [[listener]] a distinct `name`"
+                    ),
+                );
+            }
+        }
+    }
+    listeners
+}
+
+/// A listener of a list that repeats an earlier one, by its index in the list.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Clash {
+    /// Its `listen` address is already bound by an earlier listener.
+    Address(usize),
+    /// Its name is already taken by an earlier listener (reported only when its address is
+    /// not a clash too).
+    Name(usize),
+}
+
+/// The checks of listeners against each other, over any list of valid listeners (the file's,
+/// or the file's and the published ones): each address and each name may appear once.
+pub fn clashes(listeners: &[ListenerConfig]) -> Vec<Clash> {
+    let mut seen_names = BTreeSet::new();
+    let mut seen_addrs = BTreeSet::new();
+    let mut out = Vec::new();
+    for (i, l) in listeners.iter().enumerate() {
+        let dup_addr = !seen_addrs.insert(l.listen);
+        if dup_addr {
+            out.push(Clash::Address(i));
+        }
+        if !seen_names.insert(l.name.as_str()) && !dup_addr {
+            out.push(Clash::Name(i));
+        }
+    }
+    out
+}
+
+/// The admission and TLS settings of one listener (its SNI routes included).
+fn edge(
     issues: &mut Issues,
     config_path: &Path,
     l: &RawListener,
     protocol: Protocol,
 ) -> ListenerEdge {
     let def = ListenerEdge::default();
-    let accept_proxy = l.accept_proxy.as_ref().is_some_and(|v| *v.get_ref());
-    let mut trusted_proxies = Vec::new();
-    if let Some(list) = &l.trusted_proxies {
-        for p in list.get_ref() {
-            match Cidr::parse(p.get_ref().trim()) {
-                Some(c) => trusted_proxies.push(c),
-                None => issues.at(
-                    span(p),
-                    format!(
-                        "`listener.trusted_proxies`: {:?} is not an address or network; write e.g. \"10.0.0.0/8\" or \"192.168.1.5\"",
-                        p.get_ref()
-                    ),
-                ),
-            }
-        }
-        if !accept_proxy {
-            issues.at(
-                span(list),
-                "`listener.trusted_proxies` needs accept_proxy = true on the same listener",
-            );
-        }
-    }
-    if accept_proxy
-        && l.trusted_proxies
-            .as_ref()
-            .is_none_or(|t| t.get_ref().is_empty())
-    {
-        let at = l.accept_proxy.as_ref().map(span).unwrap_or(0..0);
-        issues.at(
-            at,
-            "`listener.accept_proxy = true` needs `trusted_proxies`, the load balancers allowed to send the header, e.g. [\"10.0.0.0/8\"]",
-        );
-    }
+    let (accept_proxy, trusted_proxies) = proxy_header(issues, l);
     let max_connections = limit(issues, &l.max_connections, "listener.max_connections");
     let max_connections_per_ip = limit(
         issues,
@@ -248,14 +332,14 @@ pub(crate) fn listener(
             def.max_client_hello_bytes
         }
     };
-    if protocol != Protocol::Tls && l.max_client_hello_bytes.is_some() {
-        let at = l.max_client_hello_bytes.as_ref().map(span).unwrap_or(0..0);
+    if let Some(v) = &l.max_client_hello_bytes
+        && protocol != Protocol::Tls
+    {
         issues.at(
-            at,
+            span(v),
             "`listener.max_client_hello_bytes` is only for protocol = \"tls\" listeners",
         );
     }
-
     // tls = { cert, key } | [[listener.tls.cert]]
     let mut tls = Vec::new();
     if let Some(t) = &l.tls {
@@ -265,74 +349,8 @@ pub(crate) fn listener(
                 "`listener.tls` terminates TLS on protocol = \"http\" listeners; for SNI routing without terminating use protocol = \"tls\" and no `tls` key",
             );
         }
-        tls = listener_certs(issues, config_path, t, protocol == Protocol::Http);
+        tls = certs::validate(issues, config_path, t, protocol == Protocol::Http);
     }
-
-    // SNI routes (tls listeners); `sni` anywhere else is an error.
-    let mut sni_routes = Vec::new();
-    for r in &l.route {
-        let rr = r.get_ref();
-        if protocol != Protocol::Tls {
-            if let Some(s) = &rr.sni {
-                issues.at(
-                    span(s),
-                    "`route.sni` is only for protocol = \"tls\" listeners (http listeners route by `host`)",
-                );
-            }
-            continue;
-        }
-        if let Some(h) = rr.host.as_ref() {
-            issues.at(
-                span(h),
-                "protocol = \"tls\" listeners route by `sni`, not `host`",
-            );
-        }
-        if let Some(p) = rr.path_prefix.as_ref() {
-            issues.at(
-                span(p),
-                "protocol = \"tls\" listeners cannot see paths: remove `path_prefix`",
-            );
-        }
-        let sni = match &rr.sni {
-            None => {
-                issues.at(
-                    span(r),
-                    "[[listener.route]] of a tls listener needs `sni`, e.g. sni = \"mqtt.example.com\" or \"*.example.com\"",
-                );
-                None
-            }
-            Some(s) => match server_name(s.get_ref()) {
-                Some(n) => Some(n),
-                None => {
-                    issues.at(
-                        span(s),
-                        format!(
-                            "`route.sni` = {:?}: write a host name (\"mqtt.example.com\") or a wildcard (\"*.example.com\")",
-                            s.get_ref()
-                        ),
-                    );
-                    None
-                }
-            },
-        };
-        let service = match &rr.service {
-            None => {
-                issues.at(span(r), "[[listener.route]] needs `service`");
-                None
-            }
-            Some(v) => match ServiceName::new(v.get_ref()) {
-                Ok(n) => Some(n),
-                Err(e) => {
-                    issues.at(span(v), format!("`route.service`: {e}"));
-                    None
-                }
-            },
-        };
-        if let (Some(sni), Some(service)) = (sni, service) {
-            sni_routes.push(SniRoute { sni, service });
-        }
-    }
-
     ListenerEdge {
         accept_proxy,
         trusted_proxies,
@@ -340,132 +358,64 @@ pub(crate) fn listener(
         max_connections_per_ip,
         handshake_timeout,
         tls,
-        sni_routes,
+        sni_routes: route::sni_routes(issues, &l.route, protocol),
         max_client_hello_bytes,
     }
 }
 
-/// Reports why a certificate pair cannot be loaded, at the position of the file at fault.
-fn check_pair(
-    issues: &mut Issues,
-    c: &CertConfig,
-    cert_at: std::ops::Range<usize>,
-    key_at: std::ops::Range<usize>,
-    which: &str,
-) {
-    match load_cert_pair(&c.cert, &c.key) {
-        Ok(_) => {}
-        Err(e @ CertError::Cert { .. }) => issues.at(
-            cert_at,
-            format!("{which}: {e}; give a PEM certificate chain, leaf first"),
-        ),
-        Err(e @ CertError::Key { .. }) => issues.at(
-            key_at,
-            format!("{which}: {e}; give the PEM private key of the certificate"),
-        ),
-    }
-}
-
-fn listener_certs(
-    issues: &mut Issues,
-    config_path: &Path,
-    t: &S<RawListenerTls>,
-    load: bool,
-) -> Vec<CertConfig> {
-    let raw = t.get_ref();
-    let mut out = Vec::new();
-    match raw.cert.as_ref().map(|c| (c, c.get_ref())) {
-        None => issues.at(
-            span(t),
-            "`listener.tls` needs `cert` and `key` (PEM files), or [[listener.tls.cert]] tables",
-        ),
-        Some((c, toml::Value::String(cert))) => match &raw.key {
-            Some(key) => {
-                let entry = CertConfig {
-                    sni: None,
-                    cert: resolve(config_path, cert),
-                    key: resolve(config_path, key.get_ref()),
-                };
-                if load {
-                    check_pair(issues, &entry, span(c), span(key), "`listener.tls`");
-                }
-                out.push(entry);
-            }
-            None => issues.at(
-                span(t),
-                "`listener.tls` needs `key`, the PEM private key of `cert`",
-            ),
-        },
-        Some((c, toml::Value::Array(entries))) => {
-            if let Some(k) = &raw.key {
-                issues.at(
-                    span(k),
-                    "with [[listener.tls.cert]] tables, put `key` in each table",
-                );
-            }
-            if entries.is_empty() {
-                issues.at(
-                    span(c),
-                    "[[listener.tls.cert]]: list at least one certificate",
-                );
-            }
-            for (i, e) in entries.iter().enumerate() {
-                let parsed: Result<RawCertEntry, _> = e.clone().try_into();
-                match parsed {
-                    Ok(RawCertEntry {
-                        sni,
-                        cert: Some(cert),
-                        key: Some(key),
-                    }) => {
-                        let sni = match sni.as_deref().map(server_name) {
-                            None => None,
-                            Some(Some(n)) => Some(n),
-                            Some(None) => {
-                                issues.at(
-                                    span(c),
-                                    format!("[[listener.tls.cert]] #{}: `sni` = {sni:?} is not a host name or *.suffix", i + 1),
-                                );
-                                None
-                            }
-                        };
-                        if sni.is_none() && i > 0 {
-                            issues.at(
-                                span(c),
-                                format!("[[listener.tls.cert]] #{}: every certificate after the first (the default) needs `sni`", i + 1),
-                            );
-                        }
-                        let entry = CertConfig {
-                            sni,
-                            cert: resolve(config_path, &cert),
-                            key: resolve(config_path, &key),
-                        };
-                        if load {
-                            let which = format!("[[listener.tls.cert]] #{}", i + 1);
-                            check_pair(issues, &entry, span(c), span(c), &which);
-                        }
-                        out.push(entry);
-                    }
-                    Ok(_) => issues.at(
-                        span(c),
-                        format!("[[listener.tls.cert]] #{}: needs `cert` and `key`", i + 1),
+/// `accept_proxy` and `trusted_proxies`: the PROXY header is read only from listed sources,
+/// so each key needs the other.
+fn proxy_header(issues: &mut Issues, l: &RawListener) -> (bool, Vec<Cidr>) {
+    let accept_proxy = l.accept_proxy.as_ref().is_some_and(|v| *v.get_ref());
+    let mut trusted_proxies = Vec::new();
+    if let Some(list) = &l.trusted_proxies {
+        for p in list.get_ref() {
+            match Cidr::parse(p.get_ref().trim()) {
+                Some(c) => trusted_proxies.push(c),
+                None => issues.at(
+                    span(p),
+                    format!(
+                        "`listener.trusted_proxies`: {:?} is not an address or network; write e.g. \"10.0.0.0/8\" or \"192.168.1.5\"",
+                        p.get_ref()
                     ),
-                    Err(e) => issues.at(
-                        span(c),
-                        format!(
-                            "[[listener.tls.cert]] #{}: {} (keys: sni, cert, key)",
-                            i + 1,
-                            e.message().trim()
-                        ),
-                    ),
-                }
+                ),
             }
         }
-        Some((c, _)) => issues.at(
-            span(c),
-            "`listener.tls.cert`: write a PEM path (with `key`) or [[listener.tls.cert]] tables",
-        ),
+        if !accept_proxy {
+            issues.at(
+                span(list),
+                "`listener.trusted_proxies` needs accept_proxy = true on the same listener",
+            );
+        }
     }
-    out
+    if accept_proxy
+        && l.trusted_proxies
+            .as_ref()
+            .is_none_or(|t| t.get_ref().is_empty())
+    {
+        let at = l.accept_proxy.as_ref().map(span).unwrap_or(0..0);
+        issues.at(
+            at,
+            "`listener.accept_proxy = true` needs `trusted_proxies`, the load balancers allowed to send the header, e.g. [\"10.0.0.0/8\"]",
+        );
+    }
+    (accept_proxy, trusted_proxies)
+}
+
+/// A connection limit: 0 is no limit.
+fn limit(issues: &mut Issues, v: &Option<S<i64>>, key: &str) -> Option<usize> {
+    let v = v.as_ref()?;
+    match *v.get_ref() {
+        0 => None,
+        n if (1..=10_000_000).contains(&n) => Some(n as usize),
+        n => {
+            issues.at(
+                span(v),
+                format!("`{key}` = {n}: use 1 to 10000000, or 0 for no limit"),
+            );
+            None
+        }
+    }
 }
 
 #[cfg(test)]

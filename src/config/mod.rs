@@ -23,10 +23,8 @@ pub mod service;
 pub mod task;
 mod values;
 
-use std::collections::{BTreeMap, BTreeSet};
-use std::net::IpAddr;
+use std::collections::BTreeMap;
 use std::path::{Path, PathBuf};
-use std::time::Duration;
 
 pub use admin::{AdminConfig, DEFAULT_ADMIN};
 pub use discovery::{
@@ -37,7 +35,7 @@ pub use dns::DnsConfig;
 pub use docker::DockerConfig;
 use error::Issues;
 pub use error::{ConfigError, ConfigIssue};
-use file::{RawConfig, path_segments, span_of};
+use file::{RawConfig, S};
 pub use http::HttpLimits;
 pub use listener::{Cidr, ListenerConfig, ListenerEdge, Protocol};
 pub use log::{LogConfig, LogFormat};
@@ -49,7 +47,6 @@ pub use service::{
     Balance, HashKey, HealthKind, HealthSettings, ProxyVersion, ServiceSettings, UpstreamProtocol,
 };
 pub use task::TaskConfig;
-use values::{duration, int_in, name, one_of, positive_duration, socket_addr, span};
 
 /// A whole, valid configuration.
 #[derive(Debug, Clone)]
@@ -84,39 +81,9 @@ impl Config {
     /// Validates `source` as if read from `path`.
     pub fn parse(path: &Path, source: &str) -> Result<Config, ConfigError> {
         let mut issues = Issues::new(source);
-        let table = match toml::de::DeTable::parse(source) {
-            Ok(t) => t,
-            Err(e) => {
-                issues.at(
-                    e.span().unwrap_or(0..0),
-                    format!("invalid TOML: {}", e.message().trim()),
-                );
-                return Err(issues.into_error(path));
-            }
+        let Some(raw) = file::deserialize::<RawConfig>(source, &mut issues) else {
+            return Err(issues.into_error(path));
         };
-        let mut unknown: Vec<Vec<String>> = Vec::new();
-        let raw: RawConfig = match toml::Deserializer::parse(source)
-            .and_then(|de| serde_ignored::deserialize(de, |p| unknown.push(path_segments(&p))))
-        {
-            Ok(raw) => raw,
-            Err(e) => {
-                issues.at(
-                    e.span().unwrap_or(0..0),
-                    format!("{} (see config/example.toml)", e.message().trim()),
-                );
-                return Err(issues.into_error(path));
-            }
-        };
-        for segments in unknown {
-            let span = span_of(table.get_ref(), &segments).unwrap_or(0..0);
-            let key = segments.join(".");
-            issues.at(
-                span,
-                format!(
-                    "unknown key `{key}`: remove it or check its spelling (config/example.toml lists every key)"
-                ),
-            );
-        }
         let config = validate(path, raw, &mut issues);
         if issues.is_empty() {
             Ok(config)
@@ -131,562 +98,37 @@ impl Config {
     }
 }
 
+/// Validates each section in file order; every problem goes to `issues`.
 fn validate(path: &Path, raw: RawConfig, issues: &mut Issues) -> Config {
-    // [node]
-    let node_raw = raw.node.map(|n| n.into_inner()).unwrap_or_default();
-    let node_name = match &node_raw.name {
-        Some(v) => name(issues, v, "node.name", NodeName::new),
-        None => {
-            let host = hostname();
-            let cleaned: String = host
-                .chars()
-                .map(|c| {
-                    if c.is_ascii_alphanumeric() || matches!(c, '.' | '_' | '-') {
-                        c
-                    } else {
-                        '-'
-                    }
-                })
-                .take(128)
-                .collect();
-            NodeName::new(&cleaned).ok()
-        }
-    }
-    .unwrap_or_else(|| NodeName::new("node").expect("valid literal"));
-    let advertise = node_raw
-        .advertise
-        .as_ref()
-        .and_then(|v| match v.get_ref().trim().parse::<IpAddr>() {
-            Ok(ip) => Some(ip),
-            Err(_) => {
-                issues.at(
-                    span(v),
-                    format!(
-                        "`node.advertise`: {:?} is not an IP address; write the address clients use for this node, e.g. \"10.0.0.1\"",
-                        v.get_ref()
-                    ),
-                );
-                None
-            }
-        });
-    let drain_timeout = duration(
+    let node = node::validate(issues, &raw.node.map(S::into_inner).unwrap_or_default());
+    let discovery = discovery::validate(
         issues,
-        &node_raw.drain_timeout,
-        Duration::from_secs(10),
-        "node.drain_timeout",
+        path,
+        &raw.discovery.map(S::into_inner).unwrap_or_default(),
     );
-
-    // [discovery]
-    let d = raw.discovery.map(|d| d.into_inner()).unwrap_or_default();
-    let backend = one_of(
-        issues,
-        &d.backend,
-        DiscoveryBackend::Etcd,
-        &[
-            ("etcd", DiscoveryBackend::Etcd),
-            ("static", DiscoveryBackend::Static),
-        ],
-        "discovery.backend",
-    );
-    let endpoints = match &d.endpoints {
-        None => vec![DEFAULT_ENDPOINT.to_string()],
-        Some(list) => {
-            if list.get_ref().is_empty() {
-                issues.at(
-                    span(list),
-                    "`discovery.endpoints` is empty: list every etcd member, e.g. [\"http://10.0.0.1:2379\"]",
-                );
-            }
-            let mut out = Vec::new();
-            for ep in list.get_ref() {
-                let s = ep.get_ref().trim();
-                let rest = s
-                    .strip_prefix("http://")
-                    .or_else(|| s.strip_prefix("https://"));
-                let valid = rest.is_some_and(|r| {
-                    let hostport = r.trim_end_matches('/');
-                    hostport.rsplit_once(':').is_some_and(|(h, p)| {
-                        !h.is_empty() && p.parse::<u16>().is_ok_and(|p| p > 0)
-                    })
-                });
-                if valid {
-                    out.push(s.trim_end_matches('/').to_string());
-                } else {
-                    issues.at(
-                        span(ep),
-                        format!(
-                            "`discovery.endpoints`: {s:?} is not an etcd URL; write \"http://HOST:PORT\" (or https://)"
-                        ),
-                    );
-                }
-            }
-            out
-        }
-    };
-    let prefix = match &d.prefix {
-        None => DEFAULT_PREFIX.to_string(),
-        Some(p) => {
-            let s = p.get_ref().trim_end_matches('/');
-            if !p.get_ref().starts_with('/') || s.is_empty() || s.contains("//") {
-                issues.at(
-                    span(p),
-                    format!(
-                        "`discovery.prefix` = {:?}: write an absolute key prefix such as \"/routemesh\"",
-                        p.get_ref()
-                    ),
-                );
-                DEFAULT_PREFIX.to_string()
-            } else {
-                s.to_string()
-            }
-        }
-    };
-    let node_ttl = positive_duration(
-        issues,
-        &d.node_ttl,
-        Duration::from_secs(3),
-        "discovery.node_ttl",
-    );
-    if let Some(v) = &d.node_ttl
-        && (node_ttl.subsec_nanos() != 0 || node_ttl > Duration::from_secs(3600))
-    {
-        issues.at(
-            span(v),
-            "`discovery.node_ttl` must be a whole number of seconds from 1s to 1h (etcd leases count seconds; etcd raises TTLs below 2s to 2s)",
-        );
-    }
-    let resync_interval = positive_duration(
-        issues,
-        &d.resync_interval,
-        Duration::from_secs(300),
-        "discovery.resync_interval",
-    );
-    let dial_timeout = positive_duration(
-        issues,
-        &d.dial_timeout,
-        Duration::from_secs(2),
-        "discovery.dial_timeout",
-    );
-
-    let security = discovery::etcd_security(issues, path, &d, &endpoints);
-
-    // [admin]
-    let admin_raw = raw.admin.map(|a| a.into_inner()).unwrap_or_default();
-    let admin_listen = admin_raw
-        .listen
-        .as_ref()
-        .and_then(|v| socket_addr(issues, v, "admin.listen"))
-        .unwrap_or_else(|| DEFAULT_ADMIN.parse().expect("valid literal"));
-
-    // [[listener]]
-    let mut listeners = Vec::new();
-    let mut seen_names = BTreeSet::new();
-    let mut seen_addrs = BTreeSet::new();
-    for l in &raw.listener {
-        let l_span = span(l);
-        let l = l.get_ref();
-        let protocol = one_of(
-            issues,
-            &l.protocol,
-            Protocol::Tcp,
-            &[
-                ("tcp", Protocol::Tcp),
-                ("http", Protocol::Http),
-                ("tls", Protocol::Tls),
-            ],
-            "listener.protocol",
-        );
-        let listen = match &l.listen {
-            Some(v) => socket_addr(issues, v, "listener.listen"),
-            None => {
-                issues.at(
-                    l_span.clone(),
-                    "[[listener]] needs `listen`, e.g. listen = \"0.0.0.0:80\"",
-                );
-                None
-            }
-        };
-        // Optional on http and tls listeners (no default route: 404 or close).
-        let service = match &l.service {
-            Some(v) => name(issues, v, "listener.service", ServiceName::new).map(Some),
-            None if protocol == Protocol::Tcp => {
-                issues.at(
-                    l_span.clone(),
-                    "[[listener]] needs `service`: the service its connections go to",
-                );
-                None
-            }
-            None => Some(None),
-        };
-        let mut routes = Vec::new();
-        for r in &l.route {
-            if protocol == Protocol::Tls {
-                continue; // SNI routes: listener::listener
-            }
-            if protocol != Protocol::Http {
-                issues.at(
-                    span(r),
-                    "[[listener.route]] is only for protocol = \"http\" listeners: remove it or change the protocol",
-                );
-                continue;
-            }
-            let r_span = span(r);
-            let r = r.get_ref();
-            let host = r.host.as_ref().and_then(|h| {
-                let v = h.get_ref().trim().to_ascii_lowercase();
-                let bare = v.strip_prefix("*.").unwrap_or(&v);
-                let ok = !bare.is_empty()
-                    && bare
-                        .bytes()
-                        .all(|b| b.is_ascii_alphanumeric() || matches!(b, b'.' | b'-'));
-                if ok {
-                    Some(v)
-                } else {
-                    issues.at(
-                        span(h),
-                        format!(
-                            "`route.host` = {:?}: write a host name (\"api.example.com\") or a wildcard (\"*.example.com\"), without port",
-                            h.get_ref()
-                        ),
-                    );
-                    None
-                }
-            });
-            let path_prefix = r.path_prefix.as_ref().and_then(|p| {
-                if p.get_ref().starts_with('/') {
-                    Some(p.get_ref().clone())
-                } else {
-                    issues.at(
-                        span(p),
-                        format!(
-                            "`route.path_prefix` = {:?} must start with '/'",
-                            p.get_ref()
-                        ),
-                    );
-                    None
-                }
-            });
-            let service = match &r.service {
-                Some(v) => name(issues, v, "route.service", ServiceName::new),
-                None => {
-                    issues.at(r_span, "[[listener.route]] needs `service`");
-                    None
-                }
-            };
-            if let Some(service) = service {
-                routes.push(RouteConfig {
-                    host,
-                    path_prefix,
-                    service,
-                });
-            }
-        }
-        let (Some(listen), Some(service)) = (listen, service) else {
-            continue;
-        };
-        let lname = match &l.name {
-            Some(v) => {
-                if v.get_ref().is_empty()
-                    || v.get_ref().len() > 64
-                    || !v
-                        .get_ref()
-                        .bytes()
-                        .all(|b| b.is_ascii_alphanumeric() || matches!(b, b'.' | b'_' | b'-'))
-                {
-                    issues.at(
-                        span(v),
-                        "`listener.name`: use 1-64 characters from A-Z a-z 0-9 . _ -",
-                    );
-                }
-                v.get_ref().clone()
-            }
-            None => format!("{}-{}", protocol.as_str(), listen.port()),
-        };
-        let at = l.name.as_ref().map(span).unwrap_or(l_span.clone());
-        let dup_addr = !seen_addrs.insert(listen);
-        if dup_addr {
-            let at = l.listen.as_ref().map(span).unwrap_or(l_span.clone());
-            issues.at(
-                at,
-                format!("two listeners bind {listen}: each `listen` address may appear once"),
-            );
-        }
-        if !seen_names.insert(lname.clone()) && !dup_addr {
-            issues.at(
-                at,
-                format!(
-                    "two listeners are named {lname:?}: give each [[listener]] a distinct `name`"
-                ),
-            );
-        }
-        listeners.push(ListenerConfig {
-            name: lname,
-            listen,
-            protocol,
-            service,
-            routes,
-            edge: listener::listener(issues, path, l, protocol),
-        });
-    }
-    if listeners.iter().any(|l| l.listen == admin_listen) {
+    let admin = admin::validate(issues, &raw.admin.map(S::into_inner).unwrap_or_default());
+    let listeners = listener::validate_all(issues, &raw.listener, path);
+    if listeners.iter().any(|l| l.listen == admin.listen) {
         issues.at(
             0..0,
-            format!("the admin listener and a [[listener]] both bind {admin_listen}"),
+            format!(
+                "the admin listener and a [[listener]] both bind {}",
+                admin.listen
+            ),
         );
     }
-
-    // [service.NAME]
-    let mut services = BTreeMap::new();
-    for (key, s) in &raw.service {
-        let sname = match ServiceName::new(key) {
-            Ok(n) => n,
-            Err(e) => {
-                issues.at(span(s), format!("[service.{key}]: {e}"));
-                continue;
-            }
-        };
-        let s = s.get_ref();
-        let def = ServiceSettings::default();
-        let settings = ServiceSettings {
-            balance: one_of(
-                issues,
-                &s.balance,
-                def.balance,
-                &[
-                    ("round_robin", Balance::RoundRobin),
-                    ("least_conn", Balance::LeastConn),
-                    ("p2c", Balance::P2c),
-                    ("maglev", Balance::Maglev),
-                ],
-                "service.balance",
-            ),
-            connect_timeout: positive_duration(
-                issues,
-                &s.connect_timeout,
-                def.connect_timeout,
-                "service.connect_timeout",
-            ),
-            retries: int_in(issues, &s.retries, 2, 0..=100, "service.retries") as u32,
-            upstream_protocol: one_of(
-                issues,
-                &s.upstream_protocol,
-                def.upstream_protocol,
-                &[
-                    ("http1", UpstreamProtocol::Http1),
-                    ("h2c", UpstreamProtocol::H2c),
-                ],
-                "service.upstream_protocol",
-            ),
-            request_timeout: positive_duration(
-                issues,
-                &s.request_timeout,
-                def.request_timeout,
-                "service.request_timeout",
-            ),
-            hash_key: match &s.hash_key {
-                None => def.hash_key.clone(),
-                Some(v) => match v.get_ref().as_str() {
-                    "mqtt_client_id" => HashKey::MqttClientId,
-                    "source_ip" => HashKey::SourceIp,
-                    h if h.starts_with("header:")
-                        && h.len() > 7
-                        && h[7..]
-                            .bytes()
-                            .all(|b| b.is_ascii_alphanumeric() || b == b'-' || b == b'_') =>
-                    {
-                        HashKey::Header(h[7..].to_ascii_lowercase())
-                    }
-                    other => {
-                        issues.at(
-                            span(v),
-                            format!("`service.hash_key` = {other:?}: use \"mqtt_client_id\", \"source_ip\" or \"header:NAME\""),
-                        );
-                        def.hash_key.clone()
-                    }
-                },
-            },
-            peek_timeout: positive_duration(
-                issues,
-                &s.peek_timeout,
-                def.peek_timeout,
-                "service.peek_timeout",
-            ),
-            max_connect_bytes: int_in(
-                issues,
-                &s.max_connect_bytes,
-                def.max_connect_bytes as i64,
-                16..=16 * 1024 * 1024,
-                "service.max_connect_bytes",
-            ) as usize,
-            send_proxy: service::send_proxy(issues, &s.send_proxy),
-            health: service::health_settings(issues, s.health.as_ref()),
-        };
-        if let Some(v) = &s.hash_key
-            && settings.balance != Balance::Maglev
-        {
-            issues.at(
-                span(v),
-                "`service.hash_key` only applies to balance = \"maglev\": set the balance or remove the key",
-            );
-        }
-        services.insert(sname, settings);
-    }
-
-    // [[task]]
-    let mut tasks: Vec<TaskConfig> = Vec::new();
-    let mut seen_tasks = BTreeSet::new();
-    for t in &raw.task {
-        let t_span = span(t);
-        let t = t.get_ref();
-        let service = match &t.service {
-            Some(v) => name(issues, v, "task.service", ServiceName::new),
-            None => {
-                issues.at(
-                    t_span.clone(),
-                    "[[task]] needs `service`: the service this task serves",
-                );
-                None
-            }
-        };
-        let addr = match &t.addr {
-            Some(v) => socket_addr(issues, v, "task.addr"),
-            None => {
-                issues.at(
-                    t_span.clone(),
-                    "[[task]] needs `addr`, the task's IP:PORT, e.g. addr = \"10.0.0.2:1884\"",
-                );
-                None
-            }
-        };
-        let weight = int_in(issues, &t.weight, 1, 0..=1000, "task.weight") as u32;
-        let id =
-            t.id.as_ref()
-                .and_then(|v| name(issues, v, "task.id", TaskId::new));
-        let (Some(service), Some(addr)) = (service, addr) else {
-            continue;
-        };
-        let node_for_id = (backend == DiscoveryBackend::Etcd).then_some(&node_name);
-        let id = id.unwrap_or_else(|| TaskId::derived(node_for_id, addr));
-        if !seen_tasks.insert((service.clone(), id.clone())) {
-            issues.at(
-                t.id.as_ref().map(span).unwrap_or(t_span),
-                format!(
-                    "task {id} of service {service} is defined twice: give each a distinct `id`"
-                ),
-            );
-        }
-        tasks.push(TaskConfig {
-            service,
-            addr,
-            id,
-            weight,
-        });
-    }
-
-    // [http]
-    let h = raw.http.map(|h| h.into_inner()).unwrap_or_default();
-    let hd = HttpLimits::default();
-    let http = HttpLimits {
-        max_header_bytes: int_in(
-            issues,
-            &h.max_header_bytes,
-            hd.max_header_bytes as i64,
-            1024..=16 * 1024 * 1024,
-            "http.max_header_bytes",
-        ) as usize,
-        max_headers: int_in(
-            issues,
-            &h.max_headers,
-            hd.max_headers as i64,
-            1..=10_000,
-            "http.max_headers",
-        ) as usize,
-        header_read_timeout: positive_duration(
-            issues,
-            &h.header_read_timeout,
-            hd.header_read_timeout,
-            "http.header_read_timeout",
-        ),
-        idle_timeout: positive_duration(
-            issues,
-            &h.idle_timeout,
-            hd.idle_timeout,
-            "http.idle_timeout",
-        ),
-        max_body_bytes: int_in(
-            issues,
-            &h.max_body_bytes,
-            0,
-            0..=i64::MAX,
-            "http.max_body_bytes",
-        ) as u64,
-    };
-
-    // [log]
-    let lg = raw.log.map(|l| l.into_inner()).unwrap_or_default();
-    let level = match &lg.level {
-        None => "info".to_string(),
-        Some(v) => {
-            let s = v.get_ref().trim();
-            if s.is_empty() || s.contains(char::is_whitespace) {
-                issues.at(
-                    span(v),
-                    "`log.level`: write a level (\"error\", \"warn\", \"info\", \"debug\", \"trace\") or a filter like \"routemesh=debug\"",
-                );
-            }
-            s.to_string()
-        }
-    };
-    let log = LogConfig {
-        level,
-        format: one_of(
-            issues,
-            &lg.format,
-            LogFormat::Text,
-            &[("text", LogFormat::Text), ("json", LogFormat::Json)],
-            "log.format",
-        ),
-        access: lg.access.as_ref().map(|v| *v.get_ref()).unwrap_or(false),
-    };
-
-    let docker = docker::validate(issues, raw.docker.as_ref(), backend);
-
-    let dns = dns::validate(issues, raw.dns.as_ref(), admin_listen, &listeners);
-
-    // [runtime]
-    let rt = raw.runtime.map(|r| r.into_inner()).unwrap_or_default();
-    let cores = std::thread::available_parallelism()
-        .map(|n| n.get())
-        .unwrap_or(1);
-    let runtime = RuntimeConfig {
-        worker_threads: int_in(
-            issues,
-            &rt.worker_threads,
-            cores as i64,
-            1..=1024,
-            "runtime.worker_threads",
-        ) as usize,
-    };
-
+    let services = service::validate(issues, &raw.service);
+    let tasks = task::validate(issues, &raw.task, discovery.backend, &node.name);
+    let http = http::validate(issues, &raw.http.map(S::into_inner).unwrap_or_default());
+    let log = log::validate(issues, &raw.log.map(S::into_inner).unwrap_or_default());
+    let docker = docker::validate(issues, raw.docker.as_ref(), discovery.backend);
+    let dns = dns::validate(issues, raw.dns.as_ref(), admin.listen, &listeners);
+    let runtime = runtime::validate(issues, &raw.runtime.map(S::into_inner).unwrap_or_default());
     Config {
         source: path.to_path_buf(),
-        node: NodeConfig {
-            name: node_name,
-            advertise,
-            drain_timeout,
-        },
-        discovery: DiscoveryConfig {
-            backend,
-            endpoints,
-            prefix,
-            node_ttl,
-            resync_interval,
-            dial_timeout,
-            security,
-        },
-        admin: AdminConfig {
-            listen: admin_listen,
-        },
+        node,
+        discovery,
+        admin,
         listeners,
         services,
         tasks,
@@ -700,6 +142,8 @@ fn validate(path: &Path, raw: RawConfig, issues: &mut Issues) -> Config {
 
 #[cfg(test)]
 mod tests {
+    use std::time::Duration;
+
     use super::*;
 
     fn parse(src: &str) -> Result<Config, ConfigError> {

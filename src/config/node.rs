@@ -6,8 +6,10 @@ use std::time::Duration;
 
 use serde::Deserialize;
 
+use super::error::Issues;
 use super::file::S;
 use super::names::NodeName;
+use super::values::{duration, name, span};
 
 #[derive(Debug, Default, Deserialize)]
 pub struct RawNode {
@@ -34,4 +36,54 @@ pub fn hostname() -> String {
         .ok()
         .filter(|s| !s.is_empty())
         .unwrap_or_else(|| "localhost".to_string())
+}
+
+/// Validates `[node]` (all defaults when absent: the host name, no advertise, 10 s drain).
+pub(super) fn validate(issues: &mut Issues, raw: &RawNode) -> NodeConfig {
+    let node_name = match &raw.name {
+        Some(v) => name(issues, v, "node.name", NodeName::new),
+        None => {
+            let host = hostname();
+            let cleaned: String = host
+                .chars()
+                .map(|c| {
+                    if c.is_ascii_alphanumeric() || matches!(c, '.' | '_' | '-') {
+                        c
+                    } else {
+                        '-'
+                    }
+                })
+                .take(128)
+                .collect();
+            NodeName::new(&cleaned).ok()
+        }
+    }
+    .unwrap_or_else(|| NodeName::new("node").expect("valid literal"));
+    let advertise = raw
+        .advertise
+        .as_ref()
+        .and_then(|v| match v.get_ref().trim().parse::<IpAddr>() {
+            Ok(ip) => Some(ip),
+            Err(_) => {
+                issues.at(
+                    span(v),
+                    format!(
+                        "`node.advertise`: {:?} is not an IP address; write the address clients use for this node, e.g. \"10.0.0.1\"",
+                        v.get_ref()
+                    ),
+                );
+                None
+            }
+        });
+    let drain_timeout = duration(
+        issues,
+        &raw.drain_timeout,
+        Duration::from_secs(10),
+        "node.drain_timeout",
+    );
+    NodeConfig {
+        name: node_name,
+        advertise,
+        drain_timeout,
+    }
 }

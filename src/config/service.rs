@@ -1,12 +1,14 @@
 //! `[service.NAME]` tables: how a service's tasks are balanced, connected to and health
 //! checked, shared by every listener that routes to the service.
 
+use std::collections::BTreeMap;
 use std::time::Duration;
 
 use serde::{Deserialize, Serialize};
 
 use super::error::Issues;
 use super::file::S;
+use super::names::ServiceName;
 use super::values::{int_in, one_of, positive_duration, span};
 
 #[derive(Debug, Default, Deserialize)]
@@ -158,8 +160,121 @@ mod humantime_serde_compat {
     }
 }
 
+/// Validates the `[service.NAME]` tables.
+pub(super) fn validate(
+    issues: &mut Issues,
+    raw: &BTreeMap<String, S<RawService>>,
+) -> BTreeMap<ServiceName, ServiceSettings> {
+    let mut services = BTreeMap::new();
+    for (key, s) in raw {
+        let sname = match ServiceName::new(key) {
+            Ok(n) => n,
+            Err(e) => {
+                issues.at(span(s), format!("[service.{key}]: {e}"));
+                continue;
+            }
+        };
+        services.insert(sname, settings(issues, s.get_ref()));
+    }
+    services
+}
+
+/// One service's settings: the defaults overridden by the keys of its table.
+fn settings(issues: &mut Issues, s: &RawService) -> ServiceSettings {
+    let def = ServiceSettings::default();
+    let settings = ServiceSettings {
+        balance: one_of(
+            issues,
+            &s.balance,
+            def.balance,
+            &[
+                ("round_robin", Balance::RoundRobin),
+                ("least_conn", Balance::LeastConn),
+                ("p2c", Balance::P2c),
+                ("maglev", Balance::Maglev),
+            ],
+            "service.balance",
+        ),
+        connect_timeout: positive_duration(
+            issues,
+            &s.connect_timeout,
+            def.connect_timeout,
+            "service.connect_timeout",
+        ),
+        retries: int_in(issues, &s.retries, 2, 0..=100, "service.retries") as u32,
+        upstream_protocol: one_of(
+            issues,
+            &s.upstream_protocol,
+            def.upstream_protocol,
+            &[
+                ("http1", UpstreamProtocol::Http1),
+                ("h2c", UpstreamProtocol::H2c),
+            ],
+            "service.upstream_protocol",
+        ),
+        request_timeout: positive_duration(
+            issues,
+            &s.request_timeout,
+            def.request_timeout,
+            "service.request_timeout",
+        ),
+        hash_key: s
+            .hash_key
+            .as_ref()
+            .and_then(|v| hash_key(issues, v))
+            .unwrap_or_else(|| def.hash_key.clone()),
+        peek_timeout: positive_duration(
+            issues,
+            &s.peek_timeout,
+            def.peek_timeout,
+            "service.peek_timeout",
+        ),
+        max_connect_bytes: int_in(
+            issues,
+            &s.max_connect_bytes,
+            def.max_connect_bytes as i64,
+            16..=16 * 1024 * 1024,
+            "service.max_connect_bytes",
+        ) as usize,
+        send_proxy: send_proxy(issues, &s.send_proxy),
+        health: health_settings(issues, s.health.as_ref()),
+    };
+    if let Some(v) = &s.hash_key
+        && settings.balance != Balance::Maglev
+    {
+        issues.at(
+            span(v),
+            "`service.hash_key` only applies to balance = \"maglev\": set the balance or remove the key",
+        );
+    }
+    settings
+}
+
+/// `hash_key`: `mqtt_client_id`, `source_ip` or `header:NAME`.
+fn hash_key(issues: &mut Issues, v: &S<String>) -> Option<HashKey> {
+    match v.get_ref().as_str() {
+        "mqtt_client_id" => Some(HashKey::MqttClientId),
+        "source_ip" => Some(HashKey::SourceIp),
+        h if h.starts_with("header:")
+            && h.len() > 7
+            && h[7..]
+                .bytes()
+                .all(|b| b.is_ascii_alphanumeric() || b == b'-' || b == b'_') =>
+        {
+            Some(HashKey::Header(h[7..].to_ascii_lowercase()))
+        }
+        other => {
+            issues.at(
+                span(v),
+                format!("`service.hash_key` = {other:?}: use \"mqtt_client_id\", \"source_ip\" or \"header:NAME\""),
+            );
+            None
+        }
+    }
+}
+
 /// `send_proxy` of a `[service.NAME]`.
-pub(crate) fn send_proxy(issues: &mut Issues, v: &Option<S<String>>) -> Option<ProxyVersion> {
+fn send_proxy(issues: &mut Issues, v: &Option<S<String>>) -> Option<ProxyVersion> {
     let v = v.as_ref()?;
     match v.get_ref().as_str() {
         "v1" => Some(ProxyVersion::V1),
@@ -176,7 +291,7 @@ pub(crate) fn send_proxy(issues: &mut Issues, v: &Option<S<String>>) -> Option<P
     }
 }
 
-pub(super) fn health_settings(issues: &mut Issues, raw: Option<&S<RawHealth>>) -> HealthSettings {
+fn health_settings(issues: &mut Issues, raw: Option<&S<RawHealth>>) -> HealthSettings {
     let def = HealthSettings::default();
     let Some(raw) = raw else { return def };
     let h = raw.get_ref();
