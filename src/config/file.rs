@@ -142,3 +142,31 @@ fn span_of(table: &toml::de::DeTable<'_>, segments: &[String]) -> Option<Range<u
         _ => Some(key.span()),
     }
 }
+
+/// The dotted path of the innermost key whose value holds byte `offset` of `source` (array
+/// elements by index, as unknown keys are named); `None` outside every value.
+pub(super) fn key_at(source: &str, offset: usize) -> Option<String> {
+    use toml::de::DeValue;
+    // Tables are searched whole: the span of a `[table]` is its header, not its keys.
+    fn find(value: &toml::Spanned<DeValue<'_>>, offset: usize) -> Option<Vec<String>> {
+        let inner = match value.get_ref() {
+            DeValue::Table(t) => t.iter().find_map(|(k, v)| {
+                let mut path = find(v, offset)?;
+                path.insert(0, k.get_ref().to_string());
+                Some(path)
+            }),
+            DeValue::Array(items) => items.iter().enumerate().find_map(|(i, v)| {
+                let mut path = find(v, offset)?;
+                path.insert(0, i.to_string());
+                Some(path)
+            }),
+            _ => None,
+        };
+        inner.or_else(|| value.span().contains(&offset).then(Vec::new))
+    }
+    let table = toml::de::DeTable::parse(source).ok()?;
+    let root = toml::Spanned::new(0..0, DeValue::Table(table.into_inner()));
+    find(&root, offset)
+        .filter(|p| !p.is_empty())
+        .map(|p| p.join("."))
+}

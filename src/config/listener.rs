@@ -1,6 +1,11 @@
-//! The `[[listener]]` tables: a published port, its protocol, its default service and routes,
-//! and its admission settings (PROXY protocol, connection limits, TLS termination and the
+//! Listeners: a published port, its protocol, its default service and routes, and its
+//! admission settings (PROXY protocol, connection limits, TLS termination and the
 //! ClientHello bound of tls listeners).
+//!
+//! One validator, [`validate`], for both sources of listeners: the `[[listener]]` tables of
+//! the file (problems at `file:line:col`, through [`validate_all`]) and listeners published
+//! in etcd as JSON objects with the same keys ([`from_json`]: problems named by the etcd
+//! key). The checks of listeners against each other are [`clashes`], over any list.
 
 use std::collections::BTreeSet;
 use std::net::{IpAddr, SocketAddr};
@@ -11,7 +16,7 @@ use serde::{Deserialize, Serialize};
 
 use super::certs::{self, CertConfig, RawListenerTls};
 use super::error::Issues;
-use super::file::S;
+use super::file::{self, S};
 use super::names::ServiceName;
 use super::route::{self, RawRoute, RouteConfig, SniRoute};
 use super::values::{name, one_of, socket_addr, span};
@@ -288,6 +293,112 @@ pub fn clashes(listeners: &[ListenerConfig]) -> Vec<Clash> {
         }
     }
     out
+}
+
+/// A listener published in etcd that cannot be served: its key and every problem found.
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+#[error("{key}: {}", .problems.join("; "))]
+pub struct InvalidListener {
+    /// The etcd key, `{prefix}/listeners/{name}`.
+    pub key: String,
+    /// What is wrong and how to fix it, in the order of the keys.
+    pub problems: Vec<String>,
+}
+
+/// The document a published listener is validated as: its object under `listener`, so that
+/// messages name keys as the file does (`listener.max_connections`).
+#[derive(Deserialize)]
+struct Published {
+    listener: S<RawListener>,
+}
+
+/// Validates a listener published in etcd: `value` is a JSON object with the keys of a
+/// `[[listener]]` table, and its name is the last segment of `key` (a `name` key, if any,
+/// must say the same). The object becomes a TOML table that goes through the raw shape and
+/// [`validate`], so the keys, defaults and checks are exactly the file's; problems are named
+/// by `key` instead of a position. Relative certificate paths are resolved against the
+/// directory of `config_path` (this node's config file). How a valid one fares against other
+/// listeners (shadowed, conflict) is the caller's rule; [`clashes`] finds the collisions.
+pub fn from_json(
+    key: &str,
+    value: &[u8],
+    config_path: &Path,
+) -> Result<ListenerConfig, InvalidListener> {
+    let invalid = |problems: Vec<String>| InvalidListener {
+        key: key.to_string(),
+        problems,
+    };
+    let name = key.rsplit('/').next().unwrap_or(key);
+    let mut object = match serde_json::from_slice::<serde_json::Value>(value) {
+        Ok(serde_json::Value::Object(o)) => o,
+        Ok(_) => {
+            return Err(invalid(vec![
+                "the value is not a JSON object: write e.g. {\"listen\": \"0.0.0.0:80\", \"protocol\": \"http\", \"service\": \"web\"}".into(),
+            ]));
+        }
+        Err(e) => return Err(invalid(vec![format!("invalid JSON: {e}")])),
+    };
+    match object.get("name") {
+        None => {}
+        Some(serde_json::Value::String(n)) if n == name => {}
+        Some(other) => {
+            return Err(invalid(vec![format!(
+                "`name` = {other} is not the key's last segment {name:?}: remove `name`, the key names the listener"
+            )]));
+        }
+    }
+    if let Some(path) = null_at(&object) {
+        return Err(invalid(vec![format!(
+            "`{path}` is null: give it a value or remove the key"
+        )]));
+    }
+    object.insert("name".into(), name.into());
+    let mut document = toml::Table::new();
+    let text = toml::Value::try_from(object)
+        .and_then(|table| {
+            document.insert("listener".into(), table);
+            toml::to_string(&document)
+        })
+        .map_err(|e| invalid(vec![format!("cannot be read as a listener: {e}")]))?;
+    let mut issues = Issues::new(&text);
+    let Some(published) = file::deserialize::<Published>(&text, &mut issues) else {
+        // A value of the wrong type: its position is in a document the user never saw, so
+        // the problem is named by its key.
+        let problems = issues
+            .into_located()
+            .into_iter()
+            .map(|(at, message)| match file::key_at(&text, at) {
+                Some(k) => format!("`{k}`: {message}"),
+                None => message,
+            })
+            .collect();
+        return Err(invalid(problems));
+    };
+    let listener = validate(&mut issues, &published.listener, config_path);
+    let problems: Vec<String> = issues.into_located().into_iter().map(|(_, m)| m).collect();
+    match listener {
+        Some(l) if problems.is_empty() => Ok(l),
+        _ => Err(invalid(problems)),
+    }
+}
+
+/// The first key holding a JSON null (TOML has no null), as a dotted path.
+fn null_at(object: &serde_json::Map<String, serde_json::Value>) -> Option<String> {
+    use serde_json::Value;
+    fn walk(v: &Value, path: String) -> Option<String> {
+        match v {
+            Value::Null => Some(path),
+            Value::Array(items) => items
+                .iter()
+                .enumerate()
+                .find_map(|(i, v)| walk(v, format!("{path}.{i}"))),
+            Value::Object(o) => o.iter().find_map(|(k, v)| walk(v, format!("{path}.{k}"))),
+            _ => None,
+        }
+    }
+    object
+        .iter()
+        .find_map(|(k, v)| walk(v, format!("listener.{k}")))
 }
 
 /// The admission and TLS settings of one listener (its SNI routes included).
@@ -679,5 +790,110 @@ send_proxy = "v2"
                 && text.contains("missing-key.pem"),
             "{text}"
         );
+    }
+
+    const KEY: &str = "/routemesh/listeners/web";
+
+    fn json(value: &str) -> Result<ListenerConfig, InvalidListener> {
+        from_json(KEY, value.as_bytes(), Path::new("/etc/routemesh/t.toml"))
+    }
+
+    #[test]
+    fn published_listener_is_the_same_as_a_toml_one() {
+        let l = json(
+            r#"{"listen": "0.0.0.0:80", "protocol": "http", "service": "web", "max_connections": 100,
+                "route": [{"host": "API.example.com", "path_prefix": "/v1", "service": "api"}]}"#,
+        )
+        .unwrap_or_else(|e| panic!("{e}"));
+        assert_eq!(l.name, "web");
+        assert_eq!(l.protocol, Protocol::Http);
+        assert_eq!(l.edge.max_connections, Some(100));
+        assert_eq!(l.routes[0].host.as_deref(), Some("api.example.com"));
+        let c = parse(
+            "[[listener]]\nname = \"web\"\nlisten = \"0.0.0.0:80\"\nprotocol = \"http\"\nservice = \"web\"\nmax_connections = 100\n[[listener.route]]\nhost = \"API.example.com\"\npath_prefix = \"/v1\"\nservice = \"api\"\n",
+        )
+        .unwrap();
+        assert_eq!(c.listeners[0], l);
+        // The defaults are the file's; a `name` equal to the key's segment is accepted.
+        let l = json(
+            r#"{"name": "web", "listen": "0.0.0.0:443", "protocol": "tls", "accept_proxy": true,
+                "trusted_proxies": ["10.0.0.0/8"], "route": [{"sni": "*.example.com", "service": "mqtt"}]}"#,
+        )
+        .unwrap_or_else(|e| panic!("{e}"));
+        assert_eq!(l.service, None);
+        assert!(l.edge.accept_proxy);
+        assert_eq!(l.edge.sni_routes[0].sni, "*.example.com");
+        assert_eq!(
+            l.edge.handshake_timeout,
+            ListenerEdge::default().handshake_timeout
+        );
+    }
+
+    #[test]
+    fn invalid_published_listeners_name_the_key_and_every_problem() {
+        let err = json(r#"{"listen": "nowhere", "protocol": "tcp", "bogus": 1}"#).unwrap_err();
+        assert_eq!(err.key, KEY);
+        assert_eq!(err.problems.len(), 3, "{err}");
+        let text = err.to_string();
+        assert!(text.starts_with("/routemesh/listeners/web: "), "{text}");
+        assert!(
+            text.contains("`listener.listen`: \"nowhere\" is not an IP:PORT address"),
+            "{text}"
+        );
+        assert!(text.contains("unknown key `listener.bogus`"), "{text}");
+        assert!(text.contains("needs `service`"), "{text}");
+        // The admission, TLS and route checks are the file's.
+        let text = json(r#"{"listen": "0.0.0.0:80", "service": "w", "accept_proxy": true}"#)
+            .unwrap_err()
+            .to_string();
+        assert!(text.contains("needs `trusted_proxies`"), "{text}");
+        let text = json(
+            r#"{"listen": "0.0.0.0:80", "protocol": "http", "route": [{"sni": "a.b", "service": "x"}]}"#,
+        )
+        .unwrap_err()
+        .to_string();
+        assert!(
+            text.contains("`route.sni` is only for protocol = \"tls\""),
+            "{text}"
+        );
+        // Wrong types, not an object, not JSON, null, a different name, a bad key segment.
+        for (value, needle) in [
+            (
+                r#"{"listen": 80, "service": "w"}"#,
+                "`listener.listen`: invalid type",
+            ),
+            (r#"["0.0.0.0:80"]"#, "not a JSON object"),
+            (r#"{"listen": "0.0.0.0:80""#, "invalid JSON"),
+            (
+                r#"{"listen": "0.0.0.0:80", "service": null}"#,
+                "`listener.service` is null",
+            ),
+            (
+                r#"{"name": "api", "listen": "0.0.0.0:80", "service": "w"}"#,
+                "remove `name`",
+            ),
+        ] {
+            let text = json(value).unwrap_err().to_string();
+            assert!(text.contains(needle), "{value}: {text}");
+        }
+        // The name comes from the key, and is checked as a `name` key would be.
+        let bad_name = "/routemesh/listeners/bad name";
+        let value = br#"{"listen": "0.0.0.0:80", "service": "w"}"#;
+        let err = from_json(bad_name, value, Path::new("t.toml")).unwrap_err();
+        assert_eq!(err.problems.len(), 1, "{err}");
+        assert!(err.problems[0].starts_with("`listener.name`"), "{err}");
+    }
+
+    #[test]
+    fn clashes_are_found_across_sources() {
+        let file = parse(
+            "[[listener]]\nname = \"web\"\nlisten = \"0.0.0.0:80\"\nservice = \"w\"\n[[listener]]\nlisten = \"0.0.0.0:81\"\nservice = \"w\"\n",
+        )
+        .unwrap();
+        let mut all = file.listeners.clone();
+        all.push(json(r#"{"listen": "0.0.0.0:80", "service": "w"}"#).unwrap());
+        all.push(json(r#"{"listen": "0.0.0.0:82", "service": "w"}"#).unwrap());
+        assert_eq!(clashes(&all), vec![Clash::Address(2), Clash::Name(3)]);
+        assert_eq!(clashes(&file.listeners), vec![]);
     }
 }
