@@ -6,13 +6,14 @@
 //! `drain_timeout`.
 
 use std::collections::BTreeMap;
+use std::future::Future;
 use std::net::SocketAddr;
 use std::sync::Arc;
 use std::sync::atomic::Ordering;
 use std::time::{Duration, SystemTime, UNIX_EPOCH};
 
 use arc_swap::ArcSwap;
-use tokio::net::TcpListener;
+use tokio::net::{TcpListener, TcpStream};
 use tokio::sync::{mpsc, watch};
 use tokio::task::JoinHandle;
 use tokio_util::sync::CancellationToken;
@@ -26,6 +27,7 @@ use crate::discovery::keys::{NodeRecord, PublishedListener};
 use crate::discovery::node::{LeaseSettings, Registration};
 use crate::discovery::{self, DiscoveryStatus, Publisher};
 use crate::metrics::Metrics;
+use crate::proxy::admission::Admission;
 use crate::proxy::listener::{self, Connections};
 use crate::proxy::{self, ListenerCtx};
 use crate::snapshot::{SharedSnapshot, Snapshot};
@@ -101,64 +103,51 @@ impl Listeners {
             drain: self.conns.drain.clone(),
         });
         // Limits and PROXY headers are checked before any protocol handler runs.
-        let admission = proxy::admission::Admission::new(
+        let admission = Admission::new(
             &cfg.name,
             &cfg.edge,
             self.metrics.clone(),
             // Over the limit, a plain-text http listener answers 503; a TLS one just closes.
             cfg.protocol == Protocol::Http && tls.is_none(),
         );
-        let conns = self.conns.clone();
-        let name = cfg.name.clone();
+        let accept = Accept {
+            name: cfg.name.clone(),
+            stop: stop.clone(),
+            conns: self.conns.clone(),
+            admission,
+        };
         let protocol = cfg.protocol;
-        let stop2 = stop.clone();
         let terminator = tls.clone();
         let handle = tokio::spawn(async move {
             match (protocol, terminator) {
                 (Protocol::Tcp, _) => {
-                    listener::accept_loop(name, &socket, stop2, conns, move |s, peer| {
-                        let (ctx, admission) = (ctx.clone(), admission.clone());
-                        async move {
-                            if let Some((s, peer, _permit)) = admission.admit(s, peer).await {
-                                proxy::tcp::handle(ctx, s, peer).await
-                            }
-                        }
-                    })
-                    .await
+                    accept
+                        .run(&socket, move |s, peer| {
+                            proxy::tcp::handle(ctx.clone(), s, peer)
+                        })
+                        .await
                 }
                 (Protocol::Http, Some(term)) => {
-                    listener::accept_loop(name, &socket, stop2, conns, move |s, peer| {
-                        let (ctx, admission, term) = (ctx.clone(), admission.clone(), term.clone());
-                        async move {
-                            if let Some((s, peer, _permit)) = admission.admit(s, peer).await {
-                                proxy::tls::terminate(ctx, term, s, peer).await
-                            }
-                        }
-                    })
-                    .await
+                    accept
+                        .run(&socket, move |s, peer| {
+                            proxy::tls::terminate(ctx.clone(), term.clone(), s, peer)
+                        })
+                        .await
                 }
                 (Protocol::Http, None) => {
-                    listener::accept_loop(name, &socket, stop2, conns, move |s, peer| {
-                        let (ctx, admission) = (ctx.clone(), admission.clone());
-                        async move {
-                            if let Some((s, peer, _permit)) = admission.admit(s, peer).await {
-                                proxy::http::handle(ctx, s, peer).await
-                            }
-                        }
-                    })
-                    .await
+                    accept
+                        .run(&socket, move |s, peer| {
+                            proxy::http::handle(ctx.clone(), s, peer)
+                        })
+                        .await
                 }
                 (Protocol::Tls, _) => {
                     let router = proxy::tls::SniRouter::new(ctx);
-                    listener::accept_loop(name, &socket, stop2, conns, move |s, peer| {
-                        let (router, admission) = (router.clone(), admission.clone());
-                        async move {
-                            if let Some((s, peer, _permit)) = admission.admit(s, peer).await {
-                                proxy::tls::passthrough(router, s, peer).await
-                            }
-                        }
-                    })
-                    .await
+                    accept
+                        .run(&socket, move |s, peer| {
+                            proxy::tls::passthrough(router.clone(), s, peer)
+                        })
+                        .await
                 }
             }
             socket
@@ -248,6 +237,35 @@ impl Listeners {
             r.stop.cancel();
             let _ = r.handle.await;
         }
+    }
+}
+
+/// One listener's accept loop: every connection goes through admission (limits, PROXY
+/// header) before its protocol handler sees it.
+struct Accept {
+    name: String,
+    stop: CancellationToken,
+    conns: Connections,
+    admission: Arc<Admission>,
+}
+
+impl Accept {
+    /// Accepts on `socket` until stopped, running `handler` for each admitted connection.
+    async fn run<H, Fut>(self, socket: &TcpListener, handler: H)
+    where
+        H: Fn(TcpStream, SocketAddr) -> Fut + Clone + Send + 'static,
+        Fut: Future<Output = ()> + Send + 'static,
+    {
+        let admission = self.admission;
+        listener::accept_loop(self.name, socket, self.stop, self.conns, move |s, peer| {
+            let (admission, handler) = (admission.clone(), handler.clone());
+            async move {
+                if let Some((s, peer, _permit)) = admission.admit(s, peer).await {
+                    handler(s, peer).await
+                }
+            }
+        })
+        .await
     }
 }
 
