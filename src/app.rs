@@ -26,7 +26,7 @@ use crate::config::{
 use crate::discovery::keys::{NodeRecord, PublishedListener};
 use crate::discovery::node::{LeaseSettings, Registration};
 use crate::discovery::{self, DiscoveryStatus, Publisher};
-use crate::metrics::Metrics;
+use crate::metrics::{Metrics, MetricsError};
 use crate::proxy::admission::Admission;
 use crate::proxy::listener::{self, Connections};
 use crate::proxy::{self, ListenerCtx};
@@ -43,6 +43,9 @@ pub enum AppError {
         #[source]
         source: std::io::Error,
     },
+    /// A metric family could not be registered (a bad definition in src/metrics.rs).
+    #[error(transparent)]
+    Metrics(#[from] MetricsError),
     /// A certificate of a TLS-terminating listener could not be loaded (it changed on disk
     /// after the config was validated).
     #[error("listener {listener}: {source}")]
@@ -329,7 +332,7 @@ pub async fn run(
     mut control: mpsc::Receiver<Control>,
     shutdown: CancellationToken,
 ) -> Result<(), AppError> {
-    let metrics = Metrics::new();
+    let metrics = Metrics::new()?;
     let snapshot: SharedSnapshot = Arc::new(ArcSwap::from_pointee(Snapshot::default()));
     let status = Arc::new(DiscoveryStatus::default());
     let started = SystemTime::now()
