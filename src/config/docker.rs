@@ -40,7 +40,8 @@ pub struct DockerConfig {
     /// The engine's unix socket (a `unix://` prefix is accepted and dropped).
     pub socket: PathBuf,
     /// The container network whose IP is registered; None picks the address as
-    /// `crate::docker::select` documents (published port, or the only network).
+    /// `crate::docker::container` documents (the published port, the host network with
+    /// `[node] advertise`, or the only network; `crate::docker::swarm` for swarm tasks).
     pub network: Option<String>,
     /// A full list of the engine's containers every so often, repairing missed events.
     pub reconcile_interval: Duration,

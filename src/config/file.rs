@@ -3,7 +3,7 @@
 //!
 //! Every value is `Spanned` so validation can point at it. Unknown keys are not rejected
 //! here: they are collected by `serde_ignored` so that all of them are reported at once, and
-//! placed back in the document by [`span_of`]. This module holds no defaults and no checks.
+//! placed back in the document by `span_of`. This module holds no defaults and no checks.
 
 use std::collections::BTreeMap;
 use std::ops::Range;

@@ -2,8 +2,8 @@
 //! admission settings (PROXY protocol, connection limits, TLS termination and the
 //! ClientHello bound of tls listeners).
 //!
-//! One validator, [`validate`], for both sources of listeners: the `[[listener]]` tables of
-//! the file (problems at `file:line:col`, through [`validate_all`]) and listeners published
+//! One validator, `validate`, for both sources of listeners: the `[[listener]]` tables of
+//! the file (problems at `file:line:col`, through `validate_all`) and listeners published
 //! in etcd as JSON objects with the same keys ([`from_json`]: problems named by the etcd
 //! key). The checks of listeners against each other are [`clashes`], over any list.
 
@@ -315,7 +315,7 @@ struct Published {
 /// Validates a listener published in etcd: `value` is a JSON object with the keys of a
 /// `[[listener]]` table, and its name is the last segment of `key` (a `name` key, if any,
 /// must say the same). The object becomes a TOML table that goes through the raw shape and
-/// [`validate`], so the keys, defaults and checks are exactly the file's; problems are named
+/// `validate`, so the keys, defaults and checks are exactly the file's; problems are named
 /// by `key` instead of a position. Relative certificate paths are resolved against the
 /// directory of `config_path` (this node's config file). How a valid one fares against other
 /// listeners (shadowed, conflict) is the caller's rule; [`clashes`] finds the collisions.

@@ -4,6 +4,13 @@
 //! invalid values with their `file:line:col`, and returns a [`Config`] only when there are
 //! none. Nothing here binds sockets or talks to etcd; this module imports nothing else of
 //! the project.
+//!
+//! One file per section, each with its raw shape, its validated type and its own
+//! `validate`: `node`, `discovery` (etcd security included), `admin`, `listener` (also for
+//! listeners published in etcd, [`listener::from_json`]), `route` (HTTP and SNI routes),
+//! `service` (health checks included), `task`, `http`, `log`, `runtime`, `dns`, `docker`.
+//! Beside them: `file` (the whole document), `values` (checks of one value shared by the
+//! sections), `certs` (certificate files, loaded here and by the proxy), `error`, `names`.
 
 pub mod admin;
 pub mod certs;
