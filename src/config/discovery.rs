@@ -312,17 +312,7 @@ fn etcd_security(
 
 #[cfg(test)]
 mod tests {
-    use std::path::Path;
-
-    use crate::config::Config;
-
-    fn parse(src: &str) -> Result<Config, crate::config::ConfigError> {
-        Config::parse(Path::new("/etc/routemesh/t.toml"), src)
-    }
-
-    fn err(src: &str) -> String {
-        parse(src).unwrap_err().to_string()
-    }
+    use crate::config::testing::err;
 
     #[test]
     fn bad_etcd_security() {

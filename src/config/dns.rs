@@ -131,14 +131,8 @@ pub(super) fn validate(
 
 #[cfg(test)]
 mod tests {
-    use std::path::Path;
-
     use super::*;
-    use crate::config::Config;
-
-    fn parse(src: &str) -> Result<Config, crate::config::ConfigError> {
-        Config::parse(Path::new("t.toml"), src)
-    }
+    use crate::config::testing::parse;
 
     #[test]
     fn absent_section_means_no_responder() {

@@ -532,15 +532,8 @@ fn limit(issues: &mut Issues, v: &Option<S<i64>>, key: &str) -> Option<usize> {
 #[cfg(test)]
 mod tests {
     use super::*;
+    use crate::config::testing::{err, parse_etc as parse};
     use crate::config::{Config, Password, ProxyVersion};
-
-    fn parse(src: &str) -> Result<Config, crate::config::ConfigError> {
-        Config::parse(Path::new("/etc/routemesh/t.toml"), src)
-    }
-
-    fn err(src: &str) -> String {
-        parse(src).unwrap_err().to_string()
-    }
 
     /// A self-signed EC certificate for test.invalid (valid until 2126) and its key; test
     /// fixtures only, never used outside these tests.

@@ -147,15 +147,35 @@ fn validate(path: &Path, raw: RawConfig, issues: &mut Issues) -> Config {
     }
 }
 
+/// What the config unit tests share.
+#[cfg(test)]
+pub(crate) mod testing {
+    use std::path::Path;
+
+    use super::{Config, ConfigError};
+
+    /// Validates `src` as the file `t.toml`.
+    pub(crate) fn parse(src: &str) -> Result<Config, ConfigError> {
+        Config::parse(Path::new("t.toml"), src)
+    }
+
+    /// Validates `src` as `/etc/routemesh/t.toml` (relative paths resolve under /etc/routemesh).
+    pub(crate) fn parse_etc(src: &str) -> Result<Config, ConfigError> {
+        Config::parse(Path::new("/etc/routemesh/t.toml"), src)
+    }
+
+    /// The errors of [`parse_etc`], rendered.
+    pub(crate) fn err(src: &str) -> String {
+        parse_etc(src).unwrap_err().to_string()
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use std::time::Duration;
 
+    use super::testing::parse;
     use super::*;
-
-    fn parse(src: &str) -> Result<Config, ConfigError> {
-        Config::parse(Path::new("t.toml"), src)
-    }
 
     #[test]
     fn empty_file_gives_defaults() {
