@@ -11,7 +11,8 @@ use criterion::{BatchSize, Criterion, criterion_group, criterion_main};
 use routemesh::config::{Balance, ServiceName, ServiceSettings, TaskId};
 use routemesh::discovery::keys::{Key, TaskRecord, task_key};
 use routemesh::discovery::table::{RoutingTable, Update};
-use routemesh::snapshot::{Snapshot, now_ms};
+use routemesh::snapshot::Snapshot;
+use routemesh::util::clock::now_ms;
 
 const PREFIX: &str = "/routemesh";
 

@@ -12,8 +12,9 @@ use criterion::{Criterion, criterion_group, criterion_main};
 
 use routemesh::balance::{Maglev, key_hash};
 use routemesh::config::{Balance, HashKey, ServiceName, ServiceSettings, TaskId};
-use routemesh::mqtt::{Parse, parse_connect};
-use routemesh::snapshot::{Service, Task, now_ms};
+use routemesh::protocol::mqtt::{Parse, parse_connect};
+use routemesh::snapshot::{Service, Task};
+use routemesh::util::clock::now_ms;
 
 fn tasks(n: usize) -> Vec<Arc<Task>> {
     let mut v: Vec<_> = (0..n)

@@ -25,7 +25,8 @@ use crate::discovery::DiscoveryStatus;
 use crate::discovery::keys::PublishedListener;
 use crate::discovery::published::Decision;
 use crate::metrics::Metrics;
-use crate::snapshot::{SharedSnapshot, Snapshot, now_ms};
+use crate::snapshot::{SharedSnapshot, Snapshot};
+use crate::util::clock::now_ms;
 
 /// What the admin endpoints read.
 pub struct AdminState {

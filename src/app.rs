@@ -6,28 +6,32 @@
 //! `drain_timeout`.
 
 use std::collections::BTreeMap;
+use std::future::Future;
 use std::net::SocketAddr;
 use std::sync::Arc;
 use std::sync::atomic::Ordering;
 use std::time::{Duration, SystemTime, UNIX_EPOCH};
 
 use arc_swap::ArcSwap;
-use tokio::net::TcpListener;
+use tokio::net::{TcpListener, TcpStream};
 use tokio::sync::{mpsc, watch};
 use tokio::task::JoinHandle;
 use tokio_util::sync::CancellationToken;
 
 use crate::admin::{self, AdminState};
+use crate::config::certs::{CertError, LoadedCerts, load_certs};
 use crate::config::{
     Config, DiscoveryBackend, ListenerConfig, Protocol, ServiceName, ServiceSettings,
 };
 use crate::discovery::keys::{NodeRecord, PublishedListener};
 use crate::discovery::node::{LeaseSettings, Registration};
 use crate::discovery::{self, DiscoveryStatus, Publisher};
-use crate::metrics::Metrics;
+use crate::metrics::{Metrics, MetricsError};
+use crate::proxy::admission::Admission;
 use crate::proxy::listener::{self, Connections};
 use crate::proxy::{self, ListenerCtx};
 use crate::snapshot::{SharedSnapshot, Snapshot};
+use crate::util::net;
 
 /// Start-up failures (the daemon exits non-zero with this message).
 #[derive(Debug, thiserror::Error)]
@@ -39,13 +43,16 @@ pub enum AppError {
         #[source]
         source: std::io::Error,
     },
+    /// A metric family could not be registered (a bad definition in src/metrics.rs).
+    #[error(transparent)]
+    Metrics(#[from] MetricsError),
     /// A certificate of a TLS-terminating listener could not be loaded (it changed on disk
     /// after the config was validated).
     #[error("listener {listener}: {source}")]
     Tls {
         listener: String,
         #[source]
-        source: crate::config::edge::CertError,
+        source: CertError,
     },
 }
 
@@ -83,7 +90,7 @@ impl Listeners {
         cfg: ListenerConfig,
         socket: TcpListener,
         config: &Config,
-        certs: Option<proxy::tls::LoadedCerts>,
+        certs: Option<LoadedCerts>,
     ) {
         let stop = CancellationToken::new();
         let tls = certs.map(proxy::tls::Terminator::new);
@@ -99,64 +106,51 @@ impl Listeners {
             drain: self.conns.drain.clone(),
         });
         // Limits and PROXY headers are checked before any protocol handler runs.
-        let admission = proxy::edge::Admission::new(
+        let admission = Admission::new(
             &cfg.name,
             &cfg.edge,
             self.metrics.clone(),
             // Over the limit, a plain-text http listener answers 503; a TLS one just closes.
             cfg.protocol == Protocol::Http && tls.is_none(),
         );
-        let conns = self.conns.clone();
-        let name = cfg.name.clone();
+        let accept = Accept {
+            name: cfg.name.clone(),
+            stop: stop.clone(),
+            conns: self.conns.clone(),
+            admission,
+        };
         let protocol = cfg.protocol;
-        let stop2 = stop.clone();
         let terminator = tls.clone();
         let handle = tokio::spawn(async move {
             match (protocol, terminator) {
                 (Protocol::Tcp, _) => {
-                    listener::accept_loop(name, &socket, stop2, conns, move |s, peer| {
-                        let (ctx, admission) = (ctx.clone(), admission.clone());
-                        async move {
-                            if let Some((s, peer, _permit)) = admission.admit(s, peer).await {
-                                proxy::tcp::handle(ctx, s, peer).await
-                            }
-                        }
-                    })
-                    .await
+                    accept
+                        .run(&socket, move |s, peer| {
+                            proxy::tcp::handle(ctx.clone(), s, peer)
+                        })
+                        .await
                 }
                 (Protocol::Http, Some(term)) => {
-                    listener::accept_loop(name, &socket, stop2, conns, move |s, peer| {
-                        let (ctx, admission, term) = (ctx.clone(), admission.clone(), term.clone());
-                        async move {
-                            if let Some((s, peer, _permit)) = admission.admit(s, peer).await {
-                                proxy::tls::terminate(ctx, term, s, peer).await
-                            }
-                        }
-                    })
-                    .await
+                    accept
+                        .run(&socket, move |s, peer| {
+                            proxy::tls::terminate(ctx.clone(), term.clone(), s, peer)
+                        })
+                        .await
                 }
                 (Protocol::Http, None) => {
-                    listener::accept_loop(name, &socket, stop2, conns, move |s, peer| {
-                        let (ctx, admission) = (ctx.clone(), admission.clone());
-                        async move {
-                            if let Some((s, peer, _permit)) = admission.admit(s, peer).await {
-                                proxy::http::handle(ctx, s, peer).await
-                            }
-                        }
-                    })
-                    .await
+                    accept
+                        .run(&socket, move |s, peer| {
+                            proxy::http::handle(ctx.clone(), s, peer)
+                        })
+                        .await
                 }
                 (Protocol::Tls, _) => {
                     let router = proxy::tls::SniRouter::new(ctx);
-                    listener::accept_loop(name, &socket, stop2, conns, move |s, peer| {
-                        let (router, admission) = (router.clone(), admission.clone());
-                        async move {
-                            if let Some((s, peer, _permit)) = admission.admit(s, peer).await {
-                                proxy::tls::passthrough(router, s, peer).await
-                            }
-                        }
-                    })
-                    .await
+                    accept
+                        .run(&socket, move |s, peer| {
+                            proxy::tls::passthrough(router.clone(), s, peer)
+                        })
+                        .await
                 }
             }
             socket
@@ -182,18 +176,17 @@ impl Listeners {
         let mut certs = BTreeMap::new();
         for l in &config.listeners {
             if l.protocol == Protocol::Http && !l.edge.tls.is_empty() {
-                let loaded =
-                    proxy::tls::load_certs(&l.edge.tls).map_err(|source| AppError::Tls {
-                        listener: l.name.clone(),
-                        source,
-                    })?;
+                let loaded = load_certs(&l.edge.tls).map_err(|source| AppError::Tls {
+                    listener: l.name.clone(),
+                    source,
+                })?;
                 certs.insert(l.listen, loaded);
             }
         }
         let mut fresh = Vec::new();
         for l in &config.listeners {
             if !self.running.contains_key(&l.listen) {
-                let socket = listener::bind(l.listen).map_err(|source| AppError::Bind {
+                let socket = net::bind(l.listen).map_err(|source| AppError::Bind {
                     what: format!("listener {}", l.name),
                     addr: l.listen,
                     source,
@@ -247,6 +240,35 @@ impl Listeners {
             r.stop.cancel();
             let _ = r.handle.await;
         }
+    }
+}
+
+/// One listener's accept loop: every connection goes through admission (limits, PROXY
+/// header) before its protocol handler sees it.
+struct Accept {
+    name: String,
+    stop: CancellationToken,
+    conns: Connections,
+    admission: Arc<Admission>,
+}
+
+impl Accept {
+    /// Accepts on `socket` until stopped, running `handler` for each admitted connection.
+    async fn run<H, Fut>(self, socket: &TcpListener, handler: H)
+    where
+        H: Fn(TcpStream, SocketAddr) -> Fut + Clone + Send + 'static,
+        Fut: Future<Output = ()> + Send + 'static,
+    {
+        let admission = self.admission;
+        listener::accept_loop(self.name, socket, self.stop, self.conns, move |s, peer| {
+            let (admission, handler) = (admission.clone(), handler.clone());
+            async move {
+                if let Some((s, peer, _permit)) = admission.admit(s, peer).await {
+                    handler(s, peer).await
+                }
+            }
+        })
+        .await
     }
 }
 
@@ -312,7 +334,7 @@ pub async fn run(
     mut control: mpsc::Receiver<Control>,
     shutdown: CancellationToken,
 ) -> Result<(), AppError> {
-    let metrics = Metrics::new();
+    let metrics = Metrics::new()?;
     let snapshot: SharedSnapshot = Arc::new(ArcSwap::from_pointee(Snapshot::default()));
     let status = Arc::new(DiscoveryStatus::default());
     let started = SystemTime::now()
@@ -321,7 +343,7 @@ pub async fn run(
         .unwrap_or(0);
 
     // Admin first, so /healthz answers while the rest starts.
-    let admin_socket = listener::bind(config.admin.listen).map_err(|source| AppError::Bind {
+    let admin_socket = net::bind(config.admin.listen).map_err(|source| AppError::Bind {
         what: "admin listener".into(),
         addr: config.admin.listen,
         source,
@@ -367,7 +389,8 @@ pub async fn run(
         settings_of(&config),
         snapshot.clone(),
         status.clone(),
-    );
+    )
+    .with_config_path(&config.source);
     match config.discovery.backend {
         DiscoveryBackend::Static => {
             discovery::static_::publish_tasks(

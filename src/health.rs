@@ -16,8 +16,8 @@ use tokio_util::sync::CancellationToken;
 
 use crate::config::{HealthKind, HealthSettings, ServiceName, TaskId};
 use crate::metrics::Metrics;
-use crate::proxy::upstream::dial;
 use crate::snapshot::{Health, SharedSnapshot, Snapshot, TaskState};
+use crate::util::net::dial;
 
 /// How often the supervisor looks for a new snapshot.
 const FOLLOW_EVERY: Duration = Duration::from_millis(200);

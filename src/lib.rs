@@ -1,20 +1,27 @@
 //! routemesh: an ingress routing-mesh load balancer. Every node runs the same daemon; a
 //! connection to a published port of any node reaches a live task of its service.
 //!
-//! Crate map:
-//! - `config`    the TOML file: raw shape, validation with file:line:col, the names newtypes
+//! Crate map (one line per module, in the order data flows):
+//! - `config`    the TOML file: one file per section (raw shape + validate), errors with
+//!   file:line:col, the names newtypes, listener validation shared with etcd-published ones,
+//!   certificate loading
 //! - `discovery` the one writer: etcd list + watch (or static), node lease, routing table
-//! - `docker`    engine discovery: this node's labelled containers as tasks under its lease
+//! - `docker`    engine discovery: this node's labelled containers (and swarm tasks) as tasks
+//!   under its lease
 //! - `snapshot`  immutable routing state published to readers; per-task runtime state
 //! - `balance`   selectors built per snapshot: round robin, least connections, P2C, Maglev
-//! - `proxy`     listeners, upstream connect with failover, the TCP proxy
+//! - `health`    active health checks of the served services' tasks, with hysteresis
+//! - `protocol`  sans-IO parsers of a connection's first bytes: MQTT CONNECT, PROXY
+//!   protocol, TLS ClientHello
+//! - `proxy`     the data path: accept loop, admission, upstream connect with failover, TCP,
+//!   HTTP and TLS (termination, SNI passthrough)
 //! - `admin`     /healthz /readyz /routes /metrics
 //! - `dns`       the cluster name: an authoritative DNS responder that names only live nodes
 //! - `metrics`   the Prometheus registry and metric families
-//! - `mqtt`      the MQTT CONNECT parser behind client-id routing (pure)
 //! - `app`       wiring, reload and drain
 //! - `cli`       the command line
 //! - `ratelimit` rate-limited logging for the data path
+//! - `util`      runtime helpers: the monotonic clock, retry backoff, socket bind and dial
 
 pub mod admin;
 pub mod app;
@@ -26,7 +33,8 @@ pub mod dns;
 pub mod docker;
 pub mod health;
 pub mod metrics;
-pub mod mqtt;
+pub mod protocol;
 pub mod proxy;
 pub mod ratelimit;
 pub mod snapshot;
+pub mod util;

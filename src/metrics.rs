@@ -7,13 +7,15 @@
 
 use std::sync::Arc;
 
+use prometheus::core::Collector;
 use prometheus::{
     Encoder, Gauge, HistogramOpts, HistogramVec, IntCounter, IntCounterVec, IntGauge, IntGaugeVec,
     Opts, Registry, TextEncoder,
 };
 
 use crate::discovery::DiscoveryStatus;
-use crate::snapshot::{Snapshot, TaskStatus, now_ms};
+use crate::snapshot::{Snapshot, TaskStatus};
+use crate::util::clock::now_ms;
 
 /// Every metric the daemon exports.
 pub struct Metrics {
@@ -45,228 +47,205 @@ pub struct Metrics {
     pub docker_up: IntGauge,
 }
 
-fn reg<T: prometheus::core::Collector + Clone + 'static>(r: &Registry, c: T) -> T {
-    r.register(Box::new(c.clone()))
-        .expect("metric names are unique and valid");
-    c
+/// A metric family Prometheus refused: a name or label that is not valid, or a name
+/// registered twice. A programming error, reported at start-up rather than as a panic.
+#[derive(Debug, thiserror::Error)]
+#[error("cannot register metric {name}: {source}")]
+pub struct MetricsError {
+    pub name: &'static str,
+    #[source]
+    pub source: prometheus::Error,
+}
+
+/// The labels of per-listener families.
+const LISTENER_SERVICE: &[&str] = &["listener", "service"];
+
+/// Request duration buckets, 0.5 ms to 30 s.
+const DURATION_BUCKETS: &[f64] = &[
+    0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0,
+];
+
+/// Makes metric families and registers each in one registry.
+struct Families<'r>(&'r Registry);
+
+type Made<T> = Result<T, MetricsError>;
+
+impl Families<'_> {
+    /// A family with labels, made by `make` (e.g. `IntCounterVec::new`).
+    fn labelled<T: Collector + Clone + 'static>(
+        &self,
+        make: fn(Opts, &[&str]) -> prometheus::Result<T>,
+        name: &'static str,
+        help: &str,
+        labels: &[&str],
+    ) -> Made<T> {
+        self.register(name, make(Opts::new(name, help), labels))
+    }
+
+    /// A family of one series, made by `make` (e.g. `IntGauge::new`).
+    fn single<T: Collector + Clone + 'static>(
+        &self,
+        make: fn(String, String) -> prometheus::Result<T>,
+        name: &'static str,
+        help: &str,
+    ) -> Made<T> {
+        self.register(name, make(name.to_string(), help.to_string()))
+    }
+
+    fn register<T: Collector + Clone + 'static>(
+        &self,
+        name: &'static str,
+        made: prometheus::Result<T>,
+    ) -> Made<T> {
+        let err = |source| MetricsError { name, source };
+        let metric = made.map_err(err)?;
+        self.0.register(Box::new(metric.clone())).map_err(err)?;
+        Ok(metric)
+    }
+}
+
+/// The request duration histograms, with [`DURATION_BUCKETS`].
+fn duration_histograms(opts: Opts, labels: &[&str]) -> prometheus::Result<HistogramVec> {
+    HistogramVec::new(
+        HistogramOpts::from(opts).buckets(DURATION_BUCKETS.to_vec()),
+        labels,
+    )
 }
 
 impl Metrics {
-    pub fn new() -> Arc<Metrics> {
-        let r = Registry::new();
-        let lc = &["listener", "service"];
+    /// Every family, registered in a registry of its own.
+    pub fn new() -> Result<Arc<Metrics>, MetricsError> {
+        let registry = Registry::new();
+        let f = Families(&registry);
+        let lc = LISTENER_SERVICE;
         let m = Metrics {
-            connections_total: reg(
-                &r,
-                IntCounterVec::new(
-                    Opts::new(
-                        "routemesh_connections_total",
-                        "Downstream connections accepted.",
-                    ),
-                    lc,
-                )
-                .unwrap(),
-            ),
-            active_connections: reg(
-                &r,
-                IntGaugeVec::new(
-                    Opts::new(
-                        "routemesh_active_connections",
-                        "Downstream connections open now.",
-                    ),
-                    lc,
-                )
-                .unwrap(),
-            ),
-            bytes_total: reg(
-                &r,
-                IntCounterVec::new(
-                    Opts::new(
-                        "routemesh_bytes_total",
-                        "Bytes proxied; rx from clients, tx to clients.",
-                    ),
-                    &["listener", "service", "direction"],
-                )
-                .unwrap(),
-            ),
-            http_requests_total: reg(
-                &r,
-                IntCounterVec::new(
-                    Opts::new("routemesh_http_requests_total", "HTTP requests answered."),
-                    &["listener", "service", "code"],
-                )
-                .unwrap(),
-            ),
-            http_request_duration_seconds: reg(
-                &r,
-                HistogramVec::new(
-                    HistogramOpts::new(
-                        "routemesh_http_request_duration_seconds",
-                        "Time from request head to response head.",
-                    )
-                    .buckets(vec![
-                        0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0,
-                        2.5, 5.0, 10.0, 30.0,
-                    ]),
-                    lc,
-                )
-                .unwrap(),
-            ),
-            upstream_connect_errors_total: reg(
-                &r,
-                IntCounterVec::new(
-                    Opts::new(
-                        "routemesh_upstream_connect_errors_total",
-                        "Failed or timed-out connects to a task.",
-                    ),
-                    &["service", "task"],
-                )
-                .unwrap(),
-            ),
-            retries_total: reg(
-                &r,
-                IntCounterVec::new(
-                    Opts::new(
-                        "routemesh_retries_total",
-                        "Connects or requests retried on another task.",
-                    ),
-                    &["service"],
-                )
-                .unwrap(),
-            ),
-            no_live_task_total: reg(
-                &r,
-                IntCounterVec::new(
-                    Opts::new(
-                        "routemesh_no_live_task_total",
-                        "Connections or requests refused because no task was reachable.",
-                    ),
-                    &["service"],
-                )
-                .unwrap(),
-            ),
-            rejected_connections_total: reg(
-                &r,
-                IntCounterVec::new(
-                    Opts::new(
-                        "routemesh_rejected_connections_total",
-                        "Connections closed on arrival, by reason.",
-                    ),
-                    &["listener", "reason"],
-                )
-                .unwrap(),
-            ),
-            task_up: reg(
-                &r,
-                IntGaugeVec::new(
-                    Opts::new("routemesh_task_up", "1 when the task is routable, else 0."),
-                    &["service", "task", "node"],
-                )
-                .unwrap(),
-            ),
-            tasks: reg(
-                &r,
-                IntGaugeVec::new(
-                    Opts::new("routemesh_tasks", "Tasks per service by state."),
-                    &["service", "state"],
-                )
-                .unwrap(),
-            ),
-            discovery_up: reg(
-                &r,
-                IntGauge::new(
-                    "routemesh_discovery_up",
-                    "1 while the etcd watch is healthy.",
-                )
-                .unwrap(),
-            ),
-            discovery_revision: reg(
-                &r,
-                IntGauge::new(
-                    "routemesh_discovery_revision",
-                    "etcd revision of the routing snapshot.",
-                )
-                .unwrap(),
-            ),
-            discovery_last_sync_age_seconds: reg(
-                &r,
-                Gauge::new(
-                    "routemesh_discovery_last_sync_age_seconds",
-                    "Seconds since the routing state was last confirmed current.",
-                )
-                .unwrap(),
-            ),
-            discovery_invalid_entries_total: reg(
-                &r,
-                IntCounter::new(
-                    "routemesh_discovery_invalid_entries_total",
-                    "Malformed etcd entries skipped.",
-                )
-                .unwrap(),
-            ),
-            config_reloads_total: reg(
-                &r,
-                IntCounterVec::new(
-                    Opts::new("routemesh_config_reloads_total", "Config reloads by result."),
-                    &["result"],
-                )
-                .unwrap(),
-            ),
-            build_info: reg(
-                &r,
-                IntGaugeVec::new(
-                    Opts::new("routemesh_build_info", "Always 1; the version as a label."),
-                    &["version"],
-                )
-                .unwrap(),
-            ),
-            health_checks_total: reg(
-                &r,
-                IntCounterVec::new(
-                    Opts::new(
-                        "routemesh_health_checks_total",
-                        "Active health checks by result.",
-                    ),
-                    &["service", "result"],
-                )
-                .unwrap(),
-            ),
-            mqtt_connect_errors_total: reg(
-                &r,
-                IntCounterVec::new(
-                    Opts::new(
-                        "routemesh_mqtt_connect_errors_total",
-                        "MQTT first packets refused (connection closed, no upstream opened), by reason.",
-                    ),
-                    &["service", "reason"],
-                )
-                .unwrap(),
-            ),
-            docker_up: reg(
-                &r,
-                IntGauge::new(
-                    "routemesh_docker_up",
-                    "1 while the local Docker engine's event stream is connected.",
-                )
-                .unwrap(),
-            ),
-            dns_queries_total: reg(
-                &r,
-                IntCounterVec::new(
-                    Opts::new(
-                        "routemesh_dns_queries_total",
-                        "DNS queries by type and response code (dropped: no reply sent).",
-                    ),
-                    &["type", "rcode"],
-                )
-                .unwrap(),
-            ),
-            registry: r,
+            connections_total: f.labelled(
+                IntCounterVec::new,
+                "routemesh_connections_total",
+                "Downstream connections accepted.",
+                lc,
+            )?,
+            active_connections: f.labelled(
+                IntGaugeVec::new,
+                "routemesh_active_connections",
+                "Downstream connections open now.",
+                lc,
+            )?,
+            bytes_total: f.labelled(
+                IntCounterVec::new,
+                "routemesh_bytes_total",
+                "Bytes proxied; rx from clients, tx to clients.",
+                &["listener", "service", "direction"],
+            )?,
+            http_requests_total: f.labelled(
+                IntCounterVec::new,
+                "routemesh_http_requests_total",
+                "HTTP requests answered.",
+                &["listener", "service", "code"],
+            )?,
+            http_request_duration_seconds: f.labelled(
+                duration_histograms,
+                "routemesh_http_request_duration_seconds",
+                "Time from request head to response head.",
+                lc,
+            )?,
+            upstream_connect_errors_total: f.labelled(
+                IntCounterVec::new,
+                "routemesh_upstream_connect_errors_total",
+                "Failed or timed-out connects to a task.",
+                &["service", "task"],
+            )?,
+            retries_total: f.labelled(
+                IntCounterVec::new,
+                "routemesh_retries_total",
+                "Connects or requests retried on another task.",
+                &["service"],
+            )?,
+            no_live_task_total: f.labelled(
+                IntCounterVec::new,
+                "routemesh_no_live_task_total",
+                "Connections or requests refused because no task was reachable.",
+                &["service"],
+            )?,
+            rejected_connections_total: f.labelled(
+                IntCounterVec::new,
+                "routemesh_rejected_connections_total",
+                "Connections closed on arrival, by reason.",
+                &["listener", "reason"],
+            )?,
+            task_up: f.labelled(
+                IntGaugeVec::new,
+                "routemesh_task_up",
+                "1 when the task is routable, else 0.",
+                &["service", "task", "node"],
+            )?,
+            tasks: f.labelled(
+                IntGaugeVec::new,
+                "routemesh_tasks",
+                "Tasks per service by state.",
+                &["service", "state"],
+            )?,
+            discovery_up: f.single(
+                IntGauge::new,
+                "routemesh_discovery_up",
+                "1 while the etcd watch is healthy.",
+            )?,
+            discovery_revision: f.single(
+                IntGauge::new,
+                "routemesh_discovery_revision",
+                "etcd revision of the routing snapshot.",
+            )?,
+            discovery_last_sync_age_seconds: f.single(
+                Gauge::new,
+                "routemesh_discovery_last_sync_age_seconds",
+                "Seconds since the routing state was last confirmed current.",
+            )?,
+            discovery_invalid_entries_total: f.single(
+                IntCounter::new,
+                "routemesh_discovery_invalid_entries_total",
+                "Malformed etcd entries skipped.",
+            )?,
+            config_reloads_total: f.labelled(
+                IntCounterVec::new,
+                "routemesh_config_reloads_total",
+                "Config reloads by result.",
+                &["result"],
+            )?,
+            build_info: f.labelled(
+                IntGaugeVec::new,
+                "routemesh_build_info",
+                "Always 1; the version as a label.",
+                &["version"],
+            )?,
+            health_checks_total: f.labelled(
+                IntCounterVec::new,
+                "routemesh_health_checks_total",
+                "Active health checks by result.",
+                &["service", "result"],
+            )?,
+            mqtt_connect_errors_total: f.labelled(
+                IntCounterVec::new,
+                "routemesh_mqtt_connect_errors_total",
+                "MQTT first packets refused (connection closed, no upstream opened), by reason.",
+                &["service", "reason"],
+            )?,
+            docker_up: f.single(
+                IntGauge::new,
+                "routemesh_docker_up",
+                "1 while the local Docker engine's event stream is connected.",
+            )?,
+            dns_queries_total: f.labelled(
+                IntCounterVec::new,
+                "routemesh_dns_queries_total",
+                "DNS queries by type and response code (dropped: no reply sent).",
+                &["type", "rcode"],
+            )?,
+            registry,
         };
         m.build_info
             .with_label_values(&[env!("CARGO_PKG_VERSION")])
             .set(1);
-        Arc::new(m)
+        Ok(Arc::new(m))
     }
 
     /// Refreshes the state-derived gauges, then renders the text exposition format.
@@ -314,5 +293,45 @@ impl Metrics {
                     .set(counts[st as usize]);
             }
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn every_family_registers_and_renders() {
+        let m = Metrics::new().unwrap_or_else(|e| panic!("{e}"));
+        let text = m.render(&Snapshot::default(), &DiscoveryStatus::default());
+        for needle in [
+            "routemesh_build_info{version=",
+            "# TYPE routemesh_discovery_up gauge",
+        ] {
+            assert!(text.contains(needle), "{needle:?} in {text}");
+        }
+    }
+
+    #[test]
+    fn a_bad_definition_is_an_error_naming_the_family() {
+        let r = Registry::new();
+        let f = Families(&r);
+        assert!(f.single(IntCounter::new, "test_twice", "first").is_ok());
+        let err = f
+            .single(IntCounter::new, "test_twice", "again")
+            .unwrap_err();
+        assert_eq!(err.name, "test_twice");
+        assert!(
+            err.to_string()
+                .starts_with("cannot register metric test_twice: ")
+        );
+        assert!(
+            f.labelled(IntCounterVec::new, "test bad name", "x", &["a"])
+                .is_err()
+        );
+        assert!(
+            f.labelled(IntGaugeVec::new, "test_bad_label", "x", &["a b"])
+                .is_err()
+        );
     }
 }

@@ -4,7 +4,7 @@
 
 use std::sync::atomic::{AtomicU64, Ordering};
 
-use crate::snapshot::now_ms;
+use crate::util::clock::now_ms;
 
 #[derive(Debug)]
 pub struct LogLimiter {

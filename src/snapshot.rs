@@ -8,9 +8,9 @@
 
 use std::collections::{BTreeMap, HashMap};
 use std::net::SocketAddr;
+use std::sync::Arc;
 use std::sync::atomic::{AtomicU8, AtomicU32, AtomicU64, Ordering};
-use std::sync::{Arc, OnceLock};
-use std::time::{Duration, Instant};
+use std::time::Duration;
 
 use arc_swap::ArcSwap;
 use serde::Serialize;
@@ -22,13 +22,6 @@ use crate::discovery::table::{NodeEntry, RoutingTable};
 
 /// Where readers find the current snapshot.
 pub type SharedSnapshot = Arc<ArcSwap<Snapshot>>;
-
-/// Milliseconds on a process-wide monotonic clock (ejection deadlines are stored in these).
-pub fn now_ms() -> u64 {
-    static EPOCH: OnceLock<Instant> = OnceLock::new();
-    // +1 so that 0 can mean "never".
-    EPOCH.get_or_init(Instant::now).elapsed().as_millis() as u64 + 1
-}
 
 /// Active health as the checker last saw it.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize)]
@@ -380,6 +373,7 @@ pub(crate) fn test_task(i: usize, weight: u32) -> Arc<Task> {
 mod tests {
     use super::*;
     use crate::discovery::table::Update;
+    use crate::util::clock::now_ms;
 
     fn table(entries: &[(&str, &str)]) -> RoutingTable {
         let mut t = RoutingTable::new("/rm");

@@ -94,10 +94,10 @@ fn task_add_ps_ls_rm() {
             .next()
             .unwrap()
             .split_whitespace()
-            .eq(["NAME", "ADDRESS", "STATUS", "VERSION"])
+            .eq(["NAME", "ADDRESS", "STATUS", "AVAILABILITY", "VERSION"])
     );
     let row: Vec<&str> = nodes.lines().nth(1).unwrap().split_whitespace().collect();
-    assert_eq!(row[..3], ["n1", "127.0.0.1", "Ready"], "{nodes}");
+    assert_eq!(row[..4], ["n1", "127.0.0.1", "Ready", "active"], "{nodes}");
 
     // The node dies: its lease-bound task vanishes, the permanent one stays, n1 is Down.
     n1.kill();

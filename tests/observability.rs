@@ -265,7 +265,7 @@ fn every_metric_family_renders_valid_exposition_in_process() {
     use routemesh::metrics::Metrics;
     use routemesh::snapshot::Snapshot;
 
-    let m = Metrics::new();
+    let m = Metrics::new().expect("every metric family registers");
     let lc = ["web", "api"];
     m.connections_total.with_label_values(&lc).inc();
     m.active_connections.with_label_values(&lc).set(1);

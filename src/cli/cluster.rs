@@ -4,6 +4,7 @@
 
 use std::collections::BTreeMap;
 use std::net::SocketAddr;
+use std::path::Path;
 use std::process::ExitCode;
 use std::time::Duration;
 
@@ -583,10 +584,12 @@ async fn publish_add(
     })
     .to_string();
     // The daemons validate it the same way; refuse here what they would skip.
-    usage(config::published::listener_from_json(
-        &name,
+    config::listener::from_json(
+        &listener_key(&t.prefix, &name),
         value.as_bytes(),
-    ))?;
+        Path::new(""),
+    )
+    .map_err(|e| CliError::Usage(e.to_string()))?;
     let table = load_table(t).await?;
     if let Some(existing) = table.listeners.get(&name)
         && (existing.listen != addr

@@ -13,9 +13,10 @@ use std::time::Duration;
 
 use serde::Deserialize;
 
+use super::ListenerConfig;
 use super::error::Issues;
 use super::file::S;
-use super::{ListenerConfig, duration, socket_addr, span};
+use super::values::{duration, socket_addr, span};
 
 pub const DEFAULT_DNS_LISTEN: &str = "0.0.0.0:53";
 pub const DEFAULT_DNS_TTL: Duration = Duration::from_secs(5);
@@ -130,14 +131,8 @@ pub(super) fn validate(
 
 #[cfg(test)]
 mod tests {
-    use std::path::Path;
-
     use super::*;
-    use crate::config::Config;
-
-    fn parse(src: &str) -> Result<Config, crate::config::ConfigError> {
-        Config::parse(Path::new("t.toml"), src)
-    }
+    use crate::config::testing::parse;
 
     #[test]
     fn absent_section_means_no_responder() {

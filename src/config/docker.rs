@@ -15,9 +15,10 @@ use std::time::Duration;
 
 use serde::Deserialize;
 
+use super::DiscoveryBackend;
 use super::error::Issues;
 use super::file::S;
-use super::{DiscoveryBackend, positive_duration, span};
+use super::values::{positive_duration, span};
 
 pub const DEFAULT_DOCKER_SOCKET: &str = "/var/run/docker.sock";
 pub const DEFAULT_RECONCILE_INTERVAL: Duration = Duration::from_secs(30);
@@ -39,7 +40,8 @@ pub struct DockerConfig {
     /// The engine's unix socket (a `unix://` prefix is accepted and dropped).
     pub socket: PathBuf,
     /// The container network whose IP is registered; None picks the address as
-    /// `crate::docker::select` documents (published port, or the only network).
+    /// `crate::docker::container` documents (the published port, the host network with
+    /// `[node] advertise`, or the only network; `crate::docker::swarm` for swarm tasks).
     pub network: Option<String>,
     /// A full list of the engine's containers every so often, repairing missed events.
     pub reconcile_interval: Duration,
@@ -142,14 +144,8 @@ pub(super) fn validate(
 
 #[cfg(test)]
 mod tests {
-    use std::path::Path;
-
     use super::*;
-    use crate::config::Config;
-
-    fn parse(src: &str) -> Result<Config, crate::config::ConfigError> {
-        Config::parse(Path::new("t.toml"), src)
-    }
+    use crate::config::testing::parse;
 
     #[test]
     fn absent_section_is_disabled_defaults() {

@@ -95,12 +95,27 @@ impl<'a> Issues<'a> {
     }
 
     pub(crate) fn into_error(mut self, file: &Path) -> ConfigError {
-        self.found.sort_by_key(|(offset, _)| *offset);
-        self.found.dedup_by(|a, b| a.1 == b.1);
+        self.sort();
         ConfigError {
             file: file.to_path_buf(),
             issues: self.found.into_iter().map(|(_, i)| i).collect(),
         }
+    }
+
+    /// Each message with its byte offset, in source order: for a value that has no file
+    /// position of its own (a listener published in etcd, validated through a document made
+    /// from its JSON), whose caller names the problem some other way.
+    pub(crate) fn into_located(mut self) -> Vec<(usize, String)> {
+        self.sort();
+        self.found
+            .into_iter()
+            .map(|(at, i)| (at, i.message))
+            .collect()
+    }
+
+    fn sort(&mut self) {
+        self.found.sort_by_key(|(offset, _)| *offset);
+        self.found.dedup_by(|a, b| a.1 == b.1);
     }
 }
 

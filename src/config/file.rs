@@ -1,13 +1,27 @@
-//! The raw serde shape of the TOML file, exactly as written by the user.
+//! The raw serde shape of the TOML file, exactly as written by the user: one field per
+//! section, each section's shape in its own file (`node.rs`, `listener.rs`, ...).
 //!
-//! Every value is `Spanned` so validation (in `mod.rs`) can point at it. Unknown keys are not
-//! rejected here: they are collected by `serde_ignored` so that all of them are reported at
-//! once. This module holds no defaults and no checks.
+//! Every value is `Spanned` so validation can point at it. Unknown keys are not rejected
+//! here: they are collected by `serde_ignored` so that all of them are reported at once, and
+//! placed back in the document by `span_of`. This module holds no defaults and no checks.
 
 use std::collections::BTreeMap;
+use std::ops::Range;
 
 use serde::Deserialize;
+use serde::de::DeserializeOwned;
 use toml::Spanned;
+
+use super::admin::RawAdmin;
+use super::discovery::RawDiscovery;
+use super::error::Issues;
+use super::http::RawHttp;
+use super::listener::RawListener;
+use super::log::RawLog;
+use super::node::RawNode;
+use super::runtime::RawRuntime;
+use super::service::RawService;
+use super::task::RawTask;
 
 pub type S<T> = Spanned<T>;
 
@@ -37,110 +51,122 @@ pub struct RawConfig {
     pub docker: Option<S<super::docker::RawDocker>>,
 }
 
-#[derive(Debug, Default, Deserialize)]
-pub struct RawNode {
-    pub name: Option<S<String>>,
-    pub advertise: Option<S<String>>,
-    pub drain_timeout: Option<S<String>>,
+/// Reads `source` as TOML into `T`. A syntax error or a value of the wrong type is reported at
+/// its position and gives `None` (nothing else can be checked then); each key `T` does not
+/// know is reported at its own position.
+pub(super) fn deserialize<T: DeserializeOwned>(source: &str, issues: &mut Issues) -> Option<T> {
+    let table = match toml::de::DeTable::parse(source) {
+        Ok(t) => t,
+        Err(e) => {
+            issues.at(
+                e.span().unwrap_or(0..0),
+                format!("invalid TOML: {}", e.message().trim()),
+            );
+            return None;
+        }
+    };
+    let mut unknown: Vec<Vec<String>> = Vec::new();
+    let raw: T = match toml::Deserializer::parse(source)
+        .and_then(|de| serde_ignored::deserialize(de, |p| unknown.push(path_segments(&p))))
+    {
+        Ok(raw) => raw,
+        Err(e) => {
+            issues.at(
+                e.span().unwrap_or(0..0),
+                format!("{} (see config/example.toml)", e.message().trim()),
+            );
+            return None;
+        }
+    };
+    for segments in unknown {
+        let span = span_of(table.get_ref(), &segments).unwrap_or(0..0);
+        let key = segments.join(".");
+        issues.at(
+            span,
+            format!(
+                "unknown key `{key}`: remove it or check its spelling (config/example.toml lists every key)"
+            ),
+        );
+    }
+    Some(raw)
 }
 
-#[derive(Debug, Default, Deserialize)]
-pub struct RawDiscovery {
-    pub backend: Option<S<String>>,
-    pub endpoints: Option<S<Vec<S<String>>>>,
-    pub prefix: Option<S<String>>,
-    pub node_ttl: Option<S<String>>,
-    pub resync_interval: Option<S<String>>,
-    pub dial_timeout: Option<S<String>>,
-    // etcd security (validated in edge.rs)
-    pub tls: Option<S<super::edge::RawEtcdTls>>,
-    pub username: Option<S<String>>,
-    pub password: Option<S<String>>,
-    pub password_file: Option<S<String>>,
+/// The key path of an ignored value, without serde's internal wrappers (Spanned's fields).
+fn path_segments(path: &serde_ignored::Path<'_>) -> Vec<String> {
+    use serde_ignored::Path as P;
+    let mut out = Vec::new();
+    let mut cur = path;
+    loop {
+        match cur {
+            P::Root => break,
+            P::Seq { parent, index } => {
+                out.push(index.to_string());
+                cur = parent;
+            }
+            P::Map { parent, key } => {
+                if !key.starts_with("$__") {
+                    out.push(key.clone());
+                }
+                cur = parent;
+            }
+            P::Some { parent } | P::NewtypeStruct { parent } | P::NewtypeVariant { parent } => {
+                cur = parent
+            }
+        }
+    }
+    out.reverse();
+    out
 }
 
-#[derive(Debug, Default, Deserialize)]
-pub struct RawAdmin {
-    pub listen: Option<S<String>>,
+/// The span of the key at `segments` (array indices as numbers) in the parsed document.
+fn span_of(table: &toml::de::DeTable<'_>, segments: &[String]) -> Option<Range<usize>> {
+    use toml::de::DeValue;
+    let (first, rest) = segments.split_first()?;
+    let (key, value) = table.iter().find(|(k, _)| k.get_ref().as_ref() == first)?;
+    if rest.is_empty() {
+        return Some(key.span());
+    }
+    let mut value = value;
+    let mut rest = rest;
+    // Walk through arrays (of tables) by index.
+    while let DeValue::Array(items) = value.get_ref() {
+        let (idx, r) = rest.split_first()?;
+        value = items.get(idx.parse::<usize>().ok()?)?;
+        rest = r;
+        if rest.is_empty() {
+            return Some(value.span());
+        }
+    }
+    match value.get_ref() {
+        DeValue::Table(t) => span_of(t, rest).or(Some(key.span())),
+        _ => Some(key.span()),
+    }
 }
 
-#[derive(Debug, Default, Deserialize)]
-pub struct RawListener {
-    pub name: Option<S<String>>,
-    pub listen: Option<S<String>>,
-    pub protocol: Option<S<String>>,
-    pub service: Option<S<String>>,
-    #[serde(default)]
-    pub route: Vec<S<RawRoute>>,
-    // edge keys (validated in edge.rs)
-    pub accept_proxy: Option<S<bool>>,
-    pub trusted_proxies: Option<S<Vec<S<String>>>>,
-    pub max_connections: Option<S<i64>>,
-    pub max_connections_per_ip: Option<S<i64>>,
-    pub handshake_timeout: Option<S<String>>,
-    pub max_client_hello_bytes: Option<S<i64>>,
-    pub tls: Option<S<super::edge::RawListenerTls>>,
-}
-
-#[derive(Debug, Default, Deserialize)]
-pub struct RawRoute {
-    pub host: Option<S<String>>,
-    pub path_prefix: Option<S<String>>,
-    pub service: Option<S<String>>,
-    /// tls listeners (edge.rs).
-    pub sni: Option<S<String>>,
-}
-
-#[derive(Debug, Default, Deserialize)]
-pub struct RawService {
-    pub balance: Option<S<String>>,
-    pub connect_timeout: Option<S<String>>,
-    pub retries: Option<S<i64>>,
-    pub upstream_protocol: Option<S<String>>,
-    pub request_timeout: Option<S<String>>,
-    pub hash_key: Option<S<String>>,
-    pub peek_timeout: Option<S<String>>,
-    pub max_connect_bytes: Option<S<i64>>,
-    pub send_proxy: Option<S<String>>,
-    pub health: Option<S<RawHealth>>,
-}
-
-#[derive(Debug, Default, Deserialize)]
-pub struct RawHealth {
-    pub kind: Option<S<String>>,
-    pub path: Option<S<String>>,
-    pub expect_status: Option<S<String>>,
-    pub interval: Option<S<String>>,
-    pub timeout: Option<S<String>>,
-    pub unhealthy_threshold: Option<S<i64>>,
-    pub healthy_threshold: Option<S<i64>>,
-}
-
-#[derive(Debug, Default, Deserialize)]
-pub struct RawTask {
-    pub service: Option<S<String>>,
-    pub addr: Option<S<String>>,
-    pub id: Option<S<String>>,
-    pub weight: Option<S<i64>>,
-}
-
-#[derive(Debug, Default, Deserialize)]
-pub struct RawHttp {
-    pub max_header_bytes: Option<S<i64>>,
-    pub max_headers: Option<S<i64>>,
-    pub header_read_timeout: Option<S<String>>,
-    pub idle_timeout: Option<S<String>>,
-    pub max_body_bytes: Option<S<i64>>,
-}
-
-#[derive(Debug, Default, Deserialize)]
-pub struct RawLog {
-    pub level: Option<S<String>>,
-    pub format: Option<S<String>>,
-    pub access: Option<S<bool>>,
-}
-
-#[derive(Debug, Default, Deserialize)]
-pub struct RawRuntime {
-    pub worker_threads: Option<S<i64>>,
+/// The dotted path of the innermost key whose value holds byte `offset` of `source` (array
+/// elements by index, as unknown keys are named); `None` outside every value.
+pub(super) fn key_at(source: &str, offset: usize) -> Option<String> {
+    use toml::de::DeValue;
+    // Tables are searched whole: the span of a `[table]` is its header, not its keys.
+    fn find(value: &toml::Spanned<DeValue<'_>>, offset: usize) -> Option<Vec<String>> {
+        let inner = match value.get_ref() {
+            DeValue::Table(t) => t.iter().find_map(|(k, v)| {
+                let mut path = find(v, offset)?;
+                path.insert(0, k.get_ref().to_string());
+                Some(path)
+            }),
+            DeValue::Array(items) => items.iter().enumerate().find_map(|(i, v)| {
+                let mut path = find(v, offset)?;
+                path.insert(0, i.to_string());
+                Some(path)
+            }),
+            _ => None,
+        };
+        inner.or_else(|| value.span().contains(&offset).then(Vec::new))
+    }
+    let table = toml::de::DeTable::parse(source).ok()?;
+    let root = toml::Spanned::new(0..0, DeValue::Table(table.into_inner()));
+    find(&root, offset)
+        .filter(|p| !p.is_empty())
+        .map(|p| p.join("."))
 }

@@ -4,32 +4,58 @@
 //! invalid values with their `file:line:col`, and returns a [`Config`] only when there are
 //! none. Nothing here binds sockets or talks to etcd; this module imports nothing else of
 //! the project.
+//!
+//! One file per section, each with its raw shape, its validated type and its own
+//! `validate`: `node`, `discovery` (etcd security included), `admin`, `listener` (also for
+//! listeners published in etcd, [`listener::from_json`]), `route` (HTTP and SNI routes),
+//! `service` (health checks included), `task`, `http`, `log`, `runtime`, `dns`, `docker`.
+//! Beside them: `file` (the whole document), `values` (checks of one value shared by the
+//! sections), `certs` (certificate files, loaded here and by the proxy), `error`, `names`.
 
+pub mod admin;
+pub mod certs;
+pub mod discovery;
 pub mod dns;
 pub mod docker;
-pub mod edge;
 pub mod error;
 pub mod file;
+pub mod http;
+pub mod listener;
+pub mod log;
 pub mod names;
+pub mod node;
 pub mod publish;
-pub mod published;
+pub mod route;
+pub mod runtime;
+pub mod service;
+pub mod task;
+mod values;
 
-use std::collections::{BTreeMap, BTreeSet};
-use std::net::{IpAddr, SocketAddr};
-use std::ops::Range;
+use std::collections::BTreeMap;
 use std::path::{Path, PathBuf};
-use std::time::Duration;
 
-use serde::Serialize;
-
+pub use admin::{AdminConfig, DEFAULT_ADMIN};
+pub use discovery::{
+    DEFAULT_ENDPOINT, DEFAULT_PREFIX, DiscoveryBackend, DiscoveryConfig, EtcdAuth, EtcdSecurity,
+    EtcdTls, Password,
+};
 pub use dns::DnsConfig;
 pub use docker::DockerConfig;
-pub use edge::{EtcdSecurity, ListenerEdge, ProxyVersion};
 use error::Issues;
 pub use error::{ConfigError, ConfigIssue};
 use file::{RawConfig, S};
+pub use http::HttpLimits;
+pub use listener::{Cidr, ListenerConfig, ListenerEdge, Protocol};
+pub use log::{LogConfig, LogFormat};
 pub use names::{NameError, NodeName, ServiceName, TaskId};
+pub use node::{NodeConfig, hostname};
 pub use publish::{PortRanges, PublishSpec};
+pub use route::{RouteConfig, SniRoute};
+pub use runtime::RuntimeConfig;
+pub use service::{
+    Balance, HashKey, HealthKind, HealthSettings, ProxyVersion, ServiceSettings, UpstreamProtocol,
+};
+pub use task::TaskConfig;
 
 /// A whole, valid configuration.
 #[derive(Debug, Clone)]
@@ -53,272 +79,6 @@ pub struct Config {
     pub docker: DockerConfig,
 }
 
-#[derive(Debug, Clone)]
-pub struct NodeConfig {
-    /// Unique per node; the key of its liveness records.
-    pub name: NodeName,
-    /// Address clients use for this node (shown by `node ls`, used by DNS answers).
-    pub advertise: Option<IpAddr>,
-    /// How long open connections may run after SIGTERM.
-    pub drain_timeout: Duration,
-}
-
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub enum DiscoveryBackend {
-    Etcd,
-    Static,
-}
-
-#[derive(Debug, Clone)]
-pub struct DiscoveryConfig {
-    pub backend: DiscoveryBackend,
-    /// All etcd members; the client fails over between them.
-    pub endpoints: Vec<String>,
-    /// Key prefix without a trailing slash, e.g. `/routemesh`.
-    pub prefix: String,
-    /// Lease TTL for this node and the tasks it hosts.
-    pub node_ttl: Duration,
-    /// A full re-list every so often, guarding against lost watch events.
-    pub resync_interval: Duration,
-    /// Bound on connecting to etcd and on each request.
-    pub dial_timeout: Duration,
-    /// TLS and user/password for etcd (edge.rs).
-    pub security: EtcdSecurity,
-}
-
-#[derive(Debug, Clone)]
-pub struct AdminConfig {
-    pub listen: SocketAddr,
-}
-
-#[derive(Debug, Clone, Copy, PartialEq, Eq, PartialOrd, Ord, Hash, Serialize)]
-#[serde(rename_all = "snake_case")]
-pub enum Protocol {
-    Tcp,
-    Http,
-    /// TLS passthrough routed by the ClientHello's SNI (edge.rs).
-    Tls,
-}
-
-impl Protocol {
-    pub fn as_str(self) -> &'static str {
-        match self {
-            Protocol::Tcp => "tcp",
-            Protocol::Http => "http",
-            Protocol::Tls => "tls",
-        }
-    }
-
-    /// The protocol named `text` (as `listener.protocol` spells it).
-    pub fn parse(text: &str) -> Option<Protocol> {
-        [Protocol::Tcp, Protocol::Http, Protocol::Tls]
-            .into_iter()
-            .find(|p| p.as_str() == text)
-    }
-
-    /// The accepted spellings, for error messages.
-    pub const NAMES: &'static str = "tcp, http or tls";
-}
-
-#[derive(Debug, Clone, PartialEq, Eq)]
-pub struct ListenerConfig {
-    /// Metric label and log field; default `<protocol>-<port>`.
-    pub name: String,
-    pub listen: SocketAddr,
-    pub protocol: Protocol,
-    /// The default route: where connections (tcp), requests no route matches (http) and
-    /// names no SNI route matches (tls) go. Required for tcp listeners; without it an http
-    /// listener answers 404 and a tls listener closes the connection.
-    pub service: Option<ServiceName>,
-    /// HTTP routes, first match wins (http listeners only).
-    pub routes: Vec<RouteConfig>,
-    /// PROXY protocol, connection limits, TLS (edge.rs).
-    pub edge: ListenerEdge,
-}
-
-#[derive(Debug, Clone, PartialEq, Eq)]
-pub struct RouteConfig {
-    /// Exact host or `*.suffix`, lower-cased, no port.
-    pub host: Option<String>,
-    pub path_prefix: Option<String>,
-    pub service: ServiceName,
-}
-
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize)]
-#[serde(rename_all = "snake_case")]
-pub enum Balance {
-    RoundRobin,
-    LeastConn,
-    P2c,
-    /// Consistent hashing on `hash_key` (Maglev lookup table).
-    Maglev,
-}
-
-/// What a consistent-hash balancer hashes.
-#[derive(Debug, Clone, PartialEq, Eq, Serialize)]
-#[serde(rename_all = "snake_case")]
-pub enum HashKey {
-    /// The MQTT CONNECT's client identifier (tcp listeners).
-    MqttClientId,
-    /// The client's IP address.
-    SourceIp,
-    /// An HTTP request header (lower-cased name).
-    Header(String),
-}
-
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize)]
-#[serde(rename_all = "snake_case")]
-pub enum HealthKind {
-    Tcp,
-    Http,
-}
-
-/// Active health checks of a service's tasks, run by every node that serves it.
-#[derive(Debug, Clone, PartialEq, Eq, Serialize)]
-pub struct HealthSettings {
-    pub kind: HealthKind,
-    /// Request path of `http` checks.
-    pub path: String,
-    /// Inclusive range of passing statuses.
-    pub expect_status: (u16, u16),
-    #[serde(with = "humantime_serde_compat")]
-    pub interval: Duration,
-    #[serde(with = "humantime_serde_compat")]
-    pub timeout: Duration,
-    /// Consecutive failures that make a task unhealthy.
-    pub unhealthy_threshold: u32,
-    /// Consecutive passes that make it healthy again.
-    pub healthy_threshold: u32,
-}
-
-impl Default for HealthSettings {
-    /// Without a `[service.NAME.health]` section: a TCP connect check every 2 s.
-    fn default() -> Self {
-        HealthSettings {
-            kind: HealthKind::Tcp,
-            path: "/".into(),
-            expect_status: (200, 399),
-            interval: Duration::from_secs(2),
-            timeout: Duration::from_millis(500),
-            unhealthy_threshold: 2,
-            healthy_threshold: 1,
-        }
-    }
-}
-
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize)]
-#[serde(rename_all = "snake_case")]
-pub enum UpstreamProtocol {
-    Http1,
-    H2c,
-}
-
-/// Per-service settings, shared by every listener that routes to the service.
-#[derive(Debug, Clone, PartialEq, Eq, Serialize)]
-pub struct ServiceSettings {
-    pub balance: Balance,
-    #[serde(with = "humantime_serde_compat")]
-    pub connect_timeout: Duration,
-    /// Other tasks tried after a failed or timed-out connect.
-    pub retries: u32,
-    pub upstream_protocol: UpstreamProtocol,
-    #[serde(with = "humantime_serde_compat")]
-    pub request_timeout: Duration,
-    /// What `balance = "maglev"` hashes (default: the client's IP).
-    pub hash_key: HashKey,
-    /// How long a tcp listener waits for the first packet it must parse (MQTT CONNECT).
-    #[serde(with = "humantime_serde_compat")]
-    pub peek_timeout: Duration,
-    /// Most bytes buffered before routing on the first packet.
-    pub max_connect_bytes: usize,
-    /// A PROXY protocol header written to each upstream connection (tcp and tls listeners).
-    pub send_proxy: Option<ProxyVersion>,
-    pub health: HealthSettings,
-}
-
-impl Default for ServiceSettings {
-    fn default() -> Self {
-        ServiceSettings {
-            balance: Balance::RoundRobin,
-            connect_timeout: Duration::from_secs(1),
-            retries: 2,
-            upstream_protocol: UpstreamProtocol::Http1,
-            request_timeout: Duration::from_secs(60),
-            hash_key: HashKey::SourceIp,
-            peek_timeout: Duration::from_secs(5),
-            max_connect_bytes: 65536,
-            send_proxy: None,
-            health: HealthSettings::default(),
-        }
-    }
-}
-
-mod humantime_serde_compat {
-    use std::time::Duration;
-    pub fn serialize<S: serde::Serializer>(d: &Duration, s: S) -> Result<S::Ok, S::Error> {
-        s.serialize_str(&humantime::format_duration(*d).to_string())
-    }
-}
-
-#[derive(Debug, Clone, PartialEq, Eq)]
-pub struct TaskConfig {
-    pub service: ServiceName,
-    pub addr: SocketAddr,
-    pub id: TaskId,
-    pub weight: u32,
-    /// Ports this task asks every node to publish for its service (Docker's
-    /// `routemesh.publish` label).
-    pub publish: Vec<PublishSpec>,
-}
-
-/// Listener-wide HTTP limits.
-#[derive(Debug, Clone, PartialEq, Eq)]
-pub struct HttpLimits {
-    pub max_header_bytes: usize,
-    pub max_headers: usize,
-    pub header_read_timeout: Duration,
-    pub idle_timeout: Duration,
-    /// 0 = unlimited.
-    pub max_body_bytes: u64,
-}
-
-impl Default for HttpLimits {
-    fn default() -> Self {
-        HttpLimits {
-            max_header_bytes: 65536,
-            max_headers: 100,
-            header_read_timeout: Duration::from_secs(10),
-            idle_timeout: Duration::from_secs(60),
-            max_body_bytes: 0,
-        }
-    }
-}
-
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub enum LogFormat {
-    Text,
-    Json,
-}
-
-#[derive(Debug, Clone, PartialEq, Eq)]
-pub struct LogConfig {
-    /// A tracing filter directive (`info`, `routemesh=debug`); RUST_LOG wins when set.
-    pub level: String,
-    pub format: LogFormat,
-    /// One line per HTTP request.
-    pub access: bool,
-}
-
-#[derive(Debug, Clone, PartialEq, Eq)]
-pub struct RuntimeConfig {
-    /// Tokio worker threads; default the number of cores.
-    pub worker_threads: usize,
-}
-
-pub const DEFAULT_ADMIN: &str = "127.0.0.1:9901";
-pub const DEFAULT_ENDPOINT: &str = "http://127.0.0.1:2379";
-pub const DEFAULT_PREFIX: &str = "/routemesh";
-
 impl Config {
     /// Reads and validates `path`.
     pub fn load(path: &Path) -> Result<Config, ConfigError> {
@@ -330,39 +90,9 @@ impl Config {
     /// Validates `source` as if read from `path`.
     pub fn parse(path: &Path, source: &str) -> Result<Config, ConfigError> {
         let mut issues = Issues::new(source);
-        let table = match toml::de::DeTable::parse(source) {
-            Ok(t) => t,
-            Err(e) => {
-                issues.at(
-                    e.span().unwrap_or(0..0),
-                    format!("invalid TOML: {}", e.message().trim()),
-                );
-                return Err(issues.into_error(path));
-            }
+        let Some(raw) = file::deserialize::<RawConfig>(source, &mut issues) else {
+            return Err(issues.into_error(path));
         };
-        let mut unknown: Vec<Vec<String>> = Vec::new();
-        let raw: RawConfig = match toml::Deserializer::parse(source)
-            .and_then(|de| serde_ignored::deserialize(de, |p| unknown.push(path_segments(&p))))
-        {
-            Ok(raw) => raw,
-            Err(e) => {
-                issues.at(
-                    e.span().unwrap_or(0..0),
-                    format!("{} (see config/example.toml)", e.message().trim()),
-                );
-                return Err(issues.into_error(path));
-            }
-        };
-        for segments in unknown {
-            let span = span_of(table.get_ref(), &segments).unwrap_or(0..0);
-            let key = segments.join(".");
-            issues.at(
-                span,
-                format!(
-                    "unknown key `{key}`: remove it or check its spelling (config/example.toml lists every key)"
-                ),
-            );
-        }
         let config = validate(path, raw, &mut issues);
         if issues.is_empty() {
             Ok(config)
@@ -377,818 +107,37 @@ impl Config {
     }
 }
 
-/// The key path of an ignored value, without serde's internal wrappers (Spanned's fields).
-fn path_segments(path: &serde_ignored::Path<'_>) -> Vec<String> {
-    use serde_ignored::Path as P;
-    let mut out = Vec::new();
-    let mut cur = path;
-    loop {
-        match cur {
-            P::Root => break,
-            P::Seq { parent, index } => {
-                out.push(index.to_string());
-                cur = parent;
-            }
-            P::Map { parent, key } => {
-                if !key.starts_with("$__") {
-                    out.push(key.clone());
-                }
-                cur = parent;
-            }
-            P::Some { parent } | P::NewtypeStruct { parent } | P::NewtypeVariant { parent } => {
-                cur = parent
-            }
-        }
-    }
-    out.reverse();
-    out
-}
-
-/// The span of the key at `segments` (array indices as numbers) in the parsed document.
-fn span_of(table: &toml::de::DeTable<'_>, segments: &[String]) -> Option<Range<usize>> {
-    use toml::de::DeValue;
-    let (first, rest) = segments.split_first()?;
-    let (key, value) = table.iter().find(|(k, _)| k.get_ref().as_ref() == first)?;
-    if rest.is_empty() {
-        return Some(key.span());
-    }
-    let mut value = value;
-    let mut rest = rest;
-    // Walk through arrays (of tables) by index.
-    while let DeValue::Array(items) = value.get_ref() {
-        let (idx, r) = rest.split_first()?;
-        value = items.get(idx.parse::<usize>().ok()?)?;
-        rest = r;
-        if rest.is_empty() {
-            return Some(value.span());
-        }
-    }
-    match value.get_ref() {
-        DeValue::Table(t) => span_of(t, rest).or(Some(key.span())),
-        _ => Some(key.span()),
-    }
-}
-
-fn span<T>(s: &S<T>) -> Range<usize> {
-    s.span()
-}
-
-fn duration(issues: &mut Issues, v: &Option<S<String>>, default: Duration, key: &str) -> Duration {
-    let Some(v) = v else { return default };
-    match humantime::parse_duration(v.get_ref().trim()) {
-        Ok(d) => d,
-        Err(e) => {
-            issues.at(
-                span(v),
-                format!(
-                    "`{key}`: {:?} is not a duration ({e}); write a string like \"500ms\", \"3s\" or \"1m\"",
-                    v.get_ref()
-                ),
-            );
-            default
-        }
-    }
-}
-
-fn positive_duration(
-    issues: &mut Issues,
-    v: &Option<S<String>>,
-    default: Duration,
-    key: &str,
-) -> Duration {
-    let d = duration(issues, v, default, key);
-    if d.is_zero() {
-        if let Some(v) = v {
-            issues.at(span(v), format!("`{key}` must be greater than zero"));
-        }
-        return default;
-    }
-    d
-}
-
-fn int_in(
-    issues: &mut Issues,
-    v: &Option<S<i64>>,
-    default: i64,
-    range: std::ops::RangeInclusive<i64>,
-    key: &str,
-) -> i64 {
-    let Some(v) = v else { return default };
-    let n = *v.get_ref();
-    if range.contains(&n) {
-        n
-    } else {
-        issues.at(
-            span(v),
-            format!(
-                "`{key}` = {n} is out of range: use a whole number from {} to {}",
-                range.start(),
-                range.end()
-            ),
-        );
-        default
-    }
-}
-
-fn name<T>(
-    issues: &mut Issues,
-    v: &S<String>,
-    key: &str,
-    make: fn(&str) -> Result<T, NameError>,
-) -> Option<T> {
-    match make(v.get_ref()) {
-        Ok(n) => Some(n),
-        Err(e) => {
-            issues.at(span(v), format!("`{key}`: {e}"));
-            None
-        }
-    }
-}
-
-fn socket_addr(issues: &mut Issues, v: &S<String>, key: &str) -> Option<SocketAddr> {
-    match v.get_ref().trim().parse::<SocketAddr>() {
-        Ok(a) => Some(a),
-        Err(_) => {
-            issues.at(
-                span(v),
-                format!(
-                    "`{key}`: {:?} is not an IP:PORT address; write e.g. \"0.0.0.0:80\", \"10.0.0.2:1884\" or \"[::1]:80\"",
-                    v.get_ref()
-                ),
-            );
-            None
-        }
-    }
-}
-
-fn one_of<T: Copy>(
-    issues: &mut Issues,
-    v: &Option<S<String>>,
-    default: T,
-    choices: &[(&str, T)],
-    key: &str,
-) -> T {
-    let Some(v) = v else { return default };
-    match choices.iter().find(|(s, _)| *s == v.get_ref()) {
-        Some((_, t)) => *t,
-        None => {
-            let names: Vec<String> = choices.iter().map(|(s, _)| format!("\"{s}\"")).collect();
-            issues.at(
-                span(v),
-                format!(
-                    "`{key}` = {:?} is not supported: use one of {}",
-                    v.get_ref(),
-                    names.join(", ")
-                ),
-            );
-            default
-        }
-    }
-}
-
-fn health_settings(issues: &mut Issues, raw: Option<&S<file::RawHealth>>) -> HealthSettings {
-    let def = HealthSettings::default();
-    let Some(raw) = raw else { return def };
-    let h = raw.get_ref();
-    // An explicit section starts from the documented section defaults (interval 1s).
-    let interval_default = Duration::from_secs(1);
-    let expect_status = match &h.expect_status {
-        None => def.expect_status,
-        Some(v) => {
-            let text = v.get_ref().trim();
-            let parsed = match text.split_once('-') {
-                Some((a, b)) => a
-                    .trim()
-                    .parse::<u16>()
-                    .ok()
-                    .zip(b.trim().parse::<u16>().ok()),
-                None => text.parse::<u16>().ok().map(|c| (c, c)),
-            };
-            match parsed {
-                Some((a, b)) if (100..=599).contains(&a) && (100..=599).contains(&b) && a <= b => {
-                    (a, b)
-                }
-                _ => {
-                    issues.at(
-                        span(v),
-                        format!("`health.expect_status` = {text:?}: write a status or a range like \"200-399\""),
-                    );
-                    def.expect_status
-                }
-            }
-        }
-    };
-    let path = match &h.path {
-        None => def.path.clone(),
-        Some(p) if p.get_ref().starts_with('/') && !p.get_ref().contains(char::is_whitespace) => {
-            p.get_ref().clone()
-        }
-        Some(p) => {
-            issues.at(
-                span(p),
-                "`health.path` must start with '/' and contain no spaces",
-            );
-            def.path.clone()
-        }
-    };
-    let interval = positive_duration(issues, &h.interval, interval_default, "health.interval");
-    let timeout = positive_duration(issues, &h.timeout, def.timeout, "health.timeout");
-    HealthSettings {
-        kind: one_of(
-            issues,
-            &h.kind,
-            def.kind,
-            &[("tcp", HealthKind::Tcp), ("http", HealthKind::Http)],
-            "health.kind",
-        ),
-        path,
-        expect_status,
-        interval,
-        timeout,
-        unhealthy_threshold: int_in(
-            issues,
-            &h.unhealthy_threshold,
-            2,
-            1..=100,
-            "health.unhealthy_threshold",
-        ) as u32,
-        healthy_threshold: int_in(
-            issues,
-            &h.healthy_threshold,
-            1,
-            1..=100,
-            "health.healthy_threshold",
-        ) as u32,
-    }
-}
-
-/// This machine's host name, the default node name.
-pub fn hostname() -> String {
-    std::fs::read_to_string("/proc/sys/kernel/hostname")
-        .or_else(|_| std::fs::read_to_string("/etc/hostname"))
-        .map(|s| s.trim().to_string())
-        .ok()
-        .filter(|s| !s.is_empty())
-        .unwrap_or_else(|| "localhost".to_string())
-}
-
+/// Validates each section in file order; every problem goes to `issues`.
 fn validate(path: &Path, raw: RawConfig, issues: &mut Issues) -> Config {
-    // [node]
-    let node_raw = raw.node.map(|n| n.into_inner()).unwrap_or_default();
-    let node_name = match &node_raw.name {
-        Some(v) => name(issues, v, "node.name", NodeName::new),
-        None => {
-            let host = hostname();
-            let cleaned: String = host
-                .chars()
-                .map(|c| {
-                    if c.is_ascii_alphanumeric() || matches!(c, '.' | '_' | '-') {
-                        c
-                    } else {
-                        '-'
-                    }
-                })
-                .take(128)
-                .collect();
-            NodeName::new(&cleaned).ok()
-        }
-    }
-    .unwrap_or_else(|| NodeName::new("node").expect("valid literal"));
-    let advertise = node_raw
-        .advertise
-        .as_ref()
-        .and_then(|v| match v.get_ref().trim().parse::<IpAddr>() {
-            Ok(ip) => Some(ip),
-            Err(_) => {
-                issues.at(
-                    span(v),
-                    format!(
-                        "`node.advertise`: {:?} is not an IP address; write the address clients use for this node, e.g. \"10.0.0.1\"",
-                        v.get_ref()
-                    ),
-                );
-                None
-            }
-        });
-    let drain_timeout = duration(
+    let node = node::validate(issues, &raw.node.map(S::into_inner).unwrap_or_default());
+    let discovery = discovery::validate(
         issues,
-        &node_raw.drain_timeout,
-        Duration::from_secs(10),
-        "node.drain_timeout",
+        path,
+        &raw.discovery.map(S::into_inner).unwrap_or_default(),
     );
-
-    // [discovery]
-    let d = raw.discovery.map(|d| d.into_inner()).unwrap_or_default();
-    let backend = one_of(
-        issues,
-        &d.backend,
-        DiscoveryBackend::Etcd,
-        &[
-            ("etcd", DiscoveryBackend::Etcd),
-            ("static", DiscoveryBackend::Static),
-        ],
-        "discovery.backend",
-    );
-    let endpoints = match &d.endpoints {
-        None => vec![DEFAULT_ENDPOINT.to_string()],
-        Some(list) => {
-            if list.get_ref().is_empty() {
-                issues.at(
-                    span(list),
-                    "`discovery.endpoints` is empty: list every etcd member, e.g. [\"http://10.0.0.1:2379\"]",
-                );
-            }
-            let mut out = Vec::new();
-            for ep in list.get_ref() {
-                let s = ep.get_ref().trim();
-                let rest = s
-                    .strip_prefix("http://")
-                    .or_else(|| s.strip_prefix("https://"));
-                let valid = rest.is_some_and(|r| {
-                    let hostport = r.trim_end_matches('/');
-                    hostport.rsplit_once(':').is_some_and(|(h, p)| {
-                        !h.is_empty() && p.parse::<u16>().is_ok_and(|p| p > 0)
-                    })
-                });
-                if valid {
-                    out.push(s.trim_end_matches('/').to_string());
-                } else {
-                    issues.at(
-                        span(ep),
-                        format!(
-                            "`discovery.endpoints`: {s:?} is not an etcd URL; write \"http://HOST:PORT\" (or https://)"
-                        ),
-                    );
-                }
-            }
-            out
-        }
-    };
-    let prefix = match &d.prefix {
-        None => DEFAULT_PREFIX.to_string(),
-        Some(p) => {
-            let s = p.get_ref().trim_end_matches('/');
-            if !p.get_ref().starts_with('/') || s.is_empty() || s.contains("//") {
-                issues.at(
-                    span(p),
-                    format!(
-                        "`discovery.prefix` = {:?}: write an absolute key prefix such as \"/routemesh\"",
-                        p.get_ref()
-                    ),
-                );
-                DEFAULT_PREFIX.to_string()
-            } else {
-                s.to_string()
-            }
-        }
-    };
-    let node_ttl = positive_duration(
-        issues,
-        &d.node_ttl,
-        Duration::from_secs(3),
-        "discovery.node_ttl",
-    );
-    if let Some(v) = &d.node_ttl
-        && (node_ttl.subsec_nanos() != 0 || node_ttl > Duration::from_secs(3600))
-    {
-        issues.at(
-            span(v),
-            "`discovery.node_ttl` must be a whole number of seconds from 1s to 1h (etcd leases count seconds; etcd raises TTLs below 2s to 2s)",
-        );
-    }
-    let resync_interval = positive_duration(
-        issues,
-        &d.resync_interval,
-        Duration::from_secs(300),
-        "discovery.resync_interval",
-    );
-    let dial_timeout = positive_duration(
-        issues,
-        &d.dial_timeout,
-        Duration::from_secs(2),
-        "discovery.dial_timeout",
-    );
-
-    let security = edge::etcd_security(issues, path, &d, &endpoints);
-
-    // [admin]
-    let admin_raw = raw.admin.map(|a| a.into_inner()).unwrap_or_default();
-    let admin_listen = admin_raw
-        .listen
-        .as_ref()
-        .and_then(|v| socket_addr(issues, v, "admin.listen"))
-        .unwrap_or_else(|| DEFAULT_ADMIN.parse().expect("valid literal"));
-
-    // [[listener]]
-    let mut listeners = Vec::new();
-    let mut seen_names = BTreeSet::new();
-    let mut seen_addrs = BTreeSet::new();
-    for l in &raw.listener {
-        let l_span = span(l);
-        let l = l.get_ref();
-        let protocol = one_of(
-            issues,
-            &l.protocol,
-            Protocol::Tcp,
-            &[
-                ("tcp", Protocol::Tcp),
-                ("http", Protocol::Http),
-                ("tls", Protocol::Tls),
-            ],
-            "listener.protocol",
-        );
-        let listen = match &l.listen {
-            Some(v) => socket_addr(issues, v, "listener.listen"),
-            None => {
-                issues.at(
-                    l_span.clone(),
-                    "[[listener]] needs `listen`, e.g. listen = \"0.0.0.0:80\"",
-                );
-                None
-            }
-        };
-        // Optional on http and tls listeners (no default route: 404 or close).
-        let service = match &l.service {
-            Some(v) => name(issues, v, "listener.service", ServiceName::new).map(Some),
-            None if protocol == Protocol::Tcp => {
-                issues.at(
-                    l_span.clone(),
-                    "[[listener]] needs `service`: the service its connections go to",
-                );
-                None
-            }
-            None => Some(None),
-        };
-        let mut routes = Vec::new();
-        for r in &l.route {
-            if protocol == Protocol::Tls {
-                continue; // SNI routes: edge.rs
-            }
-            if protocol != Protocol::Http {
-                issues.at(
-                    span(r),
-                    "[[listener.route]] is only for protocol = \"http\" listeners: remove it or change the protocol",
-                );
-                continue;
-            }
-            let r_span = span(r);
-            let r = r.get_ref();
-            let host = r.host.as_ref().and_then(|h| {
-                let v = h.get_ref().trim().to_ascii_lowercase();
-                let bare = v.strip_prefix("*.").unwrap_or(&v);
-                let ok = !bare.is_empty()
-                    && bare
-                        .bytes()
-                        .all(|b| b.is_ascii_alphanumeric() || matches!(b, b'.' | b'-'));
-                if ok {
-                    Some(v)
-                } else {
-                    issues.at(
-                        span(h),
-                        format!(
-                            "`route.host` = {:?}: write a host name (\"api.example.com\") or a wildcard (\"*.example.com\"), without port",
-                            h.get_ref()
-                        ),
-                    );
-                    None
-                }
-            });
-            let path_prefix = r.path_prefix.as_ref().and_then(|p| {
-                if p.get_ref().starts_with('/') {
-                    Some(p.get_ref().clone())
-                } else {
-                    issues.at(
-                        span(p),
-                        format!(
-                            "`route.path_prefix` = {:?} must start with '/'",
-                            p.get_ref()
-                        ),
-                    );
-                    None
-                }
-            });
-            let service = match &r.service {
-                Some(v) => name(issues, v, "route.service", ServiceName::new),
-                None => {
-                    issues.at(r_span, "[[listener.route]] needs `service`");
-                    None
-                }
-            };
-            if let Some(service) = service {
-                routes.push(RouteConfig {
-                    host,
-                    path_prefix,
-                    service,
-                });
-            }
-        }
-        let (Some(listen), Some(service)) = (listen, service) else {
-            continue;
-        };
-        let lname = match &l.name {
-            Some(v) => {
-                if v.get_ref().is_empty()
-                    || v.get_ref().len() > 64
-                    || !v
-                        .get_ref()
-                        .bytes()
-                        .all(|b| b.is_ascii_alphanumeric() || matches!(b, b'.' | b'_' | b'-'))
-                {
-                    issues.at(
-                        span(v),
-                        "`listener.name`: use 1-64 characters from A-Z a-z 0-9 . _ -",
-                    );
-                }
-                v.get_ref().clone()
-            }
-            None => format!("{}-{}", protocol.as_str(), listen.port()),
-        };
-        let at = l.name.as_ref().map(span).unwrap_or(l_span.clone());
-        let dup_addr = !seen_addrs.insert(listen);
-        if dup_addr {
-            let at = l.listen.as_ref().map(span).unwrap_or(l_span.clone());
-            issues.at(
-                at,
-                format!("two listeners bind {listen}: each `listen` address may appear once"),
-            );
-        }
-        if !seen_names.insert(lname.clone()) && !dup_addr {
-            issues.at(
-                at,
-                format!(
-                    "two listeners are named {lname:?}: give each [[listener]] a distinct `name`"
-                ),
-            );
-        }
-        listeners.push(ListenerConfig {
-            name: lname,
-            listen,
-            protocol,
-            service,
-            routes,
-            edge: edge::listener(issues, path, l, protocol),
-        });
-    }
-    if listeners.iter().any(|l| l.listen == admin_listen) {
+    let admin = admin::validate(issues, &raw.admin.map(S::into_inner).unwrap_or_default());
+    let listeners = listener::validate_all(issues, &raw.listener, path);
+    if listeners.iter().any(|l| l.listen == admin.listen) {
         issues.at(
             0..0,
-            format!("the admin listener and a [[listener]] both bind {admin_listen}"),
+            format!(
+                "the admin listener and a [[listener]] both bind {}",
+                admin.listen
+            ),
         );
     }
-
-    // [service.NAME]
-    let mut services = BTreeMap::new();
-    for (key, s) in &raw.service {
-        let sname = match ServiceName::new(key) {
-            Ok(n) => n,
-            Err(e) => {
-                issues.at(span(s), format!("[service.{key}]: {e}"));
-                continue;
-            }
-        };
-        let s = s.get_ref();
-        let def = ServiceSettings::default();
-        let settings = ServiceSettings {
-            balance: one_of(
-                issues,
-                &s.balance,
-                def.balance,
-                &[
-                    ("round_robin", Balance::RoundRobin),
-                    ("least_conn", Balance::LeastConn),
-                    ("p2c", Balance::P2c),
-                    ("maglev", Balance::Maglev),
-                ],
-                "service.balance",
-            ),
-            connect_timeout: positive_duration(
-                issues,
-                &s.connect_timeout,
-                def.connect_timeout,
-                "service.connect_timeout",
-            ),
-            retries: int_in(issues, &s.retries, 2, 0..=100, "service.retries") as u32,
-            upstream_protocol: one_of(
-                issues,
-                &s.upstream_protocol,
-                def.upstream_protocol,
-                &[
-                    ("http1", UpstreamProtocol::Http1),
-                    ("h2c", UpstreamProtocol::H2c),
-                ],
-                "service.upstream_protocol",
-            ),
-            request_timeout: positive_duration(
-                issues,
-                &s.request_timeout,
-                def.request_timeout,
-                "service.request_timeout",
-            ),
-            hash_key: match &s.hash_key {
-                None => def.hash_key.clone(),
-                Some(v) => match v.get_ref().as_str() {
-                    "mqtt_client_id" => HashKey::MqttClientId,
-                    "source_ip" => HashKey::SourceIp,
-                    h if h.starts_with("header:")
-                        && h.len() > 7
-                        && h[7..]
-                            .bytes()
-                            .all(|b| b.is_ascii_alphanumeric() || b == b'-' || b == b'_') =>
-                    {
-                        HashKey::Header(h[7..].to_ascii_lowercase())
-                    }
-                    other => {
-                        issues.at(
-                            span(v),
-                            format!("`service.hash_key` = {other:?}: use \"mqtt_client_id\", \"source_ip\" or \"header:NAME\""),
-                        );
-                        def.hash_key.clone()
-                    }
-                },
-            },
-            peek_timeout: positive_duration(
-                issues,
-                &s.peek_timeout,
-                def.peek_timeout,
-                "service.peek_timeout",
-            ),
-            max_connect_bytes: int_in(
-                issues,
-                &s.max_connect_bytes,
-                def.max_connect_bytes as i64,
-                16..=16 * 1024 * 1024,
-                "service.max_connect_bytes",
-            ) as usize,
-            send_proxy: edge::send_proxy(issues, &s.send_proxy),
-            health: health_settings(issues, s.health.as_ref()),
-        };
-        if let Some(v) = &s.hash_key
-            && settings.balance != Balance::Maglev
-        {
-            issues.at(
-                span(v),
-                "`service.hash_key` only applies to balance = \"maglev\": set the balance or remove the key",
-            );
-        }
-        services.insert(sname, settings);
-    }
-
-    // [[task]]
-    let mut tasks: Vec<TaskConfig> = Vec::new();
-    let mut seen_tasks = BTreeSet::new();
-    for t in &raw.task {
-        let t_span = span(t);
-        let t = t.get_ref();
-        let service = match &t.service {
-            Some(v) => name(issues, v, "task.service", ServiceName::new),
-            None => {
-                issues.at(
-                    t_span.clone(),
-                    "[[task]] needs `service`: the service this task serves",
-                );
-                None
-            }
-        };
-        let addr = match &t.addr {
-            Some(v) => socket_addr(issues, v, "task.addr"),
-            None => {
-                issues.at(
-                    t_span.clone(),
-                    "[[task]] needs `addr`, the task's IP:PORT, e.g. addr = \"10.0.0.2:1884\"",
-                );
-                None
-            }
-        };
-        let weight = int_in(issues, &t.weight, 1, 0..=1000, "task.weight") as u32;
-        let id =
-            t.id.as_ref()
-                .and_then(|v| name(issues, v, "task.id", TaskId::new));
-        let (Some(service), Some(addr)) = (service, addr) else {
-            continue;
-        };
-        let node_for_id = (backend == DiscoveryBackend::Etcd).then_some(&node_name);
-        let id = id.unwrap_or_else(|| TaskId::derived(node_for_id, addr));
-        if !seen_tasks.insert((service.clone(), id.clone())) {
-            issues.at(
-                t.id.as_ref().map(span).unwrap_or(t_span),
-                format!(
-                    "task {id} of service {service} is defined twice: give each a distinct `id`"
-                ),
-            );
-        }
-        tasks.push(TaskConfig {
-            service,
-            addr,
-            id,
-            weight,
-            publish: Vec::new(),
-        });
-    }
-
-    // [http]
-    let h = raw.http.map(|h| h.into_inner()).unwrap_or_default();
-    let hd = HttpLimits::default();
-    let http = HttpLimits {
-        max_header_bytes: int_in(
-            issues,
-            &h.max_header_bytes,
-            hd.max_header_bytes as i64,
-            1024..=16 * 1024 * 1024,
-            "http.max_header_bytes",
-        ) as usize,
-        max_headers: int_in(
-            issues,
-            &h.max_headers,
-            hd.max_headers as i64,
-            1..=10_000,
-            "http.max_headers",
-        ) as usize,
-        header_read_timeout: positive_duration(
-            issues,
-            &h.header_read_timeout,
-            hd.header_read_timeout,
-            "http.header_read_timeout",
-        ),
-        idle_timeout: positive_duration(
-            issues,
-            &h.idle_timeout,
-            hd.idle_timeout,
-            "http.idle_timeout",
-        ),
-        max_body_bytes: int_in(
-            issues,
-            &h.max_body_bytes,
-            0,
-            0..=i64::MAX,
-            "http.max_body_bytes",
-        ) as u64,
-    };
-
-    // [log]
-    let lg = raw.log.map(|l| l.into_inner()).unwrap_or_default();
-    let level = match &lg.level {
-        None => "info".to_string(),
-        Some(v) => {
-            let s = v.get_ref().trim();
-            if s.is_empty() || s.contains(char::is_whitespace) {
-                issues.at(
-                    span(v),
-                    "`log.level`: write a level (\"error\", \"warn\", \"info\", \"debug\", \"trace\") or a filter like \"routemesh=debug\"",
-                );
-            }
-            s.to_string()
-        }
-    };
-    let log = LogConfig {
-        level,
-        format: one_of(
-            issues,
-            &lg.format,
-            LogFormat::Text,
-            &[("text", LogFormat::Text), ("json", LogFormat::Json)],
-            "log.format",
-        ),
-        access: lg.access.as_ref().map(|v| *v.get_ref()).unwrap_or(false),
-    };
-
-    let docker = docker::validate(issues, raw.docker.as_ref(), backend);
-
-    let dns = dns::validate(issues, raw.dns.as_ref(), admin_listen, &listeners);
-
-    // [runtime]
-    let rt = raw.runtime.map(|r| r.into_inner()).unwrap_or_default();
-    let cores = std::thread::available_parallelism()
-        .map(|n| n.get())
-        .unwrap_or(1);
-    let runtime = RuntimeConfig {
-        worker_threads: int_in(
-            issues,
-            &rt.worker_threads,
-            cores as i64,
-            1..=1024,
-            "runtime.worker_threads",
-        ) as usize,
-    };
-
+    let services = service::validate(issues, &raw.service);
+    let tasks = task::validate(issues, &raw.task, discovery.backend, &node.name);
+    let http = http::validate(issues, &raw.http.map(S::into_inner).unwrap_or_default());
+    let log = log::validate(issues, &raw.log.map(S::into_inner).unwrap_or_default());
+    let docker = docker::validate(issues, raw.docker.as_ref(), discovery.backend);
+    let dns = dns::validate(issues, raw.dns.as_ref(), admin.listen, &listeners);
+    let runtime = runtime::validate(issues, &raw.runtime.map(S::into_inner).unwrap_or_default());
     Config {
         source: path.to_path_buf(),
-        node: NodeConfig {
-            name: node_name,
-            advertise,
-            drain_timeout,
-        },
-        discovery: DiscoveryConfig {
-            backend,
-            endpoints,
-            prefix,
-            node_ttl,
-            resync_interval,
-            dial_timeout,
-            security,
-        },
-        admin: AdminConfig {
-            listen: admin_listen,
-        },
+        node,
+        discovery,
+        admin,
         listeners,
         services,
         tasks,
@@ -1200,13 +149,35 @@ fn validate(path: &Path, raw: RawConfig, issues: &mut Issues) -> Config {
     }
 }
 
+/// What the config unit tests share.
 #[cfg(test)]
-mod tests {
-    use super::*;
+pub(crate) mod testing {
+    use std::path::Path;
 
-    fn parse(src: &str) -> Result<Config, ConfigError> {
+    use super::{Config, ConfigError};
+
+    /// Validates `src` as the file `t.toml`.
+    pub(crate) fn parse(src: &str) -> Result<Config, ConfigError> {
         Config::parse(Path::new("t.toml"), src)
     }
+
+    /// Validates `src` as `/etc/routemesh/t.toml` (relative paths resolve under /etc/routemesh).
+    pub(crate) fn parse_etc(src: &str) -> Result<Config, ConfigError> {
+        Config::parse(Path::new("/etc/routemesh/t.toml"), src)
+    }
+
+    /// The errors of [`parse_etc`], rendered.
+    pub(crate) fn err(src: &str) -> String {
+        parse_etc(src).unwrap_err().to_string()
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use std::time::Duration;
+
+    use super::testing::parse;
+    use super::*;
 
     #[test]
     fn empty_file_gives_defaults() {

@@ -92,6 +92,13 @@ impl Publisher {
         }
     }
 
+    /// Relative certificate paths of published listeners resolve against `path`'s directory
+    /// (this node's config file).
+    pub fn with_config_path(mut self, path: &std::path::Path) -> Publisher {
+        self.table.config_path = path.to_path_buf();
+        self
+    }
+
     pub fn status(&self) -> &Arc<DiscoveryStatus> {
         &self.status
     }

@@ -11,10 +11,11 @@ use etcd_client::{Client, LeaseKeepAliveStream, LeaseKeeper, PutOptions, Txn, Tx
 use tokio::sync::watch;
 use tokio_util::sync::CancellationToken;
 
-use super::etcd::{Backoff, DiscoveryError, Members};
+use super::etcd::{DiscoveryError, Members};
 use super::failure;
 use super::keys::{NodeRecord, TaskRecord, node_alive_key, node_info_key, task_key};
 use crate::config::{NodeName, TaskConfig};
+use crate::util::backoff::Backoff;
 
 /// How often the registration is written again even when it did not change.
 const REASSERT_EVERY: Duration = Duration::from_secs(30);

@@ -337,9 +337,10 @@ mod tests {
                 r#"{"listen":"0.0.0.0:80","service":"x"}"#,
             ),
         ]);
-        let toml = crate::config::published::listener_from_json(
+        let toml = crate::config::listener::from_json(
             "local-mqtt",
             br#"{"listen":"127.0.0.1:1883","service":"mqtt"}"#,
+            std::path::Path::new(""),
         )
         .unwrap();
         let allowed = crate::config::PortRanges::new(vec![(80, 80), (1883, 1883)]);

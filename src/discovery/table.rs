@@ -5,7 +5,7 @@
 use std::collections::BTreeMap;
 
 use super::keys::{Availability, Key, NodeRecord, TaskRecord};
-use crate::config::{ListenerConfig, NodeName, ServiceName, TaskId};
+use crate::config::{ListenerConfig, NodeName, ServiceName, TaskId, listener};
 
 /// One change, as read from etcd.
 #[derive(Debug, Clone)]
@@ -69,6 +69,9 @@ pub struct RoutingTable {
     pub nodes: BTreeMap<NodeName, NodeEntry>,
     /// Listeners published for the whole cluster (`listeners/{name}`), validated.
     pub listeners: BTreeMap<String, ListenerConfig>,
+    /// This node's config file: relative certificate paths of published listeners are
+    /// resolved against its directory.
+    pub config_path: std::path::PathBuf,
     /// Keys currently skipped, with why (shown by /routes).
     pub invalid: BTreeMap<String, String>,
 }
@@ -86,7 +89,9 @@ impl RoutingTable {
         let mut found = Vec::new();
         match update {
             Update::Reset { revision, kvs } => {
-                let previous = std::mem::replace(self, RoutingTable::new(&self.prefix));
+                let mut fresh = RoutingTable::new(&self.prefix);
+                fresh.config_path = self.config_path.clone();
+                let previous = std::mem::replace(self, fresh);
                 for (key, value) in kvs {
                     self.put(&key, &value, Some(&previous), &mut found);
                 }
@@ -165,14 +170,13 @@ impl RoutingTable {
                 };
                 self.nodes.entry(node).or_default().availability = availability;
             }
-            Key::Listener(name) => match crate::config::published::listener_from_json(&name, value)
-            {
+            Key::Listener(name) => match listener::from_json(&key_text, value, &self.config_path) {
                 Ok(listener) => {
                     self.invalid.remove(&key_text);
                     self.listeners.insert(name, listener);
                 }
                 Err(e) => {
-                    let reason = invalid(e);
+                    let reason = invalid(e.problems.join("; "));
                     self.invalid.insert(key_text.clone(), reason);
                     if let Some(prev) = previous.and_then(|p| p.listeners.get(&name)) {
                         self.listeners.insert(name, prev.clone());

@@ -34,7 +34,8 @@ use tokio_util::sync::CancellationToken;
 use crate::config::{DnsConfig, NodeName};
 use crate::metrics::Metrics;
 use crate::ratelimit::LogLimiter;
-use crate::snapshot::{SharedSnapshot, now_ms};
+use crate::snapshot::SharedSnapshot;
+use crate::util::clock::now_ms;
 use answer::{Ctx, Transport, Zone};
 use live::{LastKnown, RATE_BURST, RATE_PER_SEC, RateLimiter, Reachability};
 
@@ -57,7 +58,7 @@ pub struct Sockets {
 impl Sockets {
     /// Binds both (called by app.rs before it reports ready, so a taken port fails start-up).
     pub fn bind(addr: SocketAddr) -> io::Result<Sockets> {
-        let tcp = crate::proxy::listener::bind(addr)?;
+        let tcp = crate::util::net::bind(addr)?;
         let std_udp = std::net::UdpSocket::bind(addr)?;
         std_udp.set_nonblocking(true)?;
         Ok(Sockets {

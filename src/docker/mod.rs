@@ -40,9 +40,9 @@ use tokio::task::JoinHandle;
 use tokio_util::sync::CancellationToken;
 
 use crate::config::{Config, DockerConfig, NodeName, TaskConfig};
-use crate::discovery::etcd::Backoff;
 use crate::discovery::node::Registration;
 use crate::metrics::Metrics;
+use crate::util::backoff::Backoff;
 use container::{Container, EventEffect, Selection, effect_of};
 use tracker::{Notice, Tracker, merged};
 

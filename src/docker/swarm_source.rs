@@ -39,7 +39,7 @@ use super::swarm::{
 };
 use super::{MAX_BACKOFF, REQUEST_TIMEOUT_SECS, connect};
 use crate::config::{DockerConfig, TaskConfig};
-use crate::discovery::etcd::Backoff;
+use crate::util::backoff::Backoff;
 
 /// How often the services and tasks are re-listed after a swarm event...
 pub const HOT_INTERVAL: Duration = Duration::from_secs(1);

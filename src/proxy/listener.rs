@@ -1,36 +1,16 @@
-//! Binding published ports (socket2: SO_REUSEADDR, a deep backlog) and the accept loop shared
-//! by every listener kind. The loop survives resource exhaustion: when the process runs out of
+//! The accept loop shared by every listener kind (its sockets come from `util::net::bind`). The loop survives resource exhaustion: when the process runs out of
 //! file descriptors it backs off and recovers instead of spinning or stopping.
 
 use std::future::Future;
-use std::io;
 use std::net::SocketAddr;
 use std::time::Duration;
 
-use socket2::{Domain, Protocol, Socket, Type};
 use tokio::net::{TcpListener, TcpStream};
 use tokio_util::sync::CancellationToken;
 use tokio_util::task::TaskTracker;
 
 use crate::ratelimit::LogLimiter;
-
-/// Binds a TCP listener for a published port. TCP_NODELAY and keepalive are set on the
-/// listening socket: Linux copies them to every accepted connection, which saves five
-/// system calls per connection.
-pub fn bind(addr: SocketAddr) -> io::Result<TcpListener> {
-    let socket = Socket::new(Domain::for_address(addr), Type::STREAM, Some(Protocol::TCP))?;
-    socket.set_reuse_address(true)?;
-    socket.set_tcp_nodelay(true)?;
-    socket.set_tcp_keepalive(&super::upstream::keepalive())?;
-    if addr.is_ipv6() {
-        // "[::]:80" serves IPv4 too unless the system says otherwise.
-        let _ = socket.set_only_v6(false);
-    }
-    socket.set_nonblocking(true)?;
-    socket.bind(&addr.into())?;
-    socket.listen(4096)?;
-    TcpListener::from_std(socket.into())
-}
+use crate::util::net::is_resource_exhaustion;
 
 /// Where connections run: tracked for draining, and stopped hard when the drain ends.
 #[derive(Clone, Default)]
@@ -44,13 +24,6 @@ pub struct Connections {
 }
 
 static ACCEPT_ERROR_LOG: LogLimiter = LogLimiter::new(1000);
-
-pub(crate) fn is_resource_exhaustion(e: &io::Error) -> bool {
-    matches!(
-        e.raw_os_error(),
-        Some(code) if code == libc::EMFILE || code == libc::ENFILE || code == libc::ENOBUFS || code == libc::ENOMEM
-    )
-}
 
 /// Accepts until `stop` fires, running `handle` for each connection under `conns`.
 pub async fn accept_loop<F, Fut>(
@@ -101,22 +74,4 @@ pub async fn accept_loop<F, Fut>(
         }
     }
     tracing::info!(listener = %name, "stopped accepting");
-}
-
-#[cfg(test)]
-mod tests {
-    use super::*;
-
-    #[tokio::test]
-    async fn accepted_connections_inherit_nodelay_and_keepalive() {
-        let l = bind("127.0.0.1:0".parse().unwrap()).unwrap();
-        let _c = TcpStream::connect(l.local_addr().unwrap()).await.unwrap();
-        let (s, _) = l.accept().await.unwrap();
-        assert!(s.nodelay().unwrap());
-        let r = socket2::SockRef::from(&s);
-        assert!(r.keepalive().unwrap());
-        assert_eq!(r.tcp_keepalive_time().unwrap(), Duration::from_secs(60));
-        assert_eq!(r.tcp_keepalive_interval().unwrap(), Duration::from_secs(10));
-        assert_eq!(r.tcp_keepalive_retries().unwrap(), 6);
-    }
 }

@@ -4,11 +4,9 @@
 //! Reads the snapshot and balancers; never writes routing state (passive failures go to the
 //! task's shared atomic state). Owns no config parsing and no discovery.
 
-pub mod client_hello;
-pub mod edge;
+pub mod admission;
 pub mod http;
 pub mod listener;
-pub mod proxy_protocol;
 pub mod socket;
 pub mod splice;
 pub mod tcp;
@@ -37,7 +35,7 @@ pub struct ListenerCtx {
     pub http: HttpLimits,
     /// HTTP listeners: one log line per request.
     pub access_log: bool,
-    /// PROXY protocol, limits, TLS settings and SNI routes (edge.rs, tls.rs).
+    /// PROXY protocol, limits, TLS settings and SNI routes (admission.rs, tls.rs).
     pub edge: crate::config::ListenerEdge,
     /// Cancelled when the daemon starts draining (HTTP: graceful connection shutdown).
     pub drain: tokio_util::sync::CancellationToken,

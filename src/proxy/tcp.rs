@@ -23,7 +23,7 @@ use super::upstream::{self, ConnectError};
 use super::{ListenerCtx, OpenConnection};
 use crate::balance::{ip_hash, key_hash};
 use crate::config::{Balance, HashKey};
-use crate::mqtt::{self, Parse};
+use crate::protocol::mqtt::{self, Parse};
 use crate::ratelimit::LogLimiter;
 use crate::snapshot::Service;
 
@@ -85,7 +85,7 @@ pub async fn handle(ctx: Arc<ListenerCtx>, client: TcpStream, peer: SocketAddr) 
         // `peer` is the client (from an accepted PROXY header too); the destination is the
         // address the client reached on this node.
         let local = client.local_addr().unwrap_or(peer);
-        let header = super::proxy_protocol::encode(version, peer, local);
+        let header = crate::protocol::proxy_protocol::encode(version, peer, local);
         first.splice(0..0, header);
     }
     if !first.is_empty() {

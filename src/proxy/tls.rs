@@ -11,7 +11,7 @@
 //!
 //! `protocol = "tls"` listeners: passthrough routed by SNI. The ClientHello
 //! is read with MSG_PEEK (bounded by `handshake_timeout` and `max_client_hello_bytes`),
-//! parsed by `client_hello.rs`, and the connection is handed to the TCP proxy with the
+//! parsed by `protocol::client_hello`, and the connection is handed to the TCP proxy with the
 //! service its SNI routes to; the bytes go to the task untouched and the task does the
 //! handshake. Garbage, a truncated or oversized ClientHello, a name no route matches on a
 //! listener without a default `service` (or no name at all there) or a silent client close
@@ -29,11 +29,11 @@ use tokio_rustls::rustls::sign::CertifiedKey;
 use tokio_rustls::rustls::{self, ServerConfig};
 
 use super::ListenerCtx;
-use super::client_hello::{self, Hello};
-use super::edge::count_rejected;
+use super::admission::count_rejected;
 use super::http::route::host_matches;
 use super::socket::{PeekReasons, peek_until};
-use crate::config::edge::{CertConfig, CertError, load_cert_pair, tls_provider};
+use crate::config::certs::{LoadedCerts, tls_provider};
+use crate::protocol::client_hello::{self, Hello};
 
 /// A tls listener's routes, each with the context its connections run under.
 pub struct SniRouter {
@@ -119,18 +119,6 @@ pub async fn peek_client_hello(
 
 // ---------------------------------------------------------------------------------------------
 // Termination on http listeners with `tls`
-
-/// Certificates loaded from `[[listener.tls.cert]]` (or `tls = { cert, key }`), in config
-/// order: the SNI pattern (`None` for the single-cert form) and the key pair.
-pub type LoadedCerts = Vec<(Option<String>, Arc<CertifiedKey>)>;
-
-/// Reads every certificate pair of a listener; all or nothing.
-pub fn load_certs(certs: &[CertConfig]) -> Result<LoadedCerts, CertError> {
-    certs
-        .iter()
-        .map(|c| Ok((c.sni.clone(), Arc::new(load_cert_pair(&c.cert, &c.key)?))))
-        .collect()
-}
 
 /// Picks the certificate by the ClientHello's SNI: the first entry whose `sni` matches
 /// (exact or `*.suffix`), else the first entry (the default). Swapped whole on reload, so a

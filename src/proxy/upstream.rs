@@ -3,14 +3,15 @@
 //! task whenever one exists. Shared by the TCP and HTTP proxies.
 
 use std::io;
-use std::net::SocketAddr;
 use std::sync::Arc;
 
-use tokio::net::{TcpSocket, TcpStream};
+use tokio::net::TcpStream;
 
 use crate::metrics::Metrics;
 use crate::ratelimit::LogLimiter;
-use crate::snapshot::{InFlight, Service, Task, now_ms};
+use crate::snapshot::{InFlight, Service, Task};
+use crate::util::clock::now_ms;
+use crate::util::net::{dial, is_resource_exhaustion};
 
 /// Why no upstream connection could be made.
 #[derive(Debug, thiserror::Error)]
@@ -36,36 +37,6 @@ pub struct Upstream {
 }
 
 static CONNECT_FAILED_LOG: LogLimiter = LogLimiter::new(1000);
-
-/// Opens one TCP connection with `timeout`, TCP_NODELAY and keepalive set.
-pub async fn dial(addr: SocketAddr, timeout: std::time::Duration) -> io::Result<TcpStream> {
-    let socket = if addr.is_ipv4() {
-        TcpSocket::new_v4()?
-    } else {
-        TcpSocket::new_v6()?
-    };
-    socket.set_nodelay(true)?;
-    let stream = tokio::time::timeout(timeout, socket.connect(addr))
-        .await
-        .map_err(|_| io::Error::new(io::ErrorKind::TimedOut, "connect timed out"))??;
-    set_keepalive(&stream);
-    Ok(stream)
-}
-
-/// TCP keepalive so that a peer that vanished is noticed on long idle connections: probes
-/// after 60 s idle, every 10 s, 6 unanswered ones close it.
-pub fn keepalive() -> socket2::TcpKeepalive {
-    socket2::TcpKeepalive::new()
-        .with_time(std::time::Duration::from_secs(60))
-        .with_interval(std::time::Duration::from_secs(10))
-        .with_retries(6)
-}
-
-/// [`keepalive`] on a connection this node opened (accepted ones inherit it from their
-/// listening socket, see `listener::bind`).
-pub fn set_keepalive(stream: &TcpStream) {
-    let _ = socket2::SockRef::from(stream).set_tcp_keepalive(&keepalive());
-}
 
 /// A connect to `task` of `service` failed: eject the task on this node (passive health),
 /// count it, and log it (rate-limited). Shared by the TCP and both HTTP paths.
@@ -113,7 +84,7 @@ pub async fn connect(
                     attempts: tried.len(),
                 });
             }
-            Err(e) if super::listener::is_resource_exhaustion(&e) => {
+            Err(e) if is_resource_exhaustion(&e) => {
                 // Out of descriptors here: not the task's fault, so no ejection, no retry.
                 drop(in_flight);
                 last = Some(e);

@@ -25,7 +25,7 @@ use tokio::time::{Instant, Sleep};
 
 use super::errors::ProxyError;
 use super::head::{Chunked, Framing, HeadError, check_head};
-use crate::snapshot::now_ms;
+use crate::util::clock::now_ms;
 
 /// What hyper parses in place of a refused head. Its answer closes the connection.
 /// Lingering close after a refusal: at most this much, this long.

@@ -35,7 +35,9 @@ use super::{
 use crate::config::{Balance, HashKey, UpstreamProtocol};
 use crate::proxy::socket::{read_some, write_all};
 use crate::proxy::{ListenerCtx, upstream};
-use crate::snapshot::{Service, Task, now_ms};
+use crate::snapshot::{Service, Task};
+use crate::util::clock::now_ms;
+use crate::util::net::dial;
 
 /// Request bodies up to this size are read whole before the request goes out (so any
 /// request can be sent again); larger ones go to the hyper path, which streams them.
@@ -614,7 +616,7 @@ impl Client<'_> {
         if !fresh_only && let Some(s) = checkout(task.addr) {
             return Ok(Some((s, true)));
         }
-        match tokio::time::timeout_at(deadline, upstream::dial(task.addr, connect_timeout)).await {
+        match tokio::time::timeout_at(deadline, dial(task.addr, connect_timeout)).await {
             Err(_) => Ok(None),
             Ok(Ok(s)) => Ok(Some((s, false))),
             Ok(Err(e)) => Err(e),

@@ -51,7 +51,8 @@ use self::pool::{Pool, SendError, Sender};
 use super::{ListenerCtx, OpenConnection, upstream};
 use crate::config::{ServiceName, UpstreamProtocol};
 use crate::ratelimit::LogLimiter;
-use crate::snapshot::{Task, now_ms};
+use crate::snapshot::Task;
+use crate::util::clock::now_ms;
 
 /// The client preface of HTTP/2 (RFC 9113 §3.4).
 const H2_PREFACE: &[u8] = b"PRI * HTTP/2.0\r\n\r\nSM\r\n\r\n";
@@ -540,7 +541,7 @@ async fn forward(
     let mut pending = Request::from_parts(parts, body);
 
     let proxy_header = settings.send_proxy.map(|v| {
-        crate::proxy::proxy_protocol::encode(v, conn.peer, conn.local.unwrap_or(conn.peer))
+        crate::protocol::proxy_protocol::encode(v, conn.peer, conn.local.unwrap_or(conn.peer))
     });
     let request_timeout = settings.request_timeout;
     let deadline = Instant::now() + request_timeout;

@@ -20,7 +20,7 @@ use hyper_util::rt::{TokioExecutor, TokioIo, TokioTimer};
 
 use super::body::Body;
 use crate::config::UpstreamProtocol;
-use crate::proxy::upstream;
+use crate::util::net::dial;
 
 /// Idle connections older than this are closed rather than reused: most servers close idle
 /// keep-alive connections after 60–75 s, and reusing one they are closing fails the request.
@@ -78,7 +78,7 @@ pub async fn connect(
     upgrades: bool,
     proxy_header: Option<&[u8]>,
 ) -> io::Result<Sender> {
-    let mut stream = upstream::dial(addr, connect_timeout).await?;
+    let mut stream = dial(addr, connect_timeout).await?;
     if let Some(h) = proxy_header {
         // `send_proxy`: the PROXY header goes first on the connection, before any HTTP.
         tokio::io::AsyncWriteExt::write_all(&mut stream, h).await?;

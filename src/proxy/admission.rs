@@ -20,10 +20,10 @@ use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tokio::net::TcpStream;
 use tokio::time::Instant;
 
-use super::proxy_protocol::{self, Header, Parse};
 use super::socket::{PeekReasons, peek_until};
 use crate::config::ListenerEdge;
 use crate::metrics::Metrics;
+use crate::protocol::proxy_protocol::{self, Header, Parse};
 use crate::ratelimit::LogLimiter;
 
 static REJECT_LOG: LogLimiter = LogLimiter::new(1000);

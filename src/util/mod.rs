@@ -1,0 +1,11 @@
+//! Runtime helpers shared across the crate, each kept where every user finds it rather than
+//! in the module that needed it first:
+//! - `clock`   `now_ms`, the process-wide monotonic clock in milliseconds
+//! - `backoff` `Backoff`, exponential retry pacing with jitter (etcd, lease, Docker)
+//! - `net`     `bind` (listening sockets), `dial` (connects), TCP keepalive, fd exhaustion
+//!
+//! Owns no state of the project and knows nothing of config, routing or protocols.
+
+pub mod backoff;
+pub mod clock;
+pub mod net;
