@@ -5,33 +5,30 @@
 //! and on shutdown revokes the node lease, stops accepting and drains connections up to
 //! `drain_timeout`.
 
-use std::collections::BTreeMap;
-use std::future::Future;
+use std::collections::{BTreeMap, BTreeSet};
 use std::net::SocketAddr;
 use std::sync::Arc;
 use std::sync::atomic::Ordering;
 use std::time::{Duration, SystemTime, UNIX_EPOCH};
 
 use arc_swap::ArcSwap;
-use tokio::net::{TcpListener, TcpStream};
 use tokio::sync::{mpsc, watch};
 use tokio::task::JoinHandle;
 use tokio_util::sync::CancellationToken;
 
 use crate::admin::{self, AdminState};
-use crate::config::certs::{CertError, LoadedCerts, load_certs};
-use crate::config::{
-    Config, DiscoveryBackend, ListenerConfig, Protocol, ServiceName, ServiceSettings,
-};
+use crate::config::certs::CertError;
+use crate::config::{Config, DiscoveryBackend, ServiceName, ServiceSettings};
 use crate::discovery::keys::{NodeRecord, PublishedListener};
 use crate::discovery::node::{LeaseSettings, Registration};
+use crate::discovery::published::Published;
 use crate::discovery::{self, DiscoveryStatus, Publisher};
 use crate::metrics::{Metrics, MetricsError};
-use crate::proxy::admission::Admission;
-use crate::proxy::listener::{self, Connections};
-use crate::proxy::{self, ListenerCtx};
 use crate::snapshot::{SharedSnapshot, Snapshot};
 use crate::util::net;
+
+mod listeners;
+use listeners::{Listeners, RETRY_FAILED};
 
 /// Start-up failures (the daemon exits non-zero with this message).
 #[derive(Debug, thiserror::Error)]
@@ -63,265 +60,60 @@ pub enum Control {
     Reload,
 }
 
-/// A running accept loop; stopping it hands the socket back so a changed listener keeps its
-/// port without a rebind gap.
-struct RunningListener {
-    config: ListenerConfig,
-    stop: CancellationToken,
-    handle: JoinHandle<TcpListener>,
-    /// http listeners with `tls`: its certificates are replaced on every reload.
-    tls: Option<Arc<proxy::tls::Terminator>>,
-}
-
-struct Listeners {
-    running: BTreeMap<SocketAddr, RunningListener>,
-    /// The `[http]` limits and access-log flag the running contexts were built with.
-    http: crate::config::HttpLimits,
-    access_log: bool,
-    conns: Connections,
-    snapshot: SharedSnapshot,
-    metrics: Arc<Metrics>,
-}
-
-impl Listeners {
-    /// `certs`: the loaded certificates of an http listener with `tls`.
-    fn spawn(
-        &mut self,
-        cfg: ListenerConfig,
-        socket: TcpListener,
-        config: &Config,
-        certs: Option<LoadedCerts>,
-    ) {
-        let stop = CancellationToken::new();
-        let tls = certs.map(proxy::tls::Terminator::new);
-        let ctx = Arc::new(ListenerCtx {
-            name: cfg.name.clone(),
-            service: cfg.service.clone(),
-            snapshot: self.snapshot.clone(),
-            metrics: self.metrics.clone(),
-            routes: cfg.routes.clone(),
-            http: config.http.clone(),
-            access_log: config.log.access,
-            edge: cfg.edge.clone(),
-            drain: self.conns.drain.clone(),
-        });
-        // Limits and PROXY headers are checked before any protocol handler runs.
-        let admission = Admission::new(
-            &cfg.name,
-            &cfg.edge,
-            self.metrics.clone(),
-            // Over the limit, a plain-text http listener answers 503; a TLS one just closes.
-            cfg.protocol == Protocol::Http && tls.is_none(),
-        );
-        let accept = Accept {
-            name: cfg.name.clone(),
-            stop: stop.clone(),
-            conns: self.conns.clone(),
-            admission,
-        };
-        let protocol = cfg.protocol;
-        let terminator = tls.clone();
-        let handle = tokio::spawn(async move {
-            match (protocol, terminator) {
-                (Protocol::Tcp, _) => {
-                    accept
-                        .run(&socket, move |s, peer| {
-                            proxy::tcp::handle(ctx.clone(), s, peer)
-                        })
-                        .await
-                }
-                (Protocol::Http, Some(term)) => {
-                    accept
-                        .run(&socket, move |s, peer| {
-                            proxy::tls::terminate(ctx.clone(), term.clone(), s, peer)
-                        })
-                        .await
-                }
-                (Protocol::Http, None) => {
-                    accept
-                        .run(&socket, move |s, peer| {
-                            proxy::http::handle(ctx.clone(), s, peer)
-                        })
-                        .await
-                }
-                (Protocol::Tls, _) => {
-                    let router = proxy::tls::SniRouter::new(ctx);
-                    accept
-                        .run(&socket, move |s, peer| {
-                            proxy::tls::passthrough(router.clone(), s, peer)
-                        })
-                        .await
-                }
-            }
-            socket
-        });
-        tracing::info!(listener = %cfg.name, addr = %cfg.listen, protocol = cfg.protocol.as_str(), service = cfg.service.as_ref().map(|s| s.as_str()).unwrap_or("-"), "listening");
-        self.running.insert(
-            cfg.listen,
-            RunningListener {
-                config: cfg,
-                stop,
-                handle,
-                tls,
-            },
-        );
-    }
-
-    /// Makes the running set match `config`: unchanged listeners are left alone, changed ones
-    /// get a new accept loop on the same socket, removed ones stop accepting (their open
-    /// connections run on), new ones are bound. The certificates of TLS-terminating listeners
-    /// are read again every time, changed or not, so a reload picks up rotated files. Fails
-    /// without changing anything when a new port cannot be bound or a certificate loaded.
-    async fn apply(&mut self, config: &Config) -> Result<(), AppError> {
-        let mut certs = BTreeMap::new();
-        for l in &config.listeners {
-            if l.protocol == Protocol::Http && !l.edge.tls.is_empty() {
-                let loaded = load_certs(&l.edge.tls).map_err(|source| AppError::Tls {
-                    listener: l.name.clone(),
-                    source,
-                })?;
-                certs.insert(l.listen, loaded);
-            }
-        }
-        let mut fresh = Vec::new();
-        for l in &config.listeners {
-            if !self.running.contains_key(&l.listen) {
-                let socket = net::bind(l.listen).map_err(|source| AppError::Bind {
-                    what: format!("listener {}", l.name),
-                    addr: l.listen,
-                    source,
-                })?;
-                fresh.push((l.clone(), socket));
-            }
-        }
-        let wanted: BTreeMap<SocketAddr, &ListenerConfig> =
-            config.listeners.iter().map(|l| (l.listen, l)).collect();
-        let addrs: Vec<SocketAddr> = self.running.keys().copied().collect();
-        for addr in addrs {
-            let changed = match wanted.get(&addr) {
-                None => true,
-                Some(w) => **w != self.running[&addr].config || self.needs_restart(config),
-            };
-            if !changed {
-                if let (Some(term), Some(loaded)) = (&self.running[&addr].tls, certs.remove(&addr))
-                {
-                    term.replace(loaded);
-                    tracing::info!(listener = %self.running[&addr].config.name, "TLS certificates reloaded");
-                }
-                continue;
-            }
-            let r = self.running.remove(&addr).expect("key from the map");
-            r.stop.cancel();
-            let socket = match r.handle.await {
-                Ok(s) => s,
-                Err(_) => continue,
-            };
-            match wanted.get(&addr) {
-                Some(w) => self.spawn((*w).clone(), socket, config, certs.remove(&addr)),
-                None => tracing::info!(listener = %r.config.name, addr = %addr, "listener removed"),
-            }
-        }
-        for (l, socket) in fresh {
-            let loaded = certs.remove(&l.listen);
-            self.spawn(l, socket, config, loaded);
-        }
-        self.http = config.http.clone();
-        self.access_log = config.log.access;
-        Ok(())
-    }
-
-    /// Listener-wide settings that live in the listener context.
-    fn needs_restart(&self, config: &Config) -> bool {
-        self.http != config.http || self.access_log != config.log.access
-    }
-
-    async fn stop_all(&mut self) {
-        for (_, r) in std::mem::take(&mut self.running) {
-            r.stop.cancel();
-            let _ = r.handle.await;
-        }
-    }
-}
-
-/// One listener's accept loop: every connection goes through admission (limits, PROXY
-/// header) before its protocol handler sees it.
-struct Accept {
-    name: String,
-    stop: CancellationToken,
-    conns: Connections,
-    admission: Arc<Admission>,
-}
-
-impl Accept {
-    /// Accepts on `socket` until stopped, running `handler` for each admitted connection.
-    async fn run<H, Fut>(self, socket: &TcpListener, handler: H)
-    where
-        H: Fn(TcpStream, SocketAddr) -> Fut + Clone + Send + 'static,
-        Fut: Future<Output = ()> + Send + 'static,
-    {
-        let admission = self.admission;
-        listener::accept_loop(self.name, socket, self.stop, self.conns, move |s, peer| {
-            let (admission, handler) = (admission.clone(), handler.clone());
-            async move {
-                if let Some((s, peer, _permit)) = admission.admit(s, peer).await {
-                    handler(s, peer).await
-                }
-            }
-        })
-        .await
-    }
-}
-
-fn node_record(config: &Config, started: u64) -> NodeRecord {
+fn node_record(config: &Config, started: u64, listeners: &[PublishedListener]) -> NodeRecord {
     NodeRecord {
         advertise: config.node.advertise,
         version: env!("CARGO_PKG_VERSION").to_string(),
         started,
-        listeners: config
-            .listeners
-            .iter()
-            .map(|l| PublishedListener {
-                name: l.name.clone(),
-                port: l.listen.port(),
-                protocol: l.protocol.as_str().to_string(),
-                // The default service; "" for an http/tls listener without one (DNS SRV
-                // answers `_SERVICE._tcp` from this field, so such listeners get none).
-                service: l
-                    .service
-                    .as_ref()
-                    .map(|s| s.to_string())
-                    .unwrap_or_default(),
-                state: "bound".into(),
-                source: "config".into(),
-            })
-            .collect(),
+        listeners: listeners.to_vec(),
     }
 }
 
-fn registration(config: &Config, started: u64) -> Arc<Registration> {
+fn registration(
+    config: &Config,
+    started: u64,
+    listeners: &[PublishedListener],
+) -> Arc<Registration> {
     Arc::new(Registration {
         node: config.node.name.clone(),
-        record: node_record(config, started),
+        record: node_record(config, started, listeners),
         tasks: config.tasks.clone(),
     })
 }
 
-/// The services this node's listeners route to (default routes and HTTP routes): the ones
-/// whose tasks it health-checks.
-fn served_of(config: &Config) -> Arc<std::collections::BTreeSet<ServiceName>> {
-    Arc::new(
-        config
-            .listeners
-            .iter()
-            .flat_map(|l| {
-                l.service
-                    .iter()
-                    .cloned()
-                    .chain(l.routes.iter().map(|r| r.service.clone()))
-                    .chain(l.edge.sni_routes.iter().map(|r| r.service.clone()))
-            })
-            .collect(),
-    )
+/// Tells the rest of the daemon what the listeners are now: the admin endpoints, the node
+/// registration (its `alive` record lists every listener with its state) and the health
+/// checker (the services the bound listeners route to).
+struct Report<'a> {
+    admin: &'a AdminState,
+    registration: &'a watch::Sender<Arc<Registration>>,
+    served: &'a watch::Sender<Arc<BTreeSet<ServiceName>>>,
+    started: u64,
+}
+
+impl Report<'_> {
+    /// `always`: send the registration even when the listeners did not change (a reload may
+    /// have changed the tasks).
+    fn send(&self, config: &Config, listeners: &Listeners, always: bool) {
+        let states = listeners.states();
+        let changed = **self.admin.listeners.load() != states;
+        if changed {
+            self.admin.listeners.store(Arc::new(states.to_vec()));
+        }
+        if changed || always {
+            let _ = self
+                .registration
+                .send(registration(config, self.started, states));
+        }
+        let served = listeners.served();
+        self.served.send_if_modified(|s| {
+            let differs = **s != served;
+            if differs {
+                *s = Arc::new(served.clone());
+            }
+            differs
+        });
+    }
 }
 
 fn settings_of(config: &Config) -> Arc<BTreeMap<ServiceName, ServiceSettings>> {
@@ -365,20 +157,19 @@ pub async fn run(
     ));
     tracing::info!(addr = %config.admin.listen, "admin listening");
 
-    let mut listeners = Listeners {
-        running: BTreeMap::new(),
-        http: config.http.clone(),
-        access_log: config.log.access,
-        conns: Connections::default(),
-        snapshot: snapshot.clone(),
-        metrics: metrics.clone(),
-    };
-    listeners.apply(&config).await?;
-    admin_state.listeners_bound.store(true, Ordering::Release);
-
+    // TOML listeners first: a port that cannot be bound fails the start. Published ones
+    // follow the first synced snapshot, before /readyz says ready.
+    let mut listeners = Listeners::new(&config, snapshot.clone(), metrics.clone());
+    listeners.reconcile(&config, &[]).await?;
+    let (changed_tx, mut changed_rx) = watch::channel(());
+    let (served_tx, served_rx) = watch::channel(Arc::new(listeners.served()));
     // Discovery: the one writer of the snapshot.
     let (settings_tx, settings_rx) = watch::channel(settings_of(&config));
-    let (registration_tx, registration_rx) = watch::channel(registration(&config, started));
+    let (registration_tx, registration_rx) =
+        watch::channel(registration(&config, started, listeners.states()));
+    admin_state
+        .listeners
+        .store(Arc::new(listeners.states().to_vec()));
     let discovery_stop = CancellationToken::new();
     let lease_stop = CancellationToken::new();
     let mut background: Vec<JoinHandle<()>> = Vec::new();
@@ -390,7 +181,8 @@ pub async fn run(
         snapshot.clone(),
         status.clone(),
     )
-    .with_config_path(&config.source);
+    .with_config_path(&config.source)
+    .with_notify(changed_tx);
     match config.discovery.backend {
         DiscoveryBackend::Static => {
             discovery::static_::publish_tasks(
@@ -438,7 +230,6 @@ pub async fn run(
         }
     }
 
-    let (served_tx, served_rx) = watch::channel(served_of(&config));
     let health_stop = CancellationToken::new();
     background.push(tokio::spawn(crate::health::run(
         snapshot.clone(),
@@ -464,16 +255,55 @@ pub async fn run(
     }
 
     let mut current = config;
+    let report = Report {
+        admin: &admin_state,
+        registration: &registration_tx,
+        served: &served_tx,
+        started,
+    };
+    // The published listeners last reconciled with (the snapshot reuses the list's Arc while
+    // it does not change).
+    let mut seen: Option<Arc<Vec<Published>>> = None;
+    let mut notified = true;
+    let mut retry = tokio::time::interval(RETRY_FAILED);
+    retry.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+    if current.discovery.backend == DiscoveryBackend::Static {
+        admin_state.listeners_bound.store(true, Ordering::Release);
+    }
     loop {
         tokio::select! {
             _ = shutdown.cancelled() => break,
             msg = control.recv() => match msg {
                 Some(Control::Reload) => {
-                    reload(&mut current, &mut listeners, &settings_tx, &registration_tx, static_publisher.as_mut(), &metrics, started).await;
-                    let _ = served_tx.send(served_of(&current));
+                    let published = seen.clone().unwrap_or_default();
+                    reload(&mut current, &mut listeners, &published, &settings_tx, static_publisher.as_mut(), &metrics).await;
+                    report.send(&current, &listeners, true);
                 }
                 None => break,
             },
+            r = changed_rx.changed(), if notified => {
+                if r.is_err() {
+                    notified = false;
+                    continue;
+                }
+                let snap = snapshot.load_full();
+                if !snap.synced || seen.as_ref().is_some_and(|s| Arc::ptr_eq(s, &snap.published)) {
+                    continue;
+                }
+                if let Err(e) = listeners.reconcile(&current, &snap.published).await {
+                    tracing::error!(error = %e, "listeners not reconciled with the published ones");
+                }
+                seen = Some(snap.published.clone());
+                report.send(&current, &listeners, false);
+                admin_state.listeners_bound.store(true, Ordering::Release);
+            }
+            _ = retry.tick(), if listeners.has_failed() => {
+                let published = seen.clone().unwrap_or_default();
+                if let Err(e) = listeners.reconcile(&current, &published).await {
+                    tracing::error!(error = %e, "listeners not reconciled with the published ones");
+                }
+                report.send(&current, &listeners, false);
+            }
         }
     }
 
@@ -519,11 +349,10 @@ pub async fn run(
 async fn reload(
     current: &mut Config,
     listeners: &mut Listeners,
+    published: &[Published],
     settings_tx: &watch::Sender<Arc<BTreeMap<ServiceName, ServiceSettings>>>,
-    registration_tx: &watch::Sender<Arc<Registration>>,
     static_publisher: Option<&mut Publisher>,
     metrics: &Metrics,
-    started: u64,
 ) {
     let next = match Config::load(&current.source) {
         Ok(c) => c,
@@ -547,7 +376,7 @@ async fn reload(
             "config reload: [admin], node.name, [discovery] and [runtime] changes need a restart; they are ignored until then"
         );
     }
-    if let Err(e) = listeners.apply(&next).await {
+    if let Err(e) = listeners.reconcile(&next, published).await {
         metrics
             .config_reloads_total
             .with_label_values(&["error"])
@@ -556,7 +385,6 @@ async fn reload(
         return;
     }
     let _ = settings_tx.send(settings_of(&next));
-    let _ = registration_tx.send(registration(&next, started));
     if let Some(p) = static_publisher {
         p.set_settings(settings_of(&next));
         discovery::static_::publish_tasks(p, &current.discovery.prefix, &next.tasks);

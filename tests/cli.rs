@@ -88,14 +88,13 @@ fn task_add_ps_ls_rm() {
     assert_eq!(json.as_array().unwrap().len(), 2);
 
     let nodes = ok(&["node", "ls", "--etcd", &ep]);
-    assert!(
-        nodes
-            .lines()
-            .next()
-            .unwrap()
-            .split_whitespace()
-            .eq(["NAME", "ADDRESS", "STATUS", "AVAILABILITY", "VERSION"])
-    );
+    assert!(nodes.lines().next().unwrap().split_whitespace().eq([
+        "NAME",
+        "ADDRESS",
+        "STATUS",
+        "AVAILABILITY",
+        "VERSION"
+    ]));
     let row: Vec<&str> = nodes.lines().nth(1).unwrap().split_whitespace().collect();
     assert_eq!(row[..4], ["n1", "127.0.0.1", "Ready", "active"], "{nodes}");
 

@@ -6,7 +6,11 @@ mod support;
 
 use std::time::Duration;
 
-use support::{Daemon, Etcd, TcpBackend, cli, eventually, free_addr, hello, output_text};
+use std::net::{SocketAddr, TcpListener, TcpStream};
+
+use support::{
+    Daemon, Etcd, TcpBackend, cli, eventually, free_addr, free_port, hello, output_text,
+};
 
 fn ok(args: &[&str]) -> String {
     let out = cli(args);
@@ -293,4 +297,257 @@ fn publish_and_node_update_refuse_bad_input_in_one_line() {
         &ep,
     ]);
     assert!(err.contains("PORT[/PROTOCOL]"), "{err}");
+}
+
+/// A daemon with the etcd backend and no TOML listener (`extra` is more TOML).
+fn bare_node(etcd: &Etcd, name: &str, extra: &str) -> Daemon {
+    let mut d = Daemon::start(&format!(
+        "[node]\nname = \"{name}\"\nadvertise = \"127.0.0.1\"\n[discovery]\nendpoints = [\"{}\"]\nnode_ttl = \"2s\"\n{extra}",
+        etcd.endpoint()
+    ));
+    d.wait_ready();
+    d
+}
+
+fn refused(addr: SocketAddr) -> bool {
+    matches!(
+        TcpStream::connect_timeout(&addr, Duration::from_secs(2)),
+        Err(e) if e.kind() == std::io::ErrorKind::ConnectionRefused
+    )
+}
+
+/// `publish ps NAME --json` as (node, state) pairs.
+fn states(ep: &str, name: &str) -> Vec<(String, String)> {
+    let v: serde_json::Value =
+        serde_json::from_str(&ok(&["publish", "ps", name, "--etcd", ep, "--json"])).unwrap();
+    v.as_array()
+        .unwrap()
+        .iter()
+        .map(|r| {
+            (
+                r["node"].as_str().unwrap().to_string(),
+                r["state"].as_str().unwrap().to_string(),
+            )
+        })
+        .collect()
+}
+
+#[test]
+fn a_published_port_is_bound_live_changed_in_place_and_removed() {
+    let etcd = Etcd::start();
+    let ep = etcd.endpoint();
+    let d = bare_node(&etcd, "n1", "");
+    let b = TcpBackend::start("web-1");
+    ok(&["task", "add", "web", &b.addr().to_string(), "--etcd", &ep]);
+    let port = free_port();
+    let addr = SocketAddr::from(([127, 0, 0, 1], port));
+    let name = ok(&[
+        "publish",
+        "add",
+        "web",
+        &port.to_string(),
+        "--listen",
+        "127.0.0.1",
+        "--etcd",
+        &ep,
+    ]);
+    assert_eq!(name.trim(), format!("web-{port}-tcp"));
+    let name = name.trim().to_string();
+    eventually(Duration::from_secs(5), "published port served", || {
+        hello(addr).is_ok_and(|n| n == "web-1")
+    });
+    eventually(Duration::from_secs(5), "publish ls says 1/1", || {
+        ok(&["publish", "ls", "--etcd", &ep])
+            .lines()
+            .any(|l| l.starts_with(&name) && l.contains(" 1/1 ") && l.ends_with("etcd"))
+    });
+    assert_eq!(
+        states(&ep, &name),
+        [("n1".to_string(), "bound".to_string())]
+    );
+    let routes = d.routes();
+    let mine = routes["listeners"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .find(|l| l["name"] == name.as_str())
+        .unwrap_or_else(|| panic!("{routes}"));
+    assert_eq!(mine["state"], "bound");
+    assert_eq!(mine["source"], "etcd");
+
+    // A changed value (a connection limit) keeps the socket and the open connection.
+    let (mut open, _) = support::connect_and_greet(addr).unwrap();
+    let key = format!("/routemesh/listeners/{name}");
+    etcd.put(
+        &key,
+        &format!(r#"{{"listen":"{addr}","service":"web","max_connections":50}}"#),
+    );
+    eventually(Duration::from_secs(5), "the change applied", || {
+        d.log().contains("listening") && d.log().matches(&format!("listener={name}")).count() >= 2
+    });
+    assert_eq!(echo_once(&mut open, b"ping\n"), b"ping\n");
+    assert!(hello(addr).is_ok_and(|n| n == "web-1"));
+
+    // Deleted: no new connection is accepted; the open one runs on (drain_timeout).
+    assert_eq!(ok(&["publish", "rm", &name, "--etcd", &ep]).trim(), name);
+    eventually(Duration::from_secs(5), "port closed", || refused(addr));
+    assert_eq!(echo_once(&mut open, b"still\n"), b"still\n");
+    eventually(
+        Duration::from_secs(5),
+        "the node no longer reports it",
+        || {
+            d.routes()["listeners"]
+                .as_array()
+                .is_some_and(|l| l.iter().all(|l| l["name"] != name.as_str()))
+        },
+    );
+}
+
+#[test]
+fn shadowed_conflicting_refused_and_failed_listeners_are_reported_and_retried() {
+    let etcd = Etcd::start();
+    let ep = etcd.endpoint();
+    let (toml_port, allowed, other) = (free_port(), free_port(), free_port());
+    let b = TcpBackend::start("web-1");
+    let mut d = bare_node(
+        &etcd,
+        "n1",
+        &format!(
+            "published_ports = [\"{toml_port}\", \"{allowed}\"]\n[[listener]]\nname = \"local\"\nlisten = \"127.0.0.1:{toml_port}\"\nservice = \"web\"\n"
+        ),
+    );
+    ok(&["task", "add", "web", &b.addr().to_string(), "--etcd", &ep]);
+    // The TOML listener holds the address: shadowed.
+    etcd.put(
+        "/routemesh/listeners/shadow",
+        &format!(r#"{{"listen":"127.0.0.1:{toml_port}","service":"web"}}"#),
+    );
+    // Not in published_ports: refused.
+    etcd.put(
+        "/routemesh/listeners/elsewhere",
+        &format!(r#"{{"listen":"127.0.0.1:{other}","service":"web"}}"#),
+    );
+    // Held by another process: failed, then bound once it is free.
+    let squatter = TcpListener::bind(("127.0.0.1", allowed)).unwrap();
+    etcd.put(
+        "/routemesh/listeners/b-held",
+        &format!(r#"{{"listen":"127.0.0.1:{allowed}","service":"web"}}"#),
+    );
+    // Same address, name sorts after: conflict.
+    etcd.put(
+        "/routemesh/listeners/c-later",
+        &format!(r#"{{"listen":"0.0.0.0:{allowed}","service":"web"}}"#),
+    );
+    // Malformed: skipped with the key named.
+    etcd.put("/routemesh/listeners/broken", r#"{"listen":"127.0.0.1:1"}"#);
+    etcd.put("/routemesh/listeners/notjson", "{{");
+    let state_of = |name: &str| states(&ep, name).first().map(|(_, s)| s.clone());
+    eventually(Duration::from_secs(5), "every state reported", || {
+        state_of("shadow").as_deref() == Some("shadowed")
+            && state_of("elsewhere").as_deref() == Some("refused: port not allowed")
+            && state_of("b-held").is_some_and(|s| s.starts_with("failed: address in use"))
+            && state_of("c-later").as_deref() == Some("conflict")
+    });
+    let routes = d.routes();
+    let invalid = routes["invalid"].as_object().unwrap();
+    assert!(
+        invalid["/routemesh/listeners/broken"]
+            .as_str()
+            .unwrap()
+            .contains("service"),
+        "{routes}"
+    );
+    assert!(
+        invalid.contains_key("/routemesh/listeners/notjson"),
+        "{routes}"
+    );
+    assert!(
+        d.metric("routemesh_discovery_invalid_entries_total")
+            .unwrap()
+            >= 2.0
+    );
+    assert!(hello(SocketAddr::from(([127, 0, 0, 1], toml_port))).is_ok());
+    assert!(d.is_running(), "a bind failure never stops the daemon");
+
+    drop(squatter);
+    let held = SocketAddr::from(([127, 0, 0, 1], allowed));
+    eventually(
+        Duration::from_secs(12),
+        "bound after the port is freed",
+        || state_of("b-held").as_deref() == Some("bound") && hello(held).is_ok(),
+    );
+    // A bad update keeps the last valid value.
+    etcd.put("/routemesh/listeners/b-held", r#"{"listen":"nowhere"}"#);
+    eventually(Duration::from_secs(5), "bad update flagged", || {
+        d.routes()["invalid"]
+            .as_object()
+            .is_some_and(|i| i.contains_key("/routemesh/listeners/b-held"))
+    });
+    assert!(hello(held).is_ok(), "the last valid listener keeps serving");
+}
+
+#[test]
+fn tasks_publish_their_ports_while_registered() {
+    let etcd = Etcd::start();
+    let ep = etcd.endpoint();
+    let _d = bare_node(&etcd, "n1", "");
+    let b = TcpBackend::start("mq-1");
+    let port = free_port();
+    // Task-requested ports bind on all addresses: pick a free one on every address.
+    let addr = SocketAddr::from(([127, 0, 0, 1], port));
+    ok(&[
+        "task",
+        "add",
+        "mqtt",
+        &b.addr().to_string(),
+        "--id",
+        "m1",
+        "--publish",
+        &format!("{port}/tcp"),
+        "--etcd",
+        &ep,
+    ]);
+    eventually(Duration::from_secs(5), "task's port served", || {
+        hello(addr).is_ok_and(|n| n == "mq-1")
+    });
+    let name = format!("mqtt-{port}-tcp");
+    assert_eq!(
+        states(&ep, &name),
+        [("n1".to_string(), "bound".to_string())]
+    );
+    ok(&["task", "rm", "mqtt", "m1", "--etcd", &ep]);
+    eventually(
+        Duration::from_secs(5),
+        "port gone with the last task",
+        || refused(addr),
+    );
+}
+
+#[test]
+fn a_restarted_daemon_binds_published_listeners_before_it_is_ready() {
+    let etcd = Etcd::start();
+    let ep = etcd.endpoint();
+    let b = TcpBackend::start("web-1");
+    ok(&["task", "add", "web", &b.addr().to_string(), "--etcd", &ep]);
+    let port = free_port();
+    let addr = SocketAddr::from(([127, 0, 0, 1], port));
+    ok(&[
+        "publish",
+        "add",
+        "web",
+        &port.to_string(),
+        "--listen",
+        "127.0.0.1",
+        "--etcd",
+        &ep,
+    ]);
+    let mut d = Daemon::spawn(&format!(
+        "[node]\nname = \"n1\"\n[discovery]\nendpoints = [\"{ep}\"]\n"
+    ));
+    // The first moment /readyz says 200, the published port already accepts.
+    eventually(Duration::from_secs(15), "ready", || {
+        support::try_http_get(d.admin(), "/readyz").is_ok_and(|(code, _)| code == 200)
+    });
+    assert!(hello(addr).is_ok_and(|n| n == "web-1"));
+    d.wait_ready();
 }

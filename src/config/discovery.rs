@@ -24,6 +24,7 @@ pub struct RawDiscovery {
     pub node_ttl: Option<S<String>>,
     pub resync_interval: Option<S<String>>,
     pub dial_timeout: Option<S<String>>,
+    pub published_ports: Option<S<Vec<S<String>>>>,
     // etcd security (validated by `etcd_security`)
     pub tls: Option<S<RawEtcdTls>>,
     pub username: Option<S<String>>,
@@ -60,6 +61,8 @@ pub struct DiscoveryConfig {
     pub dial_timeout: Duration,
     /// TLS and user/password for etcd.
     pub security: EtcdSecurity,
+    /// The ports this node binds for the cluster's published listeners (empty = all).
+    pub published_ports: super::PortRanges,
 }
 
 /// Where the etcd password comes from.
@@ -157,6 +160,7 @@ pub(super) fn validate(
         "discovery.dial_timeout",
     );
     let security = etcd_security(issues, config_path, d, &endpoints);
+    let published_ports = published_ports(issues, d.published_ports.as_ref());
     DiscoveryConfig {
         backend,
         endpoints,
@@ -165,6 +169,30 @@ pub(super) fn validate(
         resync_interval,
         dial_timeout,
         security,
+        published_ports,
+    }
+}
+
+/// `published_ports = ["80", "443", "30000-32767"]`: ports or ranges this node accepts from
+/// etcd (absent = all; an empty list = none).
+fn published_ports(issues: &mut Issues, raw: Option<&S<Vec<S<String>>>>) -> super::PortRanges {
+    let Some(list) = raw else {
+        return super::PortRanges::all();
+    };
+    let mut ranges = Vec::new();
+    for item in list.get_ref() {
+        match super::PortRanges::parse_item(item.get_ref().trim()) {
+            Ok(r) => ranges.push(r),
+            Err(e) => issues.at(
+                span(item),
+                format!("`discovery.published_ports`: {e}; write e.g. [\"80\", \"30000-32767\"]"),
+            ),
+        }
+    }
+    if list.get_ref().is_empty() {
+        super::PortRanges::none()
+    } else {
+        super::PortRanges::new(ranges)
     }
 }
 

@@ -45,14 +45,19 @@ impl std::fmt::Display for PublishSpec {
 }
 
 /// `[discovery] published_ports`: the ports this node accepts from the cluster's published
-/// listeners (`"80"`, `"30000-32767"`); empty = all.
+/// listeners (`"80"`, `"30000-32767"`); `None` = all.
 #[derive(Debug, Clone, Default, PartialEq, Eq)]
-pub struct PortRanges(Vec<(u16, u16)>);
+pub struct PortRanges(Option<Vec<(u16, u16)>>);
 
 impl PortRanges {
-    /// Every port.
+    /// Every port (the default).
     pub fn all() -> PortRanges {
-        PortRanges(Vec::new())
+        PortRanges(None)
+    }
+
+    /// No port: this node binds nothing from etcd.
+    pub fn none() -> PortRanges {
+        PortRanges(Some(Vec::new()))
     }
 
     /// One `PORT` or `FIRST-LAST` item; the error says what is accepted.
@@ -77,11 +82,14 @@ impl PortRanges {
     }
 
     pub fn new(ranges: Vec<(u16, u16)>) -> PortRanges {
-        PortRanges(ranges)
+        PortRanges(Some(ranges))
     }
 
     pub fn allows(&self, port: u16) -> bool {
-        self.0.is_empty() || self.0.iter().any(|&(a, b)| (a..=b).contains(&port))
+        match &self.0 {
+            None => true,
+            Some(r) => r.iter().any(|&(a, b)| (a..=b).contains(&port)),
+        }
     }
 }
 
@@ -115,6 +123,7 @@ mod tests {
         assert!(r.allows(80) && r.allows(30000) && r.allows(32767));
         assert!(!r.allows(81) && !r.allows(29999));
         assert!(PortRanges::all().allows(1));
+        assert!(!PortRanges::none().allows(1));
         for bad in ["0", "5-4", "a", "1-", "-1", "70000"] {
             assert!(PortRanges::parse_item(bad).is_err(), "{bad:?}");
         }

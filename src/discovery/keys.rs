@@ -215,10 +215,10 @@ pub struct PublishedListener {
     pub service: String,
     /// `bound` | `shadowed` | `conflict` | `failed: REASON` | `refused: REASON` (absent in
     /// records of older daemons: bound).
-    #[serde(default = "bound", skip_serializing_if = "is_bound")]
+    #[serde(default = "bound")]
     pub state: String,
     /// Where the listener comes from: `config` (this node's TOML), `etcd` or `tasks`.
-    #[serde(default = "from_config", skip_serializing_if = "is_from_config")]
+    #[serde(default = "from_config")]
     pub source: String,
 }
 
@@ -230,9 +230,6 @@ fn is_bound(s: &str) -> bool {
 }
 fn from_config() -> String {
     "config".into()
-}
-fn is_from_config(s: &str) -> bool {
-    s == "config"
 }
 
 impl PublishedListener {

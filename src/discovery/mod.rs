@@ -75,6 +75,8 @@ pub struct Publisher {
     settings: Arc<BTreeMap<ServiceName, ServiceSettings>>,
     shared: SharedSnapshot,
     status: Arc<DiscoveryStatus>,
+    /// Told after every publish (the app reconciles its listeners with the snapshot's).
+    notify: Option<tokio::sync::watch::Sender<()>>,
 }
 
 impl Publisher {
@@ -89,7 +91,14 @@ impl Publisher {
             settings,
             shared,
             status,
+            notify: None,
         }
+    }
+
+    /// Sends on `notify` after every published snapshot.
+    pub fn with_notify(mut self, notify: tokio::sync::watch::Sender<()>) -> Publisher {
+        self.notify = Some(notify);
+        self
     }
 
     /// Relative certificate paths of published listeners resolve against `path`'s directory
@@ -128,5 +137,8 @@ impl Publisher {
         let next = Snapshot::build(&self.table, &self.settings, &prev);
         self.shared.store(Arc::new(next));
         self.status.mark_synced(self.table.revision);
+        if let Some(n) = &self.notify {
+            n.send_replace(());
+        }
     }
 }

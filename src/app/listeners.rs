@@ -1,0 +1,448 @@
+//! This node's listeners: the TOML ones and the cluster's published ones (etcd), kept in step
+//! with both by one reconcile. Owned by `app::run`'s loop (no locks): it reconciles at start,
+//! on every config reload, whenever discovery publishes a snapshot whose published listeners
+//! changed, and every 5 s while a published listener failed to bind.
+//!
+//! Rules (README "Cluster-wide publishing"):
+//! - what to bind is [`node_plan`]: TOML listeners always, published ones unless shadowed, in
+//!   conflict, or refused by `[discovery] published_ports`;
+//! - an unchanged listener is left alone; a changed one gets a new accept loop on the same
+//!   socket (open connections untouched); a removed one stops accepting at once and its open
+//!   connections run on for up to `drain_timeout`;
+//! - a TOML listener that cannot be bound fails the start or refuses the reload whole; a
+//!   published one that cannot be bound (address in use, permission) is `failed: REASON`
+//!   and is tried again every 5 s — it never stops the daemon.
+//!
+//! [`Listeners::states`] is what the node reports for each listener (its `alive` record,
+//! `/routes`): `bound`, `shadowed`, `conflict`, `failed: …`, `refused: …`.
+
+use std::collections::{BTreeMap, BTreeSet};
+use std::future::Future;
+use std::net::SocketAddr;
+use std::sync::Arc;
+use std::time::Duration;
+
+use tokio::net::{TcpListener, TcpStream};
+use tokio::task::JoinHandle;
+use tokio_util::sync::CancellationToken;
+
+use super::AppError;
+use crate::config::certs::{LoadedCerts, load_certs};
+use crate::config::{Config, HttpLimits, ListenerConfig, Protocol, ServiceName};
+use crate::discovery::keys::PublishedListener;
+use crate::discovery::published::{NodeDecision, Published, Source, node_plan, overlaps};
+use crate::metrics::Metrics;
+use crate::proxy::admission::Admission;
+use crate::proxy::listener::{self, Connections};
+use crate::proxy::{self, ListenerCtx};
+use crate::snapshot::SharedSnapshot;
+use crate::util::net;
+
+/// How often a published listener that could not be bound is tried again.
+pub const RETRY_FAILED: Duration = Duration::from_secs(5);
+
+/// A running accept loop; stopping it hands the socket back so a changed listener keeps its
+/// port without a rebind gap.
+struct RunningListener {
+    config: ListenerConfig,
+    /// `None` for TOML listeners.
+    source: Option<Source>,
+    stop: CancellationToken,
+    handle: JoinHandle<TcpListener>,
+    /// http listeners with `tls`: its certificates are replaced on every reconcile.
+    tls: Option<Arc<proxy::tls::Terminator>>,
+    /// This listener's connections: children of the daemon-wide tokens, so the listener can
+    /// be drained alone when it is removed.
+    conns: Connections,
+}
+
+pub struct Listeners {
+    running: BTreeMap<SocketAddr, RunningListener>,
+    /// Published listeners that could not be bound, by name, with why.
+    failed: BTreeMap<String, String>,
+    /// What the node reports for each listener, in name order.
+    states: Vec<PublishedListener>,
+    /// The `[http]` limits and access-log flag the running contexts were built with.
+    http: HttpLimits,
+    access_log: bool,
+    /// The daemon-wide connections (shutdown drains and stops them all).
+    pub conns: Connections,
+    snapshot: SharedSnapshot,
+    metrics: Arc<Metrics>,
+}
+
+/// A listener to bind in this reconcile.
+struct Fresh {
+    config: ListenerConfig,
+    source: Option<Source>,
+    socket: TcpListener,
+    certs: Option<LoadedCerts>,
+}
+
+impl Listeners {
+    pub fn new(config: &Config, snapshot: SharedSnapshot, metrics: Arc<Metrics>) -> Listeners {
+        Listeners {
+            running: BTreeMap::new(),
+            failed: BTreeMap::new(),
+            states: Vec::new(),
+            http: config.http.clone(),
+            access_log: config.log.access,
+            conns: Connections::default(),
+            snapshot,
+            metrics,
+        }
+    }
+
+    /// What the node reports for each listener (TOML and published), in name order.
+    pub fn states(&self) -> &[PublishedListener] {
+        &self.states
+    }
+
+    /// Whether some published listener waits for a retry.
+    pub fn has_failed(&self) -> bool {
+        !self.failed.is_empty()
+    }
+
+    /// The services the bound listeners route to (default and HTTP/SNI routes): the ones
+    /// whose tasks this node health-checks.
+    pub fn served(&self) -> BTreeSet<ServiceName> {
+        self.running
+            .values()
+            .flat_map(|r| {
+                let l = &r.config;
+                l.service
+                    .iter()
+                    .cloned()
+                    .chain(l.routes.iter().map(|r| r.service.clone()))
+                    .chain(l.edge.sni_routes.iter().map(|r| r.service.clone()))
+            })
+            .collect()
+    }
+
+    /// Makes the running set match `config`'s listeners and the cluster's `published` ones.
+    /// Fails, changing nothing, when a TOML listener cannot be bound or its certificates
+    /// loaded; published listeners never fail it.
+    pub async fn reconcile(
+        &mut self,
+        config: &Config,
+        published: &[Published],
+    ) -> Result<(), AppError> {
+        let plan = node_plan(
+            &config.listeners,
+            published,
+            &config.discovery.published_ports,
+        );
+        let mut failed = BTreeMap::new();
+        // Certificates are read again every time, changed or not, so a reload picks up
+        // rotated files.
+        let mut certs = BTreeMap::new();
+        let mut wanted: BTreeMap<SocketAddr, (&ListenerConfig, Option<Source>)> = BTreeMap::new();
+        for p in plan.iter().filter(|p| p.decision == NodeDecision::Bind) {
+            let l = &p.config;
+            if l.protocol == Protocol::Http && !l.edge.tls.is_empty() {
+                match load_certs(&l.edge.tls) {
+                    Ok(loaded) => {
+                        certs.insert(l.listen, loaded);
+                    }
+                    Err(source) if p.source.is_none() => {
+                        return Err(AppError::Tls {
+                            listener: l.name.clone(),
+                            source,
+                        });
+                    }
+                    Err(e) => {
+                        failed.insert(l.name.clone(), format!("certificates: {e}"));
+                        continue;
+                    }
+                }
+            }
+            wanted.insert(l.listen, (l, p.source));
+        }
+        // Which running listeners stay as they are, restart on their socket, or go.
+        let restart_all = self.needs_restart(config);
+        let unchanged = |addr: &SocketAddr, r: &RunningListener| {
+            wanted
+                .get(addr)
+                .is_some_and(|(w, source)| **w == r.config && *source == r.source && !restart_all)
+        };
+        let going: Vec<SocketAddr> = self
+            .running
+            .iter()
+            .filter(|(addr, _)| !wanted.contains_key(*addr))
+            .map(|(addr, _)| *addr)
+            .collect();
+        // New sockets first, so a reload whose TOML listener cannot be bound changes nothing.
+        // One that overlaps a listener about to go is bound once that one has stopped.
+        let mut fresh = Vec::new();
+        let mut after_stop = Vec::new();
+        for (addr, (l, source)) in &wanted {
+            if self.running.contains_key(addr) {
+                continue;
+            }
+            if going.iter().any(|g| overlaps(*g, *addr)) {
+                after_stop.push(((*l).clone(), *source));
+                continue;
+            }
+            match net::bind(*addr) {
+                Ok(socket) => fresh.push(Fresh {
+                    config: (*l).clone(),
+                    source: *source,
+                    socket,
+                    certs: certs.remove(addr),
+                }),
+                Err(e) if source.is_none() => {
+                    return Err(AppError::Bind {
+                        what: format!("listener {}", l.name),
+                        addr: *addr,
+                        source: e,
+                    });
+                }
+                Err(e) => {
+                    failed.insert(l.name.clone(), bind_reason(&e));
+                }
+            }
+        }
+        let addrs: Vec<SocketAddr> = self.running.keys().copied().collect();
+        for addr in addrs {
+            if unchanged(&addr, &self.running[&addr]) {
+                if let (Some(term), Some(loaded)) = (&self.running[&addr].tls, certs.remove(&addr))
+                {
+                    term.replace(loaded);
+                    tracing::info!(listener = %self.running[&addr].config.name, "TLS certificates reloaded");
+                }
+                continue;
+            }
+            let r = self.running.remove(&addr).expect("key from the map");
+            r.stop.cancel();
+            let socket = r.handle.await;
+            match (wanted.get(&addr), socket) {
+                (Some((w, source)), Ok(socket)) => {
+                    let certs = certs.remove(&addr);
+                    self.spawn((*w).clone(), *source, socket, config, certs, Some(r.conns));
+                }
+                (Some((w, _)), Err(_)) => {
+                    failed.insert(w.name.clone(), "accept loop ended".into());
+                }
+                (None, _) => self.retire(r.config, r.conns, config.node.drain_timeout),
+            }
+        }
+        for (l, source) in after_stop {
+            match net::bind(l.listen) {
+                Ok(socket) => {
+                    let certs = certs.remove(&l.listen);
+                    self.spawn(l, source, socket, config, certs, None);
+                }
+                Err(e) => {
+                    // Too late to refuse a reload: everything else has been applied.
+                    tracing::error!(listener = %l.name, addr = %l.listen, error = %e, "cannot bind listener");
+                    failed.insert(l.name.clone(), bind_reason(&e));
+                }
+            }
+        }
+        for f in fresh {
+            self.spawn(f.config, f.source, f.socket, config, f.certs, None);
+        }
+        for (name, why) in &failed {
+            if self.failed.get(name) != Some(why) {
+                tracing::warn!(listener = %name, reason = %why, retry_in = ?RETRY_FAILED, "published listener not bound");
+            }
+        }
+        self.failed = failed;
+        self.http = config.http.clone();
+        self.access_log = config.log.access;
+        self.states = plan
+            .iter()
+            .map(|p| {
+                let state = match &p.decision {
+                    NodeDecision::Bind => match self.failed.get(&p.config.name) {
+                        Some(why) => format!("failed: {why}"),
+                        None => "bound".into(),
+                    },
+                    other => other.state(),
+                };
+                record_of(&p.config, p.source, state)
+            })
+            .collect();
+        self.states.sort_by(|a, b| a.name.cmp(&b.name));
+        Ok(())
+    }
+
+    /// Listener-wide settings that live in the listener context.
+    fn needs_restart(&self, config: &Config) -> bool {
+        self.http != config.http || self.access_log != config.log.access
+    }
+
+    /// A removed listener: it has stopped accepting; its HTTP connections finish their
+    /// requests and close, and every connection left is closed after `drain_timeout`.
+    fn retire(&self, config: ListenerConfig, conns: Connections, drain_timeout: Duration) {
+        tracing::info!(listener = %config.name, addr = %config.listen, "listener removed; draining its connections");
+        conns.drain.cancel();
+        tokio::spawn(async move {
+            tokio::select! {
+                _ = tokio::time::sleep(drain_timeout) => conns.hard_stop.cancel(),
+                // Shutdown cancels the parents: nothing left to do.
+                _ = conns.hard_stop.cancelled() => {}
+            }
+        });
+    }
+
+    /// `certs`: the loaded certificates of an http listener with `tls`; `conns`: the
+    /// listener's connections when it restarts on its socket.
+    fn spawn(
+        &mut self,
+        cfg: ListenerConfig,
+        source: Option<Source>,
+        socket: TcpListener,
+        config: &Config,
+        certs: Option<LoadedCerts>,
+        conns: Option<Connections>,
+    ) {
+        let conns = conns.unwrap_or_else(|| Connections {
+            tracker: self.conns.tracker.clone(),
+            drain: self.conns.drain.child_token(),
+            hard_stop: self.conns.hard_stop.child_token(),
+        });
+        let stop = CancellationToken::new();
+        let tls = certs.map(proxy::tls::Terminator::new);
+        let ctx = Arc::new(ListenerCtx {
+            name: cfg.name.clone(),
+            service: cfg.service.clone(),
+            snapshot: self.snapshot.clone(),
+            metrics: self.metrics.clone(),
+            routes: cfg.routes.clone(),
+            http: config.http.clone(),
+            access_log: config.log.access,
+            edge: cfg.edge.clone(),
+            drain: conns.drain.clone(),
+        });
+        // Limits and PROXY headers are checked before any protocol handler runs.
+        let admission = Admission::new(
+            &cfg.name,
+            &cfg.edge,
+            self.metrics.clone(),
+            // Over the limit, a plain-text http listener answers 503; a TLS one just closes.
+            cfg.protocol == Protocol::Http && tls.is_none(),
+        );
+        let accept = Accept {
+            name: cfg.name.clone(),
+            stop: stop.clone(),
+            conns: conns.clone(),
+            admission,
+        };
+        let protocol = cfg.protocol;
+        let terminator = tls.clone();
+        let handle = tokio::spawn(async move {
+            match (protocol, terminator) {
+                (Protocol::Tcp, _) => {
+                    accept
+                        .run(&socket, move |s, peer| {
+                            proxy::tcp::handle(ctx.clone(), s, peer)
+                        })
+                        .await
+                }
+                (Protocol::Http, Some(term)) => {
+                    accept
+                        .run(&socket, move |s, peer| {
+                            proxy::tls::terminate(ctx.clone(), term.clone(), s, peer)
+                        })
+                        .await
+                }
+                (Protocol::Http, None) => {
+                    accept
+                        .run(&socket, move |s, peer| {
+                            proxy::http::handle(ctx.clone(), s, peer)
+                        })
+                        .await
+                }
+                (Protocol::Tls, _) => {
+                    let router = proxy::tls::SniRouter::new(ctx);
+                    accept
+                        .run(&socket, move |s, peer| {
+                            proxy::tls::passthrough(router.clone(), s, peer)
+                        })
+                        .await
+                }
+            }
+            socket
+        });
+        tracing::info!(listener = %cfg.name, addr = %cfg.listen, protocol = cfg.protocol.as_str(), service = cfg.service.as_ref().map(|s| s.as_str()).unwrap_or("-"), source = source.map(Source::as_str).unwrap_or("config"), "listening");
+        self.running.insert(
+            cfg.listen,
+            RunningListener {
+                config: cfg,
+                source,
+                stop,
+                handle,
+                tls,
+                conns,
+            },
+        );
+    }
+
+    /// Stops every accept loop (shutdown); connections are drained by the caller.
+    pub async fn stop_all(&mut self) {
+        for (_, r) in std::mem::take(&mut self.running) {
+            r.stop.cancel();
+            let _ = r.handle.await;
+        }
+    }
+}
+
+/// A bind error in the words of the `failed: REASON` state.
+fn bind_reason(e: &std::io::Error) -> String {
+    match e.kind() {
+        std::io::ErrorKind::AddrInUse => "address in use".into(),
+        std::io::ErrorKind::PermissionDenied => {
+            "permission denied (ports below 1024 need CAP_NET_BIND_SERVICE)".into()
+        }
+        std::io::ErrorKind::AddrNotAvailable => "address not available on this node".into(),
+        _ => e.to_string(),
+    }
+}
+
+/// A listener as the node's records report it.
+pub fn record_of(l: &ListenerConfig, source: Option<Source>, state: String) -> PublishedListener {
+    PublishedListener {
+        name: l.name.clone(),
+        port: l.listen.port(),
+        protocol: l.protocol.as_str().to_string(),
+        // The default service; "" for an http/tls listener without one (DNS SRV answers
+        // `_SERVICE._tcp` from this field, so such listeners get none).
+        service: l
+            .service
+            .as_ref()
+            .map(|s| s.to_string())
+            .unwrap_or_default(),
+        state,
+        source: source.map(Source::as_str).unwrap_or("config").to_string(),
+    }
+}
+
+/// One listener's accept loop: every connection goes through admission (limits, PROXY
+/// header) before its protocol handler sees it.
+struct Accept {
+    name: String,
+    stop: CancellationToken,
+    conns: Connections,
+    admission: Arc<Admission>,
+}
+
+impl Accept {
+    /// Accepts on `socket` until stopped, running `handler` for each admitted connection.
+    async fn run<H, Fut>(self, socket: &TcpListener, handler: H)
+    where
+        H: Fn(TcpStream, SocketAddr) -> Fut + Clone + Send + 'static,
+        Fut: Future<Output = ()> + Send + 'static,
+    {
+        let admission = self.admission;
+        listener::accept_loop(self.name, socket, self.stop, self.conns, move |s, peer| {
+            let (admission, handler) = (admission.clone(), handler.clone());
+            async move {
+                if let Some((s, peer, _permit)) = admission.admit(s, peer).await {
+                    handler(s, peer).await
+                }
+            }
+        })
+        .await
+    }
+}
