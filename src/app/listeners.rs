@@ -30,7 +30,7 @@ use super::AppError;
 use crate::config::certs::{LoadedCerts, load_certs};
 use crate::config::{Config, HttpLimits, ListenerConfig, Protocol, ServiceName};
 use crate::discovery::keys::PublishedListener;
-use crate::discovery::published::{NodeDecision, Published, Source, node_plan, overlaps};
+use crate::discovery::published::{Decision, NodeDecision, Published, Source, node_plan, overlaps};
 use crate::metrics::Metrics;
 use crate::proxy::admission::Admission;
 use crate::proxy::listener::{self, Connections};
@@ -62,6 +62,8 @@ pub struct Listeners {
     failed: BTreeMap<String, String>,
     /// What the node reports for each listener, in name order.
     states: Vec<PublishedListener>,
+    /// Task-requested ports already warned about (held by another explicit listener).
+    warned: BTreeSet<(String, String)>,
     /// The `[http]` limits and access-log flag the running contexts were built with.
     http: HttpLimits,
     access_log: bool,
@@ -85,6 +87,7 @@ impl Listeners {
             running: BTreeMap::new(),
             failed: BTreeMap::new(),
             states: Vec::new(),
+            warned: BTreeSet::new(),
             http: config.http.clone(),
             access_log: config.log.access,
             conns: Connections::default(),
@@ -132,6 +135,7 @@ impl Listeners {
             published,
             &config.discovery.published_ports,
         );
+        self.warn_held_task_ports(published);
         let mut failed = BTreeMap::new();
         // Certificates are read again every time, changed or not, so a reload picks up
         // rotated files.
@@ -265,6 +269,41 @@ impl Listeners {
             .collect();
         self.states.sort_by(|a, b| a.name.cmp(&b.name));
         Ok(())
+    }
+
+    /// A task (a labelled container) that asks for a port an explicit listener of another
+    /// service or protocol holds gets one warning naming it; nothing fails.
+    fn warn_held_task_ports(&mut self, published: &[Published]) {
+        let mut now = BTreeSet::new();
+        for p in published.iter().filter(|p| p.source == Source::Tasks) {
+            let Decision::Shadowed { by } = &p.decision else {
+                continue;
+            };
+            let Some(holder) = published.iter().find(|h| &h.config.name == by) else {
+                continue;
+            };
+            if holder.config.service == p.config.service
+                && holder.config.protocol == p.config.protocol
+            {
+                continue;
+            }
+            let key = (p.config.name.clone(), by.clone());
+            if !self.warned.contains(&key) {
+                let tasks: Vec<&str> = p.requested_by.iter().map(|t| t.as_str()).collect();
+                tracing::warn!(
+                    tasks = %tasks.join(","),
+                    port = p.config.listen.port(),
+                    listener = %by,
+                    "task (container) {} asks to publish {}/{} for service {}, but published listener {by} holds that port; the request is ignored",
+                    tasks.join(", "),
+                    p.config.listen.port(),
+                    p.config.protocol.as_str(),
+                    p.config.service.as_ref().map(|s| s.as_str()).unwrap_or("-"),
+                );
+            }
+            now.insert(key);
+        }
+        self.warned = now;
     }
 
     /// Listener-wide settings that live in the listener context.

@@ -20,7 +20,7 @@ use std::net::{Ipv4Addr, SocketAddr};
 use serde::Serialize;
 
 use super::table::RoutingTable;
-use crate::config::{ListenerConfig, ListenerEdge, ServiceName};
+use crate::config::{ListenerConfig, ListenerEdge, ServiceName, TaskId};
 
 /// Where a published listener comes from.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize)]
@@ -58,6 +58,9 @@ pub struct Published {
     pub config: ListenerConfig,
     pub source: Source,
     pub decision: Decision,
+    /// Task-requested listeners: the tasks that ask for it (Docker tasks are named after
+    /// their containers), for warnings.
+    pub requested_by: Vec<TaskId>,
 }
 
 /// What this node does with one listener, before binding.
@@ -141,14 +144,18 @@ pub fn overlaps(a: SocketAddr, b: SocketAddr) -> bool {
     a.port() == b.port() && (a.ip() == b.ip() || a.ip().is_unspecified() || b.ip().is_unspecified())
 }
 
-/// The listeners the tasks of `table` ask for, by name.
-fn requested(table: &RoutingTable) -> BTreeMap<String, ListenerConfig> {
+/// The listeners the tasks of `table` ask for, by name, with the tasks that ask.
+fn requested(table: &RoutingTable) -> BTreeMap<String, (ListenerConfig, Vec<TaskId>)> {
     let mut out = BTreeMap::new();
     for (service, tasks) in &table.tasks {
-        for spec in tasks.values().flat_map(|t| t.publish.iter()) {
-            let name = spec.listener_name(service);
-            out.entry(name.clone())
-                .or_insert_with(|| task_listener(name, service, spec));
+        for (id, task) in tasks {
+            for spec in &task.publish {
+                let name = spec.listener_name(service);
+                out.entry(name.clone())
+                    .or_insert_with(|| (task_listener(name, service, spec), Vec::new()))
+                    .1
+                    .push(id.clone());
+            }
         }
     }
     out
@@ -178,14 +185,16 @@ pub fn published(table: &RoutingTable) -> Vec<Published> {
             config: c.clone(),
             source: Source::Etcd,
             decision: Decision::Bind,
+            requested_by: Vec::new(),
         })
         .collect();
-    for (name, config) in requested(table) {
+    for (name, (config, requested_by)) in requested(table) {
         if !table.listeners.contains_key(&name) {
             all.push(Published {
                 config,
                 source: Source::Tasks,
                 decision: Decision::Bind,
+                requested_by,
             });
         }
     }
