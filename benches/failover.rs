@@ -1,5 +1,5 @@
 //! Issue 4's failover figures, measured on the 3-node network-namespace lab of the cluster
-//! suite (`tests/support/lab.rs`; needs root, like the suite).
+//! suite (`tests/it/support/lab.rs`; needs root, like the suite).
 //!
 //! Lab: nginx replicas `n1-r1`, `n2-r1`, `n3-r1` (one per node) registered under their node's
 //! lease; the `web` listener on port 80 of every node. Traffic is ~200 req/s of fresh-connection
@@ -23,7 +23,7 @@
 //! Run: `cargo bench --bench failover` (as root; `ROUTEMESH_FAILOVER_ROUNDS=N`, default 3;
 //! `ROUTEMESH_WEB_PROTOCOL=http` to measure through the HTTP listener instead of tcp).
 
-#[path = "../tests/support/mod.rs"]
+#[path = "../tests/it/support/mod.rs"]
 mod support;
 
 use std::fmt::Write as _;

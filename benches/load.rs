@@ -22,7 +22,7 @@
 //!     LOAD_IDLE=5000 LOAD_BACKEND_WORKERS=1. A quick check that everything works:
 //!     LOAD_ROUND_SECS=1 LOAD_ROUNDS=1 LOAD_IDLE=500 cargo bench --bench load
 
-#[path = "../tests/support/mod.rs"]
+#[path = "../tests/it/support/mod.rs"]
 mod support;
 
 #[path = "common/proc.rs"]

@@ -32,7 +32,7 @@
 //!     MQTT_BENCH_THREADS=1,2 MQTT_BENCH_CLIENTS=32 (client threads per proxy thread).
 //!     A quick check that everything works: MQTT_BENCH_SECS=1 MQTT_BENCH_ROUNDS=1
 
-#[path = "../tests/support/mod.rs"]
+#[path = "../tests/it/support/mod.rs"]
 mod support;
 
 #[path = "common/proc.rs"]

@@ -10,7 +10,7 @@
 //!
 //! Run: `cargo bench --bench propagation` (`ROUTEMESH_CHANGES=200` for a shorter run).
 
-#[path = "../tests/support/mod.rs"]
+#[path = "../tests/it/support/mod.rs"]
 mod support;
 
 use std::net::{SocketAddr, TcpStream};

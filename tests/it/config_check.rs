@@ -1,11 +1,11 @@
 //! `routemesh check` and `run` on bad config: every error as FILE:LINE:COL with how to fix
 //! it, exit 2, nothing bound. And the static default that README's first command runs.
 
-mod support;
+use crate::support;
 
 use std::path::PathBuf;
 
-use support::{Daemon, TcpBackend, cli, free_addr, hello, output_text};
+use crate::support::{Daemon, TcpBackend, cli, free_addr, hello, output_text};
 
 fn write(dir: &tempfile::TempDir, body: &str) -> PathBuf {
     let p = dir.path().join("routemesh.toml");

@@ -5,16 +5,14 @@
 //! SRV, REFUSED, NODATA, truncation over UDP with the full answer over TCP, EDNS sizes, and
 //! every kind of malformed packet (FORMERR or silence, and the daemon keeps answering).
 
-mod support;
-
 use std::collections::BTreeSet;
 use std::io::{Read, Write};
 use std::net::{SocketAddr, TcpStream, UdpSocket};
 use std::process::Command;
 use std::time::{Duration, Instant};
 
-use support::util::run_bounded;
-use support::{Daemon, Etcd, TcpBackend, eventually, eventually_value, free_port, hello};
+use crate::support::util::run_bounded;
+use crate::support::{Daemon, Etcd, TcpBackend, eventually, eventually_value, free_port, hello};
 
 const ZONE: &str = "mesh.test";
 const P: &str = "/routemesh";

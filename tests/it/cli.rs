@@ -1,11 +1,11 @@
 //! The cluster CLI against a real etcd and real daemons: `task add|rm`, `service ls|ps`,
 //! `node ls`, with tables and `--json`, and one-line errors.
 
-mod support;
+use crate::support;
 
 use std::time::Duration;
 
-use support::{Daemon, Etcd, TcpBackend, cli, eventually, free_addr, hello, output_text};
+use crate::support::{Daemon, Etcd, TcpBackend, cli, eventually, free_addr, hello, output_text};
 
 fn ok(args: &[&str]) -> String {
     let out = cli(args);

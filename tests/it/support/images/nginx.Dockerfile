@@ -1,4 +1,4 @@
-# Test workload for tests/docker.rs: nginx from Debian's packages on the locally imported
+# Test workload for tests/it/docker.rs: nginx from Debian's packages on the locally imported
 # Debian base (no registry here). Each replica answers GET / with its host name.
 ARG BASE_IMAGE=routemesh-test-base:bookworm
 FROM ${BASE_IMAGE}

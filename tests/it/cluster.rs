@@ -6,17 +6,15 @@
 //! 2-core machine), so these tests run one after the other even under `cargo test`'s threads
 //! or nextest's processes.
 
-mod support;
-
 use std::collections::{BTreeMap, BTreeSet};
 use std::net::SocketAddr;
 use std::process::Command;
 use std::thread;
 use std::time::{Duration, Instant};
 
-use support::lab::{LAB_HINT, Lab, Load, NODE_TTL, Sample, describe_failures, http_get};
-use support::util::{require_binary, run_bounded};
-use support::{eventually, eventually_value};
+use crate::support::lab::{LAB_HINT, Lab, Load, NODE_TTL, Sample, describe_failures, http_get};
+use crate::support::util::{require_binary, run_bounded};
+use crate::support::{eventually, eventually_value};
 
 /// `protocol` of the `web` listener on port 80 of every node. "tcp" until the HTTP listener
 /// lands; HTTP over a tcp listener works end to end (nginx answers through it).

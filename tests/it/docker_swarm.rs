@@ -15,18 +15,14 @@
 //! A guard removes the service and the network and leaves the swarm it created, also when
 //! the test fails. Every wait is bounded.
 
-#[path = "docker/engine.rs"]
-mod engine;
-mod support;
-
 use std::collections::BTreeMap;
 use std::net::SocketAddr;
 use std::thread;
 use std::time::{Duration, Instant};
 
-use engine::{DOCKER_TIMEOUT, docker, docker_raw, nginx_image, require_engine};
+use crate::support::docker::{DOCKER_TIMEOUT, docker, docker_raw, nginx_image, require_engine};
+use crate::support::{Daemon, Etcd, free_addr, output_text, unique_name};
 use serde_json::Value;
-use support::{Daemon, Etcd, free_addr, output_text, unique_name};
 
 /// Longest wait for the swarm to schedule and start tasks and routemesh to register them.
 const CONVERGE: Duration = Duration::from_secs(60);

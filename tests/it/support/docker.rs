@@ -1,6 +1,6 @@
 #![allow(dead_code)]
-//! The local Docker engine for integration tests, shared by tests/docker.rs and
-//! tests/docker_swarm.rs (included with `#[path]`): `docker` CLI wrappers with bounded waits,
+//! The local Docker engine for integration tests, shared by the `docker` and `docker_swarm`
+//! modules: `docker` CLI wrappers with bounded waits,
 //! the engine check, and the locally built test images (no registry here: a debootstrapped
 //! Debian base, `docker import`ed, and the nginx workload built on it). Images are built at
 //! most once per machine; [`images_lock`] serialises builds across test processes.
@@ -127,10 +127,10 @@ pub fn build_base(dir: &Path) {
     );
 }
 
-/// The nginx workload image (tests/docker/nginx.Dockerfile); the engine's build cache makes
+/// The nginx workload image (support/images/nginx.Dockerfile); the engine's build cache makes
 /// a rebuild with unchanged inputs take a second.
 pub fn build_nginx() {
-    let ctx = Path::new(env!("CARGO_MANIFEST_DIR")).join("tests/docker");
+    let ctx = Path::new(env!("CARGO_MANIFEST_DIR")).join("tests/it/support/images");
     let out = docker_raw(
         &[
             "build",

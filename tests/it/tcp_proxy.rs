@@ -1,13 +1,15 @@
 //! The L4 path on the static backend: forwarding, byte transparency, half-close, resets,
 //! balancing and failover, against real TCP backends and the real daemon.
 
-mod support;
+use crate::support;
 
 use std::io::{Read, Write};
 use std::net::{Shutdown, SocketAddr, TcpListener, TcpStream};
 use std::time::{Duration, Instant};
 
-use support::{Blackhole, Daemon, TcpBackend, connect_and_greet, dead_addr, free_addr, hello};
+use crate::support::{
+    Blackhole, Daemon, TcpBackend, connect_and_greet, dead_addr, free_addr, hello,
+};
 
 fn static_config(listen: SocketAddr, tasks: &[SocketAddr], extra: &str) -> String {
     let mut s = format!(

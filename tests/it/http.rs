@@ -3,8 +3,6 @@
 //! answers, retries, pooling, balancing, streaming, upgrades, h2c and every hardening case
 //! of the HTTP issue, each with raw bytes on a TCP socket.
 
-mod support;
-
 use std::io::{ErrorKind, Read, Write};
 use std::net::{Shutdown, SocketAddr, TcpListener, TcpStream};
 use std::process::Command;
@@ -12,9 +10,9 @@ use std::sync::{Arc, Mutex};
 use std::thread;
 use std::time::{Duration, Instant};
 
-use support::nginx::{Nginx, NginxProtocol};
-use support::util::parse_http_response;
-use support::{Daemon, Etcd, dead_addr, eventually, free_addr};
+use crate::support::nginx::{Nginx, NginxProtocol};
+use crate::support::util::parse_http_response;
+use crate::support::{Daemon, Etcd, dead_addr, eventually, free_addr};
 
 const IO_TIMEOUT: Duration = Duration::from_secs(10);
 

@@ -4,17 +4,15 @@
 //! (and come back), and every bad first packet is closed and counted before any broker
 //! connection is opened.
 
-mod support;
-
 use std::collections::{BTreeMap, BTreeSet};
 use std::io::{self, Read, Write};
 use std::net::{SocketAddr, TcpStream};
 use std::process::{Command, Output};
 use std::time::{Duration, Instant};
 
-use support::mosquitto::{Mosquitto, mosquitto_bin};
-use support::util::run_bounded;
-use support::{Daemon, Etcd, eventually, free_addr};
+use crate::support::mosquitto::{Mosquitto, mosquitto_bin};
+use crate::support::util::run_bounded;
+use crate::support::{Daemon, Etcd, eventually, free_addr};
 
 const P: &str = "/routemesh";
 const WAIT: Duration = Duration::from_secs(15);

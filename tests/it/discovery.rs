@@ -1,13 +1,11 @@
 //! Discovery against a real etcd: tasks added and removed, node liveness through the lease,
 //! malformed values, etcd outages and a 3-member cluster losing a member.
 
-mod support;
-
 use std::collections::BTreeSet;
 use std::net::SocketAddr;
 use std::time::{Duration, Instant};
 
-use support::{Daemon, Etcd, EtcdCluster, TcpBackend, eventually, free_addr, hello};
+use crate::support::{Daemon, Etcd, EtcdCluster, TcpBackend, eventually, free_addr, hello};
 
 const P: &str = "/routemesh";
 

@@ -1,7 +1,7 @@
 //! Edge and security: PROXY protocol in and out (real nginx behind `send_proxy`), connection
 //! limits, fd exhaustion, etcd TLS and auth, TLS passthrough by SNI, non-root operation.
 
-mod support;
+use crate::support;
 
 use std::fs;
 use std::io::{self, Read, Write};
@@ -11,10 +11,10 @@ use std::process::{Child, Command, Stdio};
 use std::thread;
 use std::time::{Duration, Instant};
 
-use support::tls_server::TlsServer;
-use support::util::closed_within;
-use support::util::{parse_http_response, tempdir};
-use support::{Daemon, TcpBackend, connect_and_greet, eventually, free_addr, http_get};
+use crate::support::tls_server::TlsServer;
+use crate::support::util::closed_within;
+use crate::support::util::{parse_http_response, tempdir};
+use crate::support::{Daemon, TcpBackend, connect_and_greet, eventually, free_addr, http_get};
 
 // ---------------------------------------------------------------------------------------------
 // helpers
@@ -467,8 +467,8 @@ fn fd_exhaustion_backs_off_without_spinning_and_recovers() {
 // ---------------------------------------------------------------------------------------------
 // etcd TLS and auth
 
-use support::etcd_secure::{SecureEtcd, Security};
-use support::{cli, hello, output_text};
+use crate::support::etcd_secure::{SecureEtcd, Security};
+use crate::support::{cli, hello, output_text};
 
 #[test]
 fn etcd_with_client_certificate_auth() {

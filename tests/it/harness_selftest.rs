@@ -1,15 +1,13 @@
-//! Self-tests of the integration-test harness (tests/support) that do not
+//! Self-tests of the integration-test harness (tests/it/support) that do not
 //! need the routemesh daemon: real etcd, real TCP backends, helper parsing.
-
-mod support;
 
 use std::io::{ErrorKind, Read, Write};
 use std::net::{Shutdown, TcpStream};
 use std::time::Duration;
 
-use support::etcd::{base64_decode, parse_get_json, parse_lease_grant};
-use support::util::parse_http_response;
-use support::{
+use crate::support::etcd::{base64_decode, parse_get_json, parse_lease_grant};
+use crate::support::util::parse_http_response;
+use crate::support::{
     Blackhole, Etcd, EtcdCluster, TcpBackend, connect_and_greet, dead_addr, echo_roundtrip,
     eventually, eventually_value, hello, require_binary,
 };

@@ -5,7 +5,7 @@
 //! logs, the systemd unit (`systemd-analyze verify`) and the Dockerfile's healthcheck probe run
 //! against a live daemon.
 
-mod support;
+use crate::support;
 
 use std::collections::BTreeSet;
 use std::io::Write;
@@ -13,8 +13,8 @@ use std::path::{Path, PathBuf};
 use std::process::{Command, Stdio};
 use std::time::Duration;
 
-use support::util::{run_bounded, which};
-use support::{
+use crate::support::util::{run_bounded, which};
+use crate::support::{
     Daemon, TcpBackend, cli, dead_addr, echo_roundtrip, eventually, free_addr, output_text,
 };
 

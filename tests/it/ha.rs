@@ -1,7 +1,7 @@
 //! High availability on loopback: active health checks with hysteresis, SIGHUP reload,
 //! and a long etcd outage with zero data-plane errors.
 
-mod support;
+use crate::support;
 
 use std::io::{Read, Write};
 use std::net::{SocketAddr, TcpListener};
@@ -9,7 +9,7 @@ use std::sync::Arc;
 use std::sync::atomic::{AtomicBool, AtomicU16, AtomicUsize, Ordering};
 use std::time::{Duration, Instant};
 
-use support::{Daemon, Etcd, TcpBackend, connect_and_greet, eventually, free_addr, hello};
+use crate::support::{Daemon, Etcd, TcpBackend, connect_and_greet, eventually, free_addr, hello};
 
 const WAIT: Duration = Duration::from_secs(10);
 

@@ -12,9 +12,7 @@
 //! removed by a guard even when a test fails. Every test here needs the engine: when
 //! `docker info` fails they fail with that message, never skip.
 
-#[path = "docker/engine.rs"]
-mod engine;
-mod support;
+use crate::support;
 
 use std::collections::BTreeMap;
 use std::io::{self, Read, Write};
@@ -27,13 +25,15 @@ use std::sync::{Arc, Mutex, OnceLock};
 use std::thread;
 use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
 
-use engine::{
+use crate::support::docker::{
     BASE_IMAGE, BUILD_TIMEOUT, DOCKER_TIMEOUT, NGINX_IMAGE, build_base, build_nginx, docker,
     docker_raw, images_lock, require_engine, target_dir,
 };
+use crate::support::util::tempdir;
+use crate::support::{
+    Daemon, Etcd, cli, eventually, free_addr, output_text, try_http_get, unique_name,
+};
 use serde_json::Value;
-use support::util::tempdir;
-use support::{Daemon, Etcd, cli, eventually, free_addr, output_text, try_http_get, unique_name};
 
 const DAEMON_IMAGE: &str = "routemesh-test-daemon:latest";
 
@@ -104,7 +104,7 @@ fn prebuilt_dockerfile(deploy: &str) -> String {
         .collect();
     assert!(
         froms.len() >= 2 && lines[froms[0]].contains(" AS build"),
-        "deploy/Dockerfile no longer has a compile stage named `build` followed by the runtime stage; update tests/docker.rs"
+        "deploy/Dockerfile no longer has a compile stage named `build` followed by the runtime stage; update tests/it/docker.rs"
     );
     assert!(
         deploy.contains("COPY --from=build /usr/local/bin/routemesh"),

@@ -1,7 +1,7 @@
 //! TLS termination on http listeners (certificates made by the openssl CLI per test, curl and
 //! openssl s_client as clients, real nginx behind), and listeners without a default route.
 
-mod support;
+use crate::support;
 
 use std::io::{self, Read, Write};
 use std::net::{SocketAddr, TcpStream};
@@ -14,12 +14,12 @@ use tokio_rustls::rustls;
 use tokio_rustls::rustls::pki_types::pem::PemObject;
 use tokio_rustls::rustls::pki_types::{CertificateDer, ServerName};
 
-use support::nginx::Nginx;
-use support::tls_server::TlsServer;
-use support::util::closed_within;
-use support::util::parse_http_response;
-use support::util::run_bounded;
-use support::{Daemon, eventually, free_addr};
+use crate::support::nginx::Nginx;
+use crate::support::tls_server::TlsServer;
+use crate::support::util::closed_within;
+use crate::support::util::parse_http_response;
+use crate::support::util::run_bounded;
+use crate::support::{Daemon, eventually, free_addr};
 
 // ---------------------------------------------------------------------------------------------
 // helpers

@@ -7,6 +7,7 @@
 
 pub mod backend;
 pub mod daemon;
+pub mod docker;
 pub mod etcd;
 pub mod etcd_secure;
 pub mod lab;
