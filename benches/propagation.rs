@@ -10,6 +10,8 @@
 //!
 //! Run: `cargo bench --bench propagation` (`ROUTEMESH_CHANGES=200` for a shorter run).
 
+// The integration tests' harness; a bench uses a slice of it, the rest is unused here.
+#[allow(dead_code, unused_imports)]
 #[path = "../tests/it/support/mod.rs"]
 mod support;
 

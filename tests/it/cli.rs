@@ -1,17 +1,15 @@
 //! The cluster CLI against a real etcd and real daemons: `task add|rm`, `service ls|ps`,
 //! `node ls`, with tables and `--json`, and one-line errors.
 
-use crate::support;
-
+use std::net::SocketAddr;
+use std::process::Command;
 use std::time::Duration;
 
-use crate::support::{Daemon, Etcd, TcpBackend, cli, eventually, free_addr, hello, output_text};
-
-fn ok(args: &[&str]) -> String {
-    let out = cli(args);
-    assert!(out.status.success(), "{args:?}: {}", output_text(&out));
-    String::from_utf8(out.stdout).unwrap()
-}
+use crate::support::process::run_bounded;
+use crate::support::{
+    Config, Etcd, Etcdctl, Listener, TcpBackend, bin, cli, cli_ok, dead_addr, eventually,
+    eventually_value, free_addr, hello, output_text, tempdir,
+};
 
 fn fails(args: &[&str]) -> String {
     let out = cli(args);
@@ -26,12 +24,13 @@ fn fails(args: &[&str]) -> String {
     err
 }
 
-fn node_config(etcd: &Etcd, name: &str, listen: std::net::SocketAddr) -> String {
-    format!(
-        "[node]\nname = \"{name}\"\nadvertise = \"127.0.0.1\"\n[discovery]\nendpoints = [\"{}\"]\nnode_ttl = \"2s\"\n\
-         [[listener]]\nlisten = \"{listen}\"\nservice = \"web\"\n",
-        etcd.endpoint()
-    )
+/// Node `name` (advertising 127.0.0.1, lease TTL 2 s) on `etcd`, a TCP listener for `web`.
+fn node_config(etcd: &Etcd, name: &str, listen: SocketAddr) -> Config {
+    Config::etcd(&[etcd.endpoint()])
+        .node(name)
+        .set("node.advertise", "127.0.0.1")
+        .set("discovery.node_ttl", "2s")
+        .listener(Listener::tcp(listen, "web"))
 }
 
 #[test]
@@ -40,17 +39,17 @@ fn task_add_ps_ls_rm() {
     let ep = etcd.endpoint();
     let backend = TcpBackend::start("web-1");
     let listen = free_addr();
-    let mut n1 = Daemon::start(&node_config(&etcd, "n1", listen));
+    let mut n1 = node_config(&etcd, "n1", listen).start();
     n1.wait_ready();
 
     let addr = backend.addr().to_string();
-    let id = ok(&["task", "add", "web", &addr, "--etcd", &ep, "--id", "w1"]);
+    let id = cli_ok(&["task", "add", "web", &addr, "--etcd", &ep, "--id", "w1"]);
     assert_eq!(id.trim(), "w1");
     eventually(Duration::from_secs(10), "task routable", || {
         hello(listen).ok().as_deref() == Some("web-1")
     });
     // Derived id, attached to n1's lease.
-    let derived = ok(&[
+    let derived = cli_ok(&[
         "task",
         "add",
         "web",
@@ -62,7 +61,7 @@ fn task_add_ps_ls_rm() {
     ]);
     assert_eq!(derived.trim(), "n1-127-0-0-1-9");
 
-    let ls = ok(&["service", "ls", "--etcd", &ep]);
+    let ls = cli_ok(&["service", "ls", "--etcd", &ep]);
     let mut lines = ls.lines();
     let header = lines.next().unwrap();
     assert!(
@@ -74,7 +73,7 @@ fn task_add_ps_ls_rm() {
         "{ls}"
     );
 
-    let ps = ok(&["service", "ps", "web", "--etcd", &ep]);
+    let ps = cli_ok(&["service", "ps", "web", "--etcd", &ep]);
     assert!(ps.starts_with("ID"), "{ps}");
     assert!(ps.lines().next().unwrap().contains("NODE STATUS"), "{ps}");
     assert!(ps.contains("w1") && ps.contains(&addr), "{ps}");
@@ -84,10 +83,10 @@ fn task_add_ps_ls_rm() {
         "{ps}"
     );
     let json: serde_json::Value =
-        serde_json::from_str(&ok(&["service", "ps", "web", "--etcd", &ep, "--json"])).unwrap();
+        serde_json::from_str(&cli_ok(&["service", "ps", "web", "--etcd", &ep, "--json"])).unwrap();
     assert_eq!(json.as_array().unwrap().len(), 2);
 
-    let nodes = ok(&["node", "ls", "--etcd", &ep]);
+    let nodes = cli_ok(&["node", "ls", "--etcd", &ep]);
     assert!(
         nodes
             .lines()
@@ -102,10 +101,10 @@ fn task_add_ps_ls_rm() {
     // The node dies: its lease-bound task vanishes, the permanent one stays, n1 is Down.
     n1.kill();
     eventually(Duration::from_secs(8), "node-bound task gone", || {
-        !ok(&["service", "ps", "web", "--etcd", &ep]).contains("n1-127-0-0-1-9")
+        !cli_ok(&["service", "ps", "web", "--etcd", &ep]).contains("n1-127-0-0-1-9")
     });
     let nodes: serde_json::Value =
-        serde_json::from_str(&ok(&["node", "ls", "--etcd", &ep, "--json"])).unwrap();
+        serde_json::from_str(&cli_ok(&["node", "ls", "--etcd", &ep, "--json"])).unwrap();
     assert_eq!(nodes[0]["status"], "Down", "{nodes}");
     let err = fails(&[
         "task",
@@ -119,8 +118,11 @@ fn task_add_ps_ls_rm() {
     ]);
     assert!(err.contains("Down"), "{err}");
 
-    assert_eq!(ok(&["task", "rm", "web", "w1", "--etcd", &ep]).trim(), "w1");
-    assert!(!ok(&["service", "ps", "web", "--etcd", &ep]).contains("w1"));
+    assert_eq!(
+        cli_ok(&["task", "rm", "web", "w1", "--etcd", &ep]).trim(),
+        "w1"
+    );
+    assert!(!cli_ok(&["service", "ps", "web", "--etcd", &ep]).contains("w1"));
     let err = fails(&["task", "rm", "web", "w1", "--etcd", &ep]);
     assert!(err.contains("no task w1"), "{err}");
 }
@@ -128,8 +130,8 @@ fn task_add_ps_ls_rm() {
 #[test]
 fn env_and_config_file_select_the_cluster() {
     let etcd = Etcd::start();
-    let out = support::util::run_bounded(
-        std::process::Command::new(support::bin())
+    let out = run_bounded(
+        Command::new(bin())
             .args(["task", "add", "api", "127.0.0.1:81", "--id", "a1"])
             .env("ROUTEMESH_ETCD", etcd.endpoint())
             .env("ROUTEMESH_PREFIX", "/other"),
@@ -140,17 +142,11 @@ fn env_and_config_file_select_the_cluster() {
     assert!(out.status.success(), "{}", output_text(&out));
     assert!(etcd.get("/other/tasks/api/a1").is_some());
 
-    let dir = support::util::tempdir("cli");
+    let dir = tempdir("cli");
     let cfg = dir.path().join("c.toml");
-    std::fs::write(
-        &cfg,
-        format!(
-            "[discovery]\nendpoints = [\"{}\"]\nprefix = \"/other\"\n",
-            etcd.endpoint()
-        ),
-    )
-    .unwrap();
-    let ls = ok(&["service", "ls", "-c", cfg.to_str().unwrap()]);
+    let other = Config::etcd(&[etcd.endpoint()]).set("discovery.prefix", "/other");
+    std::fs::write(&cfg, other.to_toml()).unwrap();
+    let ls = cli_ok(&["service", "ls", "-c", cfg.to_str().unwrap()]);
     assert!(ls.contains("api"), "{ls}");
 }
 
@@ -173,7 +169,7 @@ fn errors_are_one_clear_line() {
         "ghost",
     ]);
     assert!(err.contains("unknown node ghost"), "{err}");
-    let dead = format!("http://{}", support::dead_addr());
+    let dead = format!("http://{}", dead_addr());
     let err = fails(&["service", "ls", "--etcd", &dead]);
     assert!(err.contains("cannot reach etcd"), "{err}");
     let err = fails(&["node", "ls", "--etcd", &dead]);
@@ -186,14 +182,13 @@ fn service_ps_with_admin_shows_each_task_state_and_why() {
     let ep = etcd.endpoint();
     let live = TcpBackend::start("live");
     let listen = free_addr();
-    let cfg = format!(
-        "{}[service.web.health]\ninterval = \"200ms\"\nunhealthy_threshold = 2\n",
-        node_config(&etcd, "n1", listen)
-    );
-    let mut n1 = Daemon::start(&cfg);
+    let mut n1 = node_config(&etcd, "n1", listen)
+        .set("service.web.health.interval", "200ms")
+        .set("service.web.health.unhealthy_threshold", 2)
+        .start();
     n1.wait_ready();
-    let dead = support::dead_addr().to_string();
-    ok(&[
+    let dead = dead_addr().to_string();
+    cli_ok(&[
         "task",
         "add",
         "web",
@@ -203,10 +198,10 @@ fn service_ps_with_admin_shows_each_task_state_and_why() {
         "--id",
         "ok1",
     ]);
-    ok(&["task", "add", "web", &dead, "--etcd", &ep, "--id", "bad1"]);
+    cli_ok(&["task", "add", "web", &dead, "--etcd", &ep, "--id", "bad1"]);
     let admin = n1.admin().to_string();
-    let ps = support::eventually_value(Duration::from_secs(10), "bad1 unhealthy", || {
-        let ps = ok(&["service", "ps", "web", "--etcd", &ep, "--admin", &admin]);
+    let ps = eventually_value(Duration::from_secs(10), "bad1 unhealthy", || {
+        let ps = cli_ok(&["service", "ps", "web", "--etcd", &ep, "--admin", &admin]);
         ps.lines()
             .any(|l| l.starts_with("bad1") && l.contains("unhealthy"))
             .then_some(ps)
@@ -231,7 +226,7 @@ fn service_ps_with_admin_shows_each_task_state_and_why() {
         good.contains("healthy") && !good.contains("unhealthy"),
         "{ps}"
     );
-    let json: serde_json::Value = serde_json::from_str(&ok(&[
+    let json: serde_json::Value = serde_json::from_str(&cli_ok(&[
         "service", "ps", "web", "--etcd", &ep, "--admin", &admin, "--json",
     ]))
     .unwrap();

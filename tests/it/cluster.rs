@@ -12,9 +12,11 @@ use std::process::Command;
 use std::thread;
 use std::time::{Duration, Instant};
 
-use crate::support::lab::{LAB_HINT, Lab, Load, NODE_TTL, Sample, describe_failures, http_get};
-use crate::support::util::{require_binary, run_bounded};
-use crate::support::{eventually, eventually_value};
+use crate::support::http::get_within;
+use crate::support::lab::{LAB_HINT, Lab, NODE_TTL};
+use crate::support::load::{Load, Sample, describe_failures};
+use crate::support::process::{require_binary, run_bounded};
+use crate::support::{Task, eventually, eventually_value, holds_for};
 
 /// `protocol` of the `web` listener on port 80 of every node. "tcp" until the HTTP listener
 /// lands; HTTP over a tcp listener works end to end (nginx answers through it).
@@ -31,9 +33,12 @@ const PROPAGATION: Duration = Duration::from_secs(5);
 /// new leader renews every lease): TTL + election + propagation bounds its removal.
 const NODE_DOWN: Duration = Duration::from_secs(2 + 3 + 5);
 
-/// A `[[task]]` table for a daemon config.
-fn task(service: &str, addr: SocketAddr, id: &str) -> String {
-    format!("[[task]]\nservice = \"{service}\"\naddr = \"{addr}\"\nid = \"{id}\"\n")
+/// Steady load: this many requests to each target make a phase of about 200 ms.
+const PHASE: usize = 10;
+
+/// A task of `service` with id `id`, for a daemon's config.
+fn task(service: &str, addr: SocketAddr, id: &str) -> Task {
+    Task::new(service, addr).id(id)
 }
 
 /// The reference layout: an nginx `web` task `id` on n2 only, registered by n2's daemon;
@@ -41,9 +46,9 @@ fn task(service: &str, addr: SocketAddr, id: &str) -> String {
 fn web_on_n2(id: &str) -> (Lab, Vec<SocketAddr>) {
     let mut lab = Lab::start(WEB_PROTOCOL);
     let web = lab.start_nginx(2, &[id]);
-    lab.start_daemon(1, "");
-    lab.start_daemon(2, &task("web", web[0], id));
-    lab.start_daemon(3, "");
+    lab.start_daemon(1, &[]);
+    lab.start_daemon(2, &[task("web", web[0], id)]);
+    lab.start_daemon(3, &[]);
     (lab, web)
 }
 
@@ -98,19 +103,36 @@ fn wait_node_down(lab: &Lab, observers: &[usize], name: &str) {
 
 /// GET / through node `i`'s published web port.
 fn get(lab: &Lab, i: usize) -> Result<String, String> {
-    match http_get(lab.web(i), "/", CLIENT_TIMEOUT) {
+    match get_within(lab.web(i), "/", CLIENT_TIMEOUT) {
         Ok((200, body)) => Ok(body),
         Ok((status, body)) => Err(format!("status {status}: {body:?}")),
         Err(e) => Err(e),
     }
 }
 
-fn sleep(d: Duration) {
-    thread::sleep(d);
+fn assert_no_failures(samples: &[Sample]) {
+    assert!(
+        failures(samples).is_empty(),
+        "0 failed requests expected: {}",
+        describe_failures(samples)
+    );
 }
 
 fn failures(samples: &[Sample]) -> Vec<&Sample> {
     samples.iter().filter(|s| s.outcome.is_err()).collect()
+}
+
+/// Whether the load got an answer `body` from some request so far.
+fn served(load: &Load, body: &str) -> bool {
+    load.samples()
+        .iter()
+        .any(|s| s.outcome.as_deref().is_ok_and(|b| b.trim() == body))
+}
+
+/// The distinct answers of the requests that started after `at` (sorted).
+fn answers_after(samples: &[Sample], at: Duration) -> Vec<String> {
+    let after: Vec<Sample> = samples.iter().filter(|s| s.at > at).cloned().collect();
+    bodies(&after).into_keys().collect()
 }
 
 fn bodies(samples: &[Sample]) -> BTreeMap<String, usize> {
@@ -141,7 +163,7 @@ fn s2_power_off_the_only_task_fails_fast_then_replacement_serves() {
     wait_routable(&lab, &[1, 3], "web", &web, PROPAGATION);
 
     let load = load_via(&lab, &[1, 3]);
-    sleep(Duration::from_millis(300));
+    load.run_through(PHASE, PROPAGATION);
     let off_at = load.elapsed();
     let off_instant = Instant::now();
     lab.power_off(2);
@@ -164,7 +186,7 @@ fn s2_power_off_the_only_task_fails_fast_then_replacement_serves() {
             .all(|&i| get(&lab, i).as_deref() == Ok("n3-r1\n"))
     });
     let served_at = load.elapsed();
-    sleep(Duration::from_millis(500));
+    load.run_through(2 * PHASE, PROPAGATION);
     let samples = load.stop();
     eprintln!(
         "s2: power-off at {off_at:?}, n2's task out of routing at {gone_at:?}, n2 Down at \
@@ -232,13 +254,16 @@ fn s3_power_off_one_replica_node_under_load_loses_nothing() {
     let mut lab = Lab::start(WEB_PROTOCOL);
     let r2 = lab.start_nginx(2, &["n2-r1"]);
     let r3 = lab.start_nginx(3, &["n3-r1"]);
-    lab.start_daemon(1, "");
-    lab.start_daemon(2, &task("web", r2[0], "n2-r1"));
-    lab.start_daemon(3, &task("web", r3[0], "n3-r1"));
+    lab.start_daemon(1, &[]);
+    lab.start_daemon(2, &[task("web", r2[0], "n2-r1")]);
+    lab.start_daemon(3, &[task("web", r3[0], "n3-r1")]);
     wait_routable(&lab, &[1, 3], "web", &[r2[0], r3[0]], PROPAGATION);
 
     let load = load_via(&lab, &[1, 3]);
-    sleep(Duration::from_millis(500));
+    load.run_through(PHASE, PROPAGATION);
+    eventually(PROPAGATION, "both replicas serving the load", || {
+        served(&load, "n2-r1") && served(&load, "n3-r1")
+    });
     let off_at = load.elapsed();
     lab.power_off(2);
     let off_done = load.elapsed();
@@ -247,7 +272,7 @@ fn s3_power_off_one_replica_node_under_load_loses_nothing() {
     // Keep the load on until n2's lease expired and its task left the table.
     wait_node_down(&lab, &[1, 3], "n2");
     let down_at = load.elapsed();
-    sleep(Duration::from_millis(500));
+    load.run_through(2 * PHASE, PROPAGATION);
     let samples = load.stop();
     eprintln!(
         "s3: power-off {off_at:?}..{off_done:?}, n2's task out of rotation at {gone_at:?}, \
@@ -269,13 +294,8 @@ fn s3_power_off_one_replica_node_under_load_loses_nothing() {
     // A request whose upstream connection to n2 was open at the instant of the SIGKILL gets a
     // reset from the dying kernel before any response byte: the proxy ejects n2's task and
     // retries the GET on n3. So not one request may fail.
-    assert!(
-        failures(&samples).is_empty(),
-        "0 failed requests expected: {}",
-        describe_failures(&samples)
-    );
-    let after: Vec<_> = samples.iter().filter(|s| s.at > gone_at).cloned().collect();
-    assert_eq!(bodies(&after).keys().collect::<Vec<_>>(), ["n3-r1"]);
+    assert_no_failures(&samples);
+    assert_eq!(answers_after(&samples, gone_at), ["n3-r1"]);
 }
 
 /// Scenario 4: ten replicas over the three nodes; 300 GETs through the node IPs reach all.
@@ -289,7 +309,7 @@ fn s4_ten_replicas_all_reached_through_every_node() {
         let replicas: Vec<String> = (1..=count).map(|k| format!("n{node}-r{k}")).collect();
         let refs: Vec<&str> = replicas.iter().map(String::as_str).collect();
         let addrs = lab.start_nginx(node, &refs);
-        let tasks: String = replicas
+        let tasks: Vec<Task> = replicas
             .iter()
             .zip(&addrs)
             .map(|(r, a)| task("web", *a, r))
@@ -323,9 +343,9 @@ fn s5_mqtt_publishers_on_three_nodes_reach_one_broker() {
     let pub_bin = require_binary("mosquitto_pub", LAB_HINT);
     let mut lab = Lab::start(WEB_PROTOCOL);
     let broker = lab.start_mosquitto(2);
-    lab.start_daemon(1, "");
-    lab.start_daemon(2, &task("mqtt", broker, "mqtt-n2"));
-    lab.start_daemon(3, "");
+    lab.start_daemon(1, &[]);
+    lab.start_daemon(2, &[task("mqtt", broker, "mqtt-n2")]);
+    lab.start_daemon(3, &[]);
     wait_routable(&lab, &[1, 2, 3], "mqtt", &[broker], PROPAGATION);
 
     const PER_PUBLISHER: usize = 5;
@@ -431,7 +451,7 @@ fn s6_losing_an_etcd_member_keeps_data_plane_and_discovery() {
     let others: Vec<usize> = (1..=3).filter(|&i| i != leader).collect();
     let (a, b) = (others[0], others[1]);
     for i in 1..=3 {
-        lab.start_daemon(i, "");
+        lab.start_daemon(i, &[]);
     }
     let ra = lab.start_nginx(a, &[&format!("n{a}-r1"), &format!("n{a}-r2")]);
     let rb = lab.start_nginx(b, &[&format!("n{b}-r1")]);
@@ -453,11 +473,26 @@ fn s6_losing_an_etcd_member_keeps_data_plane_and_discovery() {
     wait_routable(&lab, &[a, b], "web", &[ra[0], rb[0]], PROPAGATION);
 
     let load = load_via(&lab, &[a, b]);
-    sleep(Duration::from_millis(300));
+    load.run_through(PHASE, PROPAGATION);
     let off_at = load.elapsed();
     lab.power_off(leader);
     // Past a new election and a whole node lease: the survivors' leases must have been kept.
-    sleep(NODE_TTL + Duration::from_secs(1));
+    // First the election; then, for a lease TTL and a second more (what a lost lease would
+    // need to show), both survivors keep routing to both tasks.
+    eventually(NODE_DOWN, "a new etcd leader among the survivors", || {
+        lab.try_etcd_leader().is_some_and(|l| l != leader)
+    });
+    holds_for(
+        NODE_TTL + Duration::from_secs(1),
+        "the survivors keep routing to their tasks",
+        || {
+            [a, b].iter().all(|&i| {
+                lab.routable(i, "web").is_some_and(|r| {
+                    r.contains(&ra[0].to_string()) && r.contains(&rb[0].to_string())
+                })
+            })
+        },
+    );
     let added = Instant::now();
     lab.cli_ok(&[
         "task",
@@ -479,7 +514,7 @@ fn s6_losing_an_etcd_member_keeps_data_plane_and_discovery() {
             || get(&lab, i).as_deref() == Ok(want.as_str()),
         );
     }
-    sleep(Duration::from_millis(300));
+    load.run_through(PHASE, PROPAGATION);
     let samples = load.stop();
     eprintln!(
         "s6: etcd leader n{leader} powered off at {off_at:?}; task added afterwards routable on \
@@ -503,7 +538,7 @@ fn s6_losing_an_etcd_member_keeps_data_plane_and_discovery() {
 fn s7a_rolling_replacement_via_etcd_loses_nothing() {
     let mut lab = Lab::start(WEB_PROTOCOL);
     for i in 1..=3 {
-        lab.start_daemon(i, "");
+        lab.start_daemon(i, &[]);
     }
     let old = lab.start_nginx(2, &["old"]);
     lab.cli_ok(&[
@@ -519,7 +554,7 @@ fn s7a_rolling_replacement_via_etcd_loses_nothing() {
     wait_routable(&lab, &[1, 2, 3], "web", &old, PROPAGATION);
 
     let load = load_via(&lab, &[1, 2, 3]);
-    sleep(Duration::from_millis(300));
+    load.run_through(PHASE, PROPAGATION);
     let new = lab.start_nginx(3, &["new"]);
     lab.cli_ok(&[
         "task",
@@ -532,35 +567,28 @@ fn s7a_rolling_replacement_via_etcd_loses_nothing() {
         "new",
     ]);
     wait_routable(&lab, &[1, 2, 3], "web", &[old[0], new[0]], PROPAGATION);
-    sleep(Duration::from_millis(300));
+    eventually(PROPAGATION, "the new task serving the load", || {
+        served(&load, "new")
+    });
     lab.cli_ok(&["task", "rm", "web", "old"]);
     wait_routable(&lab, &[1, 2, 3], "web", &new, PROPAGATION);
     // Drain: the old task is out of every node's rotation; stop it gracefully.
     lab.stop(2, "nginx-old", libc::SIGQUIT);
     let stopped_at = load.elapsed();
-    sleep(Duration::from_millis(500));
+    load.run_through(2 * PHASE, PROPAGATION);
     let samples = load.stop();
     eprintln!(
         "s7a: {} ; bodies {:?}",
         describe_failures(&samples),
         bodies(&samples)
     );
-    assert!(
-        failures(&samples).is_empty(),
-        "0 failed requests expected: {}",
-        describe_failures(&samples)
-    );
+    assert_no_failures(&samples);
     let seen = bodies(&samples);
     assert!(
         seen.contains_key("old") && seen.contains_key("new"),
         "{seen:?}"
     );
-    let after: Vec<_> = samples
-        .iter()
-        .filter(|s| s.at > stopped_at)
-        .cloned()
-        .collect();
-    assert_eq!(bodies(&after).keys().collect::<Vec<_>>(), ["new"]);
+    assert_eq!(answers_after(&samples, stopped_at), ["new"]);
 }
 
 /// Scenario 7b: rolling replacement by draining the old task's node: register the new task,
@@ -572,7 +600,7 @@ fn s7b_rolling_replacement_by_node_drain_loses_nothing() {
     wait_routable(&lab, &[1, 3], "web", &old, PROPAGATION);
 
     let load = load_via(&lab, &[1, 3]);
-    sleep(Duration::from_millis(300));
+    load.run_through(PHASE, PROPAGATION);
     let new = lab.start_nginx(1, &["new"]);
     lab.cli_ok(&[
         "task",
@@ -585,7 +613,9 @@ fn s7b_rolling_replacement_by_node_drain_loses_nothing() {
         "new",
     ]);
     wait_routable(&lab, &[1, 3], "web", &[old[0], new[0]], PROPAGATION);
-    sleep(Duration::from_millis(300));
+    eventually(PROPAGATION, "the new task serving the load", || {
+        served(&load, "new")
+    });
     let term = Instant::now();
     lab.signal_daemon(2, libc::SIGTERM);
     // Lease revoked first: gone from the other nodes well before the lease TTL.
@@ -600,7 +630,7 @@ fn s7b_rolling_replacement_by_node_drain_loses_nothing() {
     );
     lab.stop(2, "nginx-old", libc::SIGQUIT);
     let stopped_at = load.elapsed();
-    sleep(Duration::from_millis(500));
+    load.run_through(2 * PHASE, PROPAGATION);
     let samples = load.stop();
     eprintln!(
         "s7b: old task out of routing {gone_in:?} after SIGTERM; {} ; bodies {:?}",
@@ -611,15 +641,32 @@ fn s7b_rolling_replacement_by_node_drain_loses_nothing() {
         gone_in < Duration::from_secs(1),
         "SIGTERM revokes the lease first: old task gone in {gone_in:?} (TTL {NODE_TTL:?})"
     );
-    assert!(
-        failures(&samples).is_empty(),
-        "0 failed requests expected: {}",
-        describe_failures(&samples)
-    );
-    let after: Vec<_> = samples
-        .iter()
-        .filter(|s| s.at > stopped_at)
-        .cloned()
-        .collect();
-    assert_eq!(bodies(&after).keys().collect::<Vec<_>>(), ["new"]);
+    assert_no_failures(&samples);
+    assert_eq!(answers_after(&samples, stopped_at), ["new"]);
+}
+
+/// Scenario 8: a powered-off node comes back: powered on, its etcd member and daemon started
+/// again with their data and config, it is Ready on every node again and serves the web
+/// task (on n1) through its published port.
+#[test]
+fn s8_a_powered_off_node_rejoins_when_it_comes_back() {
+    let mut lab = Lab::start(WEB_PROTOCOL);
+    let web = lab.start_nginx(1, &["n1-r1"]);
+    lab.start_daemon(1, &[task("web", web[0], "n1-r1")]);
+    lab.start_daemon(2, &[]);
+    lab.start_daemon(3, &[]);
+    wait_routable(&lab, &[1, 2, 3], "web", &web, PROPAGATION);
+
+    lab.power_off(2);
+    wait_node_down(&lab, &[1, 3], "n2");
+    lab.power_on(2);
+    lab.restart_etcd(2);
+    lab.restart_daemon(2);
+    eventually(NODE_DOWN, "n1 and n3 to see n2 Ready again", || {
+        [1, 3]
+            .iter()
+            .all(|&i| lab.node_status(i, "n2").as_deref() == Some("Ready"))
+    });
+    wait_routable(&lab, &[2], "web", &web, PROPAGATION);
+    assert_eq!(get(&lab, 2), Ok("n1-r1\n".to_string()), "GET via n2");
 }

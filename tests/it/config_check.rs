@@ -1,11 +1,11 @@
 //! `routemesh check` and `run` on bad config: every error as FILE:LINE:COL with how to fix
 //! it, exit 2, nothing bound. And the static default that README's first command runs.
 
-use crate::support;
-
 use std::path::PathBuf;
 
-use crate::support::{Daemon, TcpBackend, cli, free_addr, hello, output_text};
+use crate::support::{
+    Config, Listener, Task, TcpBackend, cli, dead_addr, free_addr, hello, output_text, tempdir,
+};
 
 fn write(dir: &tempfile::TempDir, body: &str) -> PathBuf {
     let p = dir.path().join("routemesh.toml");
@@ -15,7 +15,7 @@ fn write(dir: &tempfile::TempDir, body: &str) -> PathBuf {
 
 /// Runs check on `body`, expects exit 2, returns stderr lines.
 fn check_fails(body: &str) -> Vec<String> {
-    let dir = support::util::tempdir("check");
+    let dir = tempdir("check");
     let p = write(&dir, body);
     let out = cli(&["check", "-c", p.to_str().unwrap()]);
     assert_eq!(out.status.code(), Some(2), "{body}\n{}", output_text(&out));
@@ -162,7 +162,7 @@ fn unreadable_file_and_run_refuse_bad_config() {
     assert!(output_text(&out).contains("cannot read the config file"));
 
     // `run` validates fully before binding anything.
-    let dir = support::util::tempdir("run");
+    let dir = tempdir("run");
     let listen = free_addr();
     let p = write(
         &dir,
@@ -191,11 +191,15 @@ fn example_config_checks_and_summarises() {
 fn static_backend_serves_without_etcd() {
     let backend = TcpBackend::start("static-task");
     let listen = free_addr();
-    let mut d = Daemon::start(&format!(
-        "[discovery]\nbackend = \"static\"\nendpoints = [\"http://{}\"]\n[[listener]]\nlisten = \"{listen}\"\nservice = \"w\"\n[[task]]\nservice = \"w\"\naddr = \"{}\"\n",
-        support::dead_addr(),
-        backend.addr()
-    ));
+    // Endpoints of an etcd that is not there: the static backend never dials them.
+    let mut d = Config::static_tasks()
+        .set(
+            "discovery.endpoints",
+            vec![format!("http://{}", dead_addr())],
+        )
+        .listener(Listener::tcp(listen, "w"))
+        .task(Task::new("w", backend.addr()))
+        .start();
     d.wait_ready();
     assert_eq!(hello(listen).unwrap(), "static-task");
     assert!(d.terminate().success());

@@ -5,19 +5,24 @@ use std::collections::BTreeSet;
 use std::net::SocketAddr;
 use std::time::{Duration, Instant};
 
-use crate::support::{Daemon, Etcd, EtcdCluster, TcpBackend, eventually, free_addr, hello};
+use crate::support::{
+    Config, Daemon, Etcd, EtcdCluster, Etcdctl, Listener, Task, TcpBackend, eventually, free_addr,
+    hello,
+};
 
 const P: &str = "/routemesh";
 
-fn etcd_config(node: &str, endpoints: &[String], listen: SocketAddr, extra: &str) -> String {
-    let eps: Vec<String> = endpoints.iter().map(|e| format!("\"{e}\"")).collect();
-    format!(
-        "[node]\nname = \"{node}\"\nadvertise = \"127.0.0.1\"\n\
-         [discovery]\nendpoints = [{}]\nprefix = \"{P}\"\nnode_ttl = \"2s\"\ndial_timeout = \"1s\"\n\
-         [[listener]]\nlisten = \"{listen}\"\nservice = \"echo\"\n\
-         [service.echo]\nconnect_timeout = \"300ms\"\n{extra}\n",
-        eps.join(", ")
-    )
+/// Node `node` (lease TTL 2 s, dial timeout 1 s) on `endpoints` under prefix `P`, with a TCP
+/// listener on `listen` for service `echo` (connect timeout 300 ms).
+fn etcd_config(node: &str, endpoints: &[String], listen: SocketAddr) -> Config {
+    Config::etcd(endpoints)
+        .node(node)
+        .set("node.advertise", "127.0.0.1")
+        .set("discovery.prefix", P)
+        .set("discovery.node_ttl", "2s")
+        .set("discovery.dial_timeout", "1s")
+        .listener(Listener::tcp(listen, "echo"))
+        .set("service.echo.connect_timeout", "300ms")
 }
 
 fn task_json(addr: SocketAddr) -> String {
@@ -49,7 +54,7 @@ fn tasks_added_and_removed_in_etcd_reach_the_proxy() {
     let a = TcpBackend::start("a");
     let b = TcpBackend::start("b");
     let listen = free_addr();
-    let mut d = Daemon::start(&etcd_config("n1", &[etcd.endpoint()], listen, ""));
+    let mut d = etcd_config("n1", &[etcd.endpoint()], listen).start();
     d.wait_ready();
     etcd.put(&format!("{P}/tasks/echo/a"), &task_json(a.addr()));
     eventually(WAIT, "task a routable", || {
@@ -72,7 +77,7 @@ fn readyz_waits_for_the_first_sync() {
     let mut etcd = Etcd::start();
     etcd.stop();
     let listen = free_addr();
-    let mut d = Daemon::start(&etcd_config("n1", &[etcd.endpoint()], listen, ""));
+    let mut d = etcd_config("n1", &[etcd.endpoint()], listen).start();
     assert_eq!(d.admin_get("/healthz").0, 200);
     assert_eq!(d.ready_status(), 503, "not ready before discovery synced");
     etcd.start_again();
@@ -85,12 +90,11 @@ fn a_killed_node_takes_its_tasks_away_and_sigterm_revokes_at_once() {
     let backend = TcpBackend::start("on-n1");
     let l1 = free_addr();
     let l2 = free_addr();
-    let task = format!(
-        "[[task]]\nservice = \"echo\"\naddr = \"{}\"\nid = \"w1\"\n",
-        backend.addr()
-    );
-    let mut n1 = Daemon::start(&etcd_config("n1", &[etcd.endpoint()], l1, &task));
-    let mut n2 = Daemon::start(&etcd_config("n2", &[etcd.endpoint()], l2, ""));
+    let task = Task::new("echo", backend.addr()).id("w1");
+    let mut n1 = etcd_config("n1", &[etcd.endpoint()], l1)
+        .task(task.clone())
+        .start();
+    let mut n2 = etcd_config("n2", &[etcd.endpoint()], l2).start();
     n2.wait_ready();
     eventually(WAIT, "n2 routes to n1's task", || {
         hello(l2).ok().as_deref() == Some("on-n1")
@@ -124,9 +128,10 @@ fn a_killed_node_takes_its_tasks_away_and_sigterm_revokes_at_once() {
 
     // A clean stop revokes the lease: tasks go at once, not after the TTL.
     let l3 = free_addr();
-    let cfg = etcd_config("n3", &[etcd.endpoint()], l3, &task)
-        .replace("node_ttl = \"2s\"", "node_ttl = \"30s\"");
-    let mut n3 = Daemon::start(&cfg);
+    let mut n3 = etcd_config("n3", &[etcd.endpoint()], l3)
+        .set("discovery.node_ttl", "30s")
+        .task(task)
+        .start();
     eventually(WAIT, "n3's task registered", || {
         task_ids(&n2, "echo") == ["w1"]
     });
@@ -151,7 +156,7 @@ fn malformed_values_are_skipped_and_named() {
     etcd.put(&format!("{P}/tasks/echo"), r#"{"addr":"127.0.0.1:1"}"#);
     etcd.put(&format!("{P}/tasks/echo/good"), &task_json(good.addr()));
     let listen = free_addr();
-    let mut d = Daemon::start(&etcd_config("n1", &[etcd.endpoint()], listen, ""));
+    let mut d = etcd_config("n1", &[etcd.endpoint()], listen).start();
     d.wait_ready();
     assert_eq!(seen(listen, 5), BTreeSet::from(["good".to_string()]));
     let routes = d.routes();
@@ -187,7 +192,7 @@ fn etcd_outage_keeps_traffic_flowing_and_resyncs() {
     let b = TcpBackend::start("b");
     etcd.put(&format!("{P}/tasks/echo/a"), &task_json(a.addr()));
     let listen = free_addr();
-    let mut d = Daemon::start(&etcd_config("n1", &[etcd.endpoint()], listen, ""));
+    let mut d = etcd_config("n1", &[etcd.endpoint()], listen).start();
     d.wait_ready();
     assert_eq!(hello(listen).unwrap(), "a");
     etcd.stop();
@@ -220,11 +225,9 @@ fn a_lost_lease_is_registered_again_after_a_long_outage() {
     let mut etcd = Etcd::start();
     let backend = TcpBackend::start("x");
     let listen = free_addr();
-    let task = format!(
-        "[[task]]\nservice = \"echo\"\naddr = \"{}\"\nid = \"w1\"\n",
-        backend.addr()
-    );
-    let mut d = Daemon::start(&etcd_config("n1", &[etcd.endpoint()], listen, &task));
+    let mut d = etcd_config("n1", &[etcd.endpoint()], listen)
+        .task(Task::new("echo", backend.addr()).id("w1"))
+        .start();
     d.wait_ready();
     eventually(WAIT, "task registered", || {
         etcd.get(&format!("{P}/tasks/echo/w1")).is_some()
@@ -254,7 +257,7 @@ fn losing_one_member_of_three_does_not_interrupt_discovery() {
     let b = TcpBackend::start("b");
     cluster.put(&format!("{P}/tasks/echo/a"), &task_json(a.addr()));
     let listen = free_addr();
-    let mut d = Daemon::start(&etcd_config("n1", &cluster.endpoints(), listen, ""));
+    let mut d = etcd_config("n1", &cluster.endpoints(), listen).start();
     d.wait_ready();
     assert_eq!(hello(listen).unwrap(), "a");
     for victim in [0usize, 1] {
@@ -291,15 +294,12 @@ fn losing_one_member_of_three_does_not_interrupt_discovery() {
 fn a_node_with_more_tasks_than_one_etcd_transaction_registers_them_all() {
     let etcd = Etcd::start();
     let listen = free_addr();
-    let tasks: String = (0..150)
-        .map(|i| {
-            format!(
-                "[[task]]\nservice = \"many\"\naddr = \"127.0.0.1:{}\"\nid = \"t{i}\"\n",
-                20000 + i
-            )
-        })
-        .collect();
-    let mut d = Daemon::start(&etcd_config("n1", &[etcd.endpoint()], listen, &tasks));
+    let tasks = (0..150).map(|i| {
+        Task::new("many", SocketAddr::from(([127, 0, 0, 1], 20000 + i))).id(&format!("t{i}"))
+    });
+    let mut d = etcd_config("n1", &[etcd.endpoint()], listen)
+        .tasks(tasks)
+        .start();
     d.wait_ready();
     eventually(WAIT, "150 tasks registered", || {
         etcd.get_prefix(&format!("{P}/tasks/many/")).len() == 150
@@ -312,11 +312,9 @@ fn a_registration_deleted_by_hand_is_written_again() {
     let etcd = Etcd::start();
     let backend = TcpBackend::start("x");
     let listen = free_addr();
-    let task = format!(
-        "[[task]]\nservice = \"echo\"\naddr = \"{}\"\nid = \"w1\"\n",
-        backend.addr()
-    );
-    let mut d = Daemon::start(&etcd_config("n1", &[etcd.endpoint()], listen, &task));
+    let mut d = etcd_config("n1", &[etcd.endpoint()], listen)
+        .task(Task::new("echo", backend.addr()).id("w1"))
+        .start();
     d.wait_ready();
     let key = format!("{P}/tasks/echo/w1");
     eventually(WAIT, "task registered", || etcd.get(&key).is_some());

@@ -11,8 +11,11 @@ use std::net::{SocketAddr, TcpStream, UdpSocket};
 use std::process::Command;
 use std::time::{Duration, Instant};
 
-use crate::support::util::run_bounded;
-use crate::support::{Daemon, Etcd, TcpBackend, eventually, eventually_value, free_port, hello};
+use crate::support::process::run_bounded;
+use crate::support::{
+    Config, Daemon, Etcd, Etcdctl, Listener, TcpBackend, eventually, eventually_value, free_port,
+    hello,
+};
 
 const ZONE: &str = "mesh.test";
 const P: &str = "/routemesh";
@@ -101,19 +104,20 @@ fn must_dig(server: SocketAddr, args: &[&str]) -> Reply {
 }
 
 /// A daemon config: `ip` is its advertise address and where all its ports are bound.
-fn config(name: &str, ip: &str, etcd: &Etcd, ports: &Ports) -> String {
-    format!(
-        "[node]\nname = \"{name}\"\nadvertise = \"{ip}\"\n\
-         [discovery]\nendpoints = [\"{}\"]\nprefix = \"{P}\"\nnode_ttl = \"{NODE_TTL_SECS}s\"\ndial_timeout = \"1s\"\n\
-         [dns]\nlisten = \"{ip}:{}\"\nzone = \"{ZONE}\"\nttl = \"1s\"\n\
-         [[listener]]\nname = \"mqtt\"\nlisten = \"{ip}:{}\"\nservice = \"mqtt\"\n\
-         [[listener]]\nname = \"web\"\nlisten = \"{ip}:{}\"\nservice = \"web\"\n\
-         [service.web]\nconnect_timeout = \"300ms\"\n",
-        etcd.endpoint(),
-        ports.dns,
-        ports.mqtt,
-        ports.web,
-    )
+fn config(name: &str, ip: &str, etcd: &Etcd, ports: &Ports) -> Config {
+    let at = |port: u16| SocketAddr::from((ip.parse::<std::net::IpAddr>().unwrap(), port));
+    Config::etcd(&[etcd.endpoint()])
+        .node(name)
+        .set("node.advertise", ip)
+        .set("discovery.prefix", P)
+        .set("discovery.node_ttl", format!("{NODE_TTL_SECS}s"))
+        .set("discovery.dial_timeout", "1s")
+        .set("dns.listen", at(ports.dns).to_string())
+        .set("dns.zone", ZONE)
+        .set("dns.ttl", "1s")
+        .listener(Listener::tcp(at(ports.mqtt), "mqtt").name("mqtt"))
+        .listener(Listener::tcp(at(ports.web), "web").name("web"))
+        .set("service.web.connect_timeout", "300ms")
 }
 
 /// The same port numbers on every node, as in a real cluster.
@@ -155,12 +159,7 @@ impl Cluster {
     }
 
     fn start_node(&self, i: usize) -> Daemon {
-        let mut d = Daemon::start(&config(
-            &format!("n{}", i + 1),
-            &node_ip(i),
-            &self.etcd,
-            &self.ports,
-        ));
+        let mut d = config(&format!("n{}", i + 1), &node_ip(i), &self.etcd, &self.ports).start();
         d.wait_ready();
         d
     }
@@ -514,8 +513,9 @@ fn a_flooding_source_is_rate_limited_and_answered_again_later() {
         "a flood from one source is rate-limited ({answered} of {sent} answered in {secs:.1}s)"
     );
     // The flooder is answered again once its bucket refills.
-    std::thread::sleep(Duration::from_secs(2));
-    assert!(udp_exchange(server, &query).is_some());
+    eventually(Duration::from_secs(5), "the flooder answered again", || {
+        udp_exchange(server, &query).is_some()
+    });
     let (_, body) = c.daemons[0].as_ref().unwrap().admin_get("/metrics");
     assert!(body.contains("rcode=\"ratelimited\""), "{body}");
 }

@@ -12,28 +12,30 @@
 //! removed by a guard even when a test fails. Every test here needs the engine: when
 //! `docker info` fails they fail with that message, never skip.
 
-use crate::support;
-
 use std::collections::BTreeMap;
 use std::io::{self, Read, Write};
 use std::net::SocketAddr;
 use std::os::unix::net::{UnixListener, UnixStream};
 use std::path::{Path, PathBuf};
 use std::process::Command;
-use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
+use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{Arc, Mutex, OnceLock};
 use std::thread;
 use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
+
+use serde_json::Value;
 
 use crate::support::docker::{
     BASE_IMAGE, BUILD_TIMEOUT, DOCKER_TIMEOUT, NGINX_IMAGE, build_base, build_nginx, docker,
     docker_raw, images_lock, require_engine, target_dir,
 };
-use crate::support::util::tempdir;
+use crate::support::http::try_get;
+use crate::support::load::{Load, Sample};
+use crate::support::process::unique_name;
 use crate::support::{
-    Daemon, Etcd, cli, eventually, free_addr, output_text, try_http_get, unique_name,
+    Config, Daemon, Etcd, Listener, bin, cli, eventually, eventually_value, free_addr, output_text,
+    tempdir,
 };
-use serde_json::Value;
 
 const DAEMON_IMAGE: &str = "routemesh-test-daemon:latest";
 
@@ -45,13 +47,13 @@ fn build_daemon(dir: &Path) -> String {
     let _ = std::fs::remove_dir_all(&ctx);
     std::fs::create_dir_all(ctx.join("config")).unwrap();
     // Without debug info the context is a fraction of the size; same code.
-    let bin = ctx.join("routemesh");
+    let binary = ctx.join("routemesh");
     let stripped = Command::new("objcopy")
-        .args(["--strip-debug", support::bin(), bin.to_str().unwrap()])
+        .args(["--strip-debug", bin(), binary.to_str().unwrap()])
         .status()
         .is_ok_and(|s| s.success());
     if !stripped {
-        std::fs::copy(support::bin(), &bin).expect("copy the routemesh binary");
+        std::fs::copy(bin(), &binary).expect("copy the routemesh binary");
     }
     std::fs::copy(
         Path::new(env!("CARGO_MANIFEST_DIR")).join("config/example.toml"),
@@ -182,39 +184,24 @@ impl Lab {
         lab
     }
 
-    fn config(&self, socket: &str) -> String {
-        format!(
-            r#"[node]
-name = "{name}"
-[discovery]
-endpoints = ["{etcd}"]
-prefix = "{prefix}"
-node_ttl = "3s"
-[admin]
-listen = "{admin}"
-[[listener]]
-name = "web"
-listen = "{proxy}"
-protocol = "http"
-service = "{name}"
-[service.{name}]
-connect_timeout = "500ms"
-[docker]
-enabled = true
-socket = "{socket}"
-reconcile_interval = "30s"
-"#,
-            name = self.name,
-            etcd = self.etcd.endpoint(),
-            prefix = self.prefix,
-            admin = self.admin,
-            proxy = self.proxy,
-        )
+    /// The daemon's config: its node named after the lab, the `web` http listener for the
+    /// lab's service, `[docker]` on the engine at `socket`.
+    fn config(&self, socket: &str) -> Config {
+        Config::etcd(&[self.etcd.endpoint()])
+            .node(&self.name)
+            .set("discovery.prefix", self.prefix.as_str())
+            .set("discovery.node_ttl", "3s")
+            .set("admin.listen", self.admin.to_string())
+            .listener(Listener::http(self.proxy, &self.name).name("web"))
+            .set(&format!("service.{}.connect_timeout", self.name), "500ms")
+            .set("docker.enabled", true)
+            .set("docker.socket", socket)
+            .set("docker.reconcile_interval", "30s")
     }
 
     fn start_daemon(&mut self, image: &str) {
         let path = self._dir.path().join("routemesh.toml");
-        std::fs::write(&path, self.config("/var/run/docker.sock")).unwrap();
+        std::fs::write(&path, self.config("/var/run/docker.sock").to_toml()).unwrap();
         use std::os::unix::fs::PermissionsExt;
         std::fs::set_permissions(&path, std::fs::Permissions::from_mode(0o644)).unwrap();
         let sock_gid = std::fs::metadata("/var/run/docker.sock")
@@ -246,7 +233,7 @@ reconcile_interval = "30s"
         self.daemon = Some(cname);
         let admin = self.admin;
         eventually(Duration::from_secs(20), "routemesh container ready", || {
-            try_http_get(admin, "/readyz").is_ok_and(|(s, _)| s == 200)
+            try_get(admin, "/readyz").is_ok_and(|(s, _)| s == 200)
         });
     }
 
@@ -311,13 +298,13 @@ reconcile_interval = "30s"
             .parse()
             .unwrap_or_else(|_| panic!("{cname} has no IP on {}: {ip:?}", self.network));
         eventually(Duration::from_secs(10), &format!("{cname} serving"), || {
-            try_http_get(addr, "/").is_ok_and(|(s, _)| s == 200)
+            try_get(addr, "/").is_ok_and(|(s, _)| s == 200)
         });
         cname
     }
 
     fn routes(&self) -> Value {
-        let (status, body) = try_http_get(self.admin, "/routes").unwrap_or((0, String::new()));
+        let (status, body) = try_get(self.admin, "/routes").unwrap_or((0, String::new()));
         if status != 200 {
             return Value::Null;
         }
@@ -360,11 +347,11 @@ reconcile_interval = "30s"
     }
 
     fn get(&self) -> io::Result<(u16, String)> {
-        try_http_get(self.proxy, "/")
+        try_get(self.proxy, "/")
     }
 
     fn metric(&self, name: &str) -> Option<f64> {
-        let (_, body) = try_http_get(self.admin, "/metrics").ok()?;
+        let (_, body) = try_get(self.admin, "/metrics").ok()?;
         body.lines()
             .find(|l| l.starts_with(name) && l[name.len()..].starts_with(' '))
             .and_then(|l| l.rsplit(' ').next())
@@ -397,74 +384,40 @@ impl Drop for Lab {
     }
 }
 
-/// Requests through the proxy in a loop on another thread until stopped; counts outcomes.
-struct Load {
-    stop: Arc<AtomicBool>,
-    ok: Arc<AtomicUsize>,
-    failed: Arc<Mutex<Vec<String>>>,
-    seen: Arc<Mutex<BTreeMap<String, usize>>>,
-    handle: Option<thread::JoinHandle<()>>,
+/// Requests through the proxy every ~5 ms on another thread (at most 60 s).
+fn load(proxy: SocketAddr) -> Load {
+    Load::start(
+        &[proxy],
+        Duration::from_millis(5),
+        Duration::from_secs(10),
+        Duration::from_secs(60),
+    )
 }
 
-impl Load {
-    fn start(addr: SocketAddr) -> Load {
-        let stop = Arc::new(AtomicBool::new(false));
-        let ok = Arc::new(AtomicUsize::new(0));
-        let failed = Arc::new(Mutex::new(Vec::new()));
-        let seen = Arc::new(Mutex::new(BTreeMap::new()));
-        let (s, o, f, n) = (stop.clone(), ok.clone(), failed.clone(), seen.clone());
-        let handle = thread::spawn(move || {
-            // Bounded: at most 60 s, a request every ~5 ms.
-            let deadline = Instant::now() + Duration::from_secs(60);
-            while !s.load(Ordering::Relaxed) && Instant::now() < deadline {
-                match try_http_get(addr, "/") {
-                    Ok((200, body)) => {
-                        o.fetch_add(1, Ordering::Relaxed);
-                        *n.lock()
-                            .unwrap()
-                            .entry(body.trim().to_string())
-                            .or_default() += 1;
-                    }
-                    Ok((status, body)) => f.lock().unwrap().push(format!("{status} {body}")),
-                    Err(e) => f.lock().unwrap().push(e.to_string()),
-                }
-                thread::sleep(Duration::from_millis(5));
-            }
-        });
-        Load {
-            stop,
-            ok,
-            failed,
-            seen,
-            handle: Some(handle),
-        }
-    }
-
-    fn ok(&self) -> usize {
-        self.ok.load(Ordering::Relaxed)
-    }
-
-    /// Stops the load; returns (succeeded, failures, answers by replica).
-    fn finish(mut self) -> (usize, Vec<String>, BTreeMap<String, usize>) {
-        self.stop.store(true, Ordering::Relaxed);
-        if let Some(h) = self.handle.take() {
-            h.join().expect("load thread");
-        }
-        (
-            self.ok(),
-            self.failed.lock().unwrap().clone(),
-            self.seen.lock().unwrap().clone(),
-        )
-    }
+/// How many requests of `samples` were answered.
+fn answered(samples: &[Sample]) -> usize {
+    samples.iter().filter(|s| s.outcome.is_ok()).count()
 }
 
-impl Drop for Load {
-    fn drop(&mut self) {
-        self.stop.store(true, Ordering::Relaxed);
-        if let Some(h) = self.handle.take() {
-            let _ = h.join();
-        }
-    }
+/// The `retry_in` of every log line with `message` (text format: `retry_in=196.2ms`).
+fn retry_delays(log: &str, message: &str) -> Vec<Duration> {
+    log.lines()
+        .filter(|l| l.contains(message))
+        .filter_map(|l| {
+            let value = l.split("retry_in=").nth(1)?.split_whitespace().next()?;
+            let unit_at = value.find(|c: char| !c.is_ascii_digit() && c != '.')?;
+            let (number, unit) = value.split_at(unit_at);
+            let number: f64 = number.parse().ok()?;
+            let secs = match unit {
+                "s" => number,
+                "ms" => number / 1e3,
+                "µs" => number / 1e6,
+                "ns" => number / 1e9,
+                _ => return None,
+            };
+            Some(Duration::from_secs_f64(secs))
+        })
+        .collect()
 }
 
 fn now_ns() -> i128 {
@@ -601,8 +554,10 @@ fn docker_stop_leaves_rotation_before_the_process_exits() {
     let a = lab.web("a", &[]);
     let b = lab.web("b", &[]);
     lab.wait_routable(&[&a, &b], Duration::from_secs(10), "both replicas routable");
-    let load = Load::start(lab.proxy);
-    eventually(Duration::from_secs(5), "load running", || load.ok() > 20);
+    let load = load(lab.proxy);
+    eventually(Duration::from_secs(5), "load running", || {
+        answered(&load.samples()) > 20
+    });
 
     let stopper = {
         let a = a.clone();
@@ -623,18 +578,27 @@ fn docker_stop_leaves_rotation_before_the_process_exits() {
     );
     stopper.join().expect("docker stop");
     assert!(!lab.running(&a));
-    let before = load.ok();
+    let before = answered(&load.samples());
     eventually(Duration::from_secs(5), "more load after the stop", || {
-        load.ok() > before + 20
+        answered(&load.samples()) > before + 20
     });
-    let (ok, failed, seen) = load.finish();
+    let samples = load.stop();
+    let ok = answered(&samples);
+    let failed: Vec<&String> = samples
+        .iter()
+        .filter_map(|s| s.outcome.as_ref().err())
+        .collect();
     assert!(
         failed.is_empty(),
         "{} of {} requests failed: {:?}",
         failed.len(),
-        ok + failed.len(),
+        samples.len(),
         &failed[..failed.len().min(5)]
     );
+    let mut seen = BTreeMap::new();
+    for body in samples.iter().filter_map(|s| s.outcome.as_ref().ok()) {
+        *seen.entry(body.trim().to_string()).or_insert(0) += 1;
+    }
     assert!(seen.contains_key(&a) && seen.contains_key(&b), "{seen:?}");
     eprintln!("out of rotation {out_after:?} after docker stop; {ok} requests, 0 failed");
 }
@@ -752,16 +716,16 @@ fn a_new_container_is_in_within_a_second_of_its_start_event() {
     let lab = Lab::new(true);
     let since = format!("{:.3}", now_ns() as f64 / 1e9 - 1.0);
     let c = lab.start_web("new", &[]);
-    let seen_at = {
-        let deadline = Instant::now() + Duration::from_secs(10);
-        loop {
-            if lab.web_tasks().get(&c).is_some_and(|(_, w)| *w > 0) {
-                break now_ns();
-            }
-            assert!(Instant::now() < deadline, "{c} never became routable");
-            thread::sleep(Duration::from_millis(5));
-        }
-    };
+    let seen_at = eventually_value(
+        Duration::from_secs(10),
+        &format!("{c} to become routable"),
+        || {
+            lab.web_tasks()
+                .get(&c)
+                .is_some_and(|(_, w)| *w > 0)
+                .then(now_ns)
+        },
+    );
     let until = format!("{:.3}", now_ns() as f64 / 1e9 + 0.1);
     let started = docker(&[
         "events",
@@ -880,7 +844,7 @@ fn engine_outage_keeps_proxying_and_reconciles_on_return() {
     let sock = dir.path().join("engine.sock");
     let mut relay = EngineRelay::start(&sock);
     // The daemon on the host this time, so the test can own the socket it talks to.
-    let d = Daemon::start(&lab.config(sock.to_str().unwrap()));
+    let d = Daemon::start(&lab.config(sock.to_str().unwrap()).to_toml());
     let a = lab.web("a", &[]);
     let b = lab.web("b", &[]);
     lab.wait_routable(&[&a, &b], Duration::from_secs(10), "both replicas routable");
@@ -904,15 +868,21 @@ fn engine_outage_keeps_proxying_and_reconciles_on_return() {
     // Changes while the engine cannot be heard.
     docker(&["stop", "-t", "0", &a]);
     let c = lab.web("c", &[]);
-    thread::sleep(Duration::from_secs(3));
-    let warnings = d.log().matches("docker engine unreachable").count();
-    // Backoff from 100 ms doubling: about six steps in the first three seconds, one line each.
-    assert!(
-        (1..=8).contains(&warnings),
-        "{warnings} warnings in {:?}:\n{}",
-        cut_at.elapsed(),
-        d.log_tail(30)
-    );
+    // One warning per backoff step (from 100 ms, doubling, ±20 % jitter): each announces a
+    // wait at least 4/3 of the one before, so the log does not fill up while the engine is
+    // away. Four steps take about 0.7 s.
+    let delays = eventually_value(Duration::from_secs(10), "four backoff warnings", || {
+        let delays = retry_delays(&d.log(), "docker engine unreachable");
+        (delays.len() >= 4).then_some(delays)
+    });
+    for step in delays.windows(2) {
+        assert!(
+            step[1].as_secs_f64() >= step[0].as_secs_f64() * 1.3,
+            "one warning per backoff step, each waiting longer: {delays:?} in {:?}:\n{}",
+            cut_at.elapsed(),
+            d.log_tail(30)
+        );
+    }
 
     let _relay = EngineRelay::start(&sock);
     lab.wait_routable(

@@ -21,7 +21,9 @@ use std::thread;
 use std::time::{Duration, Instant};
 
 use crate::support::docker::{DOCKER_TIMEOUT, docker, docker_raw, nginx_image, require_engine};
-use crate::support::{Daemon, Etcd, free_addr, output_text, unique_name};
+use crate::support::process::unique_name;
+use crate::support::wait::eventually_ok;
+use crate::support::{Config, Etcd, Etcdctl, Listener, free_addr, output_text};
 use serde_json::Value;
 
 /// Longest wait for the swarm to schedule and start tasks and routemesh to register them.
@@ -186,66 +188,49 @@ fn wait_registered(
     node: &str,
     n: usize,
     timeout: Duration,
-    d: &Daemon,
 ) -> BTreeMap<String, SocketAddr> {
-    let deadline = Instant::now() + timeout;
-    let (mut want, mut have) = (BTreeMap::new(), BTreeMap::new());
-    while Instant::now() < deadline {
-        want = running_tasks(service, network);
-        have = registered(etcd, service);
-        let same = want.len() == n
-            && have.len() == n
-            && want
-                .iter()
-                .all(|(id, a)| have.get(id).is_some_and(|(b, nd, _)| a == b && nd == node));
-        if same {
-            return want;
-        }
-        thread::sleep(Duration::from_millis(250));
-    }
-    panic!(
-        "after {timeout:?}: wanted {n} registered tasks of {service}\nrunning (docker): {want:?}\nin etcd: {have:?}\ndaemon log:\n{}",
-        d.log_tail(60)
-    );
+    eventually_ok(
+        timeout,
+        &format!("{n} registered tasks of {service}"),
+        || {
+            let want = running_tasks(service, network);
+            let have = registered(etcd, service);
+            let same = want.len() == n
+                && have.len() == n
+                && want
+                    .iter()
+                    .all(|(id, a)| have.get(id).is_some_and(|(b, nd, _)| a == b && nd == node));
+            if same {
+                Ok(want)
+            } else {
+                Err(format!("running (docker): {want:?}; in etcd: {have:?}"))
+            }
+        },
+    )
 }
 
-fn wait_none(etcd: &Etcd, service: &str, timeout: Duration, what: &str, d: &Daemon) {
-    let deadline = Instant::now() + timeout;
-    loop {
+fn wait_none(etcd: &Etcd, service: &str, timeout: Duration, what: &str) {
+    eventually_ok(timeout, &format!("no task of {service} ({what})"), || {
         let have = registered(etcd, service);
         if have.is_empty() {
-            return;
+            Ok(())
+        } else {
+            Err(format!("still registered: {have:?}"))
         }
-        assert!(
-            Instant::now() < deadline,
-            "after {timeout:?}, {what}: still registered: {have:?}\ndaemon log:\n{}",
-            d.log_tail(60)
-        );
-        thread::sleep(Duration::from_millis(250));
-    }
+    });
 }
 
-fn config(node: &str, etcd: &Etcd, service: &str, network: &str) -> String {
-    format!(
-        r#"[node]
-name = "{node}"
-[discovery]
-endpoints = ["{etcd}"]
-node_ttl = "3s"
-[[listener]]
-listen = "{listen}"
-service = "{service}"
-[service.{service}]
-connect_timeout = "500ms"
-[docker]
-enabled = true
-swarm = true
-network = "{network}"
-reconcile_interval = "60s"
-"#,
-        etcd = etcd.endpoint(),
-        listen = free_addr(),
-    )
+/// Node `node` on `etcd`, a TCP listener for `service`, `[docker]` in swarm mode on `network`.
+fn config(node: &str, etcd: &Etcd, service: &str, network: &str) -> Config {
+    Config::etcd(&[etcd.endpoint()])
+        .node(node)
+        .set("discovery.node_ttl", "3s")
+        .listener(Listener::tcp(free_addr(), service))
+        .set(&format!("service.{service}.connect_timeout"), "500ms")
+        .set("docker.enabled", true)
+        .set("docker.swarm", true)
+        .set("docker.network", network)
+        .set("docker.reconcile_interval", "60s")
 }
 
 #[test]
@@ -263,7 +248,7 @@ fn swarm_manager_registers_labelled_service_tasks() {
     };
 
     // Not in a swarm yet: the daemon says so, keeps running, registers nothing.
-    let mut d = Daemon::start(&config(&node, &etcd, &service, &network));
+    let mut d = config(&node, &etcd, &service, &network).start();
     d.wait_for_log("not in an active swarm", PROMPT);
     assert!(registered(&etcd, &service).is_empty());
     d.terminate();
@@ -304,8 +289,8 @@ fn swarm_manager_registers_labelled_service_tasks() {
 
     // reconcile_interval is 60 s: whatever happens below within PROMPT comes from the
     // start-up listing, the engine's events and the re-lists they trigger.
-    let mut d = Daemon::start(&config(&node, &etcd, &service, &network));
-    let two = wait_registered(&etcd, &service, &network, &node, 2, CONVERGE, &d);
+    let mut d = config(&node, &etcd, &service, &network).start();
+    let two = wait_registered(&etcd, &service, &network, &node, 2, CONVERGE);
     for (id, addr) in &two {
         assert!(id.starts_with(&format!("{service}.")), "{id}");
         assert!(!addr.ip().is_loopback(), "{id}: {addr}");
@@ -315,21 +300,21 @@ fn swarm_manager_registers_labelled_service_tasks() {
 
     // Scale up: one more task, the first two untouched.
     docker(&["service", "scale", "-d", &format!("{service}=3")]);
-    let three = wait_registered(&etcd, &service, &network, &node, 3, CONVERGE, &d);
+    let three = wait_registered(&etcd, &service, &network, &node, 3, CONVERGE);
     for (id, addr) in &two {
         assert_eq!(three.get(id), Some(addr), "{id} changed on scale-up");
     }
 
     // Lease-bound: the daemon goes, its tasks go; it comes back and lists them again.
     d.terminate();
-    wait_none(&etcd, &service, PROMPT, "the manager's daemon stopped", &d);
-    let mut d = Daemon::start(&config(&node, &etcd, &service, &network));
-    let again = wait_registered(&etcd, &service, &network, &node, 3, PROMPT, &d);
+    wait_none(&etcd, &service, PROMPT, "the manager's daemon stopped");
+    let mut d = config(&node, &etcd, &service, &network).start();
+    let again = wait_registered(&etcd, &service, &network, &node, 3, PROMPT);
     assert_eq!(again, three);
 
     // Service removed: its tasks leave on the event.
     docker(&["service", "rm", &service]);
-    wait_none(&etcd, &service, PROMPT, "the service was removed", &d);
+    wait_none(&etcd, &service, PROMPT, "the service was removed");
     d.wait_for_log("swarm task removed", PROMPT);
     d.terminate();
 }

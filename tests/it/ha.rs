@@ -1,15 +1,18 @@
 //! High availability on loopback: active health checks with hysteresis, SIGHUP reload,
 //! and a long etcd outage with zero data-plane errors.
 
-use crate::support;
-
 use std::io::{Read, Write};
 use std::net::{SocketAddr, TcpListener};
 use std::sync::Arc;
 use std::sync::atomic::{AtomicBool, AtomicU16, AtomicUsize, Ordering};
 use std::time::{Duration, Instant};
 
-use crate::support::{Daemon, Etcd, TcpBackend, connect_and_greet, eventually, free_addr, hello};
+use crate::support::http;
+use crate::support::load::Load;
+use crate::support::{
+    Config, Daemon, Etcd, Etcdctl, Listener, Task, TcpBackend, connect_and_greet, eventually,
+    free_addr, hello, holds_for,
+};
 
 const WAIT: Duration = Duration::from_secs(10);
 
@@ -82,12 +85,15 @@ fn active_tcp_checks_take_a_dead_task_out_and_bring_it_back() {
     let b = TcpBackend::start("b");
     let b_addr = b.addr();
     let listen = free_addr();
-    let d = Daemon::start(&format!(
-        "[discovery]\nbackend = \"static\"\n[[listener]]\nlisten = \"{listen}\"\nservice = \"echo\"\n\
-         [service.echo.health]\ninterval = \"200ms\"\ntimeout = \"200ms\"\nunhealthy_threshold = 2\nhealthy_threshold = 2\n\
-         [[task]]\nservice = \"echo\"\naddr = \"{}\"\nid = \"a\"\n[[task]]\nservice = \"echo\"\naddr = \"{b_addr}\"\nid = \"b\"\n",
-        a.addr()
-    ));
+    let d = Config::static_tasks()
+        .listener(Listener::tcp(listen, "echo"))
+        .set("service.echo.health.interval", "200ms")
+        .set("service.echo.health.timeout", "200ms")
+        .set("service.echo.health.unhealthy_threshold", 2)
+        .set("service.echo.health.healthy_threshold", 2)
+        .task(Task::new("echo", a.addr()).id("a"))
+        .task(Task::new("echo", b_addr).id("b"))
+        .start();
     eventually(WAIT, "both healthy", || {
         task_state(&d, "echo", "a").0 == "healthy" && task_state(&d, "echo", "b").0 == "healthy"
     });
@@ -120,19 +126,23 @@ fn http_checks_catch_a_task_that_accepts_but_fails() {
     let good = HttpBackend::start("good");
     let sick = HttpBackend::start("sick");
     let listen = free_addr();
-    let d = Daemon::start(&format!(
-        "[discovery]\nbackend = \"static\"\n[[listener]]\nlisten = \"{listen}\"\nservice = \"web\"\n\
-         [service.web.health]\nkind = \"http\"\npath = \"/healthz\"\nexpect_status = \"200-299\"\ninterval = \"200ms\"\nunhealthy_threshold = 2\n\
-         [[task]]\nservice = \"web\"\naddr = \"{}\"\nid = \"good\"\n[[task]]\nservice = \"web\"\naddr = \"{}\"\nid = \"sick\"\n",
-        good.addr, sick.addr
-    ));
+    let d = Config::static_tasks()
+        .listener(Listener::tcp(listen, "web"))
+        .set("service.web.health.kind", "http")
+        .set("service.web.health.path", "/healthz")
+        .set("service.web.health.expect_status", "200-299")
+        .set("service.web.health.interval", "200ms")
+        .set("service.web.health.unhealthy_threshold", 2)
+        .task(Task::new("web", good.addr).id("good"))
+        .task(Task::new("web", sick.addr).id("sick"))
+        .start();
     sick.status.store(503, Ordering::Relaxed);
     eventually(WAIT, "sick marked unhealthy", || {
         task_state(&d, "web", "sick").0 == "unhealthy"
     });
     assert!(task_state(&d, "web", "sick").1.contains("503"));
     for _ in 0..10 {
-        let (code, body) = support::http_get(listen, "/");
+        let (code, body) = http::get(listen, "/");
         assert_eq!((code, body.trim()), (200, "good"));
     }
     sick.status.store(200, Ordering::Relaxed);
@@ -147,22 +157,25 @@ fn sighup_reload_changes_listeners_without_touching_open_connections() {
     let b = TcpBackend::start("b");
     let l1 = free_addr();
     let l2 = free_addr();
-    let base = format!(
-        "[discovery]\nbackend = \"static\"\n[[listener]]\nname = \"one\"\nlisten = \"{l1}\"\nservice = \"sa\"\n\
-         [[task]]\nservice = \"sa\"\naddr = \"{}\"\n[[task]]\nservice = \"sb\"\naddr = \"{}\"\n",
-        a.addr(),
-        b.addr()
-    );
-    let mut d = Daemon::start(&base);
+    // Listener `one` on l1 for service `one_to`, and the tasks of `sa` and `sb`.
+    let base = |one_to: &str| {
+        Config::static_tasks()
+            .listener(Listener::tcp(l1, one_to).name("one"))
+            .task(Task::new("sa", a.addr()))
+            .task(Task::new("sb", b.addr()))
+    };
+    let mut d = base("sa").start();
     d.wait_ready();
     let (mut open, name) = connect_and_greet(l1).unwrap();
     assert_eq!(name, "a");
     assert!(std::net::TcpStream::connect(l2).is_err());
 
     // Add a listener.
-    d.write_config(&format!(
-        "{base}[[listener]]\nname = \"two\"\nlisten = \"{l2}\"\nservice = \"sb\"\n"
-    ));
+    d.write_config(
+        &base("sa")
+            .listener(Listener::tcp(l2, "sb").name("two"))
+            .to_toml(),
+    );
     d.signal(libc::SIGHUP);
     eventually(WAIT, "new listener serves", || {
         hello(l2).ok().as_deref() == Some("b")
@@ -174,9 +187,11 @@ fn sighup_reload_changes_listeners_without_touching_open_connections() {
     assert_eq!(&buf, b"still here\n");
 
     // An invalid file is refused whole: both listeners keep serving.
-    d.write_config(&format!(
-        "{base}[[listener]]\nlisten = \"{l2}\"\nservice = \"sb\"\ntypo = 1\n"
-    ));
+    d.write_config(
+        &base("sa")
+            .listener(Listener::tcp(l2, "sb").set("typo", 1))
+            .to_toml(),
+    );
     d.signal(libc::SIGHUP);
     eventually(WAIT, "reload error logged with position", || {
         d.log().contains("routemesh.toml:") && d.log().contains("unknown key `listener.1.typo`")
@@ -193,7 +208,7 @@ fn sighup_reload_changes_listeners_without_touching_open_connections() {
     );
 
     // Remove the second listener and re-point the first one at another service.
-    d.write_config(&base.replace("service = \"sa\"\n[[task]]", "service = \"sb\"\n[[task]]"));
+    d.write_config(&base("sb").to_toml());
     d.signal(libc::SIGHUP);
     eventually(WAIT, "second listener removed", || {
         std::net::TcpStream::connect(l2).is_err()
@@ -213,46 +228,49 @@ fn a_minute_without_etcd_costs_no_request_and_keeps_the_registration() {
     let backend = TcpBackend::start("w");
     let l1 = free_addr();
     let l2 = free_addr();
-    let cfg = |node: &str, listen: SocketAddr, task: &str| {
-        format!(
-            "[node]\nname = \"{node}\"\n[discovery]\nendpoints = [\"{}\"]\nnode_ttl = \"2s\"\ndial_timeout = \"1s\"\n\
-             [[listener]]\nlisten = \"{listen}\"\nservice = \"echo\"\n{task}",
-            etcd.endpoint()
-        )
+    let cfg = |node: &str, listen: SocketAddr| {
+        Config::etcd(&[etcd.endpoint()])
+            .node(node)
+            .set("discovery.node_ttl", "2s")
+            .set("discovery.dial_timeout", "1s")
+            .listener(Listener::tcp(listen, "echo"))
     };
-    let task = format!(
-        "[[task]]\nservice = \"echo\"\naddr = \"{}\"\nid = \"w1\"\n",
-        backend.addr()
-    );
-    let mut n1 = Daemon::start(&cfg("n1", l1, &task));
-    let mut n2 = Daemon::start(&cfg("n2", l2, ""));
+    let mut n1 = cfg("n1", l1)
+        .task(Task::new("echo", backend.addr()).id("w1"))
+        .start();
+    let mut n2 = cfg("n2", l2).start();
     n1.wait_ready();
     n2.wait_ready();
     eventually(WAIT, "n2 routes to n1's task", || {
         hello(l2).ok().as_deref() == Some("w")
     });
 
-    let stop = Arc::new(AtomicBool::new(false));
-    let failures = Arc::new(AtomicUsize::new(0));
-    let served = Arc::new(AtomicUsize::new(0));
-    let load = {
-        let (stop, failures, served) = (stop.clone(), failures.clone(), served.clone());
-        std::thread::spawn(move || {
-            let deadline = Instant::now() + Duration::from_secs(120);
-            while !stop.load(Ordering::Relaxed) && Instant::now() < deadline {
-                for l in [l1, l2] {
-                    match hello(l) {
-                        Ok(n) if n == "w" => served.fetch_add(1, Ordering::Relaxed),
-                        _ => failures.fetch_add(1, Ordering::Relaxed),
-                    };
-                }
-                std::thread::sleep(Duration::from_millis(50));
-            }
-        })
+    // A connection through each node every 50 ms, each answered by the task.
+    let probe = Arc::new(|l: SocketAddr| match hello(l) {
+        Ok(n) if n == "w" => Ok(n),
+        Ok(n) => Err(format!("answered by {n}")),
+        Err(e) => Err(e.to_string()),
+    });
+    let load = Load::with_probe(
+        &[l1, l2],
+        Duration::from_millis(50),
+        Duration::from_secs(120),
+        probe,
+    );
+    let failed = |load: &Load| {
+        load.samples()
+            .into_iter()
+            .filter(|s| s.outcome.is_err())
+            .collect::<Vec<_>>()
     };
-    std::thread::sleep(Duration::from_secs(1));
+    load.run_through(10, WAIT);
     etcd.stop();
-    std::thread::sleep(Duration::from_secs(60));
+    // The outage is the scenario: a minute without etcd, over which no connection fails.
+    holds_for(
+        Duration::from_secs(60),
+        "no failed connection while etcd is down",
+        || failed(&load).is_empty(),
+    );
     etcd.start_again();
     eventually(
         Duration::from_secs(15),
@@ -270,39 +288,42 @@ fn a_minute_without_etcd_costs_no_request_and_keeps_the_registration() {
         etcd.get("/routemesh/tasks/echo/w1").is_some()
             && etcd.get("/routemesh/nodes/n1/alive").is_some()
     });
-    std::thread::sleep(Duration::from_secs(3));
-    stop.store(true, Ordering::Relaxed);
-    load.join().unwrap();
-    assert_eq!(failures.load(Ordering::Relaxed), 0, "no data-plane error");
-    assert!(
-        served.load(Ordering::Relaxed) > 1000,
-        "traffic flowed throughout"
-    );
+    // Three more seconds of traffic after the recovery.
+    load.run_through(60, Duration::from_secs(15));
+    let samples = load.stop();
+    let failures: Vec<_> = samples.iter().filter(|s| s.outcome.is_err()).collect();
+    assert!(failures.is_empty(), "no data-plane error: {failures:?}");
+    assert!(samples.len() > 1000, "traffic flowed throughout");
 }
 
 #[test]
 fn sigterm_finishes_in_flight_http_requests_and_closes_idle_ones() {
-    // A backend that takes 1.5 s to answer.
+    // A backend that takes 1.5 s to answer; it counts the requests it received.
     let listener = TcpListener::bind("127.0.0.1:0").unwrap();
     let slow = listener.local_addr().unwrap();
+    let received = Arc::new(AtomicUsize::new(0));
+    let counter = received.clone();
     std::thread::spawn(move || {
         for conn in listener.incoming() {
             let Ok(mut c) = conn else { break };
+            let counter = counter.clone();
             std::thread::spawn(move || {
                 let mut buf = [0u8; 2048];
-                let _ = c.read(&mut buf);
+                if c.read(&mut buf).is_ok_and(|n| n > 0) {
+                    counter.fetch_add(1, Ordering::SeqCst);
+                }
                 std::thread::sleep(Duration::from_millis(1500));
                 let _ = c.write_all(b"HTTP/1.1 200 OK\r\nContent-Length: 5\r\n\r\nslow\n");
             });
         }
     });
     let listen = free_addr();
-    let mut d = Daemon::start(&format!(
-        "[node]\ndrain_timeout = \"20s\"\n[discovery]\nbackend = \"static\"\n\
-         [[listener]]\nlisten = \"{listen}\"\nprotocol = \"http\"\nservice = \"web\"\n\
-         [service.web.health]\ninterval = \"1h\"\n\
-         [[task]]\nservice = \"web\"\naddr = \"{slow}\"\n"
-    ));
+    let mut d = Config::static_tasks()
+        .set("node.drain_timeout", "20s")
+        .listener(Listener::http(listen, "web"))
+        .set("service.web.health.interval", "1h")
+        .task(Task::new("web", slow))
+        .start();
     d.wait_ready();
     // An idle keep-alive connection that has been served once.
     let mut idle = std::net::TcpStream::connect(listen).unwrap();
@@ -313,9 +334,11 @@ fn sigterm_finishes_in_flight_http_requests_and_closes_idle_ones() {
     let mut buf = [0u8; 256];
     let n = idle.read(&mut buf).unwrap();
     assert!(String::from_utf8_lossy(&buf[..n]).starts_with("HTTP/1.1 200"));
-    // A request in flight when SIGTERM arrives.
-    let in_flight = std::thread::spawn(move || support::http_get(listen, "/b"));
-    std::thread::sleep(Duration::from_millis(300));
+    // A request in flight when SIGTERM arrives: it has reached the task.
+    let in_flight = std::thread::spawn(move || http::get(listen, "/b"));
+    eventually(WAIT, "the second request at the task", || {
+        received.load(Ordering::SeqCst) == 2
+    });
     let started = Instant::now();
     let status = d.terminate();
     assert!(status.success(), "{status:?}");

@@ -5,11 +5,13 @@ use std::io::{ErrorKind, Read, Write};
 use std::net::{Shutdown, TcpStream};
 use std::time::Duration;
 
-use crate::support::etcd::{base64_decode, parse_get_json, parse_lease_grant};
-use crate::support::util::parse_http_response;
+use crate::support::etcd::{parse_get_json, parse_lease_grant};
+use crate::support::http::{parse_response, read_response};
+use crate::support::process::require_binary;
 use crate::support::{
-    Blackhole, Etcd, EtcdCluster, TcpBackend, connect_and_greet, dead_addr, echo_roundtrip,
-    eventually, eventually_value, hello, require_binary,
+    Blackhole, Config, Etcd, EtcdCluster, Etcdctl, Listener, Task, TcpBackend, cli_ok,
+    connect_and_greet, dead_addr, echo_roundtrip, eventually, eventually_value, free_addr, hello,
+    holds_for, tempdir,
 };
 
 #[test]
@@ -80,7 +82,6 @@ fn etcd_lease_expires() {
 #[test]
 fn etcd_cluster_survives_member_kill() {
     let mut cluster = EtcdCluster::start(3);
-    assert_eq!(cluster.len(), 3);
     let endpoints = cluster.endpoints();
     assert_eq!(endpoints.len(), 3);
     assert_eq!(cluster.endpoints_csv(), endpoints.join(","));
@@ -201,31 +202,86 @@ fn require_binary_names_the_setup_command() {
 }
 
 #[test]
-fn helper_parsers() {
-    assert_eq!(base64_decode("L3JtL2E=").unwrap(), b"/rm/a");
-    assert_eq!(base64_decode("").unwrap(), b"");
-    assert_eq!(base64_decode("YWJj").unwrap(), b"abc");
-    assert_eq!(base64_decode("YQ").unwrap(), b"a");
-    assert!(base64_decode("a").is_none());
-    assert!(base64_decode("!!!!").is_none());
+#[should_panic(expected = "no longer true after")]
+fn holds_for_panics_at_the_first_false() {
+    let mut n = 0;
+    holds_for(Duration::from_secs(5), "n stays below 3", || {
+        n += 1;
+        n < 3
+    });
+}
 
-    let json = r#"{"header":{"revision":5},"kvs":[{"key":"L3JtL2E=","value":"MQ==","lease":0}],"count":1}"#;
+#[test]
+fn helper_parsers() {
+    let json = r#"{"header":{"revision":5},"kvs":[{"key":"L3JtL2E=","value":"MQ==","lease":0},{"key":"L3JtL2I=","value":"YWJj"},{"key":"L3JtL2M=","value":""}],"count":3}"#;
     assert_eq!(
         parse_get_json(json),
-        vec![("/rm/a".to_string(), "1".to_string())]
+        vec![
+            ("/rm/a".to_string(), "1".to_string()),
+            ("/rm/b".to_string(), "abc".to_string()),
+            ("/rm/c".to_string(), String::new()),
+        ]
     );
     assert!(parse_get_json(r#"{"header":{"revision":5}}"#).is_empty());
+    for bad in ["a", "!!!!"] {
+        let json = format!(r#"{{"kvs":[{{"key":"{bad}","value":""}}]}}"#);
+        let panicked = std::panic::catch_unwind(|| parse_get_json(&json));
+        assert!(panicked.is_err(), "bad base64 {bad:?} is refused");
+    }
     assert_eq!(
         parse_lease_grant("lease 694d77aa9e38260f granted with TTL(5s)\n").as_deref(),
         Some("694d77aa9e38260f")
     );
 
-    let (status, body) =
-        parse_http_response(b"HTTP/1.1 200 OK\r\ncontent-length: 2\r\n\r\nokXX").unwrap();
-    assert_eq!((status, body.as_str()), (200, "ok"));
-    let (status, body) = parse_http_response(
+    let r = parse_response(b"HTTP/1.1 200 OK\r\ncontent-length: 2\r\n\r\nokXX").unwrap();
+    assert_eq!((r.status, r.text().as_str()), (200, "ok"));
+    let r = parse_response(
         b"HTTP/1.1 503 Service Unavailable\r\nTransfer-Encoding: chunked\r\n\r\n3\r\nabc\r\n2\r\nde\r\n0\r\n\r\n",
     )
     .unwrap();
-    assert_eq!((status, body.as_str()), (503, "abcde"));
+    assert_eq!((r.status, r.text().as_str()), (503, "abcde"));
+    let r = parse_response(b"HTTP/1.0 200 OK\r\nServer: old\r\n\r\nuntil close").unwrap();
+    assert_eq!(
+        (r.header("server"), r.text().as_str()),
+        (Some("old"), "until close")
+    );
+    // Off a keep-alive connection: one response at a time, nothing of the next consumed.
+    let two = b"HTTP/1.1 200 OK\r\nContent-Length: 1\r\n\r\naHTTP/1.1 201 Created\r\nContent-Length: 1\r\n\r\nb";
+    let mut conn = &two[..];
+    assert_eq!(read_response(&mut conn).unwrap().text(), "a");
+    assert_eq!(read_response(&mut conn).unwrap().status, 201);
+    assert!(conn.is_empty());
+    assert!(parse_response(b"HTTP/1.1 200 OK\r\nContent-Length: 5\r\n\r\nab").is_err());
+}
+
+#[test]
+fn config_builder_writes_what_check_accepts() {
+    let backend = TcpBackend::start("built");
+    let listen = free_addr();
+    let config = Config::static_tasks()
+        .node("n1")
+        .listener(
+            Listener::http(listen, "web")
+                .name("web")
+                .set("max_connections", 10)
+                .set("accept_proxy", true)
+                .set("trusted_proxies", vec!["127.0.0.0/8"])
+                .route(&[("host", "api.example.com"), ("service", "api")]),
+        )
+        .set("service.web.health.interval", "1h")
+        .task(Task::new("web", backend.addr()).id("w1").weight(2))
+        .task(Task::new("api", backend.addr()));
+    let dir = tempdir("config-builder");
+    let path = dir.path().join("routemesh.toml");
+    let text = config.to_toml();
+    std::fs::write(&path, &text).unwrap();
+    cli_ok(&["check", "-c", path.to_str().unwrap()]);
+    for line in [
+        "[[listener.route]]",
+        "max_connections = 10",
+        "weight = 2",
+        "[service.web.health]",
+    ] {
+        assert!(text.contains(line), "{line:?} in\n{text}");
+    }
 }

@@ -10,29 +10,39 @@ use std::sync::{Arc, Mutex};
 use std::thread;
 use std::time::{Duration, Instant};
 
+use crate::support::http::{parse_response, read_head, read_ok};
 use crate::support::nginx::{Nginx, NginxProtocol};
-use crate::support::util::parse_http_response;
-use crate::support::{Daemon, Etcd, dead_addr, eventually, free_addr};
+use crate::support::{
+    Config, Daemon, Etcd, Etcdctl, Listener, Task, dead_addr, eventually, free_addr,
+};
 
 const IO_TIMEOUT: Duration = Duration::from_secs(10);
 
 // ---------------------------------------------------------------- helpers
 
-fn task_entries(service: &str, addrs: &[SocketAddr]) -> String {
+/// Tasks `{service}-0`, `{service}-1`, … of `service` at `addrs`.
+fn tasks(service: &str, addrs: &[SocketAddr]) -> Vec<Task> {
     addrs
         .iter()
         .enumerate()
-        .map(|(i, a)| {
-            format!("[[task]]\nservice = \"{service}\"\naddr = \"{a}\"\nid = \"{service}-{i}\"\n\n")
-        })
+        .map(|(i, a)| Task::new(service, *a).id(&format!("{service}-{i}")))
         .collect()
 }
 
-/// A static-discovery daemon with one http listener (default service `web`) plus `extra`.
-fn proxy(listen: SocketAddr, extra: &str) -> Daemon {
-    let mut d = Daemon::start(&format!(
-        "[discovery]\nbackend = \"static\"\n\n[[listener]]\nlisten = \"{listen}\"\nprotocol = \"http\"\nservice = \"web\"\n\n{extra}\n"
-    ));
+/// Static discovery, an http listener on `listen` whose default service is `web`, and the
+/// tasks of `web` at `addrs`.
+fn web_proxy(listen: SocketAddr, addrs: &[SocketAddr]) -> Config {
+    with_listener(Listener::http(listen, "web")).tasks(tasks("web", addrs))
+}
+
+/// Static discovery and `listener`.
+fn with_listener(listener: Listener) -> Config {
+    Config::static_tasks().listener(listener)
+}
+
+/// Starts the daemon of `config`; ready on return.
+fn proxy(config: Config) -> Daemon {
+    let mut d = config.start();
     d.wait_ready();
     d
 }
@@ -73,12 +83,14 @@ fn status_body(raw: &[u8]) -> (u16, String) {
     if head_end.is_none() {
         return (0, String::from_utf8_lossy(raw).into_owned());
     }
-    parse_http_response(raw).unwrap_or_else(|e| {
-        panic!(
-            "unparsable response ({e}): {:?}",
-            String::from_utf8_lossy(raw)
-        )
-    })
+    parse_response(raw)
+        .map(|r| (r.status, r.text()))
+        .unwrap_or_else(|e| {
+            panic!(
+                "unparsable response ({e}): {:?}",
+                String::from_utf8_lossy(raw)
+            )
+        })
 }
 
 /// GET with an explicit Host and extra header lines; `Connection: close`.
@@ -92,14 +104,6 @@ fn field<'a>(body: &'a str, key: &str) -> &'a str {
     body.lines()
         .find_map(|l| l.strip_prefix(key).and_then(|r| r.strip_prefix('=')))
         .unwrap_or_else(|| panic!("no {key}= in body {body:?}"))
-}
-
-fn metric(d: &Daemon, name_and_labels: &str) -> f64 {
-    let (_, text) = d.admin_get("/metrics");
-    text.lines()
-        .filter(|l| l.starts_with(name_and_labels))
-        .filter_map(|l| l.rsplit(' ').next()?.parse::<f64>().ok())
-        .sum()
 }
 
 fn vm_kib(pid: u32, key: &str) -> u64 {
@@ -154,8 +158,8 @@ impl Recorder {
     }
 }
 
-/// Reads one request head (and a Content-Length body) from `s`; `None` at EOF.
-fn read_request(s: &mut TcpStream) -> Option<(String, Vec<u8>)> {
+/// Reads one request head from `s`, byte by byte (nothing past it); `None` at EOF.
+fn read_request_head(s: &mut TcpStream) -> Option<String> {
     let mut head = Vec::new();
     let mut b = [0u8; 1];
     while !head.ends_with(b"\r\n\r\n") {
@@ -164,15 +168,23 @@ fn read_request(s: &mut TcpStream) -> Option<(String, Vec<u8>)> {
             _ => return None,
         }
     }
-    let head = String::from_utf8_lossy(&head).into_owned();
-    let len = head
-        .lines()
+    Some(String::from_utf8_lossy(&head).into_owned())
+}
+
+/// The value of header `name` in a request head ("" when absent).
+fn header_value(head: &str, name: &str) -> String {
+    head.lines()
         .find_map(|l| {
             let (k, v) = l.split_once(':')?;
-            k.eq_ignore_ascii_case("content-length")
-                .then(|| v.trim().parse::<usize>().ok())?
+            k.eq_ignore_ascii_case(name).then(|| v.trim().to_string())
         })
-        .unwrap_or(0);
+        .unwrap_or_default()
+}
+
+/// Reads one request head and its Content-Length body from `s`; `None` at EOF.
+fn read_request(s: &mut TcpStream) -> Option<(String, Vec<u8>)> {
+    let head = read_request_head(s)?;
+    let len = header_value(&head, "content-length").parse().unwrap_or(0);
     let mut body = vec![0u8; len];
     s.read_exact(&mut body).ok()?;
     Some((head, body))
@@ -261,27 +273,20 @@ fn routes_by_host_and_path_and_tells_the_backend_who_the_client_is() {
     let apiv1 = Nginx::start("api-v1");
     let wild = Nginx::start("wild");
     let listen = free_addr();
-    let mut tasks = task_entries("web", &[web.addr()]);
-    tasks += &task_entries("api", &[api.addr()]);
-    tasks += &task_entries("apiv1", &[apiv1.addr()]);
-    tasks += &task_entries("wild", &[wild.addr()]);
+    let listener = Listener::http(listen, "web")
+        .route(&[
+            ("host", "api.example.com"),
+            ("path_prefix", "/v1"),
+            ("service", "apiv1"),
+        ])
+        .route(&[("host", "api.example.com"), ("service", "api")])
+        .route(&[("host", "*.example.com"), ("service", "wild")]);
     let _d = proxy(
-        listen,
-        &format!(
-            r#"
-  [[listener.route]]
-  host = "api.example.com"
-  path_prefix = "/v1"
-  service = "apiv1"
-  [[listener.route]]
-  host = "api.example.com"
-  service = "api"
-  [[listener.route]]
-  host = "*.example.com"
-  service = "wild"
-
-{tasks}"#
-        ),
+        with_listener(listener)
+            .tasks(tasks("web", &[web.addr()]))
+            .tasks(tasks("api", &[api.addr()]))
+            .tasks(tasks("apiv1", &[apiv1.addr()]))
+            .tasks(tasks("wild", &[wild.addr()])),
     );
     for (host, path, want) in [
         ("api.example.com", "/v1/users", "api-v1"),
@@ -339,7 +344,7 @@ fn routes_by_host_and_path_and_tells_the_backend_who_the_client_is() {
 fn hop_by_hop_headers_are_stripped_before_ours_are_added() {
     let web = Nginx::start("web");
     let listen = free_addr();
-    let _d = proxy(listen, &task_entries("web", &[web.addr()]));
+    let _d = proxy(web_proxy(listen, &[web.addr()]));
     // The client names X-Forwarded-For (and a private header) in Connection.
     let (status, body) = get(
         listen,
@@ -365,30 +370,16 @@ fn hop_by_hop_headers_are_stripped_before_ours_are_added() {
 fn proxy_answers_503_502_504_with_reason_and_service() {
     let (silent, _) = misbehaving(Misbehaviour::Silent);
     let listen = free_addr();
-    let mut tasks = task_entries("dead", &[dead_addr(), dead_addr()]);
-    tasks += &task_entries("slow", &[silent]);
+    let listener = Listener::http(listen, "web")
+        .route(&[("path_prefix", "/dead"), ("service", "dead")])
+        .route(&[("path_prefix", "/slow"), ("service", "slow")])
+        .route(&[("path_prefix", "/empty"), ("service", "empty")]);
     let d = proxy(
-        listen,
-        &format!(
-            r#"
-  [[listener.route]]
-  path_prefix = "/dead"
-  service = "dead"
-  [[listener.route]]
-  path_prefix = "/slow"
-  service = "slow"
-  [[listener.route]]
-  path_prefix = "/empty"
-  service = "empty"
-
-[service.slow]
-request_timeout = "1s"
-
-[service.empty]
-retries = 1
-
-{tasks}"#
-        ),
+        with_listener(listener)
+            .set("service.slow.request_timeout", "1s")
+            .set("service.empty.retries", 1)
+            .tasks(tasks("dead", &[dead_addr(), dead_addr()]))
+            .tasks(tasks("slow", &[silent])),
     );
     let asked = Instant::now();
     let (status, body) = get(listen, "x", "/empty", "");
@@ -423,20 +414,14 @@ retries = 1
             "no {code} in routemesh_http_requests_total"
         );
     }
-    assert!(metric(&d, "routemesh_upstream_connect_errors_total") >= 2.0);
+    assert!(d.metric_sum("routemesh_upstream_connect_errors_total") >= 2.0);
 }
 
 #[test]
 fn body_over_the_limit_is_413() {
     let rec = Recorder::start();
     let listen = free_addr();
-    let _d = proxy(
-        listen,
-        &format!(
-            "[http]\nmax_body_bytes = 1000\n\n{}",
-            task_entries("web", &[rec.addr])
-        ),
-    );
+    let _d = proxy(web_proxy(listen, &[rec.addr]).set("http.max_body_bytes", 1000));
     let big = "x".repeat(2000);
     let req = format!("POST /declared HTTP/1.1\r\nHost: a\r\nContent-Length: 2000\r\n\r\n{big}");
     let (status, body) = status_body(&exchange(listen, req.as_bytes()));
@@ -470,11 +455,7 @@ fn connect_refused_is_retried_on_another_task_whatever_the_method() {
     let web = Nginx::start("web");
     let listen = free_addr();
     let d = proxy(
-        listen,
-        &format!(
-            "[service.web]\nretries = 2\n\n{}",
-            task_entries("web", &[dead_addr(), web.addr(), dead_addr()])
-        ),
+        web_proxy(listen, &[dead_addr(), web.addr(), dead_addr()]).set("service.web.retries", 2),
     );
     for i in 0..6 {
         let req = format!(
@@ -485,14 +466,14 @@ fn connect_refused_is_retried_on_another_task_whatever_the_method() {
         assert_eq!(field(&body, "name"), "web");
     }
     assert_eq!(web.requests(), 6);
-    assert!(metric(&d, "routemesh_upstream_connect_errors_total") >= 1.0);
+    assert!(d.metric_sum("routemesh_upstream_connect_errors_total") >= 1.0);
 }
 
 #[test]
 fn idempotent_requests_are_retried_once_when_a_pooled_connection_was_closed() {
     let (addr, lines) = misbehaving(Misbehaviour::CloseOnSecondRequest);
     let listen = free_addr();
-    let d = proxy(listen, &task_entries("web", &[addr]));
+    let d = proxy(web_proxy(listen, &[addr]));
     // One client connection (so one connection thread and its kept task connection): the
     // 1st GET opens a task connection; the 2nd reuses it, the backend closes it on arrival,
     // the proxy sends the GET again on a fresh connection.
@@ -501,10 +482,10 @@ fn idempotent_requests_are_retried_once_when_a_pooled_connection_was_closed() {
     for i in 0..2 {
         s.write_all(format!("GET /get{i} HTTP/1.1\r\nHost: a\r\n\r\n").as_bytes())
             .unwrap();
-        let body = read_one_response(&mut s);
+        let body = read_ok(&mut s);
         assert!(body.starts_with("answer"), "GET {i}: {body}");
     }
-    assert!(metric(&d, "routemesh_retries_total") >= 1.0);
+    assert!(d.metric_sum("routemesh_retries_total") >= 1.0);
     // A POST on the reused connection is lost with it: 502, never sent twice.
     s.write_all(
         b"POST /once HTTP/1.1\r\nHost: a\r\nContent-Length: 2\r\nConnection: close\r\n\r\nhi",
@@ -529,7 +510,7 @@ fn idempotent_requests_are_retried_once_when_a_pooled_connection_was_closed() {
 fn backend_closing_keepalive_connections_costs_no_failed_request() {
     let (addr, lines) = misbehaving(Misbehaviour::CloseAfterResponse);
     let listen = free_addr();
-    let _d = proxy(listen, &task_entries("web", &[addr]));
+    let _d = proxy(web_proxy(listen, &[addr]));
     for i in 0..20 {
         let (status, body) = get(listen, "a", &format!("/k{i}"), "");
         assert_eq!(status, 200, "GET {i}: {body}");
@@ -542,29 +523,17 @@ fn distributes_over_ten_replicas_through_few_pooled_connections() {
     let replicas: Vec<Nginx> = (0..10).map(|i| Nginx::start(&format!("r{i}"))).collect();
     let addrs: Vec<SocketAddr> = replicas.iter().map(|n| n.addr()).collect();
     let listen = free_addr();
-    let mut tasks = task_entries("web", &addrs);
-    tasks += &task_entries("lc", &addrs);
-    tasks += &task_entries("p2c", &addrs);
+    let listener = Listener::http(listen, "web")
+        .route(&[("path_prefix", "/lc"), ("service", "lc")])
+        .route(&[("path_prefix", "/p2c"), ("service", "p2c")]);
     let _d = proxy(
-        listen,
-        &format!(
-            r#"
-  [[listener.route]]
-  path_prefix = "/lc"
-  service = "lc"
-  [[listener.route]]
-  path_prefix = "/p2c"
-  service = "p2c"
-
-[service.web]
-balance = "round_robin"
-[service.lc]
-balance = "least_conn"
-[service.p2c]
-balance = "p2c"
-
-{tasks}"#
-        ),
+        with_listener(listener)
+            .set("service.web.balance", "round_robin")
+            .set("service.lc.balance", "least_conn")
+            .set("service.p2c.balance", "p2c")
+            .tasks(tasks("web", &addrs))
+            .tasks(tasks("lc", &addrs))
+            .tasks(tasks("p2c", &addrs)),
     );
     // 100 sequential keep-alive requests on one client connection.
     let mut s = TcpStream::connect(listen).unwrap();
@@ -577,7 +546,7 @@ balance = "p2c"
             _ => "/p2c",
         };
         write!(s, "GET {path} HTTP/1.1\r\nHost: a\r\n\r\n").unwrap();
-        let body = read_one_response(&mut s);
+        let body = read_ok(&mut s);
         *names.entry(field(&body, "name").to_string()).or_default() += 1;
     }
     assert_eq!(names.len(), 10, "every replica served: {names:?}");
@@ -602,34 +571,11 @@ balance = "p2c"
     );
 }
 
-/// Reads one Content-Length response from a keep-alive connection; returns its body.
-fn read_one_response(s: &mut TcpStream) -> String {
-    let mut head = Vec::new();
-    let mut b = [0u8; 1];
-    while !head.ends_with(b"\r\n\r\n") {
-        s.read_exact(&mut b).expect("response head");
-        head.push(b[0]);
-    }
-    let head = String::from_utf8_lossy(&head).into_owned();
-    assert!(head.starts_with("HTTP/1.1 200"), "{head}");
-    let len: usize = head
-        .lines()
-        .find_map(|l| {
-            l.to_ascii_lowercase()
-                .strip_prefix("content-length:")
-                .map(|v| v.trim().parse().unwrap())
-        })
-        .expect("content-length");
-    let mut body = vec![0u8; len];
-    s.read_exact(&mut body).unwrap();
-    String::from_utf8(body).unwrap()
-}
-
 #[test]
 fn pipelined_requests_are_answered_in_order() {
     let web = Nginx::start("web");
     let listen = free_addr();
-    let _d = proxy(listen, &task_entries("web", &[web.addr()]));
+    let _d = proxy(web_proxy(listen, &[web.addr()]));
     let raw = exchange(
         listen,
         b"GET /1 HTTP/1.1\r\nHost: a\r\n\r\nGET /2 HTTP/1.1\r\nHost: a\r\n\r\nGET /3 HTTP/1.1\r\nHost: a\r\n\r\nGET /4 HTTP/1.1\r\nHost: a\r\nHost: b\r\n\r\nGET /5 HTTP/1.1\r\nHost: a\r\n\r\n",
@@ -659,7 +605,7 @@ fn pipelined_requests_are_answered_in_order() {
 fn a_connection_moving_between_the_lean_and_hyper_paths_keeps_order() {
     let web = Nginx::start("web");
     let listen = free_addr();
-    let _d = proxy(listen, &task_entries("web", &[web.addr()]));
+    let _d = proxy(web_proxy(listen, &[web.addr()]));
     let mut raw = b"GET /1 HTTP/1.1\r\nHost: a\r\n\r\n".to_vec();
     raw.extend_from_slice(b"POST /2 HTTP/1.1\r\nHost: a\r\nContent-Length: 100000\r\n\r\n");
     raw.extend_from_slice(&vec![b'x'; 100_000]);
@@ -710,7 +656,7 @@ fn scripted_framings() -> SocketAddr {
 fn chunked_informational_and_close_delimited_responses_are_relayed() {
     let backend = scripted_framings();
     let listen = free_addr();
-    let _d = proxy(listen, &task_entries("web", &[backend]));
+    let _d = proxy(web_proxy(listen, &[backend]));
     let started = Instant::now();
     let raw = exchange(
         listen,
@@ -750,24 +696,13 @@ fn routing_follows_task_changes_in_etcd() {
     let a = Nginx::start("a");
     let b = Nginx::start("b");
     let listen = free_addr();
-    let mut d = Daemon::start(&format!(
-        r#"
-[node]
-name = "n1"
-
-[discovery]
-endpoints = ["{ep}"]
-prefix = "/rmh"
-node_ttl = "2s"
-
-[[listener]]
-listen = "{listen}"
-protocol = "http"
-service = "web"
-"#,
-        ep = etcd.endpoint()
-    ));
-    d.wait_ready();
+    let _d = proxy(
+        Config::etcd(&[etcd.endpoint()])
+            .node("n1")
+            .set("discovery.prefix", "/rmh")
+            .set("discovery.node_ttl", "2s")
+            .listener(Listener::http(listen, "web")),
+    );
     let (status, body) = get(listen, "a", "/", "");
     assert_eq!(status, 503, "{body}");
     etcd.put("/rmh/tasks/web/a", &format!(r#"{{"addr":"{}"}}"#, a.addr()));
@@ -798,7 +733,7 @@ fn streams_100_mib_each_way_with_bounded_memory() {
             let Ok(mut s) = s else { return };
             thread::spawn(move || {
                 let mut buf = vec![0u8; 1 << 16];
-                while let Some((head, _)) = read_request_head_only(&mut s) {
+                while let Some(head) = read_request_head(&mut s) {
                     if head.starts_with("POST") {
                         let len: usize = header_value(&head, "content-length").parse().unwrap();
                         let mut left = len;
@@ -827,7 +762,7 @@ fn streams_100_mib_each_way_with_bounded_memory() {
         }
     });
     let listen = free_addr();
-    let d = proxy(listen, &task_entries("web", &[backend]));
+    let d = proxy(web_proxy(listen, &[backend]));
     let before = vm_kib(d.pid(), "VmRSS:");
 
     // Upload.
@@ -842,16 +777,11 @@ fn streams_100_mib_each_way_with_bounded_memory() {
     for _ in 0..SIZE / chunk.len() {
         s.write_all(&chunk).unwrap();
     }
-    assert_eq!(read_one_response(&mut s), format!("got {SIZE}"));
+    assert_eq!(read_ok(&mut s), format!("got {SIZE}"));
 
     // Download on the same connection.
     write!(s, "GET /down HTTP/1.1\r\nHost: a\r\n\r\n").unwrap();
-    let mut head = Vec::new();
-    let mut b = [0u8; 1];
-    while !head.ends_with(b"\r\n\r\n") {
-        s.read_exact(&mut b).unwrap();
-        head.push(b[0]);
-    }
+    assert_eq!(read_head(&mut s).unwrap().status, 200);
     let mut got = 0usize;
     let mut buf = vec![0u8; 1 << 16];
     while got < SIZE {
@@ -867,31 +797,10 @@ fn streams_100_mib_each_way_with_bounded_memory() {
     );
 }
 
-fn read_request_head_only(s: &mut TcpStream) -> Option<(String, ())> {
-    let mut head = Vec::new();
-    let mut b = [0u8; 1];
-    while !head.ends_with(b"\r\n\r\n") {
-        match s.read(&mut b) {
-            Ok(1) => head.push(b[0]),
-            _ => return None,
-        }
-    }
-    Some((String::from_utf8_lossy(&head).into_owned(), ()))
-}
-
-fn header_value(head: &str, name: &str) -> String {
-    head.lines()
-        .find_map(|l| {
-            let (k, v) = l.split_once(':')?;
-            k.eq_ignore_ascii_case(name).then(|| v.trim().to_string())
-        })
-        .unwrap_or_default()
-}
-
 /// A WebSocket echo server: 101, then each (masked, short) client frame comes back unmasked.
 fn websocket_echo() -> SocketAddr {
     raw_backend(|mut s| {
-        let Some((head, _)) = read_request_head_only(&mut s) else {
+        let Some(head) = read_request_head(&mut s) else {
             return;
         };
         if !header_value(&head, "upgrade").eq_ignore_ascii_case("websocket") {
@@ -926,21 +835,20 @@ fn websocket_echo() -> SocketAddr {
 fn websocket_upgrade_is_tunnelled_both_ways() {
     let ws = websocket_echo();
     let listen = free_addr();
-    let _d = proxy(listen, &task_entries("web", &[ws]));
+    let _d = proxy(web_proxy(listen, &[ws]));
     let mut s = TcpStream::connect(listen).unwrap();
     s.set_read_timeout(Some(IO_TIMEOUT)).unwrap();
     s.write_all(b"GET /chat HTTP/1.1\r\nHost: a\r\nUpgrade: websocket\r\nConnection: Upgrade\r\nSec-WebSocket-Key: dGhlIHNhbXBsZSBub25jZQ==\r\nSec-WebSocket-Version: 13\r\n\r\n").unwrap();
-    let mut head = Vec::new();
-    let mut b = [0u8; 1];
-    while !head.ends_with(b"\r\n\r\n") {
-        s.read_exact(&mut b).unwrap();
-        head.push(b[0]);
-    }
-    let head = String::from_utf8_lossy(&head).into_owned();
-    assert!(head.starts_with("HTTP/1.1 101"), "{head}");
+    let head = read_head(&mut s).unwrap();
+    assert_eq!((head.version, head.status), (1, 101), "{:?}", head.headers);
+    let upgrade = head
+        .headers
+        .iter()
+        .find(|(k, _)| k.eq_ignore_ascii_case("upgrade"));
     assert!(
-        header_value(&head, "upgrade").eq_ignore_ascii_case("websocket"),
-        "{head}"
+        upgrade.is_some_and(|(_, v)| v.eq_ignore_ascii_case("websocket")),
+        "{:?}",
+        head.headers
     );
     for msg in ["hello", "through the proxy", "and back"] {
         let mask = [1u8, 2, 3, 4];
@@ -974,13 +882,13 @@ fn h2c_downstream_and_upstream() {
     let web = Nginx::start("web");
     let h2 = Nginx::start_with("h2", NginxProtocol::H2c, "");
     let listen = free_addr();
-    let mut tasks = task_entries("web", &[web.addr()]);
-    tasks += &task_entries("h2", &[h2.addr()]);
+    let listener =
+        Listener::http(listen, "web").route(&[("path_prefix", "/h2"), ("service", "h2")]);
     let _d = proxy(
-        listen,
-        &format!(
-            "  [[listener.route]]\n  path_prefix = \"/h2\"\n  service = \"h2\"\n\n[service.h2]\nupstream_protocol = \"h2c\"\n\n{tasks}"
-        ),
+        with_listener(listener)
+            .set("service.h2.upstream_protocol", "h2c")
+            .tasks(tasks("web", &[web.addr()]))
+            .tasks(tasks("h2", &[h2.addr()])),
     );
     // h2c client → HTTP/1.1 task.
     let out = curl(&[
@@ -1089,7 +997,7 @@ fn refused(listen: SocketAddr, rec: &Recorder, raw: &[u8], want: u16, why: &str)
 fn ambiguous_requests_never_reach_the_backend() {
     let rec = Recorder::start();
     let listen = free_addr();
-    let d = proxy(listen, &task_entries("web", &[rec.addr]));
+    let d = proxy(web_proxy(listen, &[rec.addr]));
     let smuggled = "GET /smuggled HTTP/1.1\r\nHost: a\r\n\r\n";
     let cases: Vec<(String, &str)> = vec![
         (
@@ -1227,11 +1135,9 @@ fn oversized_heads_get_431_and_slow_heads_get_408() {
     let rec = Recorder::start();
     let listen = free_addr();
     let _d = proxy(
-        listen,
-        &format!(
-            "[http]\nheader_read_timeout = \"2s\"\nmax_headers = 20\n\n{}",
-            task_entries("web", &[rec.addr])
-        ),
+        web_proxy(listen, &[rec.addr])
+            .set("http.header_read_timeout", "2s")
+            .set("http.max_headers", 20),
     );
     let big = format!(
         "GET /smuggled HTTP/1.1\r\nHost: a\r\nX-Big: {}\r\n\r\n",
@@ -1287,7 +1193,7 @@ fn h2_frame(kind: u8, flags: u8, stream: u32, payload: &[u8]) -> Vec<u8> {
 fn http2_rapid_reset_does_not_starve_other_clients() {
     let web = Nginx::start("web");
     let listen = free_addr();
-    let d = proxy(listen, &task_entries("web", &[web.addr()]));
+    let d = proxy(web_proxy(listen, &[web.addr()]));
     let rss_before = vm_kib(d.pid(), "VmRSS:");
     let flooders: Vec<_> = (0..4)
         .map(|_| {
@@ -1347,11 +1253,9 @@ fn maglev_on_a_header_sends_each_key_to_one_task() {
     let addrs: Vec<SocketAddr> = backends.iter().map(|b| b.addr()).collect();
     let listen = free_addr();
     let _d = proxy(
-        listen,
-        &format!(
-            "[service.web]\nbalance = \"maglev\"\nhash_key = \"header:X-User\"\n\n{}",
-            task_entries("web", &addrs)
-        ),
+        web_proxy(listen, &addrs)
+            .set("service.web.balance", "maglev")
+            .set("service.web.hash_key", "header:X-User"),
     );
     let mut seen = std::collections::BTreeSet::new();
     for user in 0..30 {
@@ -1372,13 +1276,8 @@ fn a_reset_before_any_response_ejects_the_task_and_idempotent_requests_go_elsewh
     let (dying, seen) = misbehaving(Misbehaviour::ResetOnRequest);
     let good = Nginx::start("good");
     let listen = free_addr();
-    let d = proxy(
-        listen,
-        &format!(
-            "[service.web.health]\ninterval = \"1h\"\n\n{}",
-            task_entries("web", &[dying, good.addr()])
-        ),
-    );
+    let d =
+        proxy(web_proxy(listen, &[dying, good.addr()]).set("service.web.health.interval", "1h"));
     for _ in 0..10 {
         let (code, body) = get(listen, "example.com", "/", "");
         assert_eq!(code, 200, "{body}");
@@ -1389,5 +1288,5 @@ fn a_reset_before_any_response_ejects_the_task_and_idempotent_requests_go_elsewh
     let t = &routes["services"][0]["tasks"][0];
     assert_eq!(t["id"], "web-0");
     assert_eq!(t["state"], "ejected", "{routes}");
-    assert!(metric(&d, "routemesh_retries_total{service=\"web\"}") >= 1.0);
+    assert!(d.metric_sum("routemesh_retries_total{service=\"web\"}") >= 1.0);
 }

@@ -5,17 +5,16 @@
 //! logs, the systemd unit (`systemd-analyze verify`) and the Dockerfile's healthcheck probe run
 //! against a live daemon.
 
-use crate::support;
-
 use std::collections::BTreeSet;
 use std::io::Write;
 use std::path::{Path, PathBuf};
 use std::process::{Command, Stdio};
 use std::time::Duration;
 
-use crate::support::util::{run_bounded, which};
+use crate::support::process::{run_bounded, which};
 use crate::support::{
-    Daemon, TcpBackend, cli, dead_addr, echo_roundtrip, eventually, free_addr, output_text,
+    Config, Listener, Task, TcpBackend, bin, cli_ok, dead_addr, echo_roundtrip, eventually,
+    free_addr, output_text, tempdir,
 };
 
 const PROMTOOL_HINT: &str =
@@ -127,49 +126,15 @@ fn registered_names() -> BTreeSet<String> {
 fn metrics_after_tcp_traffic_pass_promtool_and_cover_the_contract() {
     let backend = TcpBackend::start("echo-1");
     let (echo_listen, dead_listen) = (free_addr(), free_addr());
-    let toml = format!(
-        r#"
-[node]
-name = "obs"
-
-[discovery]
-backend = "static"
-
-[[listener]]
-name = "echo"
-listen = "{echo_listen}"
-protocol = "tcp"
-service = "echo"
-
-[[listener]]
-name = "dead"
-listen = "{dead_listen}"
-protocol = "tcp"
-service = "dead"
-
-[service.echo]
-retries = 2
-
-[[task]]
-service = "echo"
-addr = "{backend}"
-id = "echo-1"
-
-[[task]]
-service = "echo"
-addr = "{dead1}"
-id = "echo-dead"
-
-[[task]]
-service = "dead"
-addr = "{dead2}"
-id = "dead-1"
-"#,
-        backend = backend.addr(),
-        dead1 = dead_addr(),
-        dead2 = dead_addr(),
-    );
-    let mut daemon = Daemon::start(&toml);
+    let mut daemon = Config::static_tasks()
+        .node("obs")
+        .listener(Listener::tcp(echo_listen, "echo").name("echo"))
+        .listener(Listener::tcp(dead_listen, "dead").name("dead"))
+        .set("service.echo.retries", 2)
+        .task(Task::new("echo", backend.addr()).id("echo-1"))
+        .task(Task::new("echo", dead_addr()).id("echo-dead"))
+        .task(Task::new("dead", dead_addr()).id("dead-1"))
+        .start();
     daemon.wait_ready();
 
     // Round robin over a live and a dead task: connect errors and retries, yet every
@@ -434,7 +399,7 @@ fn grafana_dashboard_parses_and_queries_existing_metrics() {
             )
         })
         .collect();
-    let dir = support::util::tempdir("grafana-promql");
+    let dir = tempdir("grafana-promql");
     let file = dir.path().join("rules.yml");
     std::fs::write(
         &file,
@@ -457,13 +422,7 @@ fn example_configs_in_deploy_pass_check() {
         if path.extension().and_then(|e| e.to_str()) != Some("toml") {
             continue;
         }
-        let out = cli(&["check", "-c", path.to_str().unwrap()]);
-        assert!(
-            out.status.success(),
-            "routemesh check -c {} failed:\n{}",
-            path.display(),
-            output_text(&out)
-        );
+        cli_ok(&["check", "-c", path.to_str().unwrap()]);
         checked += 1;
     }
     assert!(
@@ -519,30 +478,12 @@ fn compose_files_are_valid() {
 fn json_log_format_writes_one_json_object_per_line() {
     let backend = TcpBackend::start("j");
     let listen = free_addr();
-    let mut daemon = Daemon::start(&format!(
-        r#"
-[discovery]
-backend = "static"
-
-[[listener]]
-listen = "{listen}"
-protocol = "tcp"
-service = "s"
-
-[[task]]
-service = "s"
-addr = "{addr}"
-
-[[task]]
-service = "s"
-addr = "{dead}"
-
-[log]
-format = "json"
-"#,
-        addr = backend.addr(),
-        dead = dead_addr(),
-    ));
+    let mut daemon = Config::static_tasks()
+        .listener(Listener::tcp(listen, "s"))
+        .task(Task::new("s", backend.addr()))
+        .task(Task::new("s", dead_addr()))
+        .set("log.format", "json")
+        .start();
     daemon.wait_ready();
     // A failed connect logs a warning on the data path.
     for _ in 0..3 {
@@ -630,13 +571,9 @@ fn systemd_unit_has_the_required_directives() {
     };
     // Verify a copy whose ExecStart points at the binary under test (verify checks that the
     // executables exist).
-    let dir = support::util::tempdir("systemd-verify");
+    let dir = tempdir("systemd-verify");
     let copy = dir.path().join("routemesh.service");
-    std::fs::write(
-        &copy,
-        unit.replace("/usr/local/bin/routemesh", support::bin()),
-    )
-    .unwrap();
+    std::fs::write(&copy, unit.replace("/usr/local/bin/routemesh", bin())).unwrap();
     let mut cmd = Command::new(analyze);
     cmd.arg("verify").arg(&copy);
     let out = run_bounded(&mut cmd, None, TOOL_TIMEOUT).expect("run systemd-analyze");
@@ -691,7 +628,7 @@ fn dockerfile_is_multistage_non_root_and_its_healthcheck_probe_works() {
 
     // Run the probe exactly as Docker would, against a live daemon and a dead port.
     let probe = dockerfile_probe(&text);
-    let daemon = Daemon::start("[discovery]\nbackend = \"static\"\n");
+    let daemon = Config::static_tasks().start();
     let run_probe = |port: u16| {
         let mut cmd = Command::new("bash");
         cmd.args(["-c", &probe])

@@ -1,33 +1,33 @@
 //! The L4 path on the static backend: forwarding, byte transparency, half-close, resets,
 //! balancing and failover, against real TCP backends and the real daemon.
 
-use crate::support;
-
 use std::io::{Read, Write};
 use std::net::{Shutdown, SocketAddr, TcpListener, TcpStream};
 use std::time::{Duration, Instant};
 
 use crate::support::{
-    Blackhole, Daemon, TcpBackend, connect_and_greet, dead_addr, free_addr, hello,
+    Blackhole, Config, Listener, Task, TcpBackend, connect_and_greet, dead_addr, eventually,
+    free_addr, hello,
 };
 
-fn static_config(listen: SocketAddr, tasks: &[SocketAddr], extra: &str) -> String {
-    let mut s = format!(
-        "[node]\nname = \"n1\"\n[discovery]\nbackend = \"static\"\n[[listener]]\nlisten = \"{listen}\"\nservice = \"echo\"\n{extra}\n"
-    );
-    for (i, t) in tasks.iter().enumerate() {
-        s.push_str(&format!(
-            "[[task]]\nservice = \"echo\"\naddr = \"{t}\"\nid = \"t{i}\"\n"
-        ));
-    }
-    s
+/// Node `n1`: a TCP listener on `listen` for service `echo`, whose static tasks `t0`, `t1`, …
+/// are `tasks`.
+fn echo_config(listen: SocketAddr, tasks: &[SocketAddr]) -> Config {
+    let tasks = tasks
+        .iter()
+        .enumerate()
+        .map(|(i, t)| Task::new("echo", *t).id(&format!("t{i}")));
+    Config::static_tasks()
+        .node("n1")
+        .listener(Listener::tcp(listen, "echo"))
+        .tasks(tasks)
 }
 
 #[test]
 fn forwards_one_mib_each_way_intact_with_half_close() {
     let backend = TcpBackend::start("b1");
     let listen = free_addr();
-    let _d = Daemon::start(&static_config(listen, &[backend.addr()], ""));
+    let _d = echo_config(listen, &[backend.addr()]).start();
 
     let (mut stream, name) = connect_and_greet(listen).expect("connect through the proxy");
     assert_eq!(name, "b1");
@@ -56,7 +56,7 @@ fn round_robin_spreads_evenly() {
         .collect();
     let listen = free_addr();
     let addrs: Vec<_> = backends.iter().map(|b| b.addr()).collect();
-    let _d = Daemon::start(&static_config(listen, &addrs, ""));
+    let _d = echo_config(listen, &addrs).start();
     let mut counts = std::collections::BTreeMap::new();
     for _ in 0..30 {
         *counts.entry(hello(listen).unwrap()).or_insert(0) += 1;
@@ -70,21 +70,19 @@ fn least_conn_prefers_the_idle_task() {
     let a = TcpBackend::start("a");
     let b = TcpBackend::start("b");
     let listen = free_addr();
-    let _d = Daemon::start(&static_config(
-        listen,
-        &[a.addr(), b.addr()],
-        "[service.echo]\nbalance = \"least_conn\"\n",
-    ));
+    let _d = echo_config(listen, &[a.addr(), b.addr()])
+        .set("service.echo.balance", "least_conn")
+        .start();
     let (c1, first) = connect_and_greet(listen).unwrap();
     let (_c2, second) = connect_and_greet(listen).unwrap();
     assert_ne!(first, second, "the second connection goes to the idle task");
     drop(c1);
     let backend_of_first = if first == "a" { &a } else { &b };
-    support::eventually(Duration::from_secs(5), "first connection closed", || {
+    eventually(Duration::from_secs(5), "first connection closed", || {
         backend_of_first.active() == 0
     });
     // Give the proxy a moment to see the close too, then the freed task wins again.
-    support::eventually(
+    eventually(
         Duration::from_secs(5),
         "least_conn picks the freed task",
         || {
@@ -100,13 +98,10 @@ fn weights_shift_the_share() {
     let a = TcpBackend::start("heavy");
     let b = TcpBackend::start("light");
     let listen = free_addr();
-    let cfg = format!(
-        "[node]\nname = \"n1\"\n[discovery]\nbackend = \"static\"\n[[listener]]\nlisten = \"{listen}\"\nservice = \"echo\"\n\
-         [[task]]\nservice = \"echo\"\naddr = \"{}\"\nweight = 3\n[[task]]\nservice = \"echo\"\naddr = \"{}\"\nweight = 1\n",
-        a.addr(),
-        b.addr()
-    );
-    let _d = Daemon::start(&cfg);
+    let _d = echo_config(listen, &[])
+        .task(Task::new("echo", a.addr()).weight(3))
+        .task(Task::new("echo", b.addr()).weight(1))
+        .start();
     let heavy = (0..40)
         .filter(|_| hello(listen).unwrap() == "heavy")
         .count();
@@ -117,7 +112,7 @@ fn weights_shift_the_share() {
 fn refused_task_fails_over_to_a_live_one() {
     let live = TcpBackend::start("live");
     let listen = free_addr();
-    let d = Daemon::start(&static_config(listen, &[dead_addr(), live.addr()], ""));
+    let d = echo_config(listen, &[dead_addr(), live.addr()]).start();
     for _ in 0..20 {
         assert_eq!(
             hello(listen).unwrap(),
@@ -141,11 +136,9 @@ fn connect_timeout_fails_over_fast() {
     let hole = Blackhole::start();
     let live = TcpBackend::start("live");
     let listen = free_addr();
-    let _d = Daemon::start(&static_config(
-        listen,
-        &[hole.addr(), live.addr()],
-        "[service.echo]\nconnect_timeout = \"300ms\"\n",
-    ));
+    let _d = echo_config(listen, &[hole.addr(), live.addr()])
+        .set("service.echo.connect_timeout", "300ms")
+        .start();
     for _ in 0..6 {
         let started = Instant::now();
         assert_eq!(hello(listen).unwrap(), "live");
@@ -156,7 +149,7 @@ fn connect_timeout_fails_over_fast() {
 #[test]
 fn no_live_task_closes_the_client_at_once() {
     let listen = free_addr();
-    let d = Daemon::start(&static_config(listen, &[dead_addr(), dead_addr()], ""));
+    let d = echo_config(listen, &[dead_addr(), dead_addr()]).start();
     let started = Instant::now();
     let mut s = TcpStream::connect(listen).unwrap();
     s.set_read_timeout(Some(Duration::from_secs(10))).unwrap();
@@ -171,9 +164,9 @@ fn no_live_task_closes_the_client_at_once() {
     );
     // A service with no task at all also closes at once.
     let listen2 = free_addr();
-    let _d2 = Daemon::start(&format!(
-        "[discovery]\nbackend = \"static\"\n[[listener]]\nlisten = \"{listen2}\"\nservice = \"none\"\n"
-    ));
+    let _d2 = Config::static_tasks()
+        .listener(Listener::tcp(listen2, "none"))
+        .start();
     let mut s = TcpStream::connect(listen2).unwrap();
     s.set_read_timeout(Some(Duration::from_secs(10))).unwrap();
     assert_eq!(s.read(&mut buf).unwrap_or(0), 0);
@@ -184,7 +177,7 @@ fn client_abort_resets_the_backend_side() {
     let upstream = TcpListener::bind("127.0.0.1:0").unwrap();
     let up_addr = upstream.local_addr().unwrap();
     let listen = free_addr();
-    let _d = Daemon::start(&static_config(listen, &[up_addr], ""));
+    let _d = echo_config(listen, &[up_addr]).start();
     let client = TcpStream::connect(listen).unwrap();
     let (mut conn, _) = upstream.accept().unwrap();
     conn.set_read_timeout(Some(Duration::from_secs(10)))
@@ -207,9 +200,9 @@ fn client_abort_resets_the_backend_side() {
 fn sigterm_drains_open_connections_then_exits_zero() {
     let backend = TcpBackend::start("b");
     let listen = free_addr();
-    let cfg = static_config(listen, &[backend.addr()], "")
-        .replace("name = \"n1\"", "name = \"n1\"\ndrain_timeout = \"1s\"");
-    let mut d = Daemon::start(&cfg);
+    let mut d = echo_config(listen, &[backend.addr()])
+        .set("node.drain_timeout", "1s")
+        .start();
     let (mut open, _) = connect_and_greet(listen).unwrap();
     let started = Instant::now();
     let status = d.terminate();

@@ -1,8 +1,6 @@
 //! TLS termination on http listeners (certificates made by the openssl CLI per test, curl and
 //! openssl s_client as clients, real nginx behind), and listeners without a default route.
 
-use crate::support;
-
 use std::io::{self, Read, Write};
 use std::net::{SocketAddr, TcpStream};
 use std::path::Path;
@@ -14,39 +12,16 @@ use tokio_rustls::rustls;
 use tokio_rustls::rustls::pki_types::pem::PemObject;
 use tokio_rustls::rustls::pki_types::{CertificateDer, ServerName};
 
+use crate::support::http::{parse_response, read_ok};
+use crate::support::net::{closed_within, time_to_close};
 use crate::support::nginx::Nginx;
-use crate::support::tls_server::TlsServer;
-use crate::support::util::closed_within;
-use crate::support::util::parse_http_response;
-use crate::support::util::run_bounded;
-use crate::support::{Daemon, eventually, free_addr};
+use crate::support::pki::Pki;
+use crate::support::process::run_bounded;
+use crate::support::tls::{TlsServer, curl_https as curl};
+use crate::support::{Config, Listener, Task, cli, eventually, free_addr, output_text, tempdir};
 
 // ---------------------------------------------------------------------------------------------
 // helpers
-
-/// `curl https://NAME:PORT/PATH` resolved to `addr`, verifying against `ca`, with `extra`
-/// options; Ok(stdout) or Err(stderr).
-fn curl(
-    addr: SocketAddr,
-    name: &str,
-    path: &str,
-    ca: &Path,
-    extra: &[&str],
-) -> Result<String, String> {
-    let mut cmd = Command::new("curl");
-    cmd.args(["-sS", "--max-time", "5", "--cacert"])
-        .arg(ca)
-        .args(extra)
-        .arg("--resolve")
-        .arg(format!("{name}:{}:127.0.0.1", addr.port()))
-        .arg(format!("https://{name}:{}{path}", addr.port()));
-    let out = run_bounded(&mut cmd, None, Duration::from_secs(10)).map_err(|e| e.to_string())?;
-    if out.status.success() {
-        Ok(String::from_utf8_lossy(&out.stdout).into_owned())
-    } else {
-        Err(String::from_utf8_lossy(&out.stderr).into_owned())
-    }
-}
 
 /// An HTTP/1.0 GET with `Host: host`; status and body.
 fn get_host(addr: SocketAddr, host: &str, path: &str) -> io::Result<(u16, String)> {
@@ -55,7 +30,7 @@ fn get_host(addr: SocketAddr, host: &str, path: &str) -> io::Result<(u16, String
     s.write_all(format!("GET {path} HTTP/1.0\r\nHost: {host}\r\n\r\n").as_bytes())?;
     let mut raw = Vec::new();
     s.read_to_end(&mut raw)?;
-    parse_http_response(&raw)
+    parse_response(&raw).map(|r| (r.status, r.text()))
 }
 
 // ---------------------------------------------------------------------------------------------
@@ -65,23 +40,14 @@ fn get_host(addr: SocketAddr, host: &str, path: &str) -> io::Result<(u16, String
 fn http_listener_without_default_answers_404_for_unknown_hosts() {
     let web = Nginx::start("web");
     let listen = free_addr();
-    let d = Daemon::start(&format!(
-        r#"
-[discovery]
-backend = "static"
-[[listener]]
-name = "web"
-listen = "{listen}"
-protocol = "http"
-  [[listener.route]]
-  host = "a.example.com"
-  service = "a"
-[[task]]
-service = "a"
-addr = "{}"
-"#,
-        web.addr()
-    ));
+    let d = Config::static_tasks()
+        .listener(
+            Listener::new(listen, "http")
+                .name("web")
+                .route(&[("host", "a.example.com"), ("service", "a")]),
+        )
+        .task(Task::new("a", web.addr()))
+        .start();
     let (status, body) = get_host(listen, "a.example.com", "/").unwrap();
     assert_eq!(status, 200, "{body}");
     assert!(body.contains("name=web"), "{body}");
@@ -101,27 +67,18 @@ addr = "{}"
 
 #[test]
 fn tls_listener_without_default_closes_unknown_and_missing_sni() {
-    let pki = support::etcd_secure::Pki::new();
+    let pki = Pki::new();
     let (cert, key) = pki.issue("a", "a.example.com", &["DNS:a.example.com"]);
     let a = TlsServer::start(&cert, &key);
     let listen = free_addr();
-    let d = Daemon::start(&format!(
-        r#"
-[discovery]
-backend = "static"
-[[listener]]
-name = "sni"
-listen = "{listen}"
-protocol = "tls"
-  [[listener.route]]
-  sni = "a.example.com"
-  service = "a"
-[[task]]
-service = "a"
-addr = "{}"
-"#,
-        a.addr
-    ));
+    let d = Config::static_tasks()
+        .listener(
+            Listener::new(listen, "tls")
+                .name("sni")
+                .route(&[("sni", "a.example.com"), ("service", "a")]),
+        )
+        .task(Task::new("a", a.addr))
+        .start();
     let ca = pki.ca();
     let body = curl(listen, "a.example.com", "/", &ca, &[]).unwrap();
     assert!(body.contains("Ciphers"), "{body}");
@@ -167,37 +124,24 @@ fn client_hello_without_sni() -> Vec<u8> {
 
 /// An https listener `https` in front of nginx `web`, with the certificate `a` (default,
 /// a.example.com) and `b` (*.b.example.com) of `pki`.
-fn terminating_config(
-    listen: SocketAddr,
-    pki: &support::etcd_secure::Pki,
-    web: SocketAddr,
-) -> String {
-    let d = pki.dir().display();
-    format!(
-        r#"
-[discovery]
-backend = "static"
-[[listener]]
-name = "https"
-listen = "{listen}"
-protocol = "http"
-service = "web"
-handshake_timeout = "700ms"
-  [[listener.tls.cert]]
-  cert = "{d}/a.pem"
-  key = "{d}/a-key.pem"
-  [[listener.tls.cert]]
-  sni = "*.b.example.com"
-  cert = "{d}/b.pem"
-  key = "{d}/b-key.pem"
-[[task]]
-service = "web"
-addr = "{web}"
-"#
-    )
+fn terminating_config(listen: SocketAddr, pki: &Pki, web: SocketAddr) -> Config {
+    let file = |name: &str| pki.dir().join(name).display().to_string();
+    Config::static_tasks()
+        .listener(
+            Listener::http(listen, "web")
+                .name("https")
+                .set("handshake_timeout", "700ms")
+                .tls_cert(&[("cert", &file("a.pem")), ("key", &file("a-key.pem"))])
+                .tls_cert(&[
+                    ("sni", "*.b.example.com"),
+                    ("cert", &file("b.pem")),
+                    ("key", &file("b-key.pem")),
+                ]),
+        )
+        .task(Task::new("web", web))
 }
 
-fn issue_ab(pki: &support::etcd_secure::Pki) {
+fn issue_ab(pki: &Pki) {
     pki.issue("a", "a.example.com", &["DNS:a.example.com"]);
     pki.issue("b", "*.b.example.com", &["DNS:*.b.example.com"]);
 }
@@ -210,11 +154,11 @@ fn field<'a>(body: &'a str, key: &str) -> Option<&'a str> {
 
 #[test]
 fn terminates_tls_by_sni_over_http1_and_h2_and_forwards_https() {
-    let pki = support::etcd_secure::Pki::new();
+    let pki = Pki::new();
     issue_ab(&pki);
     let web = Nginx::start("web");
     let listen = free_addr();
-    let d = Daemon::start(&terminating_config(listen, &pki, web.addr()));
+    let d = terminating_config(listen, &pki, web.addr()).start();
     let ca = pki.ca();
     let version = ["-w", "version=%{http_version}\n"];
 
@@ -288,11 +232,11 @@ fn s_client(addr: SocketAddr, args: &[&str]) -> bool {
 
 #[test]
 fn tls_versions_handshake_timeout_and_garbage() {
-    let pki = support::etcd_secure::Pki::new();
+    let pki = Pki::new();
     issue_ab(&pki);
     let web = Nginx::start("web");
     let listen = free_addr();
-    let d = Daemon::start(&terminating_config(listen, &pki, web.addr()));
+    let d = terminating_config(listen, &pki, web.addr()).start();
 
     // TLS 1.2 and 1.3 only. SECLEVEL=0 lets this client offer TLS 1.1 at all, so the refusal
     // is the daemon's.
@@ -335,9 +279,7 @@ fn tls_versions_handshake_timeout_and_garbage() {
     for prefix in [&b""[..], b"\x16\x03\x01\x01\x00\x01\x00\x00\xfc\x03\x03"] {
         let mut s = TcpStream::connect(listen).unwrap();
         s.write_all(prefix).unwrap();
-        let t = Instant::now();
-        assert!(closed_within(&mut s, Duration::from_secs(5)));
-        let e = t.elapsed();
+        let e = time_to_close(&mut s, Duration::from_secs(5));
         assert!(
             e >= Duration::from_millis(600) && e < Duration::from_secs(3),
             "{e:?}"
@@ -398,46 +340,21 @@ fn leaf_on_disk(path: &Path) -> Vec<u8> {
         .to_vec()
 }
 
-/// One keep-alive GET on `s`; the body (nginx sets Content-Length).
+/// One keep-alive GET on `s`; the body of its 200.
 fn keepalive_get(s: &mut TlsConn, path: &str) -> String {
     s.write_all(format!("GET {path} HTTP/1.1\r\nHost: a.example.com\r\n\r\n").as_bytes())
         .unwrap();
     s.flush().unwrap();
-    let mut raw = Vec::new();
-    let mut b = [0u8; 4096];
-    loop {
-        let n = s.read(&mut b).unwrap();
-        assert!(
-            n > 0,
-            "closed mid-response: {}",
-            String::from_utf8_lossy(&raw)
-        );
-        raw.extend_from_slice(&b[..n]);
-        let text = String::from_utf8_lossy(&raw).into_owned();
-        if let Some(end) = text.find("\r\n\r\n") {
-            let len: usize = text[..end]
-                .lines()
-                .find_map(|l| {
-                    l.to_ascii_lowercase()
-                        .strip_prefix("content-length:")
-                        .map(|v| v.trim().parse().unwrap())
-                })
-                .expect("content-length");
-            if raw.len() >= end + 4 + len {
-                assert!(text.starts_with("HTTP/1.1 200"), "{text}");
-                return text[end + 4..end + 4 + len].to_string();
-            }
-        }
-    }
+    read_ok(s)
 }
 
 #[test]
 fn certificates_reload_on_sighup_without_dropping_connections() {
-    let pki = support::etcd_secure::Pki::new();
+    let pki = Pki::new();
     issue_ab(&pki);
     let web = Nginx::start("web");
     let listen = free_addr();
-    let mut d = Daemon::start(&terminating_config(listen, &pki, web.addr()));
+    let mut d = terminating_config(listen, &pki, web.addr()).start();
     let cfg = client_config(&pki.ca());
     let a_pem = pki.dir().join("a.pem");
     let old = leaf_on_disk(&a_pem);
@@ -480,9 +397,9 @@ fn certificates_reload_on_sighup_without_dropping_connections() {
 
 #[test]
 fn check_reports_unusable_certificates_with_positions() {
-    let pki = support::etcd_secure::Pki::new();
+    let pki = Pki::new();
     issue_ab(&pki);
-    let dir = support::util::tempdir("tls-check");
+    let dir = tempdir("tls-check");
     let path = dir.path().join("routemesh.toml");
     let d = pki.dir().display();
     std::fs::write(
@@ -492,8 +409,8 @@ fn check_reports_unusable_certificates_with_positions() {
         ),
     )
     .unwrap();
-    let out = support::cli(&["check", "-c", path.to_str().unwrap()]);
-    let text = support::output_text(&out);
+    let out = cli(&["check", "-c", path.to_str().unwrap()]);
+    let text = output_text(&out);
     assert_eq!(out.status.code(), Some(2), "{text}");
     let col = "tls = { cert = \"\", key = ".len() + d.to_string().len() + "/a.pem".len() + 1;
     assert!(

@@ -10,7 +10,8 @@ use std::sync::{Arc, Mutex};
 use std::thread::{self, JoinHandle};
 use std::time::{Duration, Instant};
 
-use super::util::free_port;
+use super::net::free_port;
+use super::wait::eventually_ok;
 
 #[derive(Default)]
 struct Shared {
@@ -43,16 +44,12 @@ impl TcpBackend {
     /// Listen on a given address, e.g. to bring a stopped backend back on the
     /// same port (retries binding for up to 5 s).
     pub fn start_at(name: &str, addr: SocketAddr) -> TcpBackend {
-        let deadline = Instant::now() + Duration::from_secs(5);
-        loop {
-            match TcpListener::bind(addr) {
-                Ok(l) => return Self::from_listener(name, l),
-                Err(_) if Instant::now() < deadline => {
-                    thread::sleep(Duration::from_millis(50));
-                }
-                Err(e) => panic!("backend {name}: bind {addr}: {e}"),
-            }
-        }
+        let listener = eventually_ok(
+            Duration::from_secs(5),
+            &format!("backend {name} to bind {addr}"),
+            || TcpListener::bind(addr).map_err(|e| e.to_string()),
+        );
+        Self::from_listener(name, listener)
     }
 
     fn from_listener(name: &str, listener: TcpListener) -> TcpBackend {
@@ -259,15 +256,6 @@ impl Blackhole {
     pub fn addr(&self) -> SocketAddr {
         self.addr
     }
-}
-
-/// Like [`Blackhole::start`] but leaks the sockets so the address stays a
-/// blackhole for the rest of the test process (a couple of fds per call).
-pub fn blackhole_addr() -> SocketAddr {
-    let bh = Blackhole::start();
-    let addr = bh.addr();
-    std::mem::forget(bh);
-    addr
 }
 
 const CLIENT_TIMEOUT: Duration = Duration::from_secs(5);

@@ -2,17 +2,16 @@
 //! bounded runner for one-shot CLI invocations.
 
 use std::cell::Cell;
-use std::fs::OpenOptions;
 use std::net::SocketAddr;
 use std::path::{Path, PathBuf};
-use std::process::{Child, Command, ExitStatus, Output, Stdio};
+use std::process::{Child, Command, ExitStatus, Output};
 use std::thread;
 use std::time::{Duration, Instant};
 
-use super::util::{
-    bin, eventually, free_addr, run_bounded, send_signal, tail_file, tail_lines, tempdir,
-    try_http_get,
-};
+use super::http::try_get;
+use super::net::free_addr;
+use super::process::{bin, read_log, run_bounded, send_signal, spawn_logged, tail_file, tempdir};
+use super::wait::{eventually, eventually_ok};
 
 const HEALTHY_TIMEOUT: Duration = Duration::from_secs(15);
 const READY_TIMEOUT: Duration = Duration::from_secs(15);
@@ -51,14 +50,9 @@ impl Daemon {
         d
     }
 
-    /// Write the config and spawn the daemon without waiting for health
-    /// (for tests that expect startup to fail; see [`Daemon::wait_exit`]).
-    pub fn spawn(body_toml: &str) -> Daemon {
-        Self::spawn_with_env(body_toml, &[])
-    }
-
-    /// [`Daemon::spawn`] with extra environment variables.
-    pub fn spawn_with_env(body_toml: &str, env: &[(&str, &str)]) -> Daemon {
+    /// Write the config and spawn the daemon with extra environment variables, without
+    /// waiting for health.
+    fn spawn_with_env(body_toml: &str, env: &[(&str, &str)]) -> Daemon {
         let dir = tempdir("routemesh-daemon");
         let config_path = dir.path().join("routemesh.toml");
         let log_path = dir.path().join("daemon.log");
@@ -80,20 +74,11 @@ impl Daemon {
         };
         d.write_config(body_toml);
 
-        let log = OpenOptions::new()
-            .create(true)
-            .append(true)
-            .open(&d.log_path)
-            .unwrap_or_else(|e| panic!("cannot open daemon log: {e}"));
-        let log2 = log.try_clone().expect("clone daemon log handle");
         let mut cmd = Command::new(bin());
         cmd.arg("run")
             .arg("-c")
             .arg(&d.config_path)
-            .current_dir(d.dir.path())
-            .stdin(Stdio::null())
-            .stdout(log)
-            .stderr(log2);
+            .current_dir(d.dir.path());
         if std::env::var_os("RUST_LOG").is_none() {
             cmd.env("RUST_LOG", "info");
         }
@@ -103,10 +88,7 @@ impl Daemon {
         for (k, v) in env {
             cmd.env(k, v);
         }
-        let child = cmd
-            .spawn()
-            .unwrap_or_else(|e| panic!("cannot spawn {}: {e}", bin()));
-        d.child = Some(child);
+        d.child = Some(spawn_logged(&mut cmd, &d.log_path));
         d
     }
 
@@ -135,30 +117,20 @@ impl Daemon {
     }
 
     fn wait_admin_200(&mut self, path: &str, timeout: Duration) {
-        let deadline = Instant::now() + timeout;
-        let mut last;
-        loop {
+        let admin = self.admin;
+        eventually_ok(timeout, &format!("GET {path} 200 on {admin}"), || {
             if !self.is_running() {
                 panic!(
-                    "routemesh exited ({}) while waiting for {path} 200; log tail:\n{}",
-                    self.exit_description(),
-                    self.panic_tail()
+                    "routemesh exited ({}) while waiting for {path} 200",
+                    self.exit_description()
                 );
             }
-            match try_http_get(self.admin, path) {
-                Ok((200, _)) => return,
-                Ok((status, body)) => last = format!("status {status}: {body}"),
-                Err(e) => last = format!("error: {e}"),
+            match try_get(admin, path) {
+                Ok((200, _)) => Ok(()),
+                Ok((status, body)) => Err(format!("status {status}: {body}")),
+                Err(e) => Err(format!("error: {e}")),
             }
-            if Instant::now() >= deadline {
-                panic!(
-                    "routemesh: GET {path} on {} not 200 within {timeout:?} (last: {last}); log tail:\n{}",
-                    self.admin,
-                    self.panic_tail()
-                );
-            }
-            thread::sleep(Duration::from_millis(50));
-        }
+        });
     }
 
     /// Admin listen address.
@@ -168,7 +140,7 @@ impl Daemon {
 
     /// `GET {path}` on the admin port; panics (with log tail) on I/O error.
     pub fn admin_get(&self, path: &str) -> (u16, String) {
-        try_http_get(self.admin, path).unwrap_or_else(|e| {
+        try_get(self.admin, path).unwrap_or_else(|e| {
             panic!(
                 "GET {path} on admin {} failed: {e}; log tail:\n{}",
                 self.admin,
@@ -195,6 +167,16 @@ impl Daemon {
             .and_then(|v| v.trim().parse().ok())
     }
 
+    /// The sum of the samples of GET /metrics whose line starts with `prefix` (a family
+    /// name, maybe with the first labels), 0 when there is none.
+    pub fn metric_sum(&self, prefix: &str) -> f64 {
+        let (_, text) = self.admin_get("/metrics");
+        text.lines()
+            .filter(|l| l.starts_with(prefix))
+            .filter_map(|l| l.rsplit(' ').next()?.parse::<f64>().ok())
+            .sum()
+    }
+
     /// `routemesh_rejected_connections_total{listener,reason}` (0 when absent).
     pub fn rejected(&self, listener: &str, reason: &str) -> u64 {
         let sample = format!(
@@ -213,7 +195,7 @@ impl Daemon {
 
     /// Whole daemon log so far (stdout + stderr).
     pub fn log(&self) -> String {
-        String::from_utf8_lossy(&std::fs::read(&self.log_path).unwrap_or_default()).into_owned()
+        read_log(&self.log_path)
     }
 
     /// Last `n` lines of the daemon log.
@@ -241,27 +223,12 @@ impl Daemon {
         &self.config_path
     }
 
-    /// Path of `daemon.log`.
-    pub fn log_path(&self) -> &Path {
-        &self.log_path
-    }
-
-    /// The daemon's temp dir (also its working directory).
-    pub fn dir(&self) -> &Path {
-        self.dir.path()
-    }
-
     /// PID of the daemon (valid until it is reaped).
     pub fn pid(&self) -> u32 {
         self.child
             .as_ref()
             .map(Child::id)
             .expect("daemon was spawned")
-    }
-
-    /// Exit status, if the daemon has exited and been reaped.
-    pub fn exit_status(&self) -> Option<ExitStatus> {
-        self.exit
     }
 
     fn exit_description(&self) -> String {
@@ -400,6 +367,17 @@ fn admin_listen_from_toml(toml: &str) -> SocketAddr {
     panic!("config has an [admin] section without `listen = \"IP:PORT\"`; the harness needs it");
 }
 
+/// [`cli`] that must exit 0; its stdout.
+pub fn cli_ok(args: &[&str]) -> String {
+    let out = cli(args);
+    assert!(
+        out.status.success(),
+        "routemesh {args:?} failed:\n{}",
+        super::process::output_text(&out)
+    );
+    String::from_utf8(out.stdout).expect("UTF-8 output")
+}
+
 /// Run `routemesh ARGS` (stdin closed, stdout/stderr captured, ≤ 30 s).
 pub fn cli(args: &[&str]) -> Output {
     let mut cmd = Command::new(bin());
@@ -409,14 +387,4 @@ pub fn cli(args: &[&str]) -> Output {
     }
     run_bounded(&mut cmd, None, CLI_TIMEOUT)
         .unwrap_or_else(|e| panic!("routemesh {args:?} failed to run: {e}"))
-}
-
-/// Status plus the last 200 lines of stdout and stderr of a CLI run, for assert messages.
-pub fn output_text(out: &Output) -> String {
-    format!(
-        "status: {}\nstdout:\n{}\nstderr:\n{}",
-        out.status,
-        tail_lines(&String::from_utf8_lossy(&out.stdout), 200),
-        tail_lines(&String::from_utf8_lossy(&out.stderr), 200)
-    )
 }

@@ -1,4 +1,3 @@
-#![allow(dead_code)]
 //! The local Docker engine for integration tests, shared by the `docker` and `docker_swarm`
 //! modules: `docker` CLI wrappers with bounded waits,
 //! the engine check, and the locally built test images (no registry here: a debootstrapped
@@ -10,8 +9,7 @@ use std::process::{Command, Output};
 use std::sync::OnceLock;
 use std::time::{Duration, Instant};
 
-use crate::support::output_text;
-use crate::support::util::run_bounded;
+use crate::support::process::{output_text, run_bounded, which};
 
 pub const DOCKER_TIMEOUT: Duration = Duration::from_secs(120);
 pub const BUILD_TIMEOUT: Duration = Duration::from_secs(600);
@@ -98,7 +96,7 @@ pub fn build_base(dir: &Path) {
     let rootfs = dir.join("rootfs-bookworm");
     if !rootfs.join("etc/debian_version").exists() {
         assert!(
-            crate::support::util::which("debootstrap").is_some(),
+            which("debootstrap").is_some(),
             "debootstrap not found: `apt-get install -y debootstrap` (.ci/install-deps does)"
         );
         let tmp = dir.join("rootfs-bookworm.tmp");

@@ -1,14 +1,21 @@
-//! Real etcd (Debian's `etcd` 3.4 binary) started per test on free loopback
-//! ports, plus blocking `etcdctl` helpers so tests need no async client.
+//! Real etcd (Debian's `etcd` 3.4 binary): the one place the tests spell an etcd member's
+//! command line ([`member_args`]) and wait for it to be healthy ([`wait_healthy`]), used by
+//! the loopback members here ([`Etcd`], plain or secured, and [`EtcdCluster`]) and by the
+//! lab's members in their namespaces; plus blocking `etcdctl` helpers ([`Etcdctl`]) so tests
+//! need no async client.
 
-use std::fs::OpenOptions;
-use std::net::{Ipv4Addr, SocketAddr, TcpStream};
+use std::net::{Ipv4Addr, SocketAddr};
 use std::path::{Path, PathBuf};
-use std::process::{Child, Command, Stdio};
-use std::thread;
-use std::time::{Duration, Instant};
+use std::process::{Child, Command};
+use std::time::Duration;
 
-use super::util::{free_port, require_binary, run_bounded, send_signal, tail_file, unique_name};
+use base64::Engine as _;
+
+use super::net::free_port;
+use super::pki::Pki;
+use super::process::{require_binary, run_bounded, send_signal, spawn_logged, tail_file};
+use super::process::{tempdir, unique_name};
+use super::wait::eventually_ok;
 
 /// Setup hint used when `etcd`/`etcdctl` is missing.
 pub const ETCD_SETUP_HINT: &str =
@@ -21,66 +28,184 @@ const CLUSTER_START_TIMEOUT: Duration = Duration::from_secs(30);
 /// Bound for every etcdctl invocation.
 const ETCDCTL_TIMEOUT: Duration = Duration::from_secs(15);
 
-fn etcd_bin() -> PathBuf {
+/// The `etcd` binary (or a panic naming the setup command).
+pub fn etcd_bin() -> PathBuf {
     require_binary("etcd", ETCD_SETUP_HINT)
 }
 
-fn etcdctl_bin() -> PathBuf {
-    require_binary("etcdctl", ETCD_SETUP_HINT)
+/// One member of a cluster, as etcd's flags name it.
+pub struct Member<'a> {
+    pub name: &'a str,
+    pub data_dir: &'a Path,
+    /// `--listen-client-urls` and `--advertise-client-urls`.
+    pub client_url: &'a str,
+    /// `--listen-peer-urls` and `--initial-advertise-peer-urls`.
+    pub peer_url: &'a str,
+    /// `--initial-cluster`: `name=peer_url,…` of every member.
+    pub initial_cluster: &'a str,
+    /// `--initial-cluster-token`.
+    pub token: &'a str,
 }
 
-/// One etcd member with its own temp dir (data dir + `etcd.log`).
+/// The command line of a new member (warnings only, on stderr); callers add what their
+/// cluster needs (TLS, auth token TTL, raft timings).
+pub fn member_args(m: &Member) -> Vec<String> {
+    vec![
+        format!("--name={}", m.name),
+        format!("--data-dir={}", m.data_dir.display()),
+        format!("--listen-client-urls={}", m.client_url),
+        format!("--advertise-client-urls={}", m.client_url),
+        format!("--listen-peer-urls={}", m.peer_url),
+        format!("--initial-advertise-peer-urls={}", m.peer_url),
+        format!("--initial-cluster={}", m.initial_cluster),
+        "--initial-cluster-state=new".to_string(),
+        format!("--initial-cluster-token={}", m.token),
+        "--logger=zap".to_string(),
+        "--log-outputs=stderr".to_string(),
+        "--log-level=warn".to_string(),
+    ]
+}
+
+/// Waits (≤ `timeout`) until `etcdctl endpoint health` passes against `target`; `exited`
+/// tells whether the member's process is gone (then this panics at once; the owner's drop
+/// shows its log).
+pub fn wait_healthy(
+    target: &CtlTarget,
+    timeout: Duration,
+    mut exited: impl FnMut() -> Option<String>,
+) {
+    let what = format!("etcd at {} to be healthy", target.endpoints);
+    eventually_ok(timeout, &what, || {
+        if let Some(status) = exited() {
+            panic!(
+                "etcd at {} exited during startup ({status})",
+                target.endpoints
+            );
+        }
+        target
+            .run(&["endpoint", "health"], None, Duration::from_secs(5))
+            .map(drop)
+    });
+}
+
+/// How a single loopback member is secured.
+pub enum Security {
+    /// https with `--client-cert-auth`; etcdctl uses a `client` certificate.
+    Mtls,
+    /// http with `auth enable`; user `root`/`rootpw` for etcdctl, and `user`/`password` with
+    /// read-write on `prefix` for the daemon.
+    Auth {
+        token_ttl_secs: u32,
+        user: String,
+        password: String,
+        prefix: String,
+    },
+}
+
+/// One etcd member on loopback ports with its own temp dir (data dir + `etcd.log`).
 pub struct Etcd {
     name: String,
     client_port: u16,
-    peer_port: u16,
+    https: bool,
     args: Vec<String>,
+    /// etcdctl flags this member needs (certificates, the root user).
+    ctl_flags: Vec<String>,
+    pki: Option<Pki>,
     dir: tempfile::TempDir,
     child: Option<Child>,
 }
 
 impl Etcd {
-    /// Start a single-member cluster and wait (≤ 20 s) until it is healthy.
+    /// Start a plain single-member cluster and wait (≤ 20 s) until it is healthy.
     pub fn start() -> Etcd {
         let name = unique_name("rm-etcd");
-        let (client_port, peer_port) = (free_port(), free_port());
-        let initial_cluster = format!("{name}=http://127.0.0.1:{peer_port}");
-        let mut etcd = Etcd::prepare(&name, client_port, peer_port, &initial_cluster, &name);
+        let peer = peer_url(free_port());
+        let cluster = format!("{name}={peer}");
+        let mut etcd = Etcd::prepare(&name, false, &peer, &cluster, &name);
         etcd.spawn();
-        etcd.wait_healthy(Instant::now() + START_TIMEOUT);
+        etcd.wait_healthy(START_TIMEOUT);
         etcd
     }
 
-    fn prepare(
-        name: &str,
-        client_port: u16,
-        peer_port: u16,
-        initial_cluster: &str,
-        token: &str,
-    ) -> Etcd {
-        let dir = super::util::tempdir(name);
-        let data_dir = dir.path().join("data");
-        let client_url = format!("http://127.0.0.1:{client_port}");
-        let peer_url = format!("http://127.0.0.1:{peer_port}");
-        let args = vec![
-            format!("--name={name}"),
-            format!("--data-dir={}", data_dir.display()),
-            format!("--listen-client-urls={client_url}"),
-            format!("--advertise-client-urls={client_url}"),
-            format!("--listen-peer-urls={peer_url}"),
-            format!("--initial-advertise-peer-urls={peer_url}"),
-            format!("--initial-cluster={initial_cluster}"),
-            "--initial-cluster-state=new".to_string(),
-            format!("--initial-cluster-token={token}"),
-            "--logger=zap".to_string(),
-            "--log-outputs=stderr".to_string(),
-            "--log-level=warn".to_string(),
-        ];
+    /// Start a single member secured as `security` says (its own [`Pki`]), healthy on return.
+    pub fn start_secure(security: Security) -> Etcd {
+        let pki = Pki::new();
+        let name = unique_name("rm-etcd-sec");
+        let peer = peer_url(free_port());
+        let cluster = format!("{name}={peer}");
+        let mtls = matches!(security, Security::Mtls);
+        let mut etcd = Etcd::prepare(&name, mtls, &peer, &cluster, &name);
+        match &security {
+            Security::Mtls => {
+                let (cert, key) = pki.issue("server", "127.0.0.1", &["IP:127.0.0.1"]);
+                let (ccert, ckey) = pki.issue("client", "etcdctl", &[]);
+                etcd.args.extend([
+                    format!("--cert-file={}", cert.display()),
+                    format!("--key-file={}", key.display()),
+                    format!("--trusted-ca-file={}", pki.ca().display()),
+                    "--client-cert-auth".into(),
+                ]);
+                etcd.ctl_flags.extend([
+                    format!("--cacert={}", pki.ca().display()),
+                    format!("--cert={}", ccert.display()),
+                    format!("--key={}", ckey.display()),
+                ]);
+            }
+            Security::Auth { token_ttl_secs, .. } => {
+                etcd.args.push(format!("--auth-token-ttl={token_ttl_secs}"));
+            }
+        }
+        etcd.pki = Some(pki);
+        etcd.spawn();
+        etcd.wait_healthy(START_TIMEOUT);
+        if let Security::Auth {
+            user,
+            password,
+            prefix,
+            ..
+        } = &security
+        {
+            etcd.etcdctl(&["user", "add", "root:rootpw"]);
+            etcd.etcdctl(&["role", "add", "root"]);
+            etcd.etcdctl(&["user", "grant-role", "root", "root"]);
+            etcd.etcdctl(&["user", "add", &format!("{user}:{password}")]);
+            etcd.etcdctl(&["role", "add", "routemesh"]);
+            etcd.etcdctl(&[
+                "role",
+                "grant-permission",
+                "routemesh",
+                "--prefix=true",
+                "readwrite",
+                &format!("{prefix}/"),
+            ]);
+            etcd.etcdctl(&["user", "grant-role", user, "routemesh"]);
+            etcd.etcdctl(&["auth", "enable"]);
+            etcd.ctl_flags.push("--user=root:rootpw".into());
+            etcd.etcdctl(&["endpoint", "health"]);
+        }
+        etcd
+    }
+
+    fn prepare(name: &str, https: bool, peer: &str, cluster: &str, token: &str) -> Etcd {
+        let dir = tempdir(name);
+        let client_port = free_port();
+        let scheme = if https { "https" } else { "http" };
+        let client_url = format!("{scheme}://127.0.0.1:{client_port}");
+        let args = member_args(&Member {
+            name,
+            data_dir: &dir.path().join("data"),
+            client_url: &client_url,
+            peer_url: peer,
+            initial_cluster: cluster,
+            token,
+        });
         Etcd {
             name: name.to_string(),
             client_port,
-            peer_port,
+            https,
             args,
+            ctl_flags: Vec::new(),
+            pki: None,
             dir,
             child: None,
         }
@@ -92,71 +217,23 @@ impl Etcd {
             "etcd {} is already running",
             self.name
         );
-        let log = OpenOptions::new()
-            .create(true)
-            .append(true)
-            .open(self.log_path())
-            .unwrap_or_else(|e| panic!("cannot open etcd log: {e}"));
-        let log2 = log.try_clone().expect("clone etcd log handle");
         let mut cmd = Command::new(etcd_bin());
-        cmd.args(&self.args)
-            .current_dir(self.dir.path())
-            .stdin(Stdio::null())
-            .stdout(log)
-            .stderr(log2);
-        // Don't let a developer's ETCD_* environment change the member's config.
-        for (k, _) in std::env::vars_os() {
-            if k.to_string_lossy().starts_with("ETCD_") {
-                cmd.env_remove(k);
-            }
-        }
-        let child = cmd
-            .spawn()
-            .unwrap_or_else(|e| panic!("cannot spawn etcd: {e}"));
-        self.child = Some(child);
+        cmd.args(&self.args).current_dir(self.dir.path());
+        self.child = Some(spawn_logged(&mut cmd, &self.log_path()));
     }
 
-    fn wait_healthy(&mut self, deadline: Instant) {
-        let addr = self.client_addr();
-        loop {
-            if let Some(child) = self.child.as_mut() {
-                if let Ok(Some(status)) = child.try_wait() {
-                    self.child = None;
-                    panic!(
-                        "etcd {} exited during startup with {status}; log tail:\n{}",
-                        self.name,
-                        self.log_tail(40)
-                    );
-                }
-            } else {
-                panic!("etcd {} is not running", self.name);
-            }
-            if TcpStream::connect_timeout(&addr, Duration::from_millis(200)).is_ok()
-                && ctl_run(
-                    &self.endpoint(),
-                    &["endpoint", "health"],
-                    None,
-                    Duration::from_secs(5),
-                )
-                .is_ok()
-            {
-                return;
-            }
-            if Instant::now() >= deadline {
-                panic!(
-                    "etcd {} not healthy at {} in time; log tail:\n{}",
-                    self.name,
-                    self.endpoint(),
-                    self.log_tail(40)
-                );
-            }
-            thread::sleep(Duration::from_millis(100));
-        }
+    fn wait_healthy(&mut self, timeout: Duration) {
+        let target = self.ctl_target();
+        let child = self.child.as_mut().expect("etcd was spawned");
+        wait_healthy(&target, timeout, || {
+            child.try_wait().ok().flatten().map(|s| s.to_string())
+        });
     }
 
-    /// `http://127.0.0.1:PORT` (client URL).
+    /// The client URL, `http://127.0.0.1:PORT` (`https` when secured with TLS).
     pub fn endpoint(&self) -> String {
-        format!("http://127.0.0.1:{}", self.client_port)
+        let scheme = if self.https { "https" } else { "http" };
+        format!("{scheme}://127.0.0.1:{}", self.client_port)
     }
 
     /// Client address as a socket address.
@@ -164,29 +241,15 @@ impl Etcd {
         SocketAddr::from((Ipv4Addr::LOCALHOST, self.client_port))
     }
 
-    /// Peer URL `http://127.0.0.1:PEER_PORT`.
-    pub fn peer_url(&self) -> String {
-        format!("http://127.0.0.1:{}", self.peer_port)
+    /// The PKI of a member started with [`Etcd::start_secure`].
+    pub fn pki(&self) -> &Pki {
+        self.pki
+            .as_ref()
+            .unwrap_or_else(|| panic!("etcd {} was started without a PKI", self.name))
     }
 
-    /// Member name (`--name`).
-    pub fn name(&self) -> &str {
-        &self.name
-    }
-
-    /// Temp dir holding `data/` and `etcd.log`.
-    pub fn dir(&self) -> &Path {
-        self.dir.path()
-    }
-
-    /// Path of the member's combined stdout/stderr log.
-    pub fn log_path(&self) -> PathBuf {
+    fn log_path(&self) -> PathBuf {
         self.dir.path().join("etcd.log")
-    }
-
-    /// Last `n` lines of the member's log.
-    pub fn log_tail(&self, n: usize) -> String {
-        tail_file(&self.log_path(), n)
     }
 
     /// PID of the running member; panics if it is stopped.
@@ -222,7 +285,7 @@ impl Etcd {
     pub fn start_again(&mut self) {
         self.stop();
         self.spawn();
-        self.wait_healthy(Instant::now() + START_TIMEOUT);
+        self.wait_healthy(START_TIMEOUT);
     }
 
     /// Freeze the member with SIGSTOP: its sockets still accept TCP
@@ -235,16 +298,32 @@ impl Etcd {
     pub fn resume(&self) {
         send_signal(self.pid(), libc::SIGCONT).expect("SIGCONT etcd");
     }
-
-    fn ctl_endpoints(&self) -> String {
-        self.endpoint()
-    }
 }
 
 impl Drop for Etcd {
     fn drop(&mut self) {
+        if std::thread::panicking() {
+            eprintln!(
+                "---- etcd {} log (last 20 lines) ----\n{}",
+                self.name,
+                tail_file(&self.log_path(), 20)
+            );
+        }
         self.stop();
     }
+}
+
+impl Etcdctl for Etcd {
+    fn ctl_target(&self) -> CtlTarget {
+        CtlTarget {
+            endpoints: self.endpoint(),
+            flags: self.ctl_flags.clone(),
+        }
+    }
+}
+
+fn peer_url(port: u16) -> String {
+    format!("http://127.0.0.1:{port}")
 }
 
 /// An n-member etcd cluster on loopback; all members start concurrently.
@@ -257,39 +336,27 @@ impl EtcdCluster {
     pub fn start(n: usize) -> EtcdCluster {
         assert!(n >= 1, "a cluster needs at least one member");
         let token = unique_name("rm-etcd-cluster");
-        let ports: Vec<(u16, u16)> = (0..n).map(|_| (free_port(), free_port())).collect();
         let names: Vec<String> = (0..n).map(|i| format!("{token}-m{i}")).collect();
-        let initial_cluster = names
+        let peers: Vec<String> = (0..n).map(|_| peer_url(free_port())).collect();
+        let cluster = names
             .iter()
-            .zip(&ports)
-            .map(|(name, (_, peer))| format!("{name}=http://127.0.0.1:{peer}"))
+            .zip(&peers)
+            .map(|(name, peer)| format!("{name}={peer}"))
             .collect::<Vec<_>>()
             .join(",");
         let mut members: Vec<Etcd> = names
             .iter()
-            .zip(&ports)
-            .map(|(name, &(client, peer))| {
-                Etcd::prepare(name, client, peer, &initial_cluster, &token)
-            })
+            .zip(&peers)
+            .map(|(name, peer)| Etcd::prepare(name, false, peer, &cluster, &token))
             .collect();
         for m in &mut members {
             m.spawn();
         }
-        let deadline = Instant::now() + CLUSTER_START_TIMEOUT;
         for m in &mut members {
-            m.wait_healthy(deadline);
+            // One bound for the whole cluster: the members elect a leader together.
+            m.wait_healthy(CLUSTER_START_TIMEOUT);
         }
         EtcdCluster { members }
-    }
-
-    /// Number of members.
-    pub fn len(&self) -> usize {
-        self.members.len()
-    }
-
-    /// Always false (a cluster has ≥ 1 member); here for clippy.
-    pub fn is_empty(&self) -> bool {
-        self.members.is_empty()
     }
 
     /// Client URLs of all members (running or not), in member order.
@@ -325,158 +392,167 @@ impl EtcdCluster {
     pub fn member_mut(&mut self, i: usize) -> &mut Etcd {
         &mut self.members[i]
     }
+}
 
-    fn ctl_endpoints(&self) -> String {
+impl Etcdctl for EtcdCluster {
+    /// The members that are currently running.
+    fn ctl_target(&self) -> CtlTarget {
         let live = self.live_endpoints();
         assert!(!live.is_empty(), "no etcd member of the cluster is running");
-        live.join(",")
-    }
-}
-
-/// The etcdctl conveniences, shared by [`Etcd`] and [`EtcdCluster`] (the
-/// cluster variant talks to the members that are currently running).
-macro_rules! etcdctl_methods {
-    ($t:ty) => {
-        impl $t {
-            /// Run `etcdctl --endpoints=… ARGS` (ETCDCTL_API=3, ≤ 15 s); panics on failure.
-            pub fn etcdctl(&self, args: &[&str]) -> String {
-                let endpoints = self.ctl_endpoints();
-                ctl_run(&endpoints, args, None, ETCDCTL_TIMEOUT).unwrap_or_else(|e| {
-                    panic!("etcdctl --endpoints={endpoints} {args:?} failed: {e}")
-                })
-            }
-
-            /// Like `etcdctl` but returns the error text (stderr) instead of panicking.
-            pub fn try_etcdctl(&self, args: &[&str]) -> Result<String, String> {
-                ctl_run(&self.ctl_endpoints(), args, None, ETCDCTL_TIMEOUT)
-            }
-
-            /// `put key value` (value passed on stdin, so any bytes/leading dashes are fine).
-            pub fn put(&self, key: &str, value: &str) {
-                ctl_put(&self.ctl_endpoints(), key, value, None);
-            }
-
-            /// Value of `key`, if present.
-            pub fn get(&self, key: &str) -> Option<String> {
-                let out = self.etcdctl(&["get", "-w", "json", "--", key]);
-                parse_get_json(&out).into_iter().next().map(|(_, v)| v)
-            }
-
-            /// All `(key, value)` pairs under `prefix`, in key order.
-            pub fn get_prefix(&self, prefix: &str) -> Vec<(String, String)> {
-                let out = self.etcdctl(&["get", "--prefix", "-w", "json", "--", prefix]);
-                parse_get_json(&out)
-            }
-
-            /// Delete `key`; returns how many keys were deleted (0 or 1).
-            pub fn del(&self, key: &str) -> usize {
-                parse_count(&self.etcdctl(&["del", "--", key]))
-            }
-
-            /// Delete every key under `prefix`; returns how many were deleted.
-            pub fn del_prefix(&self, prefix: &str) -> usize {
-                parse_count(&self.etcdctl(&["del", "--prefix", "--", prefix]))
-            }
-
-            /// Grant a lease (etcd raises TTLs below 2 s to 2 s); returns its hex id.
-            pub fn lease_grant(&self, ttl_secs: u64) -> String {
-                let out = self.etcdctl(&["lease", "grant", &ttl_secs.to_string()]);
-                parse_lease_grant(&out)
-                    .unwrap_or_else(|| panic!("unexpected `lease grant` output: {out:?}"))
-            }
-
-            /// Revoke a lease (deletes its keys).
-            pub fn lease_revoke(&self, lease_id_hex: &str) {
-                self.etcdctl(&["lease", "revoke", lease_id_hex]);
-            }
-
-            /// Refresh a lease once.
-            pub fn lease_keepalive_once(&self, lease_id_hex: &str) {
-                self.etcdctl(&["lease", "keep-alive", "--once", lease_id_hex]);
-            }
-
-            /// Grant a lease of `ttl_secs` and put `key` with it; returns the lease id (hex).
-            pub fn put_with_lease(&self, key: &str, value: &str, ttl_secs: u64) -> String {
-                let lease = self.lease_grant(ttl_secs);
-                ctl_put(&self.ctl_endpoints(), key, value, Some(&lease));
-                lease
-            }
-
-            /// Put `key` attached to an existing lease.
-            pub fn put_on_lease(&self, key: &str, value: &str, lease_id_hex: &str) {
-                ctl_put(&self.ctl_endpoints(), key, value, Some(lease_id_hex));
-            }
-
-            /// Current store revision.
-            pub fn revision(&self) -> i64 {
-                let out = self.etcdctl(&[
-                    "get",
-                    "-w",
-                    "json",
-                    "--",
-                    "/__routemesh_support_revision_probe__",
-                ]);
-                let v: serde_json::Value = serde_json::from_str(&out)
-                    .unwrap_or_else(|e| panic!("bad etcdctl json ({e}): {out}"));
-                v["header"]["revision"]
-                    .as_i64()
-                    .unwrap_or_else(|| panic!("no header.revision in {out}"))
-            }
-        }
-    };
-}
-
-etcdctl_methods!(Etcd);
-etcdctl_methods!(EtcdCluster);
-
-/// Run etcdctl against `endpoints` (comma separated). Ok(stdout) on exit 0,
-/// Err(description incl. stderr) otherwise, including on timeout.
-pub fn ctl_run(
-    endpoints: &str,
-    args: &[&str],
-    stdin: Option<&[u8]>,
-    timeout: Duration,
-) -> Result<String, String> {
-    let mut cmd = Command::new(etcdctl_bin());
-    for (k, _) in std::env::vars_os() {
-        if k.to_string_lossy().starts_with("ETCDCTL_") {
-            cmd.env_remove(k);
+        CtlTarget {
+            endpoints: live.join(","),
+            flags: Vec::new(),
         }
     }
-    cmd.env("ETCDCTL_API", "3")
-        .arg(format!("--endpoints={endpoints}"))
-        .arg("--dial-timeout=2s")
-        .arg("--command-timeout=5s")
-        .args(args);
-    match run_bounded(&mut cmd, stdin, timeout) {
-        Ok(out) if out.status.success() => Ok(String::from_utf8_lossy(&out.stdout).into_owned()),
-        Ok(out) => Err(format!(
-            "{}: {}{}",
-            out.status,
-            String::from_utf8_lossy(&out.stderr).trim(),
-            String::from_utf8_lossy(&out.stdout).trim()
-        )),
-        Err(e) => Err(e.to_string()),
+}
+
+/// Where `etcdctl` talks to: comma-separated endpoints and the flags they need.
+pub struct CtlTarget {
+    pub endpoints: String,
+    pub flags: Vec<String>,
+}
+
+impl CtlTarget {
+    /// Run `etcdctl --endpoints=… FLAGS ARGS` (API 3, ≤ `timeout`), `stdin` fed to it.
+    /// Ok(stdout) on exit 0, Err(description incl. stderr) otherwise, including on timeout.
+    pub fn run(
+        &self,
+        args: &[&str],
+        stdin: Option<&[u8]>,
+        timeout: Duration,
+    ) -> Result<String, String> {
+        let mut cmd = Command::new(require_binary("etcdctl", ETCD_SETUP_HINT));
+        for (k, _) in std::env::vars_os() {
+            if k.to_string_lossy().starts_with("ETCDCTL_") {
+                cmd.env_remove(k);
+            }
+        }
+        cmd.env("ETCDCTL_API", "3")
+            .arg(format!("--endpoints={}", self.endpoints))
+            .arg("--dial-timeout=2s")
+            .arg("--command-timeout=5s")
+            .args(&self.flags)
+            .args(args);
+        match run_bounded(&mut cmd, stdin, timeout) {
+            Ok(out) if out.status.success() => {
+                Ok(String::from_utf8_lossy(&out.stdout).into_owned())
+            }
+            Ok(out) => Err(format!(
+                "{}: {}{}",
+                out.status,
+                String::from_utf8_lossy(&out.stderr).trim(),
+                String::from_utf8_lossy(&out.stdout).trim()
+            )),
+            Err(e) => Err(e.to_string()),
+        }
     }
 }
 
-fn ctl_put(endpoints: &str, key: &str, value: &str, lease: Option<&str>) {
+/// `etcdctl` against something that runs etcd: a member, a cluster, the lab.
+pub trait Etcdctl {
+    /// Endpoints and flags to reach it now.
+    fn ctl_target(&self) -> CtlTarget;
+
+    /// `etcdctl ARGS` with `stdin` (≤ 15 s); the error text instead of a panic.
+    fn try_etcdctl_with(&self, args: &[&str], stdin: Option<&[u8]>) -> Result<String, String> {
+        self.ctl_target().run(args, stdin, ETCDCTL_TIMEOUT)
+    }
+
+    /// `etcdctl ARGS` (≤ 15 s); the error text instead of a panic.
+    fn try_etcdctl(&self, args: &[&str]) -> Result<String, String> {
+        self.try_etcdctl_with(args, None)
+    }
+
+    /// `etcdctl ARGS` (≤ 15 s); panics on failure.
+    fn etcdctl(&self, args: &[&str]) -> String {
+        self.try_etcdctl(args).unwrap_or_else(|e| {
+            panic!(
+                "etcdctl --endpoints={} {args:?} failed: {e}",
+                self.ctl_target().endpoints
+            )
+        })
+    }
+
+    /// `put key value` (value passed on stdin, so any bytes/leading dashes are fine).
+    fn put(&self, key: &str, value: &str) {
+        put(self, key, value, None);
+    }
+
+    /// `put` attached to an existing lease (hex id).
+    fn put_on_lease(&self, key: &str, value: &str, lease_id_hex: &str) {
+        put(self, key, value, Some(lease_id_hex));
+    }
+
+    /// Value of `key`, if present.
+    fn get(&self, key: &str) -> Option<String> {
+        let out = self.etcdctl(&["get", "-w", "json", "--", key]);
+        parse_get_json(&out).into_iter().next().map(|(_, v)| v)
+    }
+
+    /// All `(key, value)` pairs under `prefix`, in key order.
+    fn get_prefix(&self, prefix: &str) -> Vec<(String, String)> {
+        let out = self.etcdctl(&["get", "--prefix", "-w", "json", "--", prefix]);
+        parse_get_json(&out)
+    }
+
+    /// Delete `key`; returns how many keys were deleted (0 or 1).
+    fn del(&self, key: &str) -> usize {
+        let out = self.etcdctl(&["del", "--", key]);
+        out.trim()
+            .lines()
+            .next()
+            .and_then(|l| l.trim().parse().ok())
+            .unwrap_or_else(|| panic!("unexpected etcdctl del output: {out:?}"))
+    }
+
+    /// Grant a lease (etcd raises TTLs below 2 s to 2 s); returns its hex id.
+    fn lease_grant(&self, ttl_secs: u64) -> String {
+        let out = self.etcdctl(&["lease", "grant", &ttl_secs.to_string()]);
+        parse_lease_grant(&out)
+            .unwrap_or_else(|| panic!("unexpected `lease grant` output: {out:?}"))
+    }
+
+    /// Revoke a lease (deletes its keys).
+    fn lease_revoke(&self, lease_id_hex: &str) {
+        self.etcdctl(&["lease", "revoke", lease_id_hex]);
+    }
+
+    /// Refresh a lease once.
+    fn lease_keepalive_once(&self, lease_id_hex: &str) {
+        self.etcdctl(&["lease", "keep-alive", "--once", lease_id_hex]);
+    }
+
+    /// Grant a lease of `ttl_secs` and put `key` with it; returns the lease id (hex).
+    fn put_with_lease(&self, key: &str, value: &str, ttl_secs: u64) -> String {
+        let lease = self.lease_grant(ttl_secs);
+        self.put_on_lease(key, value, &lease);
+        lease
+    }
+
+    /// Current store revision.
+    fn revision(&self) -> i64 {
+        let out = self.etcdctl(&[
+            "get",
+            "-w",
+            "json",
+            "--",
+            "/__routemesh_support_revision_probe__",
+        ]);
+        let v: serde_json::Value =
+            serde_json::from_str(&out).unwrap_or_else(|e| panic!("bad etcdctl json ({e}): {out}"));
+        v["header"]["revision"]
+            .as_i64()
+            .unwrap_or_else(|| panic!("no header.revision in {out}"))
+    }
+}
+
+fn put<C: Etcdctl + ?Sized>(ctl: &C, key: &str, value: &str, lease: Option<&str>) {
     let lease_arg = lease.map(|l| format!("--lease={l}"));
     let mut args = vec!["put"];
-    if let Some(l) = &lease_arg {
-        args.push(l);
-    }
+    args.extend(lease_arg.as_deref());
     args.extend(["--", key]);
-    ctl_run(endpoints, &args, Some(value.as_bytes()), ETCDCTL_TIMEOUT)
-        .unwrap_or_else(|e| panic!("etcdctl put {key:?} at {endpoints} failed: {e}"));
-}
-
-fn parse_count(out: &str) -> usize {
-    out.trim()
-        .lines()
-        .next()
-        .and_then(|l| l.trim().parse().ok())
-        .unwrap_or_else(|| panic!("unexpected etcdctl del output: {out:?}"))
+    ctl.try_etcdctl_with(&args, Some(value.as_bytes()))
+        .unwrap_or_else(|e| panic!("etcdctl put {key:?} failed: {e}"));
 }
 
 /// `lease 694d77aa9e38260f granted with TTL(5s)` → `694d77aa9e38260f`.
@@ -500,39 +576,12 @@ pub fn parse_get_json(out: &str) -> Vec<(String, String)> {
         .map(|kv| {
             let field = |name: &str| {
                 let b64 = kv.get(name).and_then(|x| x.as_str()).unwrap_or("");
-                let bytes = base64_decode(b64)
-                    .unwrap_or_else(|| panic!("bad base64 in etcdctl json: {b64:?}"));
+                let bytes = base64::engine::general_purpose::STANDARD
+                    .decode(b64)
+                    .unwrap_or_else(|e| panic!("bad base64 in etcdctl json ({e}): {b64:?}"));
                 String::from_utf8_lossy(&bytes).into_owned()
             };
             (field("key"), field("value"))
         })
         .collect()
-}
-
-/// Standard-alphabet base64 decoder (padding optional). None on bad input.
-pub fn base64_decode(s: &str) -> Option<Vec<u8>> {
-    fn val(c: u8) -> Option<u32> {
-        match c {
-            b'A'..=b'Z' => Some(u32::from(c - b'A')),
-            b'a'..=b'z' => Some(u32::from(c - b'a') + 26),
-            b'0'..=b'9' => Some(u32::from(c - b'0') + 52),
-            b'+' => Some(62),
-            b'/' => Some(63),
-            _ => None,
-        }
-    }
-    let data = s.trim_end_matches('=').as_bytes();
-    if data.len() % 4 == 1 {
-        return None;
-    }
-    let mut out = Vec::with_capacity(data.len() * 3 / 4);
-    for chunk in data.chunks(4) {
-        let mut acc = 0u32;
-        for (i, &c) in chunk.iter().enumerate() {
-            acc |= val(c)? << (18 - 6 * i);
-        }
-        let bytes = acc.to_be_bytes();
-        out.extend_from_slice(&bytes[1..chunk.len()]);
-    }
-    Some(out)
 }

@@ -2,14 +2,15 @@
 //! log and temp dir. The log (`log_type all`, `connection_messages true`) tells which client
 //! ids connected and how many TCP connections the broker accepted.
 
-use std::fs::OpenOptions;
-use std::net::{SocketAddr, TcpStream};
-use std::path::PathBuf;
-use std::process::{Child, Command, Stdio};
+use std::net::{IpAddr, SocketAddr, TcpStream};
+use std::path::{Path, PathBuf};
+use std::process::{Child, Command};
 use std::thread;
-use std::time::{Duration, Instant};
+use std::time::Duration;
 
-use super::util::{free_port, require_binary, tail_file, tempdir};
+use super::net::free_port;
+use super::process::{read_log, require_binary, sbin, spawn_logged, tail_file, tempdir};
+use super::wait::eventually;
 
 const START_TIMEOUT: Duration = Duration::from_secs(10);
 
@@ -20,12 +21,23 @@ pub const MOSQUITTO_HINT: &str =
 /// that says how to install it.
 pub fn mosquitto_bin(name: &str) -> PathBuf {
     if name == "mosquitto" {
-        let sbin = PathBuf::from("/usr/sbin/mosquitto");
-        if sbin.exists() {
-            return sbin;
-        }
+        sbin(name, MOSQUITTO_HINT)
+    } else {
+        require_binary(name, MOSQUITTO_HINT)
     }
-    require_binary(name, MOSQUITTO_HINT)
+}
+
+/// The mosquitto.conf of every test broker: `listener PORT IP`, anonymous, no persistence,
+/// the full log (`log_type all`, connection messages) written to `log`.
+pub fn conf(ip: IpAddr, port: u16, log: &Path) -> String {
+    // `user root`: when started as root, mosquitto would otherwise drop to the `mosquitto`
+    // user and could not write its log in our temp dir (no effect when not root).
+    format!(
+        "listener {port} {ip}\nallow_anonymous true\npersistence false\nuser root\n\
+         log_dest file {log}\nlog_type all\nconnection_messages true\nlog_timestamp true\n\
+         max_queued_messages 1000\n",
+        log = log.display()
+    )
 }
 
 /// A running broker; killed on drop.
@@ -54,57 +66,31 @@ impl Mosquitto {
     }
 
     fn spawn(&mut self) {
-        let bin = mosquitto_bin("mosquitto");
-        let conf = self.dir.path().join("mosquitto.conf");
-        // `user root`: when started as root, mosquitto would otherwise drop to the `mosquitto`
-        // user and could not write its log in our temp dir (no effect when not root).
-        let text = format!(
-            "listener {port} 127.0.0.1\nallow_anonymous true\npersistence false\nuser root\n\
-             log_dest file {log}\nlog_type all\nconnection_messages true\nlog_timestamp true\n\
-             max_queued_messages 1000\n",
-            port = self.port,
-            log = self.log_path.display()
+        let conf_path = self.dir.path().join("mosquitto.conf");
+        let ip = IpAddr::from([127, 0, 0, 1]);
+        std::fs::write(&conf_path, conf(ip, self.port, &self.log_path))
+            .expect("write mosquitto.conf");
+        let mut cmd = Command::new(mosquitto_bin("mosquitto"));
+        cmd.arg("-c").arg(&conf_path);
+        let stdout = self.dir.path().join("stdout.log");
+        let mut child = spawn_logged(&mut cmd, &stdout);
+        let addr = self.addr();
+        eventually(
+            START_TIMEOUT,
+            &format!("mosquitto {} to accept on {addr}", self.name),
+            || {
+                if let Ok(Some(status)) = child.try_wait() {
+                    panic!(
+                        "mosquitto {} exited ({status}) at start:\n{}\n{}",
+                        self.name,
+                        tail_file(&stdout, 30),
+                        tail_file(&self.log_path, 30)
+                    );
+                }
+                TcpStream::connect_timeout(&addr, Duration::from_millis(200)).is_ok()
+            },
         );
-        std::fs::write(&conf, text).expect("write mosquitto.conf");
-        let out = OpenOptions::new()
-            .create(true)
-            .append(true)
-            .open(self.dir.path().join("stdout.log"))
-            .expect("open mosquitto stdout log");
-        let err = out.try_clone().expect("clone log handle");
-        let child = Command::new(&bin)
-            .arg("-c")
-            .arg(&conf)
-            .stdin(Stdio::null())
-            .stdout(out)
-            .stderr(err)
-            .spawn()
-            .unwrap_or_else(|e| panic!("cannot spawn {}: {e}", bin.display()));
         self.child = Some(child);
-        let deadline = Instant::now() + START_TIMEOUT;
-        while TcpStream::connect_timeout(&self.addr(), Duration::from_millis(200)).is_err() {
-            if let Some(Ok(Some(status))) = self.child.as_mut().map(|c| c.try_wait()) {
-                panic!(
-                    "mosquitto {} exited ({status}) at start:\n{}\n{}",
-                    self.name,
-                    tail_file(&self.dir.path().join("stdout.log"), 30),
-                    tail_file(&self.log_path, 30)
-                );
-            }
-            if Instant::now() > deadline {
-                panic!(
-                    "mosquitto {} not accepting on {} within {START_TIMEOUT:?}:\n{}",
-                    self.name,
-                    self.addr(),
-                    tail_file(&self.log_path, 30)
-                );
-            }
-            thread::sleep(Duration::from_millis(20));
-        }
-    }
-
-    pub fn name(&self) -> &str {
-        &self.name
     }
 
     pub fn addr(&self) -> SocketAddr {
@@ -113,7 +99,7 @@ impl Mosquitto {
 
     /// The whole broker log so far.
     pub fn log(&self) -> String {
-        String::from_utf8_lossy(&std::fs::read(&self.log_path).unwrap_or_default()).into_owned()
+        read_log(&self.log_path)
     }
 
     pub fn log_tail(&self, n: usize) -> String {

@@ -5,18 +5,53 @@
 use std::fs;
 use std::net::{SocketAddr, TcpStream};
 use std::path::{Path, PathBuf};
-use std::process::{Child, Command, Stdio};
+use std::process::{Child, Command};
 use std::time::Duration;
 
-use super::util::{eventually, free_addr, tail_file, tempdir, which};
+use super::net::free_addr;
+use super::process::{is_root, sbin, send_signal, spawn_logged, tail_file, tempdir};
+use super::wait::eventually;
 
 /// Setup hint used when nginx is missing.
 pub const NGINX_SETUP_HINT: &str = "run `bash .ci/run` or `apt-get install -y nginx-light`";
 
-fn nginx_bin() -> PathBuf {
-    which("nginx")
-        .or_else(|| which("/usr/sbin/nginx"))
-        .unwrap_or_else(|| panic!("nginx not found: {NGINX_SETUP_HINT}"))
+/// The nginx binary (or a panic naming the setup command).
+pub fn nginx_bin() -> PathBuf {
+    sbin("nginx", NGINX_SETUP_HINT)
+}
+
+/// The nginx.conf of every test nginx: one worker, its pid, logs and temp paths in `dir`,
+/// and `http_body` (log formats, servers) inside `http { }`. Writes it and returns its path.
+pub fn write_conf(dir: &Path, http_body: &str) -> PathBuf {
+    let d = dir.display();
+    let user = if is_root() { "user root;" } else { "" };
+    let conf = format!(
+        "{user}\nworker_processes 1;\npid {d}/nginx.pid;\nerror_log {d}/error.log info;\n\
+         events {{ worker_connections 1024; }}\nhttp {{\n    \
+         client_body_temp_path {d}/tmp/body;\n    proxy_temp_path {d}/tmp/proxy;\n    \
+         fastcgi_temp_path {d}/tmp/fastcgi;\n    uwsgi_temp_path {d}/tmp/uwsgi;\n    \
+         scgi_temp_path {d}/tmp/scgi;\n{http_body}\n}}\n"
+    );
+    fs::create_dir_all(dir.join("tmp")).expect("nginx tmp dir");
+    let path = dir.join("nginx.conf");
+    fs::write(&path, conf).expect("write nginx.conf");
+    path
+}
+
+/// The arguments that run nginx in the foreground with `conf` (from [`write_conf`] in `dir`).
+pub fn args(dir: &Path, conf: &Path) -> Vec<String> {
+    [
+        "-e",
+        &dir.join("error.log").display().to_string(),
+        "-g",
+        "daemon off;",
+        "-p",
+        &format!("{}/", dir.display()),
+        "-c",
+        &conf.display().to_string(),
+    ]
+    .map(String::from)
+    .to_vec()
 }
 
 /// How an nginx backend listens.
@@ -25,6 +60,9 @@ pub enum NginxProtocol {
     Http1,
     /// HTTP/2 with prior knowledge only (`listen … http2` without TLS).
     H2c,
+    /// HTTP/1.1 behind a PROXY protocol header (`listen … proxy_protocol`); `GET /pp`
+    /// answers `$proxy_protocol_addr:$proxy_protocol_port`: the client it was told about.
+    ProxyProtocol,
 }
 
 /// A running nginx (master + one worker), killed on drop.
@@ -45,29 +83,24 @@ impl Nginx {
 
     /// Like [`Nginx::start`], with `extra` inserted in the `server` block (more locations).
     pub fn start_with(name: &str, protocol: NginxProtocol, extra: &str) -> Nginx {
-        let bin = nginx_bin();
         let dir = tempdir(&format!("nginx-{name}"));
         let addr = free_addr();
         let d = dir.path().display().to_string();
-        let user = if is_root() { "user root;" } else { "" };
-        let listen_opts = match protocol {
-            NginxProtocol::Http1 => "",
-            NginxProtocol::H2c => " http2",
+        let (listen_opts, extra) = match protocol {
+            NginxProtocol::Http1 => ("", extra.to_string()),
+            NginxProtocol::H2c => (" http2", extra.to_string()),
+            NginxProtocol::ProxyProtocol => (
+                " proxy_protocol",
+                format!(
+                    "location = /pp {{ return 200 \"$proxy_protocol_addr:$proxy_protocol_port\"; }}\n        {extra}"
+                ),
+            ),
         };
-        let conf = format!(
-            r#"{user}
-worker_processes 1;
-pid {d}/nginx.pid;
-error_log {d}/error.log info;
-events {{ worker_connections 1024; }}
-http {{
-    log_format echo '$remote_addr "$request" $status $request_length xff="$http_x_forwarded_for" conn=$connection';
+        let conf = write_conf(
+            dir.path(),
+            &format!(
+                r#"    log_format echo '$remote_addr "$request" $status $request_length xff="$http_x_forwarded_for" conn=$connection';
     access_log {d}/access.log echo;
-    client_body_temp_path {d}/tmp/body;
-    proxy_temp_path {d}/tmp/proxy;
-    fastcgi_temp_path {d}/tmp/fastcgi;
-    uwsgi_temp_path {d}/tmp/uwsgi;
-    scgi_temp_path {d}/tmp/scgi;
     keepalive_timeout 75s;
     keepalive_requests 100000;
     client_max_body_size 0;
@@ -79,28 +112,12 @@ http {{
             return 200 "name={name}\nxff=$http_x_forwarded_for\nxfp=$http_x_forwarded_proto\nxfh=$http_x_forwarded_host\nforwarded=$http_forwarded\nvia=$http_via\nhost=$http_host\nuri=$request_uri\nmethod=$request_method\nconnection=$http_connection\nsecret=$http_x_secret\nproto=$server_protocol\n";
         }}
         {extra}
-    }}
-}}
-"#
+    }}"#
+            ),
         );
-        fs::create_dir_all(dir.path().join("tmp")).expect("nginx tmp dir");
-        let conf_path = dir.path().join("nginx.conf");
-        fs::write(&conf_path, conf).expect("write nginx.conf");
-        let log = fs::File::create(dir.path().join("stderr.log")).expect("nginx stderr log");
-        let child = Command::new(bin)
-            .arg("-e")
-            .arg(dir.path().join("error.log"))
-            .arg("-g")
-            .arg("daemon off;")
-            .arg("-p")
-            .arg(dir.path())
-            .arg("-c")
-            .arg(&conf_path)
-            .stdin(Stdio::null())
-            .stdout(Stdio::null())
-            .stderr(log)
-            .spawn()
-            .unwrap_or_else(|e| panic!("cannot spawn nginx: {e}"));
+        let mut cmd = Command::new(nginx_bin());
+        cmd.args(args(dir.path(), &conf));
+        let child = spawn_logged(&mut cmd, &dir.path().join("stderr.log"));
         let mut n = Nginx {
             name: name.to_string(),
             addr,
@@ -141,14 +158,6 @@ http {{
         self.addr
     }
 
-    pub fn name(&self) -> &str {
-        &self.name
-    }
-
-    pub fn dir(&self) -> &Path {
-        self.dir.path()
-    }
-
     /// The access log so far: one line per request nginx answered.
     pub fn access_log(&self) -> String {
         fs::read_to_string(self.dir.path().join("access.log")).unwrap_or_default()
@@ -185,7 +194,7 @@ http {{
             let _ = c.kill();
             let _ = c.wait();
             for worker in workers {
-                let _ = super::util::send_signal(worker, 9);
+                let _ = send_signal(worker, 9);
             }
         }
     }
@@ -195,13 +204,6 @@ impl Drop for Nginx {
     fn drop(&mut self) {
         self.stop();
     }
-}
-
-fn is_root() -> bool {
-    use std::os::unix::fs::MetadataExt;
-    fs::metadata("/proc/self")
-        .map(|m| m.uid() == 0)
-        .unwrap_or(false)
 }
 
 /// The direct children of `pid` (nginx workers of a master).
