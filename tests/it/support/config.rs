@@ -67,9 +67,16 @@ impl Config {
         toml::to_string(&self.0).expect("a config renders as TOML")
     }
 
-    /// Starts a daemon with this config ([`Daemon::start`]: healthy on return).
+    /// Starts a daemon with this config ([`Daemon::start`]: healthy on return). With static
+    /// discovery it is also ready on return: the daemon binds its listeners a moment before
+    /// it publishes the static routing table, and `/readyz` tells when that is done.
     pub fn start(&self) -> Daemon {
-        Daemon::start(&self.to_toml())
+        let mut d = Daemon::start(&self.to_toml());
+        let backend = self.0.get("discovery").and_then(|d| d.get("backend"));
+        if backend.and_then(Value::as_str) == Some("static") {
+            d.wait_ready();
+        }
+        d
     }
 }
 
