@@ -352,9 +352,10 @@ impl EtcdCluster {
         for m in &mut members {
             m.spawn();
         }
+        // One bound for the whole cluster: the members elect a leader together.
+        let started = std::time::Instant::now();
         for m in &mut members {
-            // One bound for the whole cluster: the members elect a leader together.
-            m.wait_healthy(CLUSTER_START_TIMEOUT);
+            m.wait_healthy(CLUSTER_START_TIMEOUT.saturating_sub(started.elapsed()));
         }
         EtcdCluster { members }
     }

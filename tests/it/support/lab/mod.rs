@@ -146,9 +146,7 @@ impl Lab {
         for i in 1..=3 {
             lab.spawn_etcd(i);
         }
-        for i in 1..=3 {
-            lab.wait_etcd_healthy(i);
-        }
+        lab.wait_etcd_cluster_healthy();
         lab
     }
 

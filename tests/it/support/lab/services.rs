@@ -4,7 +4,7 @@
 use std::net::SocketAddr;
 use std::path::Path;
 use std::process::{Command, Output};
-use std::time::Duration;
+use std::time::{Duration, Instant};
 
 use super::{ADMIN_PORT, Lab, MQTT_PORT, NODE_TTL, WEB_PORT};
 use crate::support::config::{Config, Listener, Task};
@@ -50,12 +50,20 @@ impl Lab {
         self.spawn_in(i, "etcd", &etcd::etcd_bin(), &args, &[]);
     }
 
-    pub(super) fn wait_etcd_healthy(&mut self, i: usize) {
+    /// Waits until all three members are healthy (one bound for the cluster's start).
+    pub(super) fn wait_etcd_cluster_healthy(&mut self) {
+        let started = Instant::now();
+        for i in 1..=3 {
+            self.wait_etcd_healthy(i, ETCD_START_TIMEOUT.saturating_sub(started.elapsed()));
+        }
+    }
+
+    fn wait_etcd_healthy(&mut self, i: usize, timeout: Duration) {
         let target = CtlTarget {
             endpoints: self.etcd_endpoint(i),
             flags: Vec::new(),
         };
-        etcd::wait_healthy(&target, ETCD_START_TIMEOUT, || {
+        etcd::wait_healthy(&target, timeout, || {
             self.check_alive(i, "etcd");
             None
         });
@@ -65,7 +73,7 @@ impl Lab {
     /// wait until it is healthy.
     pub fn restart_etcd(&mut self, i: usize) {
         self.spawn_etcd(i);
-        self.wait_etcd_healthy(i);
+        self.wait_etcd_healthy(i, ETCD_START_TIMEOUT);
     }
 
     /// Client URL of node `i`'s etcd member.
