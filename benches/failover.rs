@@ -1,5 +1,5 @@
 //! Issue 4's failover figures, measured on the 3-node network-namespace lab of the cluster
-//! suite (`tests/support/lab.rs`; needs root, like the suite).
+//! suite (`tests/it/support/lab/`; needs root, like the suite).
 //!
 //! Lab: nginx replicas `n1-r1`, `n2-r1`, `n3-r1` (one per node) registered under their node's
 //! lease; the `web` listener on port 80 of every node. Traffic is ~200 req/s of fresh-connection
@@ -23,7 +23,9 @@
 //! Run: `cargo bench --bench failover` (as root; `ROUTEMESH_FAILOVER_ROUNDS=N`, default 3;
 //! `ROUTEMESH_WEB_PROTOCOL=http` to measure through the HTTP listener instead of tcp).
 
-#[path = "../tests/support/mod.rs"]
+// The integration tests' harness; a bench uses a slice of it, the rest is unused here.
+#[allow(dead_code, unused_imports)]
+#[path = "../tests/it/support/mod.rs"]
 mod support;
 
 use std::fmt::Write as _;
@@ -32,7 +34,10 @@ use std::thread;
 use std::time::{Duration, Instant};
 
 use etcd_client::Client;
-use support::lab::{Lab, Load, NODE_TTL, Sample, http_get};
+use support::config::Task;
+use support::http::get_within as http_get;
+use support::lab::{Lab, NODE_TTL};
+use support::load::{Load, Sample};
 
 /// Default `protocol` of the `web` listener (the cluster suite's WEB_PROTOCOL).
 const WEB_PROTOCOL: &str = "http";
@@ -78,9 +83,9 @@ fn main() {
     let mut n2_replica = 0;
     for i in [1, 3] {
         let addrs = lab.start_nginx(i, &[&format!("n{i}-r1")]);
-        lab.start_daemon(i, &task_toml(addrs[0], &format!("n{i}-r1")));
+        lab.start_daemon(i, &[Task::new("web", addrs[0]).id(&format!("n{i}-r1"))]);
     }
-    lab.start_daemon(2, "");
+    lab.start_daemon(2, &[]);
     let mut n2_task = register_n2(&mut lab, &mut n2_replica);
 
     let rt = tokio::runtime::Builder::new_current_thread()
@@ -201,10 +206,6 @@ fn main() {
         "registration = etcd put RPC start; the put RPCs themselves took {} ms",
         puts.join(", ")
     );
-}
-
-fn task_toml(addr: SocketAddr, id: &str) -> String {
-    format!("[[task]]\nservice = \"web\"\naddr = \"{addr}\"\nid = \"{id}\"\n")
 }
 
 fn start_load(lab: &Lab) -> Load {

@@ -22,7 +22,9 @@
 //!     LOAD_IDLE=5000 LOAD_BACKEND_WORKERS=1. A quick check that everything works:
 //!     LOAD_ROUND_SECS=1 LOAD_ROUNDS=1 LOAD_IDLE=500 cargo bench --bench load
 
-#[path = "../tests/support/mod.rs"]
+// The integration tests' harness; a bench uses a slice of it, the rest is unused here.
+#[allow(dead_code, unused_imports)]
+#[path = "../tests/it/support/mod.rs"]
 mod support;
 
 #[path = "common/proc.rs"]
@@ -40,7 +42,7 @@ use std::process::Command;
 use std::thread;
 use std::time::{Duration, Instant};
 
-use support::util::{run_bounded, send_signal, tempdir, which};
+use support::process::{run_bounded, send_signal, tempdir, which};
 use support::{Daemon, free_port};
 
 const SIGTERM: i32 = 15;

@@ -32,7 +32,9 @@
 //!     MQTT_BENCH_THREADS=1,2 MQTT_BENCH_CLIENTS=32 (client threads per proxy thread).
 //!     A quick check that everything works: MQTT_BENCH_SECS=1 MQTT_BENCH_ROUNDS=1
 
-#[path = "../tests/support/mod.rs"]
+// The integration tests' harness; a bench uses a slice of it, the rest is unused here.
+#[allow(dead_code, unused_imports)]
+#[path = "../tests/it/support/mod.rs"]
 mod support;
 
 #[path = "common/proc.rs"]
@@ -52,7 +54,8 @@ use std::time::{Duration, Instant};
 
 use support::Daemon;
 use support::mosquitto::mosquitto_bin;
-use support::util::{free_port, run_bounded, tempdir};
+use support::net::free_port;
+use support::process::{run_bounded, tempdir};
 
 const IO_TIMEOUT: Duration = Duration::from_secs(5);
 const START_TIMEOUT: Duration = Duration::from_secs(15);
@@ -85,7 +88,7 @@ fn haproxy_bin() -> PathBuf {
     if p.exists() {
         return p;
     }
-    support::require_binary("haproxy", "`apt-get install -y haproxy` (Debian, 2.6)")
+    support::process::require_binary("haproxy", "`apt-get install -y haproxy` (Debian, 2.6)")
 }
 
 // ---------------------------------------------------------------------------------------------

@@ -10,7 +10,9 @@
 //!
 //! Run: `cargo bench --bench propagation` (`ROUTEMESH_CHANGES=200` for a shorter run).
 
-#[path = "../tests/support/mod.rs"]
+// The integration tests' harness; a bench uses a slice of it, the rest is unused here.
+#[allow(dead_code, unused_imports)]
+#[path = "../tests/it/support/mod.rs"]
 mod support;
 
 use std::net::{SocketAddr, TcpStream};

@@ -157,13 +157,27 @@ pub async fn run(
     ));
     tracing::info!(addr = %config.admin.listen, "admin listening");
 
+    // The one writer of the snapshot. The static table is published before any listener is
+    // bound, so no connection ever meets an empty one.
+    let (changed_tx, mut changed_rx) = watch::channel(());
+    let mut publisher = Publisher::new(
+        &config.discovery.prefix,
+        settings_of(&config),
+        snapshot.clone(),
+        status.clone(),
+    )
+    .with_config_path(&config.source)
+    .with_notify(changed_tx);
+    if config.discovery.backend == DiscoveryBackend::Static {
+        discovery::static_::publish_tasks(&mut publisher, &config.discovery.prefix, &config.tasks);
+        tracing::info!(tasks = config.tasks.len(), "static routing table published");
+    }
+
     // TOML listeners first: a port that cannot be bound fails the start. Published ones
     // follow the first synced snapshot, before /readyz says ready.
     let mut listeners = Listeners::new(&config, snapshot.clone(), metrics.clone());
     listeners.reconcile(&config, &[]).await?;
-    let (changed_tx, mut changed_rx) = watch::channel(());
     let (served_tx, served_rx) = watch::channel(Arc::new(listeners.served()));
-    // Discovery: the one writer of the snapshot.
     let (settings_tx, settings_rx) = watch::channel(settings_of(&config));
     let (registration_tx, registration_rx) =
         watch::channel(registration(&config, started, listeners.states()));
@@ -175,24 +189,8 @@ pub async fn run(
     let mut background: Vec<JoinHandle<()>> = Vec::new();
     let mut lease_task: Option<JoinHandle<()>> = None;
     let mut static_publisher = None;
-    let mut publisher = Publisher::new(
-        &config.discovery.prefix,
-        settings_of(&config),
-        snapshot.clone(),
-        status.clone(),
-    )
-    .with_config_path(&config.source)
-    .with_notify(changed_tx);
     match config.discovery.backend {
-        DiscoveryBackend::Static => {
-            discovery::static_::publish_tasks(
-                &mut publisher,
-                &config.discovery.prefix,
-                &config.tasks,
-            );
-            tracing::info!(tasks = config.tasks.len(), "static routing table published");
-            static_publisher = Some(publisher);
-        }
+        DiscoveryBackend::Static => static_publisher = Some(publisher),
         DiscoveryBackend::Etcd => {
             background.push(tokio::spawn(discovery::etcd::run(
                 config.discovery.clone(),

@@ -1,0 +1,100 @@
+//! The lab's workloads: nginx replicas and a mosquitto broker on a node's own address, with
+//! the same configs as the loopback ones of `support::nginx` and `support::mosquitto`.
+
+use std::fmt::Write as _;
+use std::net::{IpAddr, SocketAddr, TcpStream};
+use std::path::PathBuf;
+use std::time::Duration;
+
+use super::Lab;
+use crate::support::{mosquitto, nginx, process::read_log, wait::eventually};
+
+/// Bound for a workload to accept connections.
+const WORKLOAD_START_TIMEOUT: Duration = Duration::from_secs(10);
+
+impl Lab {
+    fn workload_dir(&self, i: usize, name: &str) -> PathBuf {
+        let d = self.node(i).dir.join(name);
+        std::fs::create_dir_all(&d).expect("create workload dir");
+        d
+    }
+
+    fn next_port(&mut self, i: usize) -> u16 {
+        let node = self.node_mut(i);
+        node.next_port += 1;
+        node.next_port - 1
+    }
+
+    fn wait_accepting(&mut self, i: usize, name: &str, addrs: &[SocketAddr]) {
+        for addr in addrs {
+            eventually(
+                WORKLOAD_START_TIMEOUT,
+                &format!("{name} on n{i} to accept on {addr}"),
+                || {
+                    self.check_alive(i, name);
+                    TcpStream::connect_timeout(addr, Duration::from_millis(200)).is_ok()
+                },
+            );
+        }
+    }
+
+    /// Start one nginx on node `i` with one server per replica name, each on its own port of
+    /// the node IP answering `GET /` with `200 "<replica>\n"`. Returns the replicas' addresses
+    /// (in order) once they all accept connections. The process is named `nginx-<first>`.
+    pub fn start_nginx(&mut self, i: usize, replicas: &[&str]) -> Vec<SocketAddr> {
+        assert!(!replicas.is_empty());
+        let name = format!("nginx-{}", replicas[0]);
+        let dir = self.workload_dir(i, &name);
+        let ip = self.ip(i);
+        let mut addrs = Vec::new();
+        let mut http = format!(
+            "    access_log {}/access.log;\n    keepalive_timeout 30s;\n",
+            dir.display()
+        );
+        for r in replicas {
+            let port = self.next_port(i);
+            addrs.push(SocketAddr::from((ip, port)));
+            let _ = write!(
+                http,
+                "    server {{\n        listen {ip}:{port} reuseport;\n        location / {{\n          \
+                 default_type text/plain;\n          return 200 \"{r}\\n\";\n        }}\n    }}\n"
+            );
+        }
+        let conf = nginx::write_conf(&dir, &http);
+        let args = nginx::args(&dir, &conf);
+        self.spawn_in(i, &name, &nginx::nginx_bin(), &args, &[]);
+        self.wait_accepting(i, &name, &addrs);
+        addrs
+    }
+
+    /// Start mosquitto on node `i` (`listener PORT NODEIP`, anonymous, full log). Returns its
+    /// address once it accepts connections. The process is named `mosquitto`; its broker log
+    /// is [`Lab::mosquitto_log`].
+    pub fn start_mosquitto(&mut self, i: usize) -> SocketAddr {
+        let dir = self.workload_dir(i, "mosquitto");
+        let port = self.next_port(i);
+        let ip = IpAddr::V4(self.ip(i));
+        let conf_path = dir.join("mosquitto.conf");
+        std::fs::write(
+            &conf_path,
+            mosquitto::conf(ip, port, &dir.join("broker.log")),
+        )
+        .expect("write mosquitto.conf");
+        let args = vec!["-c".to_string(), conf_path.display().to_string()];
+        self.spawn_in(
+            i,
+            "mosquitto",
+            &mosquitto::mosquitto_bin("mosquitto"),
+            &args,
+            &[],
+        );
+        let addr = SocketAddr::new(ip, port);
+        self.wait_accepting(i, "mosquitto", &[addr]);
+        addr
+    }
+
+    /// The broker log of node `i`'s mosquitto.
+    pub fn mosquitto_log(&self, i: usize) -> String {
+        read_log(&self.node(i).dir.join("mosquitto").join("broker.log"))
+    }
+}

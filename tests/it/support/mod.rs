@@ -1,0 +1,37 @@
+//! The integration-test harness, compiled once into the `it` test binary: real etcd, real
+//! backends (TCP, nginx, mosquitto, openssl) and the real daemon, on free loopback ports with
+//! per-test temp dirs, and the 3-node network-namespace lab. One module per concern:
+//!
+//! - `wait`: bounded waits on state (`eventually`, `holds_for`)
+//! - `process`, `net`: child processes, tools, temp dirs; free ports, closed connections
+//! - `daemon`, `config`: the routemesh daemon and CLI, and a builder for their TOML
+//! - `http`, `load`: the one HTTP test client, and a steady load generator
+//! - `etcd`, `pki`: etcd members (plain, TLS, auth, clusters) and etcdctl; a test CA
+//! - `backend`, `nginx`, `mosquitto`, `tls`: the tasks a daemon routes to (and curl over TLS)
+//! - `docker`: the local engine and the test images; `lab`: the network-namespace cluster
+//!
+//! Use from a test module as `use crate::support::{Daemon, Etcd, eventually, …};`.
+
+pub mod backend;
+pub mod config;
+pub mod daemon;
+pub mod docker;
+pub mod etcd;
+pub mod http;
+pub mod lab;
+pub mod load;
+pub mod mosquitto;
+pub mod net;
+pub mod nginx;
+pub mod pki;
+pub mod process;
+pub mod tls;
+pub mod wait;
+
+pub use backend::{Blackhole, TcpBackend, connect_and_greet, dead_addr, echo_roundtrip, hello};
+pub use config::{Config, Listener, Task};
+pub use daemon::{Daemon, cli, cli_ok};
+pub use etcd::{Etcd, EtcdCluster, Etcdctl};
+pub use net::{free_addr, free_port};
+pub use process::{bin, output_text, tempdir};
+pub use wait::{eventually, eventually_value, holds_for};
