@@ -13,7 +13,7 @@ use std::thread;
 use std::time::{Duration, Instant};
 
 use crate::support::http::get_within;
-use crate::support::lab::{LAB_HINT, Lab, NODE_TTL};
+use crate::support::lab::{DNS_PORT, DNS_ZONE, LAB_HINT, Lab, NODE_TTL, SLOW_BYTES, Shape};
 use crate::support::load::{Load, Sample, describe_failures};
 use crate::support::process::{require_binary, run_bounded};
 use crate::support::{Task, eventually, eventually_value, holds_for};
@@ -347,11 +347,17 @@ fn s5_mqtt_publishers_on_three_nodes_reach_one_broker() {
     lab.start_daemon(2, &[task("mqtt", broker, "mqtt-n2")]);
     lab.start_daemon(3, &[]);
     wait_routable(&lab, &[1, 2, 3], "mqtt", &[broker], PROPAGATION);
+    mqtt_via_every_node(&lab, &sub_bin, &pub_bin);
+}
 
+/// Three publishers through three different nodes' port 1883 and a subscriber through n1:
+/// the subscriber gets every message and the broker (on n2) saw three publisher clients, each
+/// from a different node's daemon.
+fn mqtt_via_every_node(lab: &Lab, sub_bin: &std::path::Path, pub_bin: &std::path::Path) {
     const PER_PUBLISHER: usize = 5;
     let total = 3 * PER_PUBLISHER;
     let via1 = lab.mqtt(1);
-    let mut sub = Command::new(&sub_bin);
+    let mut sub = Command::new(sub_bin);
     sub.args(["-h", &via1.ip().to_string(), "-p", &via1.port().to_string()])
         .args(["-i", "sub-via-n1", "-q", "1", "-v", "-t", "telemetry/#"])
         .args(["-C", &total.to_string(), "-W", "30"]);
@@ -379,7 +385,7 @@ fn s5_mqtt_publishers_on_three_nodes_reach_one_broker() {
             lines.push_str(&msg);
             lines.push('\n');
         }
-        let mut p = Command::new(&pub_bin);
+        let mut p = Command::new(pub_bin);
         p.args(["-h", &via.ip().to_string(), "-p", &via.port().to_string()])
             .args([
                 "-i",
@@ -669,4 +675,225 @@ fn s8_a_powered_off_node_rejoins_when_it_comes_back() {
     });
     wait_routable(&lab, &[2], "web", &web, PROPAGATION);
     assert_eq!(get(&lab, 2), Ok("n1-r1\n".to_string()), "GET via n2");
+}
+
+/// `routemesh publish ls --json` rows by name: (bound, ready).
+fn published_counts(lab: &Lab) -> BTreeMap<String, (u64, u64)> {
+    let v: serde_json::Value =
+        serde_json::from_str(&lab.cli_ok(&["publish", "ls", "--json"])).expect("publish ls JSON");
+    v.as_array()
+        .into_iter()
+        .flatten()
+        .map(|r| {
+            (
+                r["name"].as_str().unwrap_or_default().to_string(),
+                (
+                    r["bound"].as_u64().unwrap_or(0),
+                    r["ready"].as_u64().unwrap_or(0),
+                ),
+            )
+        })
+        .collect()
+}
+
+fn refuses(addr: SocketAddr) -> bool {
+    matches!(
+        std::net::TcpStream::connect_timeout(&addr, CLIENT_TIMEOUT),
+        Err(e) if e.kind() == std::io::ErrorKind::ConnectionRefused
+    )
+}
+
+/// Scenario 9, the reference scenario with no listener in any TOML file: `publish add web
+/// 80/http` and `publish add mqtt 1883` serve the page on every node's IP and MQTT through
+/// every node; `publish ls` shows 3/3; `publish rm` closes port 80 on every node while a
+/// request in flight on an open connection finishes.
+#[test]
+fn s9_ports_published_once_in_etcd_are_served_by_every_node() {
+    let sub_bin = require_binary("mosquitto_sub", LAB_HINT);
+    let pub_bin = require_binary("mosquitto_pub", LAB_HINT);
+    let mut lab = Lab::start(WEB_PROTOCOL);
+    let web = lab.start_nginx(2, &["web-n2"]);
+    let broker = lab.start_mosquitto(2);
+    let bare = Shape {
+        toml_listeners: false,
+        ..Shape::default()
+    };
+    lab.start_daemon_shaped(1, &[], bare);
+    lab.start_daemon_shaped(
+        2,
+        &[
+            task("web", web[0], "web-n2"),
+            task("mqtt", broker, "mqtt-n2"),
+        ],
+        bare,
+    );
+    lab.start_daemon_shaped(3, &[], bare);
+    for i in 1..=3 {
+        assert!(refuses(lab.web(i)), "nothing is published yet on n{i}");
+    }
+
+    assert_eq!(
+        lab.cli_ok(&["publish", "add", "web", "80/http"]).trim(),
+        "web-80-http"
+    );
+    assert_eq!(
+        lab.cli_ok(&["publish", "add", "mqtt", "1883"]).trim(),
+        "mqtt-1883-tcp"
+    );
+    eventually(PROPAGATION, "both ports bound on 3/3 nodes", || {
+        let c = published_counts(&lab);
+        c.get("web-80-http") == Some(&(3, 3)) && c.get("mqtt-1883-tcp") == Some(&(3, 3))
+    });
+    let ls = lab.cli_ok(&["publish", "ls"]);
+    assert!(
+        ls.lines().any(|l| l.split_whitespace().eq([
+            "web-80-http",
+            "0.0.0.0:80",
+            "http",
+            "web",
+            "3/3",
+            "etcd"
+        ])),
+        "{ls}"
+    );
+    for i in 1..=3 {
+        let (code, body) = get_within(lab.web(i), "/", CLIENT_TIMEOUT)
+            .unwrap_or_else(|e| panic!("GET / via n{i}: {e}"));
+        assert_eq!((code, body.as_str()), (200, "web-n2\n"), "via n{i}");
+    }
+    mqtt_via_every_node(&lab, &sub_bin, &pub_bin);
+
+    // A slow request in flight through n1 when the port is unpublished.
+    use std::io::{Read, Write};
+    let mut open = std::net::TcpStream::connect_timeout(&lab.web(1), CLIENT_TIMEOUT).unwrap();
+    open.set_read_timeout(Some(Duration::from_secs(10)))
+        .unwrap();
+    write!(open, "GET /slow HTTP/1.1\r\nHost: web\r\n\r\n").unwrap();
+    let head = crate::support::http::read_head(&mut open).expect("the response head");
+    assert_eq!(head.status, 200);
+    assert_eq!(
+        lab.cli_ok(&["publish", "rm", "web-80-http"]).trim(),
+        "web-80-http"
+    );
+    eventually(PROPAGATION, "port 80 refused on every node", || {
+        (1..=3).all(|i| refuses(lab.web(i)))
+    });
+    let mut body = vec![0; SLOW_BYTES];
+    open.read_exact(&mut body)
+        .expect("the request in flight finishes after the port is unpublished");
+    assert!(body.iter().all(|&b| b == b's'));
+    assert!(refuses(lab.web(2)));
+    let c = published_counts(&lab);
+    assert!(!c.contains_key("web-80-http"), "{c:?}");
+    assert_eq!(c.get("mqtt-1883-tcp"), Some(&(3, 3)));
+}
+
+/// `dig +short A ZONE @node` through node `i`'s responder: the addresses it names.
+fn dns_a(lab: &Lab, i: usize, dig: &std::path::Path) -> Option<BTreeSet<String>> {
+    let mut cmd = Command::new(dig);
+    cmd.args([
+        "+short",
+        "+time=1",
+        "+tries=1",
+        "-p",
+        &DNS_PORT.to_string(),
+        &format!("@{}", lab.ip(i)),
+        DNS_ZONE,
+        "A",
+    ]);
+    let out = run_bounded(&mut cmd, None, Duration::from_secs(5)).ok()?;
+    out.status.success().then(|| {
+        String::from_utf8_lossy(&out.stdout)
+            .lines()
+            .map(|l| l.trim().to_string())
+            .filter(|l| !l.is_empty())
+            .collect()
+    })
+}
+
+/// Scenario 10, drain under load: 200 requests/s through all three nodes, web replicas on n2
+/// and n3. Draining n2 fails no request, its replica gets no new request once the drain has
+/// propagated (100 ms), DNS stops naming n2 and n2's /readyz is 503; `--availability active`
+/// brings all of it back.
+#[test]
+fn s10_draining_a_node_under_load_loses_nothing() {
+    let dig = require_binary("dig", LAB_HINT);
+    let mut lab = Lab::start(WEB_PROTOCOL);
+    let on2 = lab.start_nginx(2, &["web-n2"]);
+    let on3 = lab.start_nginx(3, &["web-n3"]);
+    let shape = Shape {
+        dns: true,
+        ..Shape::default()
+    };
+    lab.start_daemon_shaped(1, &[], shape);
+    lab.start_daemon_shaped(2, &[task("web", on2[0], "web-n2")], shape);
+    lab.start_daemon_shaped(3, &[task("web", on3[0], "web-n3")], shape);
+    wait_routable(&lab, &[1, 2, 3], "web", &[on2[0], on3[0]], PROPAGATION);
+    let all: BTreeSet<String> = (1..=3).map(|i| lab.ip(i).to_string()).collect();
+    eventually(PROPAGATION, "DNS names all three nodes", || {
+        dns_a(&lab, 1, &dig).as_ref() == Some(&all)
+    });
+
+    // 15 ms per target and three targets: 200 requests/s.
+    let load = Load::start(
+        &[lab.web(1), lab.web(2), lab.web(3)],
+        Duration::from_millis(15),
+        CLIENT_TIMEOUT,
+        LOAD_MAX,
+    );
+    let served_by_n2 = || lab.nginx_requests(2, "web-n2");
+    eventually(
+        Duration::from_secs(5),
+        "n2's replica serves part of the load",
+        || served_by_n2() > 20,
+    );
+    lab.cli_ok(&["node", "update", "--availability", "drain", "n2"]);
+    thread::sleep(Duration::from_millis(100)); // the propagation bound under test
+    let at_drain = served_by_n2();
+    holds_for(
+        Duration::from_secs(2),
+        "n2's replica gets no new request while n2 is drained",
+        || served_by_n2() == at_drain,
+    );
+    let without_n2: BTreeSet<String> = [lab.ip(1), lab.ip(3)]
+        .iter()
+        .map(|ip| ip.to_string())
+        .collect();
+    eventually(PROPAGATION, "DNS leaves n2 out on every node", || {
+        (1..=3).all(|i| dns_a(&lab, i, &dig).as_ref() == Some(&without_n2))
+    });
+    let (code, why) = get_within(lab.admin(2), "/readyz", CLIENT_TIMEOUT).unwrap();
+    assert_eq!(code, 503, "{why}");
+    assert!(why.contains("drain"), "{why}");
+    let ls = lab.cli_ok(&["node", "ls"]);
+    assert!(
+        ls.lines().any(|l| l.split_whitespace().take(4).eq([
+            "n2",
+            &lab.ip(2).to_string(),
+            "Ready",
+            "drain"
+        ])),
+        "{ls}"
+    );
+
+    lab.cli_ok(&["node", "update", "--availability", "active", "n2"]);
+    eventually(PROPAGATION, "n2's replica serves again", || {
+        served_by_n2() > at_drain + 5
+    });
+    eventually(PROPAGATION, "DNS names n2 again", || {
+        dns_a(&lab, 1, &dig).as_ref() == Some(&all)
+    });
+    assert_eq!(
+        get_within(lab.admin(2), "/readyz", CLIENT_TIMEOUT)
+            .unwrap()
+            .0,
+        200
+    );
+    let samples = load.stop();
+    let failed: Vec<_> = samples.iter().filter(|s| s.outcome.is_err()).collect();
+    assert!(
+        failed.is_empty(),
+        "no request fails during the drain: {}",
+        describe_failures(&samples)
+    );
 }

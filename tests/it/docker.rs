@@ -33,8 +33,8 @@ use crate::support::http::try_get;
 use crate::support::load::{Load, Sample};
 use crate::support::process::unique_name;
 use crate::support::{
-    Config, Daemon, Etcd, Listener, bin, cli, eventually, eventually_value, free_addr, output_text,
-    tempdir,
+    Config, Daemon, Etcd, Etcdctl, Listener, bin, cli, eventually, eventually_value, free_addr,
+    output_text, tempdir,
 };
 
 const DAEMON_IMAGE: &str = "routemesh-test-daemon:latest";
@@ -604,6 +604,47 @@ fn docker_stop_leaves_rotation_before_the_process_exits() {
 }
 
 /// `docker kill`: out at once; the remaining replica takes every request.
+/// `routemesh.publish` on a container: the port is published on every node (here the one)
+/// while the container runs, and goes away when it stops.
+#[test]
+fn a_container_publishes_its_own_port() {
+    let lab = Lab::new(true);
+    let port = free_addr().port();
+    let label = format!("routemesh.publish={port}/http");
+    let c = lab.web("pub", &["--label", &label]);
+    let published = SocketAddr::from(([127, 0, 0, 1], port));
+    eventually(
+        Duration::from_secs(10),
+        "the container's port published",
+        || try_get(published, "/").is_ok_and(|(s, body)| s == 200 && body.trim() == c),
+    );
+    let name = format!("{}-{port}-http", lab.name);
+    let alive = lab
+        .etcd
+        .get(&format!("{}/nodes/{}/alive", lab.prefix, lab.name))
+        .unwrap();
+    let alive: Value = serde_json::from_str(&alive).unwrap();
+    let mine = alive["listeners"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .find(|l| l["name"] == name.as_str())
+        .unwrap_or_else(|| panic!("{alive}"));
+    assert_eq!(mine["state"], "bound");
+    assert_eq!(mine["source"], "tasks");
+    docker(&["stop", &c]);
+    eventually(
+        Duration::from_secs(10),
+        "the port goes with the container",
+        || {
+            matches!(
+                std::net::TcpStream::connect_timeout(&published, Duration::from_secs(1)),
+                Err(e) if e.kind() == io::ErrorKind::ConnectionRefused
+            )
+        },
+    );
+}
+
 #[test]
 fn docker_kill_takes_the_task_out_at_once() {
     let lab = Lab::new(true);

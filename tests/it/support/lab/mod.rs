@@ -36,6 +36,8 @@ mod netns;
 mod services;
 mod workloads;
 
+pub use workloads::SLOW_BYTES;
+
 use std::fs::File;
 use std::net::{Ipv4Addr, SocketAddr};
 use std::path::{Path, PathBuf};
@@ -59,6 +61,29 @@ pub const WEB_PORT: u16 = 80;
 pub const MQTT_PORT: u16 = 1883;
 /// Node lease TTL of the daemons: a powered-off node's tasks vanish after about this long.
 pub const NODE_TTL: Duration = Duration::from_secs(2);
+/// Port of the DNS responder on every node's address (daemons started with `Shape::dns`).
+pub const DNS_PORT: u16 = 53;
+/// The zone those responders answer for.
+pub const DNS_ZONE: &str = "mesh.lab";
+
+/// What a lab daemon's config holds besides its node, etcd and admin settings.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Shape {
+    /// The `web` (port 80) and `mqtt` (port 1883) listeners in its TOML. Without them the
+    /// node serves only what is published in etcd.
+    pub toml_listeners: bool,
+    /// A DNS responder for [`DNS_ZONE`] on `NODEIP:53`.
+    pub dns: bool,
+}
+
+impl Default for Shape {
+    fn default() -> Shape {
+        Shape {
+            toml_listeners: true,
+            dns: false,
+        }
+    }
+}
 
 /// Lines of each log printed when a test panics with a lab alive.
 const PANIC_LOG_LINES: usize = 40;
@@ -79,8 +104,9 @@ struct Node {
     /// This node's files: etcd data dir, configs, logs.
     dir: PathBuf,
     procs: Vec<Proc>,
-    /// The `[[task]]`s of the last daemon start (for a restart).
+    /// The `[[task]]`s and shape of the last daemon start (for a restart).
     daemon_tasks: Vec<Task>,
+    daemon_shape: Shape,
     /// Next port for a workload on this node.
     next_port: u16,
     /// False between `power_off` and `power_on`.
@@ -127,6 +153,7 @@ impl Lab {
                     dir: ndir,
                     procs: Vec::new(),
                     daemon_tasks: Vec::new(),
+                    daemon_shape: Shape::default(),
                     next_port: 8081,
                     powered: true,
                 }

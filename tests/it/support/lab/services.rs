@@ -6,7 +6,7 @@ use std::path::Path;
 use std::process::{Command, Output};
 use std::time::{Duration, Instant};
 
-use super::{ADMIN_PORT, Lab, MQTT_PORT, NODE_TTL, WEB_PORT};
+use super::{ADMIN_PORT, DNS_PORT, DNS_ZONE, Lab, MQTT_PORT, NODE_TTL, Shape, WEB_PORT};
 use crate::support::config::{Config, Listener, Task};
 use crate::support::etcd::{self, CtlTarget, Etcdctl, Member, member_args};
 use crate::support::http;
@@ -140,31 +140,47 @@ impl Lab {
     // ---- the daemon ----
 
     /// The daemon config of node `i`, with its `tasks`.
-    fn daemon_config(&self, i: usize, tasks: &[Task]) -> Config {
+    fn daemon_config(&self, i: usize, tasks: &[Task], shape: Shape) -> Config {
         let node = self.node(i);
         let any = |port| SocketAddr::from(([0, 0, 0, 0], port));
-        Config::etcd(&(1..=3).map(|i| self.etcd_endpoint(i)).collect::<Vec<_>>())
+        let mut c = Config::etcd(&(1..=3).map(|i| self.etcd_endpoint(i)).collect::<Vec<_>>())
             .node(&node.name)
             .set("node.advertise", node.ip.to_string())
             .set("node.drain_timeout", "5s")
             .set("discovery.node_ttl", format!("{}s", NODE_TTL.as_secs()))
             .set("discovery.dial_timeout", "1s")
-            .set("admin.listen", format!("{}:{ADMIN_PORT}", node.ip))
-            .listener(
-                Listener::new(any(WEB_PORT), &self.web_protocol)
-                    .name("web")
-                    .set("service", "web"),
-            )
-            .listener(Listener::tcp(any(MQTT_PORT), "mqtt").name("mqtt"))
-            .set("service.web.connect_timeout", "300ms")
+            .set("admin.listen", format!("{}:{ADMIN_PORT}", node.ip));
+        if shape.toml_listeners {
+            c = c
+                .listener(
+                    Listener::new(any(WEB_PORT), &self.web_protocol)
+                        .name("web")
+                        .set("service", "web"),
+                )
+                .listener(Listener::tcp(any(MQTT_PORT), "mqtt").name("mqtt"));
+        }
+        if shape.dns {
+            c = c
+                .set("dns.listen", format!("{}:{DNS_PORT}", node.ip))
+                .set("dns.zone", DNS_ZONE)
+                .set("dns.ttl", "1s");
+        }
+        c.set("service.web.connect_timeout", "300ms")
             .tasks(tasks.iter().cloned())
     }
 
     /// Start node `i`'s daemon with its `tasks` and wait for `/readyz` 200.
     pub fn start_daemon(&mut self, i: usize, tasks: &[Task]) {
+        self.start_daemon_shaped(i, tasks, Shape::default());
+    }
+
+    /// [`Lab::start_daemon`] with another config `shape` (kept for restarts).
+    pub fn start_daemon_shaped(&mut self, i: usize, tasks: &[Task], shape: Shape) {
         let path = self.node(i).dir.join("routemesh.toml");
-        std::fs::write(&path, self.daemon_config(i, tasks).to_toml()).expect("write daemon config");
+        std::fs::write(&path, self.daemon_config(i, tasks, shape).to_toml())
+            .expect("write daemon config");
         self.node_mut(i).daemon_tasks = tasks.to_vec();
+        self.node_mut(i).daemon_shape = shape;
         let rust_log = std::env::var("RUST_LOG").unwrap_or_else(|_| "info".to_string());
         let args = [
             "run".to_string(),
@@ -196,7 +212,8 @@ impl Lab {
     /// Start the daemon again with the config of its last start.
     pub fn restart_daemon(&mut self, i: usize) {
         let tasks = self.node(i).daemon_tasks.clone();
-        self.start_daemon(i, &tasks);
+        let shape = self.node(i).daemon_shape;
+        self.start_daemon_shaped(i, &tasks, shape);
     }
 
     /// `GET /routes` of node `i` as JSON (None if the admin endpoint does not answer).

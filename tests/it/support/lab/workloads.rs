@@ -9,6 +9,9 @@ use std::time::Duration;
 use super::Lab;
 use crate::support::{mosquitto, nginx, process::read_log, wait::eventually};
 
+/// Size of the body of an nginx replica's `GET /slow`.
+pub const SLOW_BYTES: usize = 64 * 1024;
+
 /// Bound for a workload to accept connections.
 const WORKLOAD_START_TIMEOUT: Duration = Duration::from_secs(10);
 
@@ -39,8 +42,10 @@ impl Lab {
     }
 
     /// Start one nginx on node `i` with one server per replica name, each on its own port of
-    /// the node IP answering `GET /` with `200 "<replica>\n"`. Returns the replicas' addresses
-    /// (in order) once they all accept connections. The process is named `nginx-<first>`.
+    /// the node IP answering `GET /` with `200 "<replica>\n"` and `GET /slow` with
+    /// [`SLOW_BYTES`] bytes sent at 32 KiB/s (a request that takes about 2 s). Returns the
+    /// replicas' addresses (in order) once they all accept connections. The process is named
+    /// `nginx-<first>`.
     pub fn start_nginx(&mut self, i: usize, replicas: &[&str]) -> Vec<SocketAddr> {
         assert!(!replicas.is_empty());
         let name = format!("nginx-{}", replicas[0]);
@@ -51,13 +56,17 @@ impl Lab {
             "    access_log {}/access.log;\n    keepalive_timeout 30s;\n",
             dir.display()
         );
+        let slow = dir.join("slow.bin");
+        std::fs::write(&slow, vec![b's'; SLOW_BYTES]).expect("write slow.bin");
         for r in replicas {
             let port = self.next_port(i);
             addrs.push(SocketAddr::from((ip, port)));
             let _ = write!(
                 http,
                 "    server {{\n        listen {ip}:{port} reuseport;\n        location / {{\n          \
-                 default_type text/plain;\n          return 200 \"{r}\\n\";\n        }}\n    }}\n"
+                 default_type text/plain;\n          return 200 \"{r}\\n\";\n        }}\n        \
+                 location = /slow {{\n          alias {};\n          limit_rate 32k;\n        }}\n    }}\n",
+                slow.display()
             );
         }
         let conf = nginx::write_conf(&dir, &http);
@@ -65,6 +74,20 @@ impl Lab {
         self.spawn_in(i, &name, &nginx::nginx_bin(), &args, &[]);
         self.wait_accepting(i, &name, &addrs);
         addrs
+    }
+
+    /// Requests the nginx started on node `i` with first replica `first` has logged (every
+    /// replica of it).
+    pub fn nginx_requests(&self, i: usize, first: &str) -> usize {
+        read_log(
+            &self
+                .node(i)
+                .dir
+                .join(format!("nginx-{first}"))
+                .join("access.log"),
+        )
+        .lines()
+        .count()
     }
 
     /// Start mosquitto on node `i` (`listener PORT NODEIP`, anonymous, full log). Returns its
