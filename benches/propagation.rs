@@ -8,6 +8,13 @@
 //! deleted and, untimed for the main figure, the bench waits until the old task is out of
 //! routing before the next change (reported separately as delete → gone).
 //!
+//! Then issue 13's target, "put of a listener → accepting on every node: p99 ≤ 100 ms": on the
+//! 3-node network-namespace lab of the test suite (needs root), three daemons with no TOML
+//! listener; `ROUTEMESH_LISTENER_CHANGES` times (default 100) a listener on a new port is put
+//! under `{prefix}/listeners/`, and the time from just before the put until a TCP connection
+//! to that port of each node's address is accepted is recorded per node; the listener is then
+//! deleted and the bench waits until every node refuses it again.
+//!
 //! Run: `cargo bench --bench propagation` (`ROUTEMESH_CHANGES=200` for a shorter run).
 
 // The integration tests' harness; a bench uses a slice of it, the rest is unused here.
@@ -19,6 +26,7 @@ use std::net::{SocketAddr, TcpStream};
 use std::time::{Duration, Instant};
 
 use etcd_client::Client;
+use support::lab::{Lab, Shape};
 use support::{Daemon, Etcd, TcpBackend, connect_and_greet, free_addr};
 
 const PREFIX: &str = "/rmbench";
@@ -125,6 +133,103 @@ level = "warn"
     );
     let _ = daemon.terminate();
     drop(etcd);
+
+    let listener_changes: usize = std::env::var("ROUTEMESH_LISTENER_CHANGES")
+        .ok()
+        .and_then(|v| v.parse().ok())
+        .unwrap_or(100);
+    if !support::process::is_root() {
+        println!(
+            "listener put → accepting on 3 nodes: NOT RUN (the network-namespace lab needs root)"
+        );
+        return;
+    }
+    listeners_on_three_nodes(listener_changes);
+}
+
+/// Issue 13: a listener put in etcd → accepting on each of three daemons (lab nodes).
+fn listeners_on_three_nodes(changes: usize) {
+    let mut lab = Lab::start("http");
+    let bare = Shape {
+        toml_listeners: false,
+        ..Shape::default()
+    };
+    for i in 1..=3 {
+        lab.start_daemon_shaped(i, &[], bare);
+    }
+    let rt = tokio::runtime::Builder::new_current_thread()
+        .enable_all()
+        .build()
+        .expect("tokio runtime");
+    let mut client = rt
+        .block_on(Client::connect(lab.live_etcd_endpoints(), None))
+        .expect("connect to etcd");
+    let mut per_node: Vec<Vec<f64>> = vec![Vec::new(); 3];
+    let mut slowest = Vec::with_capacity(changes);
+    let mut rpc = Vec::with_capacity(changes);
+    let started = Instant::now();
+    for c in 0..changes {
+        let port = 20000 + c as u16;
+        let key = format!("/routemesh/listeners/bench-{port}");
+        let value = format!(r#"{{"listen":"0.0.0.0:{port}","service":"web"}}"#);
+        let addrs: Vec<SocketAddr> = (1..=3)
+            .map(|i| SocketAddr::from((lab.ip(i), port)))
+            .collect();
+        let t0 = Instant::now();
+        rt.block_on(client.put(key.as_str(), value, None))
+            .expect("etcd put");
+        rpc.push(t0.elapsed().as_secs_f64() * 1e3);
+        let mut done = [None; 3];
+        while done.iter().any(Option::is_none) {
+            assert!(
+                t0.elapsed() < CHANGE_TIMEOUT,
+                "listener {port} not accepting on every node within {CHANGE_TIMEOUT:?}: {done:?}"
+            );
+            for (n, addr) in addrs.iter().enumerate() {
+                if done[n].is_none()
+                    && let Ok(s) = TcpStream::connect_timeout(addr, Duration::from_millis(200))
+                {
+                    done[n] = Some(t0.elapsed());
+                    abort(s);
+                }
+            }
+        }
+        let times: Vec<f64> = done
+            .iter()
+            .map(|d| d.expect("all done").as_secs_f64() * 1e3)
+            .collect();
+        for (n, t) in times.iter().enumerate() {
+            per_node[n].push(*t);
+        }
+        slowest.push(times.iter().copied().fold(0.0, f64::max));
+        rt.block_on(client.delete(key.as_str(), None))
+            .expect("etcd delete");
+        let gone = Instant::now();
+        while addrs
+            .iter()
+            .any(|a| TcpStream::connect_timeout(a, Duration::from_millis(200)).is_ok())
+        {
+            assert!(
+                gone.elapsed() < CHANGE_TIMEOUT,
+                "listener {port} not removed"
+            );
+            std::thread::sleep(Duration::from_millis(1));
+        }
+    }
+    println!(
+        "listener put → accepting on each of 3 lab nodes, {changes} changes ({:.1} s wall):",
+        started.elapsed().as_secs_f64()
+    );
+    for (n, ms) in per_node.iter_mut().enumerate() {
+        report(&format!("node n{}      ", n + 1), ms);
+    }
+    report("slowest node", &mut slowest);
+    report("(of which the put RPC, etcd's commit)", &mut rpc);
+    let p99 = percentile(&slowest, 0.99);
+    println!(
+        "target (issue 13): listener put → accepting on every node p99 ≤ 100 ms: {} ({p99:.2} ms)",
+        if p99 <= 100.0 { "MET" } else { "NOT MET" }
+    );
 }
 
 /// Connects through `listen` until `need` consecutive connections are answered by the
