@@ -26,6 +26,7 @@ use serde::{Deserialize, Deserializer};
 use super::container::{
     EventEffect, LABEL_SERVICE, Skip, effect_of as container_effect, labels_of,
 };
+
 use crate::config::{PublishSpec, ServiceName, TaskConfig, TaskId};
 
 /// The container label the engine puts on a swarm task's container.
@@ -505,7 +506,7 @@ pub fn union(containers: &[TaskConfig], swarm: &[TaskConfig]) -> Vec<TaskConfig>
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::docker::container::{LABEL_PORT, LABEL_WEIGHT};
+    use crate::docker::container::{LABEL_PORT, LABEL_PUBLISH, LABEL_WEIGHT};
 
     /// Trimmed from a real `GET /tasks` of Docker 20.10 (a service on an attachable overlay
     /// that also publishes a port through the ingress network).
@@ -677,10 +678,19 @@ mod tests {
         let mut s = svc();
         s.labels.insert(LABEL_WEIGHT.into(), "4".into());
         assert_eq!(service_of(&s).unwrap().weight, 4);
+        // routemesh.publish on a swarm service: its tasks ask every node to publish the ports.
+        s.labels
+            .insert(LABEL_PUBLISH.into(), "1883, 80/http".into());
+        let l = service_of(&s).unwrap();
+        let specs: Vec<String> = l.publish.iter().map(|p| p.to_string()).collect();
+        assert_eq!(specs, ["80/http", "1883/tcp"]);
+        let t = task_of(&s, &l, &tasks()[0], None).unwrap();
+        assert_eq!(t.publish, l.publish);
         for (k, v) in [
             (LABEL_PORT, "x"),
             (LABEL_WEIGHT, "2000"),
             (LABEL_SERVICE, "a/b"),
+            (LABEL_PUBLISH, "80/sctp"),
         ] {
             let mut s = svc();
             s.labels.insert(k.into(), v.into());
