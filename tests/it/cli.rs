@@ -7,22 +7,9 @@ use std::time::Duration;
 
 use crate::support::process::run_bounded;
 use crate::support::{
-    Config, Etcd, Etcdctl, Listener, TcpBackend, bin, cli, cli_ok, dead_addr, eventually,
+    Config, Etcd, Etcdctl, Listener, TcpBackend, bin, cli_fails, cli_ok, dead_addr, eventually,
     eventually_value, free_addr, hello, output_text, tempdir,
 };
-
-fn fails(args: &[&str]) -> String {
-    let out = cli(args);
-    assert!(
-        !out.status.success(),
-        "{args:?} should fail: {}",
-        output_text(&out)
-    );
-    let err = String::from_utf8(out.stderr).unwrap();
-    assert_eq!(err.trim().lines().count(), 1, "one clear line: {err}");
-    assert!(err.starts_with("error: "), "{err}");
-    err
-}
 
 /// Node `name` (advertising 127.0.0.1, lease TTL 2 s) on `etcd`, a TCP listener for `web`.
 fn node_config(etcd: &Etcd, name: &str, listen: SocketAddr) -> Config {
@@ -105,7 +92,7 @@ fn task_add_ps_ls_rm() {
     let nodes: serde_json::Value =
         serde_json::from_str(&cli_ok(&["node", "ls", "--etcd", &ep, "--json"])).unwrap();
     assert_eq!(nodes[0]["status"], "Down", "{nodes}");
-    let err = fails(&[
+    let err = cli_fails(&[
         "task",
         "add",
         "web",
@@ -122,7 +109,7 @@ fn task_add_ps_ls_rm() {
         "w1"
     );
     assert!(!cli_ok(&["service", "ps", "web", "--etcd", &ep]).contains("w1"));
-    let err = fails(&["task", "rm", "web", "w1", "--etcd", &ep]);
+    let err = cli_fails(&["task", "rm", "web", "w1", "--etcd", &ep]);
     assert!(err.contains("no task w1"), "{err}");
 }
 
@@ -153,11 +140,11 @@ fn env_and_config_file_select_the_cluster() {
 fn errors_are_one_clear_line() {
     let etcd = Etcd::start();
     let ep = etcd.endpoint();
-    let err = fails(&["task", "add", "web", "not-an-addr", "--etcd", &ep]);
+    let err = cli_fails(&["task", "add", "web", "not-an-addr", "--etcd", &ep]);
     assert!(err.contains("IP:PORT"), "{err}");
-    let err = fails(&["task", "add", "we/b", "127.0.0.1:1", "--etcd", &ep]);
+    let err = cli_fails(&["task", "add", "we/b", "127.0.0.1:1", "--etcd", &ep]);
     assert!(err.contains("service name"), "{err}");
-    let err = fails(&[
+    let err = cli_fails(&[
         "task",
         "add",
         "web",
@@ -169,9 +156,9 @@ fn errors_are_one_clear_line() {
     ]);
     assert!(err.contains("unknown node ghost"), "{err}");
     let dead = format!("http://{}", dead_addr());
-    let err = fails(&["service", "ls", "--etcd", &dead]);
+    let err = cli_fails(&["service", "ls", "--etcd", &dead]);
     assert!(err.contains("cannot reach etcd"), "{err}");
-    let err = fails(&["node", "ls", "--etcd", &dead]);
+    let err = cli_fails(&["node", "ls", "--etcd", &dead]);
     assert!(err.contains(&dead), "{err}");
 }
 

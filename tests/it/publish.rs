@@ -6,21 +6,9 @@ use std::net::{SocketAddr, TcpListener, TcpStream};
 use std::time::Duration;
 
 use crate::support::{
-    Daemon, Etcd, Etcdctl, TcpBackend, cli, cli_ok as ok, connect_and_greet, eventually, free_addr,
-    free_port, hello, output_text,
+    Daemon, Etcd, Etcdctl, TcpBackend, cli_fails, cli_ok as ok, connect_and_greet, eventually,
+    free_addr, free_port, hello,
 };
-
-fn fails(args: &[&str]) -> String {
-    let out = cli(args);
-    assert!(
-        !out.status.success(),
-        "{args:?} should fail: {}",
-        output_text(&out)
-    );
-    let err = String::from_utf8(out.stderr).unwrap();
-    assert_eq!(err.trim().lines().count(), 1, "one clear line: {err}");
-    err
-}
 
 fn node(etcd: &Etcd, name: &str, listen: std::net::SocketAddr) -> Daemon {
     let mut d = Daemon::start(&format!(
@@ -167,7 +155,7 @@ fn eventually_open(addr: std::net::SocketAddr, want: &str) -> (std::net::TcpStre
 fn publish_and_node_update_refuse_bad_input_in_one_line() {
     let etcd = Etcd::start();
     let ep = etcd.endpoint();
-    let err = fails(&[
+    let err = cli_fails(&[
         "node",
         "update",
         "--availability",
@@ -177,15 +165,15 @@ fn publish_and_node_update_refuse_bad_input_in_one_line() {
         &ep,
     ]);
     assert!(err.contains("unknown node ghost"), "{err}");
-    let err = fails(&["publish", "add", "web", "0", "--etcd", &ep]);
+    let err = cli_fails(&["publish", "add", "web", "0", "--etcd", &ep]);
     assert!(err.contains("PORT[/PROTOCOL]"), "{err}");
-    let err = fails(&["publish", "add", "web", "80/sctp", "--etcd", &ep]);
+    let err = cli_fails(&["publish", "add", "web", "80/sctp", "--etcd", &ep]);
     assert!(err.contains("tcp, http or tls"), "{err}");
-    let err = fails(&[
+    let err = cli_fails(&[
         "publish", "add", "web", "80", "--listen", "nowhere", "--etcd", &ep,
     ]);
     assert!(err.contains("--listen"), "{err}");
-    let err = fails(&["publish", "add", "we/b", "80", "--etcd", &ep]);
+    let err = cli_fails(&["publish", "add", "we/b", "80", "--etcd", &ep]);
     assert!(err.contains("service name"), "{err}");
 
     assert_eq!(
@@ -199,9 +187,9 @@ fn publish_and_node_update_refuse_bad_input_in_one_line() {
     assert_eq!(v["service"], "web");
     // Idempotent for the same listener; a clash on the address or the name is refused.
     ok(&["publish", "add", "web", "8080/http", "--etcd", &ep]);
-    let err = fails(&["publish", "add", "api", "8080", "--etcd", &ep]);
+    let err = cli_fails(&["publish", "add", "api", "8080", "--etcd", &ep]);
     assert!(err.contains("already published as web-8080-http"), "{err}");
-    let err = fails(&[
+    let err = cli_fails(&[
         "publish",
         "add",
         "api",
@@ -249,10 +237,10 @@ fn publish_and_node_update_refuse_bad_input_in_one_line() {
         ])),
         "{ls}"
     );
-    let err = fails(&["publish", "rm", "nothing", "--etcd", &ep]);
+    let err = cli_fails(&["publish", "rm", "nothing", "--etcd", &ep]);
     assert!(err.contains("no published listener nothing"), "{err}");
     assert_eq!(ok(&["publish", "rm", "api", "--etcd", &ep]).trim(), "api");
-    let err = fails(&["publish", "ps", "api", "--etcd", &ep]);
+    let err = cli_fails(&["publish", "ps", "api", "--etcd", &ep]);
     assert!(err.contains("no published listener api"), "{err}");
 
     // Ports asked for by tasks are listed with SOURCE tasks and cannot be removed by name.
@@ -276,9 +264,9 @@ fn publish_and_node_update_refuse_bad_input_in_one_line() {
         .unwrap_or_else(|| panic!("{ls}"));
     assert_eq!(m["source"], "tasks");
     assert_eq!(m["listen"], "0.0.0.0:1883");
-    let err = fails(&["publish", "rm", "mqtt-1883-tcp", "--etcd", &ep]);
+    let err = cli_fails(&["publish", "rm", "mqtt-1883-tcp", "--etcd", &ep]);
     assert!(err.contains("tasks of service mqtt"), "{err}");
-    let err = fails(&[
+    let err = cli_fails(&[
         "task",
         "add",
         "x",
@@ -299,6 +287,20 @@ fn bare_node(etcd: &Etcd, name: &str, extra: &str) -> Daemon {
     ));
     d.wait_ready();
     d
+}
+
+/// `publish add SERVICE PORT --listen 127.0.0.1`; returns the listener's name.
+fn publish_on_loopback(ep: &str, service: &str, port: u16) -> String {
+    ok(&[
+        "publish",
+        "add",
+        service,
+        &port.to_string(),
+        "--listen",
+        "127.0.0.1",
+        "--etcd",
+        ep,
+    ])
 }
 
 fn refused(addr: SocketAddr) -> bool {
@@ -333,16 +335,7 @@ fn a_published_port_is_bound_live_changed_in_place_and_removed() {
     ok(&["task", "add", "web", &b.addr().to_string(), "--etcd", &ep]);
     let port = free_port();
     let addr = SocketAddr::from(([127, 0, 0, 1], port));
-    let name = ok(&[
-        "publish",
-        "add",
-        "web",
-        &port.to_string(),
-        "--listen",
-        "127.0.0.1",
-        "--etcd",
-        &ep,
-    ]);
+    let name = publish_on_loopback(&ep, "web", port);
     assert_eq!(name.trim(), format!("web-{port}-tcp"));
     let name = name.trim().to_string();
     eventually(Duration::from_secs(5), "published port served", || {
@@ -523,16 +516,7 @@ fn a_restarted_daemon_binds_published_listeners_before_it_is_ready() {
     ok(&["task", "add", "web", &b.addr().to_string(), "--etcd", &ep]);
     let port = free_port();
     let addr = SocketAddr::from(([127, 0, 0, 1], port));
-    ok(&[
-        "publish",
-        "add",
-        "web",
-        &port.to_string(),
-        "--listen",
-        "127.0.0.1",
-        "--etcd",
-        &ep,
-    ]);
+    publish_on_loopback(&ep, "web", port);
     let mut d = Daemon::start(&format!(
         "[node]\nname = \"n1\"\n[discovery]\nendpoints = [\"{ep}\"]\n"
     ));

@@ -378,6 +378,20 @@ pub fn cli_ok(args: &[&str]) -> String {
     String::from_utf8(out.stdout).expect("UTF-8 output")
 }
 
+/// `routemesh ARGS` that must fail with one clear line on stderr (`error: …`); returns it.
+pub fn cli_fails(args: &[&str]) -> String {
+    let out = cli(args);
+    assert!(
+        !out.status.success(),
+        "routemesh {args:?} should fail: {}",
+        super::process::output_text(&out)
+    );
+    let err = String::from_utf8(out.stderr).expect("UTF-8 output");
+    assert_eq!(err.trim().lines().count(), 1, "one clear line: {err}");
+    assert!(err.starts_with("error: "), "{err}");
+    err
+}
+
 /// Run `routemesh ARGS` (stdin closed, stdout/stderr captured, ≤ 30 s).
 pub fn cli(args: &[&str]) -> Output {
     let mut cmd = Command::new(bin());

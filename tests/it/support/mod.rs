@@ -30,7 +30,7 @@ pub mod wait;
 
 pub use backend::{Blackhole, TcpBackend, connect_and_greet, dead_addr, echo_roundtrip, hello};
 pub use config::{Config, Listener, Task};
-pub use daemon::{Daemon, cli, cli_ok};
+pub use daemon::{Daemon, cli, cli_fails, cli_ok};
 pub use etcd::{Etcd, EtcdCluster, Etcdctl};
 pub use net::{free_addr, free_port};
 pub use process::{bin, output_text, tempdir};
