@@ -12,6 +12,7 @@
 //! - `dns`       the cluster name: an authoritative DNS responder that names only live nodes
 //! - `metrics`   the Prometheus registry and metric families
 //! - `mqtt`      the MQTT CONNECT parser behind client-id routing (pure)
+//! - `protocol`  sans-IO protocol code: the HTTP/1.1 codec (heads, bodies, header editor)
 //! - `app`       wiring, reload and drain
 //! - `cli`       the command line
 //! - `ratelimit` rate-limited logging for the data path
@@ -27,6 +28,7 @@ pub mod docker;
 pub mod health;
 pub mod metrics;
 pub mod mqtt;
+pub mod protocol;
 pub mod proxy;
 pub mod ratelimit;
 pub mod snapshot;
