@@ -194,7 +194,7 @@ pub async fn terminate(
     client: TcpStream,
     peer: SocketAddr,
 ) {
-    let local = client.local_addr().ok();
+    let local = client.local_addr().unwrap_or(peer);
     let handshake = term.acceptor.accept(client);
     let bounded = tokio::select! {
         r = tokio::time::timeout(ctx.edge.handshake_timeout, handshake) => r,
@@ -218,5 +218,5 @@ pub async fn terminate(
         }
         Ok(Ok(s)) => s,
     };
-    super::http::serve(ctx, stream, peer, local, true).await
+    super::http::handle_tls(ctx, stream, peer, local).await
 }

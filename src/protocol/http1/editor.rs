@@ -110,6 +110,13 @@ fn gather<'a>(parts: &mut Vec<&'a [u8]>, earlier: &[&'a [u8]], ours: &[&'a [u8]]
     parts.extend_from_slice(ours);
 }
 
+/// A `HeaderMap`'s fields as the editor takes them.
+pub fn map_fields(h: &HeaderMap) -> Vec<(&[u8], &[u8])> {
+    h.iter()
+        .map(|(n, v)| (n.as_str().as_bytes(), v.as_bytes()))
+        .collect()
+}
+
 /// The `Connection` tokens of a message, to drop the fields they name.
 fn connection_tokens<'h>(fields: impl Iterator<Item = (&'h [u8], &'h [u8])>) -> Vec<&'h [u8]> {
     fields
