@@ -108,7 +108,7 @@ pub struct Attempts<'a> {
     svc: &'a Service,
     metrics: &'a Metrics,
     hash: Option<u64>,
-    tried: Vec<usize>,
+    tried: Tried,
     max: usize,
     /// The last failure, for the answer.
     last: Option<io::Error>,
@@ -125,7 +125,7 @@ impl<'a> Attempts<'a> {
             svc,
             metrics,
             hash,
-            tried: Vec::new(),
+            tried: Tried::default(),
             max: 1 + svc.settings.retries as usize,
             last: None,
             stale_retry_used: false,
@@ -140,7 +140,7 @@ impl<'a> Attempts<'a> {
         if self.stopped || self.tried.len() >= self.max {
             return None;
         }
-        let i = self.svc.pick(&self.tried, now_ms(), self.hash)?;
+        let i = self.svc.pick(self.tried.as_slice(), now_ms(), self.hash)?;
         if !self.tried.is_empty() {
             self.count_retry();
         }
@@ -252,6 +252,57 @@ impl<'a> Attempts<'a> {
     }
 }
 
+/// The tasks tried, without an allocation for the usual few.
+#[derive(Default)]
+struct Tried {
+    inline: [usize; 4],
+    len: usize,
+    more: Vec<usize>,
+}
+
+impl Tried {
+    fn as_slice(&self) -> &[usize] {
+        if self.len <= self.inline.len() {
+            &self.inline[..self.len]
+        } else {
+            &self.more
+        }
+    }
+
+    fn len(&self) -> usize {
+        self.len
+    }
+
+    fn is_empty(&self) -> bool {
+        self.len == 0
+    }
+
+    fn push(&mut self, i: usize) {
+        if self.len < self.inline.len() {
+            self.inline[self.len] = i;
+        } else {
+            if self.len == self.inline.len() {
+                self.more = self.inline.to_vec();
+            }
+            self.more.push(i);
+        }
+        self.len += 1;
+    }
+
+    fn pop(&mut self) {
+        if self.len == 0 {
+            return;
+        }
+        self.len -= 1;
+        if self.len >= self.inline.len() {
+            self.more.pop();
+            if self.len == self.inline.len() {
+                self.more.clear();
+            }
+        }
+    }
+}
+
 /// The early-close rule (see [`Attempts`]).
 fn closed_early(
     replayable: bool,
@@ -312,6 +363,27 @@ pub async fn connect(
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn tried_keeps_order_past_its_inline_room() {
+        let mut t = Tried::default();
+        for i in 0..7 {
+            t.push(i * 10);
+        }
+        assert_eq!(t.as_slice(), &[0, 10, 20, 30, 40, 50, 60]);
+        for _ in 0..3 {
+            t.pop();
+        }
+        assert_eq!(t.as_slice(), &[0, 10, 20, 30]);
+        t.push(99);
+        assert_eq!(t.as_slice(), &[0, 10, 20, 30, 99]);
+        t.pop();
+        t.pop();
+        assert_eq!(
+            (t.as_slice(), t.len(), t.is_empty()),
+            (&[0, 10, 20][..], 3, false)
+        );
+    }
 
     #[test]
     fn early_close_rule() {

@@ -42,10 +42,26 @@ pub fn is_hop_by_hop(name: &[u8]) -> bool {
 pub trait HeaderSink {
     fn field(&mut self, name: &[u8], value: &[u8]);
 
-    /// One field whose value is the `parts` concatenated.
-    fn field_parts(&mut self, name: &[u8], parts: &[&[u8]]) {
-        let joined: Vec<u8> = parts.concat();
+    /// One list field: the `earlier` values (trimmed, empty ones left out), then `ours`
+    /// (concatenated), joined by ", ".
+    fn list_field(&mut self, name: &[u8], earlier: &[&[u8]], ours: &[&[u8]]) {
+        let mut joined = Vec::new();
+        put_list(&mut joined, earlier, ours);
         self.field(name, &joined);
+    }
+}
+
+/// Writes a list value (see [`HeaderSink::list_field`]).
+fn put_list(out: &mut Vec<u8>, earlier: &[&[u8]], ours: &[&[u8]]) {
+    for v in earlier {
+        let v = super::trim_ows(v);
+        if !v.is_empty() {
+            out.extend_from_slice(v);
+            out.extend_from_slice(b", ");
+        }
+    }
+    for p in ours {
+        out.extend_from_slice(p);
     }
 }
 
@@ -58,12 +74,10 @@ impl HeaderSink for Vec<u8> {
         self.extend_from_slice(b"\r\n");
     }
 
-    fn field_parts(&mut self, name: &[u8], parts: &[&[u8]]) {
+    fn list_field(&mut self, name: &[u8], earlier: &[&[u8]], ours: &[&[u8]]) {
         self.extend_from_slice(name);
         self.extend_from_slice(b": ");
-        for p in parts {
-            self.extend_from_slice(p);
-        }
+        put_list(self, earlier, ours);
         self.extend_from_slice(b"\r\n");
     }
 }
@@ -95,19 +109,6 @@ pub struct Forwarding<'a> {
     pub via: &'static [u8],
     /// A protocol switch to pass on: `Connection: upgrade` and `Upgrade: <value>`.
     pub upgrade: Option<&'a [u8]>,
-}
-
-/// Appends the values of one list field gathered from the message (trimmed, empty ones
-/// left out) and ours to `parts`.
-fn gather<'a>(parts: &mut Vec<&'a [u8]>, earlier: &[&'a [u8]], ours: &[&'a [u8]]) {
-    for v in earlier {
-        let v = super::trim_ows(v);
-        if !v.is_empty() {
-            parts.push(v);
-            parts.push(b", ");
-        }
-    }
-    parts.extend_from_slice(ours);
 }
 
 /// A `HeaderMap`'s fields as the editor takes them.
@@ -173,27 +174,38 @@ pub fn request_fields<'h>(
     {
         sink.field(b"host", h);
     }
-    let mut parts: Vec<&[u8]> = Vec::with_capacity(8);
-    gather(&mut parts, &xff, &[fwd.xff]);
-    sink.field_parts(b"x-forwarded-for", &parts);
+    sink.list_field(b"x-forwarded-for", &xff, &[fwd.xff]);
     sink.field(b"x-forwarded-proto", fwd.proto);
     if let Some(h) = fwd.host {
         sink.field(b"x-forwarded-host", h);
     }
-    let mut ours = Vec::with_capacity(48);
-    ours.extend_from_slice(fwd.forwarded_for);
-    if let Some(h) = fwd.host {
-        ours.extend_from_slice(b";host=");
-        put_forwarded_value(&mut ours, h);
-    }
-    ours.extend_from_slice(b";proto=");
-    ours.extend_from_slice(fwd.proto);
-    parts.clear();
-    gather(&mut parts, &forwarded, &[&ours]);
-    sink.field_parts(b"forwarded", &parts);
-    parts.clear();
-    gather(&mut parts, &via, &[fwd.via, b" routemesh"]);
-    sink.field_parts(b"via", &parts);
+    // for=…;host=…;proto=…, the host a token or a quoted string.
+    let escaped;
+    let host: [&[u8]; 4] = match fwd.host {
+        None => [b"", b"", b"", b""],
+        Some(h) if !h.is_empty() && h.iter().all(|&b| is_tchar(b)) => [b";host=", b"", h, b""],
+        Some(h) if !h.iter().any(|&b| b == b'\\' || b == b'"') => [b";host=", b"\"", h, b"\""],
+        Some(h) => {
+            let mut v = Vec::with_capacity(h.len() + 8);
+            put_forwarded_value(&mut v, h);
+            escaped = v;
+            [b";host=", b"", &escaped, b""]
+        }
+    };
+    sink.list_field(
+        b"forwarded",
+        &forwarded,
+        &[
+            fwd.forwarded_for,
+            host[0],
+            host[1],
+            host[2],
+            host[3],
+            b";proto=",
+            fwd.proto,
+        ],
+    );
+    sink.list_field(b"via", &via, &[fwd.via, b" routemesh"]);
     if let Some(u) = fwd.upgrade {
         sink.field(b"connection", b"upgrade");
         sink.field(b"upgrade", u);
@@ -242,9 +254,7 @@ pub fn response_fields<'h>(
             sink.field(name, value);
         }
     }
-    let mut parts: Vec<&[u8]> = Vec::with_capacity(4);
-    gather(&mut parts, &via, &[via_version, b" routemesh"]);
-    sink.field_parts(b"via", &parts);
+    sink.list_field(b"via", &via, &[via_version, b" routemesh"]);
 }
 
 /// Writes an RFC 7239 value: a token, or a quoted string when it has characters a token

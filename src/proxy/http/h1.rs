@@ -564,7 +564,14 @@ impl H1<'_> {
             drop(in_flight);
             return Next::Close;
         }
-        let (reusable, client_ok) = self.relay(&up, &head, meters).await;
+        let (mut reusable, client_ok) = self.relay(&up, &head, meters).await;
+        let mut body_unfinished = body_unfinished;
+        if body_unfinished && client_ok && !head.close {
+            // The task answered before the body's end (nginx's `return`, an early 4xx):
+            // the rest still goes to it, so both connections stay in step.
+            body_unfinished = !self.finish_body(&up, &mut body, limit, meters).await;
+            reusable &= !body_unfinished;
+        }
         drop(in_flight);
         if reusable && !body_unfinished {
             self.held = Some(Held {
@@ -638,6 +645,38 @@ impl H1<'_> {
                     }
                     return Pumped::Answered;
                 }
+            }
+        }
+    }
+
+    /// Sends the rest of a request body to a task that already answered; `false` when the
+    /// client or the task went away first.
+    async fn finish_body(
+        &mut self,
+        up: &TcpStream,
+        body: &mut BodyReader,
+        limit: u64,
+        meters: &ServiceMeters,
+    ) -> bool {
+        loop {
+            let Ok(n) = body.relay(&self.buf) else {
+                return false;
+            };
+            if limit > 0 && body.data_len() > limit {
+                return false;
+            }
+            if n > 0 {
+                if write_all(up, &self.buf[..n]).await.is_err() {
+                    return false;
+                }
+                meters.rx.inc_by(n as u64);
+                self.buf.advance(n);
+            }
+            if body.is_done() {
+                return true;
+            }
+            if !self.read_client(BODY_CHUNK).await {
+                return false;
             }
         }
     }

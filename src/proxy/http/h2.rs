@@ -173,26 +173,32 @@ async fn proxy(conn: &Conn, req: Request<Incoming>) -> Response<Body> {
                 .and_then(|v| v.to_str().ok())
                 .map(str::to_string)
         });
-    let info = AccessInfo {
-        method: req.method().to_string(),
-        host: host.clone(),
-        path: req.uri().path().to_string(),
+    let info = if ctx.access_log {
+        AccessInfo {
+            method: req.method().to_string(),
+            host: host.clone(),
+            path: req.uri().path().to_string(),
+        }
+    } else {
+        AccessInfo::default()
     };
-    let (result, label) = match exchange::route_request(ctx, host.as_deref(), req.uri().path()) {
-        Err((e, label)) => (Err(e), label),
+    let (result, meters) = match exchange::route_request(ctx, host.as_deref(), req.uri().path()) {
+        Err((e, label)) => (Err(e), ctx.http_meters.get(&ctx.metrics, &ctx.name, &label)),
         Ok(svc) => {
-            let label = svc.name.to_string();
-            let meters = ctx.http_meters.get(&ctx.metrics, &ctx.name, &label);
-            let r = forward(conn, &svc, &meters, req, host.as_deref()).await;
-            (r, label)
+            let meters = ctx
+                .http_meters
+                .get(&ctx.metrics, &ctx.name, svc.name.as_str());
+            (
+                forward(conn, &svc, &meters, req, host.as_deref()).await,
+                meters,
+            )
         }
     };
-    let meters = ctx.http_meters.get(&ctx.metrics, &ctx.name, &label);
     let (resp, task) = match result {
         Ok((resp, task)) => (resp, Some(task)),
         Err(e) => {
-            log_answer(ctx, &label, conn.hop.peer, &e);
-            (e.response(&label), None)
+            log_answer(ctx, &meters.service, conn.hop.peer, &e);
+            (e.response(&meters.service), None)
         }
     };
     account(

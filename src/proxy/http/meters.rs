@@ -4,7 +4,7 @@
 
 use std::sync::{Arc, Mutex, OnceLock};
 
-use prometheus::{Histogram, IntCounter};
+use prometheus::{Histogram, IntCounter, IntGauge};
 
 use crate::metrics::Metrics;
 
@@ -44,9 +44,35 @@ impl ServiceMeters {
 #[derive(Default)]
 pub struct ListenerMeters {
     by_service: Mutex<Vec<Arc<ServiceMeters>>>,
+    /// `connections_total` and `active_connections` of the listener's connections.
+    connections: OnceLock<(IntCounter, IntGauge)>,
+}
+
+/// One open client connection, counted in `connections_total` when opened and in
+/// `active_connections` while it lives.
+pub struct Open(IntGauge);
+
+impl Drop for Open {
+    fn drop(&mut self) {
+        self.0.dec();
+    }
 }
 
 impl ListenerMeters {
+    /// Counts a connection of `listener` (labelled with its default service).
+    pub fn open(&self, metrics: &Metrics, listener: &str, service: &str) -> Open {
+        let (total, active) = self.connections.get_or_init(|| {
+            let labels = [listener, service];
+            (
+                metrics.connections_total.with_label_values(&labels),
+                metrics.active_connections.with_label_values(&labels),
+            )
+        });
+        total.inc();
+        active.inc();
+        Open(active.clone())
+    }
+
     /// The handles of `service` on `listener` (made the first time).
     pub fn get(&self, metrics: &Arc<Metrics>, listener: &str, service: &str) -> Arc<ServiceMeters> {
         let mut all = self.by_service.lock().unwrap_or_else(|p| p.into_inner());

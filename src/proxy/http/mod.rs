@@ -35,7 +35,7 @@ use tokio_rustls::server::TlsStream;
 use self::client::Client;
 use self::exchange::ClientHop;
 pub use self::meters::ListenerMeters;
-use super::{ListenerCtx, OpenConnection};
+use super::ListenerCtx;
 
 /// The client preface of HTTP/2 (RFC 9113 §3.4).
 const H2_PREFACE: &[u8] = b"PRI * HTTP/2.0\r\n\r\nSM\r\n\r\n";
@@ -65,7 +65,9 @@ async fn serve(
     local: SocketAddr,
     h2: bool,
 ) {
-    let _open = OpenConnection::count(&ctx.metrics, &ctx.name, ctx.service_label());
+    let _open = ctx
+        .http_meters
+        .open(&ctx.metrics, &ctx.name, ctx.service_label());
     let accepted = Instant::now();
     let hop = ClientHop::new(peer, local, client.is_tls());
     if h2 {

@@ -35,10 +35,15 @@ fn fresh(since: Instant, now: Instant) -> bool {
 }
 
 /// Whether a kept connection is still open: nothing to read (a FIN or stray bytes mean it
-/// is not reusable).
+/// is not reusable). Costs a system call only when the reactor has seen the socket become
+/// readable since it last drained it (which is what a close or stray bytes do); a socket
+/// with no such event is taken as open without asking the kernel.
 pub fn still_open(s: &TcpStream) -> bool {
-    let mut probe = [0u8; 1];
-    matches!(s.try_read(&mut probe), Err(e) if e.kind() == std::io::ErrorKind::WouldBlock)
+    let probe = s.try_io(tokio::io::Interest::READABLE, || {
+        let mut b = [std::mem::MaybeUninit::<u8>::uninit(); 1];
+        socket2::SockRef::from(s).peek(&mut b)
+    });
+    matches!(probe, Err(e) if e.kind() == std::io::ErrorKind::WouldBlock)
 }
 
 #[derive(Default)]
@@ -139,6 +144,18 @@ impl Pool {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[tokio::test]
+    async fn a_kept_connection_closed_by_the_task_is_not_open() {
+        let l = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let c = TcpStream::connect(l.local_addr().unwrap()).await.unwrap();
+        let (s, _) = l.accept().await.unwrap();
+        assert!(still_open(&c));
+        drop(s);
+        // The FIN reaches the reactor.
+        c.readable().await.unwrap();
+        assert!(!still_open(&c));
+    }
 
     #[tokio::test]
     async fn expired_connections_of_every_task_are_swept() {
