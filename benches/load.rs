@@ -1115,6 +1115,9 @@ fn stream_once(port: u16, mib: usize) -> Result<(f64, f64), String> {
     Ok((up, t.elapsed().as_secs_f64()))
 }
 
+/// Per proxy: upload MiB/s, download MiB/s, RSS growth in bytes (one sample per round).
+type StreamRow = (Vec<f64>, Vec<f64>, Vec<f64>);
+
 /// Section 6; returns each proxy's RSS growth (median over rounds).
 fn stream_report(
     opts: &Opts,
@@ -1122,7 +1125,7 @@ fn stream_report(
     targets: &[(&'static str, u16, u32)],
 ) -> Vec<(&'static str, f64)> {
     let mib = opts.stream_mib;
-    let mut rows: BTreeMap<&str, (Vec<f64>, Vec<f64>, Vec<f64>)> = BTreeMap::new();
+    let mut rows: BTreeMap<&str, StreamRow> = BTreeMap::new();
     for round in 0..opts.rounds {
         for &(name, port, pid) in targets {
             let before = rss_bytes(pid);
@@ -1212,14 +1215,17 @@ fn h2load(scheme: &str, port: u16, secs: u64) -> Result<(f64, u64, u64), String>
     }
 }
 
-/// Section 7: alternating rounds; per target (req/s samples, CPU µs per request samples).
+/// Per target: req/s samples, CPU µs per request samples, failed requests.
+type H2Row = (Vec<f64>, Vec<f64>, u64);
+
+/// Section 7: alternating rounds, per target.
 fn h2load_rounds(
     opts: &Opts,
     report: &mut String,
     targets: &[(&'static str, &str, u16, u32)],
     threads: usize,
-) -> BTreeMap<&'static str, (Vec<f64>, Vec<f64>, u64)> {
-    let mut out: BTreeMap<&'static str, (Vec<f64>, Vec<f64>, u64)> = BTreeMap::new();
+) -> BTreeMap<&'static str, H2Row> {
+    let mut out: BTreeMap<&'static str, H2Row> = BTreeMap::new();
     for &(_, scheme, port, _) in targets {
         let _ = h2load(scheme, port, 1); // warm-up
     }
@@ -1272,7 +1278,7 @@ fn h2load_rounds(
     }
     for pair in targets.chunks(2) {
         if let [(a, ..), (b, ..)] = pair {
-            let m = |n: &str, f: fn(&(Vec<f64>, Vec<f64>, u64)) -> &Vec<f64>| {
+            let m = |n: &str, f: fn(&H2Row) -> &Vec<f64>| {
                 out.get(n).map(|v| median(f(v))).unwrap_or(f64::NAN)
             };
             let _ = writeln!(
