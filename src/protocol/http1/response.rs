@@ -56,6 +56,8 @@ impl ResponseHead {
 /// Where a rewritten response head goes: wire bytes for an HTTP/1.x client, or a
 /// `HeaderMap` (status kept by the caller) for hyper.
 pub trait ResponseSink: HeaderSink {
+    /// Forgets what an earlier attempt wrote.
+    fn clear(&mut self);
     fn status_line(&mut self, code: u16, reason: &[u8]);
     /// `Connection` for the client hop (HTTP/1.x only).
     fn connection(&mut self, value: &[u8]);
@@ -63,6 +65,10 @@ pub trait ResponseSink: HeaderSink {
 }
 
 impl ResponseSink for Vec<u8> {
+    fn clear(&mut self) {
+        Vec::clear(self);
+    }
+
     fn status_line(&mut self, code: u16, reason: &[u8]) {
         self.extend_from_slice(b"HTTP/1.1 ");
         for d in [code / 100 % 10, code / 10 % 10, code % 10] {
@@ -83,6 +89,10 @@ impl ResponseSink for Vec<u8> {
 }
 
 impl ResponseSink for HeaderMap {
+    fn clear(&mut self) {
+        HeaderMap::clear(self);
+    }
+
     fn status_line(&mut self, _: u16, _: &[u8]) {}
     fn connection(&mut self, _: &[u8]) {}
     fn end(&mut self) {}

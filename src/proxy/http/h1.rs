@@ -20,7 +20,6 @@
 //! for steady keep-alive traffic) and goes back to the pool when the client leaves.
 
 use std::mem::MaybeUninit;
-use std::net::SocketAddr;
 use std::sync::Arc;
 
 use bytes::{Buf, Bytes, BytesMut};
@@ -37,12 +36,11 @@ use super::body::{self, ChannelBody, ChannelItem};
 use super::client::Client;
 use super::errors::ProxyError;
 use super::exchange::{
-    self, AccessInfo, ClientHop, HeadFailure, account, gave_up, hash_of, log_answer,
-    read_response_head, task_error,
+    self, AccessInfo, Answered, BodyFailure, ClientHop, Failed, H1Request, Held, Rest, account,
+    gave_up, hash_of, log_answer, task_error,
 };
 use super::meters::ServiceMeters;
-use super::pool::{Pool, still_open};
-use crate::config::{ServiceSettings, UpstreamProtocol};
+use crate::config::UpstreamProtocol;
 use crate::protocol::http1::body::{LAST_CHUNK, chunk_header};
 use crate::protocol::http1::editor::{self, HeaderSink, ResponseFraming};
 use crate::protocol::http1::request::{self, Limits};
@@ -64,14 +62,6 @@ const BODY_CHUNK: usize = 64 * 1024;
 const STACK_FIELDS: usize = 128;
 
 const CONTINUE: &[u8] = b"HTTP/1.1 100 Continue\r\n\r\n";
-
-/// The task connection of the last request, kept for the next one.
-struct Held {
-    addr: SocketAddr,
-    stream: TcpStream,
-    /// May go to the pool (no PROXY header on it).
-    poolable: bool,
-}
 
 /// How a connection goes on after a request.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -141,10 +131,8 @@ pub async fn serve(
         meters: None,
     };
     let next = c.run(accepted).await;
-    if let Some(h) = c.held.take()
-        && h.poolable
-    {
-        Pool::global().checkin_h1(h.addr, h.stream);
+    if let Some(h) = c.held.take() {
+        h.release();
     }
     match next {
         Next::Linger => c.client.linger_close().await,
@@ -399,29 +387,8 @@ impl H1<'_> {
         )
     }
 
-    /// A connection for a request to `task`: the one kept from the last request, an idle
-    /// pooled one, or a new one.
-    async fn task_connection(
-        &mut self,
-        task: &Task,
-        settings: &ServiceSettings,
-        proxy_header: Option<&[u8]>,
-        fresh_only: bool,
-        deadline: Instant,
-    ) -> Result<(TcpStream, bool), Option<std::io::Error>> {
-        if let Some(h) = self.held.take() {
-            if h.addr == task.addr && !fresh_only && still_open(&h.stream) {
-                return Ok((h.stream, true));
-            }
-            if h.poolable && h.addr != task.addr {
-                Pool::global().checkin_h1(h.addr, h.stream);
-            }
-        }
-        exchange::h1_connection(task, settings, proxy_header, fresh_only, deadline).await
-    }
-
-    /// Sends the request in `out` (and the rest of a streaming body) to an HTTP/1.1 task by
-    /// the retry rules, then relays the response.
+    /// Sends the request in `out` (and the rest of a streaming body) to an HTTP/1.1 task,
+    /// then relays the response.
     async fn forward_h1(
         &mut self,
         req: &Req,
@@ -433,119 +400,64 @@ impl H1<'_> {
     ) -> Next {
         let ctx = self.ctx;
         let name = svc.name.as_str();
-        let settings = &svc.settings;
-        let replayable = req.idempotent && complete;
-        let proxy_header = self.hop.proxy_header(settings);
         let limit = ctx.http.max_body_bytes;
-        let rules = ResponseRules {
-            head_request: req.head_method,
-            client_close: !req.keep_alive || ctx.drain.is_cancelled(),
-            client_http10: req.version == Version::Http10,
-            upgrade: req.upgrade.is_some(),
+        let proxy_header = self.hop.proxy_header(&svc.settings);
+        let request = H1Request {
+            out: &self.out,
+            replayable: req.idempotent && complete,
+            fresh_only: req.upgrade.is_some(),
+            proxy_header: proxy_header.as_deref(),
+            rules: ResponseRules {
+                head_request: req.head_method,
+                client_close: !req.keep_alive || ctx.drain.is_cancelled(),
+                client_http10: req.version == Version::Http10,
+                upgrade: req.upgrade.is_some(),
+            },
         };
-        let mut attempts = Attempts::new(svc, &ctx.metrics, req.hash);
-        let mut deadline = Instant::now() + settings.request_timeout;
-        let sent_body = self.out.len() as u64;
-        let outcome = loop {
-            let Some((task, in_flight)) = attempts.pick() else {
-                break Err(gave_up(&mut attempts));
-            };
-            let fresh = attempts.fresh_only() || req.upgrade.is_some();
-            let (up, reused) = match self
-                .task_connection(&task, settings, proxy_header.as_deref(), fresh, deadline)
-                .await
-            {
-                Ok(c) => c,
-                Err(None) => break Err(ProxyError::Timeout(settings.request_timeout)),
-                Err(Some(e)) => {
-                    drop(in_flight);
-                    attempts.connect_failed(&task, e);
-                    continue;
-                }
-            };
-            if !reused {
-                attempts.connected(&task);
-            }
-            let sent_at = Instant::now();
-            if let Err((written, e)) = write_all(&up, &self.out).await {
-                if written == 0 {
-                    // Nothing went out: any method may go again.
-                    attempts.not_sent(reused, task_error(&task, e));
-                    continue;
-                }
-                break Err(ProxyError::UpstreamFailed {
-                    attempts: attempts.count(),
-                    last: task_error(&task, e).to_string(),
-                });
-            }
-            // The rest of a streaming body; the task may answer before it has all of it.
-            let mut body_unfinished = false;
-            if !body.is_done() {
-                match self.pump_body(&up, &mut body, limit, meters).await {
-                    Pumped::Done => {}
-                    Pumped::Answered => body_unfinished = true,
-                    Pumped::Refused(e) => {
-                        return self.answer(e, name, req, false, started, Some(&task)).await;
-                    }
-                    Pumped::ClientGone => return Next::Close,
-                    Pumped::TaskGone(e) => {
-                        break Err(ProxyError::UpstreamFailed {
-                            attempts: attempts.count(),
-                            last: task_error(&task, e).to_string(),
-                        });
-                    }
-                }
-                // The response is due within request_timeout of the request's end.
-                deadline = Instant::now() + settings.request_timeout;
-            }
-            self.rbuf.clear();
-            self.resp.clear();
-            match read_response_head(&up, &mut self.rbuf, &rules, &mut self.resp, deadline).await {
-                Ok(h) => break Ok((task, in_flight, up, h, sent_at, body_unfinished)),
-                Err(HeadFailure::Timeout) => {
-                    break Err(ProxyError::Timeout(settings.request_timeout));
-                }
-                Err(HeadFailure::Invalid(why)) => {
-                    break Err(ProxyError::UpstreamFailed {
-                        attempts: attempts.count(),
-                        last: task_error(&task, why).to_string(),
-                    });
-                }
-                Err(HeadFailure::Closed {
-                    received: true,
-                    error,
-                }) => {
-                    break Err(ProxyError::UpstreamFailed {
-                        attempts: attempts.count(),
-                        last: task_error(&task, format!("response cut short: {error}")).to_string(),
-                    });
-                }
-                Err(HeadFailure::Closed {
-                    received: false,
-                    error,
-                }) => {
-                    let e = task_error(&task, error);
-                    let why = e.to_string();
-                    drop(in_flight);
-                    if attempts.closed_early(&task, replayable, reused, e) == ClosedEarly::Fail {
-                        break Err(ProxyError::UpstreamFailed {
-                            attempts: attempts.count(),
-                            last: why,
-                        });
-                    }
-                }
+        let mut rest = if complete {
+            Rest::Done
+        } else {
+            Rest::Client {
+                client: &mut self.client,
+                buf: &mut self.buf,
+                body: &mut body,
+                idle: ctx.http.idle_timeout,
             }
         };
-        let (task, in_flight, mut up, head, sent_at, body_unfinished) = match outcome {
-            Ok(o) => o,
-            Err(e) => return self.answer(e, name, req, complete, started, None).await,
+        let sent = exchange::to_h1_task(
+            svc,
+            &ctx.metrics,
+            req.hash,
+            &request,
+            &mut rest,
+            limit,
+            &meters.rx,
+            &mut self.held,
+            &mut self.resp,
+            &mut self.rbuf,
+        )
+        .await;
+        drop(rest);
+        let Answered {
+            task,
+            in_flight,
+            mut up,
+            head,
+            unfinished,
+            pending,
+        } = match sent {
+            Ok(a) => a,
+            Err(Failed::Answer(e)) => {
+                return self.answer(e, name, req, complete, started, None).await;
+            }
+            Err(Failed::Body(BodyFailure::Refused(e), task)) => {
+                return self.answer(e, name, req, false, started, Some(&task)).await;
+            }
+            Err(Failed::Body(BodyFailure::Gone, _)) => return Next::Close,
         };
-        task.state
-            .observe_latency_us(sent_at.elapsed().as_micros().max(1) as u64);
-        meters.rx.inc_by(sent_body.min(self.out.len() as u64));
         if head.switching {
             // 101: the head, what followed it, then bytes both ways.
-            self.resp.extend_from_slice(&self.rbuf[head.len..]);
+            self.resp.extend_from_slice(&self.rbuf);
             let ok = self.client.write_all(&self.resp).await.is_ok()
                 && write_all(&up, &self.buf).await.is_ok();
             account(
@@ -565,15 +477,21 @@ impl H1<'_> {
             return Next::Close;
         }
         let (mut reusable, client_ok) = self.relay(&up, &head, meters).await;
-        let mut body_unfinished = body_unfinished;
-        if body_unfinished && client_ok && !head.close {
+        let mut unfinished = unfinished;
+        if unfinished && client_ok && !head.close {
             // The task answered before the body's end (nginx's `return`, an early 4xx):
             // the rest still goes to it, so both connections stay in step.
-            body_unfinished = !self.finish_body(&up, &mut body, limit, meters).await;
-            reusable &= !body_unfinished;
+            let mut rest = Rest::Client {
+                client: &mut self.client,
+                buf: &mut self.buf,
+                body: &mut body,
+                idle: ctx.http.idle_timeout,
+            };
+            unfinished = !rest.finish(&up, pending, limit, &meters.rx).await;
+            reusable &= !unfinished;
         }
         drop(in_flight);
-        if reusable && !body_unfinished {
+        if reusable && !unfinished {
             self.held = Some(Held {
                 addr: task.addr,
                 stream: up,
@@ -589,7 +507,7 @@ impl H1<'_> {
             Some(&task),
             &req.info,
         );
-        match (client_ok, head.close, body_unfinished) {
+        match (client_ok, head.close, unfinished) {
             (false, _, _) => Next::Close,
             (true, _, true) => Next::Linger,
             (true, true, false) => Next::Close,
@@ -597,91 +515,8 @@ impl H1<'_> {
         }
     }
 
-    /// Streams the rest of a request body to the task as it arrives, watching for an early
-    /// answer from the task.
-    async fn pump_body(
-        &mut self,
-        up: &TcpStream,
-        body: &mut BodyReader,
-        limit: u64,
-        meters: &ServiceMeters,
-    ) -> Pumped {
-        loop {
-            if !self.buf.is_empty() {
-                let n = match body.relay(&self.buf) {
-                    Ok(n) => n,
-                    Err(e) => {
-                        return Pumped::Refused(ProxyError::BadRequest(format!(
-                            "request body: {e}"
-                        )));
-                    }
-                };
-                if limit > 0 && body.data_len() > limit {
-                    return Pumped::Refused(ProxyError::BodyTooLarge(limit));
-                }
-                if n > 0 {
-                    match write_or_answer(up, &self.buf[..n]).await {
-                        Ok(true) => {}
-                        Ok(false) => return Pumped::Answered,
-                        Err(e) => return Pumped::TaskGone(e),
-                    }
-                    meters.rx.inc_by(n as u64);
-                    self.buf.advance(n);
-                }
-                if body.is_done() {
-                    return Pumped::Done;
-                }
-            }
-            let idle = self.ctx.http.idle_timeout;
-            tokio::select! {
-                r = tokio::time::timeout(idle, self.client.read_some(&mut self.buf, BODY_CHUNK)) => {
-                    if !matches!(r, Ok(Ok(n)) if n > 0) {
-                        return Pumped::ClientGone;
-                    }
-                }
-                r = up.readable() => {
-                    if r.is_err() {
-                        return Pumped::TaskGone(std::io::Error::other("task connection failed"));
-                    }
-                    return Pumped::Answered;
-                }
-            }
-        }
-    }
-
-    /// Sends the rest of a request body to a task that already answered; `false` when the
-    /// client or the task went away first.
-    async fn finish_body(
-        &mut self,
-        up: &TcpStream,
-        body: &mut BodyReader,
-        limit: u64,
-        meters: &ServiceMeters,
-    ) -> bool {
-        loop {
-            let Ok(n) = body.relay(&self.buf) else {
-                return false;
-            };
-            if limit > 0 && body.data_len() > limit {
-                return false;
-            }
-            if n > 0 {
-                if write_all(up, &self.buf[..n]).await.is_err() {
-                    return false;
-                }
-                meters.rx.inc_by(n as u64);
-                self.buf.advance(n);
-            }
-            if body.is_done() {
-                return true;
-            }
-            if !self.read_client(BODY_CHUNK).await {
-                return false;
-            }
-        }
-    }
-
-    /// Relays a response body to the client after its head (rewritten into `resp`).
+    /// Relays a response body to the client after its head (rewritten into `resp`; the
+    /// bytes after it in `rbuf`).
     /// Returns whether the task connection can be kept and whether the client's is fine.
     async fn relay(
         &mut self,
@@ -689,7 +524,6 @@ impl H1<'_> {
         head: &crate::protocol::http1::ResponseHead,
         meters: &ServiceMeters,
     ) -> (bool, bool) {
-        self.rbuf.advance(head.len);
         let mut reader = BodyReader::new(head.framing);
         let mut tx = 0u64;
         let mut client_ok = true;
@@ -1005,39 +839,8 @@ impl H1<'_> {
     }
 }
 
-/// How streaming a request body ended.
-enum Pumped {
-    Done,
-    /// The task answered (or closed) before the body's end.
-    Answered,
-    /// 400 or 413 for the client.
-    Refused(ProxyError),
-    ClientGone,
-    TaskGone(std::io::Error),
-}
-
 fn malformed(e: BodyError) -> Option<ProxyError> {
     Some(ProxyError::BadRequest(format!("request body: {e}")))
-}
-
-/// Writes `data` to the task unless it answers first: `Ok(false)` when the task has
-/// something to say (or closed) while its socket buffer was full.
-async fn write_or_answer(up: &TcpStream, data: &[u8]) -> std::io::Result<bool> {
-    let mut done = 0;
-    while done < data.len() {
-        match up.try_write(&data[done..]) {
-            Ok(0) => return Err(std::io::ErrorKind::WriteZero.into()),
-            Ok(n) => done += n,
-            Err(e) if e.kind() == std::io::ErrorKind::WouldBlock => {
-                tokio::select! {
-                    r = up.writable() => r?,
-                    r = up.readable() => { r?; return Ok(false); }
-                }
-            }
-            Err(e) => return Err(e),
-        }
-    }
-    Ok(true)
 }
 
 /// Takes what the exchange needs from a checked head, routes it, and writes the head for

@@ -22,20 +22,18 @@ use hyper::service::service_fn;
 use hyper::{Request, Response, StatusCode, Uri, Version};
 use hyper_util::rt::{TokioExecutor, TokioIo, TokioTimer};
 use tokio::io::{AsyncRead, AsyncWrite, ReadBuf};
-use tokio::net::TcpStream;
 use tokio::time::Instant;
 
 use super::body::{self, Body, BodyFlags, Counted, TaskBody};
 use super::client::Client;
 use super::errors::ProxyError;
 use super::exchange::{
-    self, AccessInfo, ClientHop, HeadFailure, account, gave_up, hash_of, log_answer,
-    read_response_head, task_error,
+    self, AccessInfo, BodyFailure, ClientHop, Failed, H1Request, Rest, account, gave_up, hash_of,
+    log_answer, task_error,
 };
 use super::h1::MAX_HELD_BODY;
 use super::meters::ServiceMeters;
 use crate::config::UpstreamProtocol;
-use crate::protocol::http1::body::{LAST_CHUNK, chunk_header};
 use crate::protocol::http1::response::ResponseRules;
 use crate::protocol::http1::{HeaderSink, editor};
 use crate::proxy::ListenerCtx;
@@ -372,189 +370,70 @@ async fn to_h1(
     }
     out.extend_from_slice(b"\r\n");
     if chunked {
-        chunk_header(body.held.len(), &mut out);
-        out.extend_from_slice(&body.held);
-        out.extend_from_slice(b"\r\n");
+        crate::protocol::http1::body::encode_chunk(&body.held, &mut out);
     } else {
         out.extend_from_slice(&body.held);
     }
     let replayable = complete
         && crate::protocol::http1::request::is_idempotent(parts.method.as_str().as_bytes());
-    let head_request = parts.method == hyper::Method::HEAD;
-    let rules = ResponseRules {
-        head_request,
-        ..Default::default()
-    };
     let proxy_header = conn.hop.proxy_header(settings);
-    let mut attempts = Attempts::new(svc, &ctx.metrics, hash);
-    let mut deadline = Instant::now() + settings.request_timeout;
-    let mut rest = body.rest;
-    let mut seen = body.held.len() as u64;
-    loop {
-        let Some((task, in_flight)) = attempts.pick() else {
-            return Err(gave_up(&mut attempts));
-        };
-        let (up, reused) = match exchange::h1_connection(
-            &task,
-            settings,
-            proxy_header.as_deref(),
-            attempts.fresh_only(),
-            deadline,
-        )
-        .await
-        {
-            Ok(c) => c,
-            Err(None) => return Err(ProxyError::Timeout(settings.request_timeout)),
-            Err(Some(e)) => {
-                drop(in_flight);
-                attempts.connect_failed(&task, e);
-                continue;
-            }
-        };
-        if !reused {
-            attempts.connected(&task);
+    let request = H1Request {
+        out: &out,
+        replayable,
+        fresh_only: false,
+        proxy_header: proxy_header.as_deref(),
+        rules: ResponseRules {
+            head_request: parts.method == hyper::Method::HEAD,
+            ..Default::default()
+        },
+    };
+    let mut rest = match body.rest {
+        None => Rest::Done,
+        Some(incoming) => Rest::Frames {
+            body: incoming,
+            chunked,
+            seen: body.held.len() as u64,
+            ended: false,
+        },
+    };
+    let mut headers = HeaderMap::new();
+    let mut rbuf = BytesMut::new();
+    let sent = exchange::to_h1_task(
+        svc,
+        &ctx.metrics,
+        hash,
+        &request,
+        &mut rest,
+        limit,
+        &meters.rx,
+        &mut None,
+        &mut headers,
+        &mut rbuf,
+    )
+    .await;
+    let a = match sent {
+        Ok(a) => a,
+        Err(Failed::Answer(e)) | Err(Failed::Body(BodyFailure::Refused(e), _)) => return Err(e),
+        Err(Failed::Body(BodyFailure::Gone, _)) => {
+            return Err(ProxyError::BadRequest("request body cut short".into()));
         }
-        let sent_at = Instant::now();
-        if let Err((written, e)) = crate::proxy::socket::write_all(&up, &out).await {
-            if written == 0 {
-                attempts.not_sent(reused, task_error(&task, e));
-                continue;
-            }
-            return Err(ProxyError::UpstreamFailed {
-                attempts: attempts.count(),
-                last: task_error(&task, e).to_string(),
-            });
-        }
-        meters.rx.inc_by(body.held.len() as u64);
-        let mut unfinished = false;
-        if let Some(mut incoming) = rest.take() {
-            // Streaming: frames as they come, chunked unless the length was declared.
-            let mut piece = Vec::new();
-            loop {
-                let mut end = false;
-                match incoming.frame().await {
-                    None => {
-                        end = true;
-                        if chunked {
-                            piece.extend_from_slice(LAST_CHUNK);
-                        }
-                    }
-                    Some(Ok(f)) => {
-                        if let Some(d) = f.data_ref() {
-                            seen += d.len() as u64;
-                            if limit > 0 && seen > limit {
-                                return Err(ProxyError::BodyTooLarge(limit));
-                            }
-                            meters.rx.inc_by(d.len() as u64);
-                            if chunked {
-                                if !d.is_empty() {
-                                    chunk_header(d.len(), &mut piece);
-                                    piece.extend_from_slice(d);
-                                    piece.extend_from_slice(b"\r\n");
-                                }
-                            } else {
-                                piece.extend_from_slice(d);
-                            }
-                        }
-                        if piece.is_empty() {
-                            continue;
-                        }
-                    }
-                    Some(Err(e)) => {
-                        return Err(ProxyError::BadRequest(format!("request body: {e}")));
-                    }
-                }
-                if incoming.is_end_stream() && !end {
-                    end = true;
-                    if chunked {
-                        piece.extend_from_slice(LAST_CHUNK);
-                    }
-                }
-                match write_or_answer(&up, &piece).await {
-                    Ok(true) => {}
-                    Ok(false) => {
-                        unfinished = true;
-                        break;
-                    }
-                    Err(e) => {
-                        return Err(ProxyError::UpstreamFailed {
-                            attempts: attempts.count(),
-                            last: task_error(&task, e).to_string(),
-                        });
-                    }
-                }
-                piece.clear();
-                if end {
-                    break;
-                }
-            }
-            deadline = Instant::now() + settings.request_timeout;
-        }
-        let mut rbuf = BytesMut::new();
-        let mut headers = HeaderMap::new();
-        match read_response_head(&up, &mut rbuf, &rules, &mut headers, deadline).await {
-            Ok(h) => {
-                task.state
-                    .observe_latency_us(sent_at.elapsed().as_micros().max(1) as u64);
-                let reusable = h.reusable && !unfinished && proxy_header.is_none();
-                rbuf.advance(h.len);
-                let mut resp = Response::new(());
-                *resp.status_mut() =
-                    StatusCode::from_u16(h.code).unwrap_or(StatusCode::BAD_GATEWAY);
-                *resp.headers_mut() = headers;
-                let body = TaskBody::new(
-                    up,
-                    task.addr,
-                    rbuf,
-                    h.framing,
-                    reusable,
-                    meters.tx.clone(),
-                    Box::new(in_flight),
-                );
-                let (p, ()) = resp.into_parts();
-                return Ok((Response::from_parts(p, body.boxed_unsync()), task));
-            }
-            Err(HeadFailure::Timeout) => return Err(ProxyError::Timeout(settings.request_timeout)),
-            Err(HeadFailure::Invalid(why)) => {
-                return Err(ProxyError::UpstreamFailed {
-                    attempts: attempts.count(),
-                    last: task_error(&task, why).to_string(),
-                });
-            }
-            Err(HeadFailure::Closed { received, error }) => {
-                let e = task_error(&task, &error);
-                let why = e.to_string();
-                drop(in_flight);
-                if received
-                    || attempts.closed_early(&task, replayable, reused, e) == ClosedEarly::Fail
-                {
-                    return Err(ProxyError::UpstreamFailed {
-                        attempts: attempts.count(),
-                        last: why,
-                    });
-                }
-            }
-        }
-    }
-}
-
-/// Writes `data` to the task unless it answers first (`Ok(false)`).
-async fn write_or_answer(up: &TcpStream, data: &[u8]) -> io::Result<bool> {
-    let mut done = 0;
-    while done < data.len() {
-        match up.try_write(&data[done..]) {
-            Ok(0) => return Err(io::ErrorKind::WriteZero.into()),
-            Ok(n) => done += n,
-            Err(e) if e.kind() == io::ErrorKind::WouldBlock => {
-                tokio::select! {
-                    r = up.writable() => r?,
-                    r = up.readable() => { r?; return Ok(false); }
-                }
-            }
-            Err(e) => return Err(e),
-        }
-    }
-    Ok(true)
+    };
+    // An early answer ends the exchange: the rest of the body is not sent.
+    let reusable = a.head.reusable && !a.unfinished && proxy_header.is_none();
+    let mut resp = Response::new(());
+    *resp.status_mut() = StatusCode::from_u16(a.head.code).unwrap_or(StatusCode::BAD_GATEWAY);
+    *resp.headers_mut() = headers;
+    let body = TaskBody::new(
+        a.up,
+        a.task.addr,
+        rbuf,
+        a.head.framing,
+        reusable,
+        meters.tx.clone(),
+        Box::new(a.in_flight),
+    );
+    let (p, ()) = resp.into_parts();
+    Ok((Response::from_parts(p, body.boxed_unsync()), a.task))
 }
 
 /// To an h2c task through hyper's client.
