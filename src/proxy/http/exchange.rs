@@ -457,7 +457,12 @@ async fn write_or_answer(up: &TcpStream, data: &[u8]) -> io::Result<Option<usize
             Err(e) if e.kind() == io::ErrorKind::WouldBlock => {
                 tokio::select! {
                     r = up.writable() => r?,
-                    r = up.readable() => { r?; return Ok(Some(done)); }
+                    r = up.readable() => {
+                        r?;
+                        if !still_open(up) {
+                            return Ok(Some(done));
+                        }
+                    }
                 }
             }
             Err(e) => return Err(e),
@@ -561,6 +566,9 @@ pub async fn to_h1_task(
                     r = up.readable() => {
                         if let Err(e) = r {
                             return Err(failed(&attempts, task_error(&task, e)));
+                        }
+                        if still_open(&up) {
+                            continue; // stale readiness (now cleared): nothing arrived
                         }
                         unfinished = true;
                         break;

@@ -126,7 +126,9 @@ pub async fn serve(ctx: Arc<ListenerCtx>, client: Client, hop: ClientHop, prefix
     let peer = conn.hop.peer;
     let service = service_fn(move |req| {
         let conn = conn.clone();
-        async move { Ok::<_, Infallible>(proxy(&conn, req).await) }
+        // Boxed: hyper spawns each stream with its future, which would otherwise be copied
+        // whole (the exchange's state is a few KiB) into every task.
+        Box::pin(async move { Ok::<_, Infallible>(proxy(&conn, req).await) })
     });
     let io = TokioIo::new(Prefixed {
         prefix: prefix.freeze(),
