@@ -70,7 +70,7 @@ fn task(service: &str, id: &str, addr: SocketAddr) -> String {
     format!("[[task]]\nservice = \"{service}\"\nid = \"{id}\"\naddr = \"{addr}\"\n\n")
 }
 
-fn read_to_end_lenient(s: &mut impl Read) -> Vec<u8> {
+fn read_to_end_lenient(s: &mut (impl Read + ?Sized)) -> Vec<u8> {
     let mut out = Vec::new();
     let mut buf = [0u8; 16384];
     loop {
@@ -671,4 +671,117 @@ fn tls_clients_offering_only_http10_or_an_unknown_protocol_are_served() {
     assert_eq!(chosen.as_deref(), Some(&b"http/1.1"[..]));
     let (_, chosen) = tls_connect(tls, &client_config(&pki.ca(), &[b"h2", b"http/1.1"]));
     assert_eq!(chosen.as_deref(), Some(&b"h2"[..]));
+}
+
+// ---------------------------------------------------------------------------------------------
+// Expect: 100-continue and upgrades, on both HTTP/1.x transports
+
+/// Reads until `needle` has arrived (or the connection ends); what was read.
+fn read_until(s: &mut dyn Read, needle: &[u8]) -> Vec<u8> {
+    let mut got = Vec::new();
+    let mut b = [0u8; 1];
+    while !got.windows(needle.len()).any(|w| w == needle) {
+        match s.read(&mut b) {
+            Ok(1) => got.push(b[0]),
+            _ => break,
+        }
+    }
+    got
+}
+
+/// The proxy answers `Expect: 100-continue` itself before it reads the body: the client
+/// sends its body only after the 100, then gets the task's answer.
+#[test]
+fn expect_100_continue_is_answered_by_the_proxy_on_both_transports() {
+    let pki = pki();
+    let web = Nginx::start("web");
+    let (plain, tls) = (free_addr(), free_addr());
+    let _d = daemon(plain, tls, &pki, "", &task("web", "web-0", web.addr()));
+    let head = format!(
+        "PUT /upload HTTP/1.1\r\nHost: {NAME}\r\nExpect: 100-continue\r\nContent-Length: 5\r\nConnection: close\r\n\r\n"
+    );
+    let run = |s: &mut dyn ReadWrite| {
+        s.write_all(head.as_bytes()).unwrap();
+        s.flush().unwrap();
+        let interim = read_until(s, b"\r\n\r\n");
+        assert!(
+            interim.starts_with(b"HTTP/1.1 100 Continue\r\n"),
+            "{}",
+            text(&interim)
+        );
+        s.write_all(b"hello").unwrap();
+        s.flush().unwrap();
+        let (status, body) = status_body(&read_to_end_lenient(s));
+        assert_eq!(status, 200, "{}", text(&body));
+        assert!(text(&body).contains("method=PUT"), "{}", text(&body));
+    };
+    let mut p = TcpStream::connect(plain).unwrap();
+    p.set_read_timeout(Some(IO_TIMEOUT)).unwrap();
+    run(&mut p);
+    let (mut t, _) = tls_connect(tls, &client_config(&pki.ca(), &[b"http/1.1"]));
+    run(&mut t);
+}
+
+trait ReadWrite: Read + Write {}
+impl<T: Read + Write> ReadWrite for T {}
+
+/// A task that answers an upgrade request with 101 and then echoes every byte.
+fn upgrade_echo() -> SocketAddr {
+    let l = TcpListener::bind("127.0.0.1:0").unwrap();
+    let addr = l.local_addr().unwrap();
+    thread::spawn(move || {
+        for s in l.incoming() {
+            let Ok(mut s) = s else { return };
+            thread::spawn(move || {
+                if read_request(&mut s).is_none() {
+                    return;
+                }
+                let _ = s.write_all(
+                    b"HTTP/1.1 101 Switching Protocols\r\nUpgrade: echo\r\nConnection: Upgrade\r\n\r\n",
+                );
+                let mut buf = [0u8; 4096];
+                loop {
+                    match s.read(&mut buf) {
+                        Ok(0) | Err(_) => return,
+                        Ok(n) => {
+                            if s.write_all(&buf[..n]).is_err() {
+                                return;
+                            }
+                        }
+                    }
+                }
+            });
+        }
+    });
+    addr
+}
+
+#[test]
+fn upgrades_switch_then_bytes_go_both_ways_on_both_transports() {
+    let pki = pki();
+    let (plain, tls) = (free_addr(), free_addr());
+    let _d = daemon(plain, tls, &pki, "", &task("web", "web-0", upgrade_echo()));
+    let head = format!(
+        "GET /chat HTTP/1.1\r\nHost: {NAME}\r\nUpgrade: echo\r\nConnection: Upgrade\r\n\r\n"
+    );
+    let run = |s: &mut dyn ReadWrite, name: &str| {
+        s.write_all(head.as_bytes()).unwrap();
+        s.flush().unwrap();
+        let resp = read_until(s, b"\r\n\r\n");
+        let lower = text(&resp).to_ascii_lowercase();
+        assert!(lower.starts_with("http/1.1 101"), "{name}: {lower}");
+        assert!(lower.contains("upgrade: echo"), "{name}: {lower}");
+        for msg in [&b"ping"[..], b"through the proxy", &[0u8, 255, 13, 10]] {
+            s.write_all(msg).unwrap();
+            s.flush().unwrap();
+            let mut back = vec![0u8; msg.len()];
+            s.read_exact(&mut back).unwrap();
+            assert_eq!(back, msg, "{name}");
+        }
+    };
+    let mut p = TcpStream::connect(plain).unwrap();
+    p.set_read_timeout(Some(IO_TIMEOUT)).unwrap();
+    run(&mut p, "plain");
+    let (mut t, _) = tls_connect(tls, &client_config(&pki.ca(), &[b"http/1.1"]));
+    run(&mut t, "tls");
 }
