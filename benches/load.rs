@@ -11,7 +11,14 @@
 //!    HAProxy tcp, nginx proxy, alternating target each round; req/s, p50/p99 latency, CPU
 //!    seconds per request of the proxy's processes (utime+stime from /proc, children included);
 //! 3. the same with `Connection: close` (a new connection per request: setup rate);
-//! 4. iperf3 bulk throughput through routemesh tcp and HAProxy tcp (and direct).
+//! 4. iperf3 bulk throughput through routemesh tcp and HAProxy tcp (and direct);
+//! 5. HTTPS keep-alive: wrk through routemesh and HAProxy terminating TLS with the same
+//!    certificate (ECDSA P-256, made by the openssl CLI), in the keep-alive rounds;
+//! 6. a 100 MiB upload and a 100 MiB download through each proxy's http listener: MiB/s and
+//!    RSS growth (the highest VmRSS sampled during the transfer, less the RSS before);
+//! 7. HTTP/2 clients: `h2load -c 20 -m 10` (Debian nghttp2-client) over h2c (prior
+//!    knowledge; HAProxy `bind … proto h2`) and over TLS with ALPN h2, to the HTTP/1.1
+//!    backend, alternating rounds: req/s and CPU per request.
 //!
 //! It prints medians over the rounds and the ratio of each routemesh figure to HAProxy's, with
 //! issue 5's targets. Every process it starts is stopped by PID when it ends (or panics).
@@ -19,7 +26,7 @@
 //! Run (release build; ~8 minutes with the defaults):
 //!     cargo bench --bench load
 //! Knobs (environment): LOAD_ROUND_SECS=5 LOAD_ROUNDS=3 LOAD_THREADS=1,2 LOAD_CONNECTIONS=64
-//!     LOAD_IDLE=5000 LOAD_BACKEND_WORKERS=1. A quick check that everything works:
+//!     LOAD_IDLE=5000 LOAD_BACKEND_WORKERS=1 LOAD_STREAM_MIB=100. A quick check that everything works:
 //!     LOAD_ROUND_SECS=1 LOAD_ROUNDS=1 LOAD_IDLE=500 cargo bench --bench load
 
 // The integration tests' harness; a bench uses a slice of it, the rest is unused here.
@@ -55,6 +62,7 @@ struct Opts {
     connections: usize,
     idle: usize,
     backend_workers: usize,
+    stream_mib: usize,
 }
 
 impl Opts {
@@ -66,13 +74,16 @@ impl Opts {
             connections: env_or("LOAD_CONNECTIONS", 64),
             idle: env_or("LOAD_IDLE", 5000),
             backend_workers: env_or("LOAD_BACKEND_WORKERS", 1),
+            stream_mib: env_or("LOAD_STREAM_MIB", 100),
         }
     }
 }
 
 fn tool(name: &str) -> PathBuf {
     which(name).unwrap_or_else(|| {
-        panic!("{name} not found: `apt-get install -y nginx haproxy wrk iperf3` (Debian)")
+        panic!(
+            "{name} not found: `apt-get install -y nginx haproxy wrk iperf3 nghttp2-client openssl` (Debian)"
+        )
     })
 }
 
@@ -184,10 +195,17 @@ fn start_nginx(name: &str, dir: &Path, conf: String) -> Proc {
     Proc::spawn(name, &mut cmd, dir.join("stdout.log"))
 }
 
-fn start_backend(dir: &Path, port: u16, workers: usize) -> Proc {
+fn start_backend(dir: &Path, port: u16, workers: usize, stream_mib: usize) -> Proc {
+    // A sparse file for the download stream.
+    let big = dir.join("big.bin");
+    std::fs::File::create(&big)
+        .and_then(|f| f.set_len((stream_mib as u64) << 20))
+        .expect("create big.bin");
     let body = format!(
-        "  server {{\n    listen 127.0.0.1:{port} backlog=8192;\n    \
-         location / {{ default_type text/plain; return 200 \"hello from the nginx backend\\n\"; }}\n  }}\n"
+        "  client_max_body_size 0;\n  server {{\n    listen 127.0.0.1:{port} backlog=8192;\n    \
+         location / {{ default_type text/plain; return 200 \"hello from the nginx backend\\n\"; }}\n    \
+         location = /big {{ alias {}; }}\n  }}\n",
+        big.display()
     );
     start_nginx("nginx backend", dir, nginx_conf(dir, workers, &body))
 }
@@ -206,9 +224,18 @@ struct HaproxyPorts {
     http: u16,
     tcp: u16,
     iperf: u16,
+    https: u16,
+    h2c: u16,
 }
 
-fn start_haproxy(dir: &Path, p: &HaproxyPorts, backend: u16, iperf: u16, threads: usize) -> Proc {
+fn start_haproxy(
+    dir: &Path,
+    p: &HaproxyPorts,
+    backend: u16,
+    iperf: u16,
+    threads: usize,
+    pem: &Path,
+) -> Proc {
     let conf = format!(
         "global\n  nbthread {threads}\n  maxconn 9000\n\n\
          defaults\n  timeout connect 1s\n  timeout client 60s\n  timeout server 60s\n  maxconn 9000\n\n\
@@ -217,10 +244,15 @@ fn start_haproxy(dir: &Path, p: &HaproxyPorts, backend: u16, iperf: u16, threads
          frontend fe_tcp\n  mode tcp\n  bind 127.0.0.1:{tcp}\n  default_backend be_tcp\n\
          backend be_tcp\n  mode tcp\n  server s1 127.0.0.1:{backend}\n\n\
          frontend fe_iperf\n  mode tcp\n  bind 127.0.0.1:{ip}\n  default_backend be_iperf\n\
-         backend be_iperf\n  mode tcp\n  server s1 127.0.0.1:{iperf}\n",
+         backend be_iperf\n  mode tcp\n  server s1 127.0.0.1:{iperf}\n\n\
+         frontend fe_https\n  mode http\n  bind 127.0.0.1:{https} ssl crt {pem} alpn h2,http/1.1\n  default_backend be_http\n\n\
+         frontend fe_h2c\n  mode http\n  bind 127.0.0.1:{h2c} proto h2\n  default_backend be_http\n",
         http = p.http,
         tcp = p.tcp,
         ip = p.iperf,
+        https = p.https,
+        h2c = p.h2c,
+        pem = pem.display(),
     );
     let path = dir.join("haproxy.cfg");
     std::fs::write(&path, conf).expect("write haproxy.cfg");
@@ -241,9 +273,16 @@ struct RoutemeshPorts {
     http: u16,
     tcp: u16,
     iperf: u16,
+    https: u16,
 }
 
-fn start_routemesh(p: &RoutemeshPorts, backend: u16, iperf: u16, threads: usize) -> Daemon {
+fn start_routemesh(
+    p: &RoutemeshPorts,
+    backend: u16,
+    iperf: u16,
+    threads: usize,
+    cert: &Cert,
+) -> Daemon {
     let toml = format!(
         r#"
 [node]
@@ -271,6 +310,13 @@ listen = "127.0.0.1:{ip}"
 protocol = "tcp"
 service = "iperf"
 
+[[listener]]
+name = "https"
+listen = "127.0.0.1:{https}"
+protocol = "http"
+service = "web"
+tls = {{ cert = "{cert}", key = "{key}" }}
+
 [[task]]
 service = "web"
 addr = "127.0.0.1:{backend}"
@@ -292,10 +338,62 @@ worker_threads = {threads}
         http = p.http,
         tcp = p.tcp,
         ip = p.iperf,
+        https = p.https,
+        cert = cert.cert.display(),
+        key = cert.key.display(),
     );
     let mut d = Daemon::start_with_env(&toml, &[("RUST_LOG", "warn")]);
     d.wait_ready();
     d
+}
+
+/// The certificate both proxies terminate TLS with (ECDSA P-256, self-signed).
+struct Cert {
+    cert: PathBuf,
+    key: PathBuf,
+    /// Certificate and key in one file, for HAProxy's `crt`.
+    pem: PathBuf,
+}
+
+fn make_cert(dir: &Path) -> Cert {
+    let (cert, key, pem) = (
+        dir.join("cert.pem"),
+        dir.join("key.pem"),
+        dir.join("both.pem"),
+    );
+    let mut cmd = Command::new(tool("openssl"));
+    cmd.args([
+        "req",
+        "-x509",
+        "-newkey",
+        "ec",
+        "-pkeyopt",
+        "ec_paramgen_curve:prime256v1",
+    ])
+    .args([
+        "-nodes",
+        "-days",
+        "2",
+        "-subj",
+        "/CN=bench.example",
+        "-keyout",
+    ])
+    .arg(&key)
+    .arg("-out")
+    .arg(&cert);
+    let out = run_bounded(&mut cmd, None, Duration::from_secs(20)).expect("openssl req");
+    assert!(
+        out.status.success(),
+        "openssl req: {}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let both = [
+        std::fs::read(&cert).expect("cert.pem"),
+        std::fs::read(&key).expect("key.pem"),
+    ]
+    .concat();
+    std::fs::write(&pem, both).expect("write both.pem");
+    Cert { cert, key, pem }
 }
 
 // ---------------------------------------------------------------------------------------------
@@ -351,14 +449,20 @@ fn parse_wrk(out: &str) -> Option<WrkResult> {
     (r.rps > 0.0).then_some(r)
 }
 
-fn wrk(port: u16, secs: u64, connections: usize, close: bool) -> Result<WrkResult, String> {
+fn wrk(
+    scheme: &str,
+    port: u16,
+    secs: u64,
+    connections: usize,
+    close: bool,
+) -> Result<WrkResult, String> {
     let mut cmd = Command::new(tool("wrk"));
     cmd.args(["-t1", &format!("-c{connections}"), &format!("-d{secs}s")])
         .args(["--latency", "--timeout", "2s"]);
     if close {
         cmd.args(["-H", "Connection: close"]);
     }
-    cmd.arg(format!("http://127.0.0.1:{port}/"));
+    cmd.arg(format!("{scheme}://127.0.0.1:{port}/"));
     let out = run_bounded(&mut cmd, None, Duration::from_secs(secs + 15))
         .map_err(|e| format!("wrk: {e}"))?;
     let text = String::from_utf8_lossy(&out.stdout).into_owned();
@@ -395,15 +499,19 @@ enum Target {
     HaproxyHttp,
     HaproxyTcp,
     NginxProxy,
+    RoutemeshHttps,
+    HaproxyHttps,
 }
 
-const TARGETS: [Target; 6] = [
+const TARGETS: [Target; 8] = [
     Target::Direct,
     Target::RoutemeshHttp,
     Target::RoutemeshTcp,
     Target::HaproxyHttp,
     Target::HaproxyTcp,
     Target::NginxProxy,
+    Target::RoutemeshHttps,
+    Target::HaproxyHttps,
 ];
 
 impl Target {
@@ -415,7 +523,17 @@ impl Target {
             Target::HaproxyHttp => "HAProxy http",
             Target::HaproxyTcp => "HAProxy tcp",
             Target::NginxProxy => "nginx proxy",
+            Target::RoutemeshHttps => "routemesh https",
+            Target::HaproxyHttps => "HAProxy https",
         }
+    }
+
+    fn tls(self) -> bool {
+        matches!(self, Target::RoutemeshHttps | Target::HaproxyHttps)
+    }
+
+    fn scheme(self) -> &'static str {
+        if self.tls() { "https" } else { "http" }
     }
 }
 
@@ -447,7 +565,8 @@ fn run_rounds(
     let mut samples: BTreeMap<Target, Samples> = BTreeMap::new();
     for round in 0..opts.rounds {
         // Alternate the order too, so no target always runs right after the same one.
-        let mut order = TARGETS.to_vec();
+        // A new TLS connection per request measures handshakes, not the proxies: keep-alive only.
+        let mut order: Vec<Target> = TARGETS.into_iter().filter(|t| !close || !t.tls()).collect();
         if round % 2 == 1 {
             order.reverse();
         }
@@ -455,7 +574,7 @@ fn run_rounds(
             let port = setup.ports[&t];
             let pid = setup.pids.get(&t).copied();
             let cpu0 = pid.map(cpu_secs);
-            let r = match wrk(port, opts.round_secs, opts.connections, close) {
+            let r = match wrk(t.scheme(), port, opts.round_secs, opts.connections, close) {
                 Ok(r) => r,
                 Err(e) => {
                     eprintln!("  {} round {round}: {e}", t.label());
@@ -493,7 +612,7 @@ fn run_rounds(
         "  {:<16} {:>11} {:>10} {:>10} {:>14} {:>7}",
         "target", "req/s", "p50", "p99", "CPU µs/req", "errors"
     );
-    for t in TARGETS {
+    for t in TARGETS.into_iter().filter(|t| !close || !t.tls()) {
         let Some(s) = samples.get(&t) else {
             let _ = writeln!(report, "  {:<16} (no result)", t.label());
             continue;
@@ -569,7 +688,7 @@ fn idle_rss_per_conn(pid: u32, addr: SocketAddr, n: usize) -> Result<(f64, u64, 
 
 fn main() {
     let opts = Opts::from_env();
-    for t in ["nginx", "haproxy", "wrk", "iperf3"] {
+    for t in ["nginx", "haproxy", "wrk", "iperf3", "h2load", "openssl"] {
         tool(t);
     }
     let started = Instant::now();
@@ -585,10 +704,16 @@ fn main() {
     );
 
     let dir = tempdir("routemesh-load");
+    let cert = make_cert(dir.path());
     let backend_port = free_port();
     let backend_dir = dir.path().join("backend");
     std::fs::create_dir_all(&backend_dir).expect("mkdir");
-    let mut backend = start_backend(&backend_dir, backend_port, opts.backend_workers);
+    let mut backend = start_backend(
+        &backend_dir,
+        backend_port,
+        opts.backend_workers,
+        opts.stream_mib,
+    );
     wait_port(loopback(backend_port), "nginx backend", Some(&mut backend));
 
     let iperf_port = free_port();
@@ -609,11 +734,14 @@ fn main() {
             http: free_port(),
             tcp: free_port(),
             iperf: free_port(),
+            https: free_port(),
         };
         let ha_ports = HaproxyPorts {
             http: free_port(),
             tcp: free_port(),
             iperf: free_port(),
+            https: free_port(),
+            h2c: free_port(),
         };
         let nginx_port = free_port();
         let ha_dir = dir.path().join(format!("haproxy-{n}"));
@@ -621,12 +749,14 @@ fn main() {
         std::fs::create_dir_all(&ha_dir).expect("mkdir");
         std::fs::create_dir_all(&ngx_dir).expect("mkdir");
 
-        let routemesh = start_routemesh(&rm_ports, backend_port, iperf_port, n);
-        let mut haproxy = start_haproxy(&ha_dir, &ha_ports, backend_port, iperf_port, n);
+        let routemesh = start_routemesh(&rm_ports, backend_port, iperf_port, n, &cert);
+        let mut haproxy = start_haproxy(&ha_dir, &ha_ports, backend_port, iperf_port, n, &cert.pem);
         let mut nginx = start_nginx_proxy(&ngx_dir, nginx_port, backend_port, n);
         for (port, what) in [
             (ha_ports.http, "haproxy http"),
             (ha_ports.tcp, "haproxy tcp"),
+            (ha_ports.https, "haproxy https"),
+            (ha_ports.h2c, "haproxy h2c"),
         ] {
             wait_port(loopback(port), what, Some(&mut haproxy));
         }
@@ -674,6 +804,8 @@ fn main() {
                 (Target::HaproxyHttp, ha_ports.http),
                 (Target::HaproxyTcp, ha_ports.tcp),
                 (Target::NginxProxy, nginx_port),
+                (Target::RoutemeshHttps, rm_ports.https),
+                (Target::HaproxyHttps, ha_ports.https),
             ]),
             pids: BTreeMap::from([
                 (Target::RoutemeshHttp, routemesh.pid()),
@@ -681,11 +813,13 @@ fn main() {
                 (Target::HaproxyHttp, haproxy.pid()),
                 (Target::HaproxyTcp, haproxy.pid()),
                 (Target::NginxProxy, nginx.pid()),
+                (Target::RoutemeshHttps, routemesh.pid()),
+                (Target::HaproxyHttps, haproxy.pid()),
             ]),
         };
         // Warm-up (not recorded): every target once, briefly.
         for t in TARGETS {
-            let _ = wrk(setup.ports[&t], 1, opts.connections, false);
+            let _ = wrk(t.scheme(), setup.ports[&t], 1, opts.connections, false);
         }
 
         // 2. and 3. wrk rounds.
@@ -709,6 +843,13 @@ fn main() {
             Target::RoutemeshTcp,
             Target::HaproxyTcp,
             "tcp ",
+        );
+        ratios(
+            &mut report,
+            &ka,
+            Target::RoutemeshHttps,
+            Target::HaproxyHttps,
+            "https",
         );
         let cl = run_rounds(
             &opts,
@@ -773,6 +914,29 @@ fn main() {
             ratio(bulk_rm, bulk_ha)
         );
 
+        // 6. 100 MiB streams.
+        let streams = stream_report(
+            &opts,
+            &mut report,
+            &[
+                ("routemesh http", rm_ports.http, routemesh.pid()),
+                ("HAProxy http", ha_ports.http, haproxy.pid()),
+            ],
+        );
+
+        // 7. HTTP/2 clients.
+        let h2 = h2load_rounds(
+            &opts,
+            &mut report,
+            &[
+                ("routemesh h2c", "http", rm_ports.http, routemesh.pid()),
+                ("HAProxy h2c", "http", ha_ports.h2c, haproxy.pid()),
+                ("routemesh h2 TLS", "https", rm_ports.https, routemesh.pid()),
+                ("HAProxy h2 TLS", "https", ha_ports.https, haproxy.pid()),
+            ],
+            n,
+        );
+
         // Issue 5's targets at this thread count.
         let http_x =
             med(&ka, Target::RoutemeshHttp, |x| &x.rps) / med(&ka, Target::HaproxyHttp, |x| &x.rps);
@@ -782,6 +946,26 @@ fn main() {
             med(&ka, Target::RoutemeshTcp, |x| &x.rps) / med(&ka, Target::HaproxyTcp, |x| &x.rps);
         let bulk_x = bulk_rm / bulk_ha;
         let idle_kib = idle.get(&Target::RoutemeshTcp).copied().unwrap_or(f64::NAN) / 1024.0;
+        let https_x = med(&ka, Target::RoutemeshHttps, |x| &x.rps)
+            / med(&ka, Target::HaproxyHttps, |x| &x.rps);
+        let https_cpu = med(&ka, Target::RoutemeshHttps, |x| &x.cpu_us_per_req)
+            / med(&ka, Target::HaproxyHttps, |x| &x.cpu_us_per_req);
+        let http_cpu = med(&ka, Target::RoutemeshHttp, |x| &x.cpu_us_per_req)
+            / med(&ka, Target::HaproxyHttp, |x| &x.cpu_us_per_req);
+        let new_conn_x =
+            med(&cl, Target::RoutemeshHttp, |x| &x.rps) / med(&cl, Target::HaproxyHttp, |x| &x.rps);
+        let h2_x = |a: &str, b: &str| {
+            median(h2.get(a).map(|v| v.0.as_slice()).unwrap_or(&[]))
+                / median(h2.get(b).map(|v| v.0.as_slice()).unwrap_or(&[]))
+        };
+        let h2c_x = h2_x("routemesh h2c", "HAProxy h2c");
+        let h2tls_x = h2_x("routemesh h2 TLS", "HAProxy h2 TLS");
+        let rss_mib = streams
+            .iter()
+            .filter(|(n, _)| n.starts_with("routemesh"))
+            .map(|(_, g)| *g)
+            .fold(f64::NAN, f64::max)
+            / 1048576.0;
         let _ = writeln!(summary, "\n{n} thread(s):");
         let _ = writeln!(
             summary,
@@ -805,6 +989,39 @@ fn main() {
             "  idle  ≤ 12 KiB RSS per connection:            {idle_kib:.1} KiB → {}",
             verdict(idle_kib <= 12.0)
         );
+        let _ = writeln!(summary, "  (issue 20)");
+        let _ = writeln!(
+            summary,
+            "  HTTP  ≥ 1.05× HAProxy req/s, p99 ≤, CPU/req ≤ 0.93×: {http_x:.2}×, p99 {}, CPU {http_cpu:.2}× → {}",
+            if http_p99_ok { "≤" } else { ">" },
+            verdict(http_x >= 1.05 && http_p99_ok && http_cpu <= 0.93)
+        );
+        let _ = writeln!(
+            summary,
+            "  HTTP new connection per request ≥ 1.45×:     {new_conn_x:.2}× → {}",
+            verdict(new_conn_x >= 1.45)
+        );
+        let _ = writeln!(
+            summary,
+            "  HTTPS ≥ 1.2× HAProxy req/s, CPU/req ≤ 1×:    {https_x:.2}×, CPU {https_cpu:.2}× → {}",
+            verdict(https_x >= 1.2 && https_cpu <= 1.0)
+        );
+        let _ = writeln!(
+            summary,
+            "  {} MiB streams, RSS growth ≤ 1 MiB:          {rss_mib:.2} MiB → {}",
+            opts.stream_mib,
+            verdict(rss_mib <= 1.0)
+        );
+        let _ = writeln!(
+            summary,
+            "  h2c ≥ 1.0× HAProxy req/s:                     {h2c_x:.2}× → {}",
+            verdict(h2c_x >= 1.0)
+        );
+        let _ = writeln!(
+            summary,
+            "  h2 over TLS ≥ 1.0× HAProxy req/s:             {h2tls_x:.2}× → {}",
+            verdict(h2tls_x >= 1.0)
+        );
 
         haproxy.check_running();
         nginx.check_running();
@@ -821,6 +1038,260 @@ fn main() {
         "\n(total {:.0} s; every figure is a median over rounds; CPU µs/req counts the proxy's processes only)",
         started.elapsed().as_secs_f64()
     );
+}
+
+// ---------------------------------------------------------------------------------------------
+// 100 MiB streams
+
+/// Samples VmRSS of `pid` every 20 ms while `work` runs; returns its result and the
+/// highest sample.
+fn peak_rss_during<T>(pid: u32, work: impl FnOnce() -> T) -> (T, u64) {
+    let stop = std::sync::Arc::new(std::sync::atomic::AtomicBool::new(false));
+    let stop2 = stop.clone();
+    let sampler = thread::spawn(move || {
+        let mut peak = 0;
+        while !stop2.load(std::sync::atomic::Ordering::Relaxed) {
+            peak = peak.max(rss_bytes(pid));
+            thread::sleep(Duration::from_millis(20));
+        }
+        peak.max(rss_bytes(pid))
+    });
+    let r = work();
+    stop.store(true, std::sync::atomic::Ordering::Relaxed);
+    (r, sampler.join().unwrap_or(0))
+}
+
+/// Uploads then downloads `mib` MiB on one keep-alive connection; seconds each.
+fn stream_once(port: u16, mib: usize) -> Result<(f64, f64), String> {
+    use std::io::{Read, Write};
+    let err = |e: std::io::Error| e.to_string();
+    let mut s = TcpStream::connect(loopback(port)).map_err(err)?;
+    s.set_read_timeout(Some(Duration::from_secs(60)))
+        .map_err(err)?;
+    let size = mib << 20;
+    let t = Instant::now();
+    write!(
+        s,
+        "POST /up HTTP/1.1\r\nHost: bench\r\nContent-Length: {size}\r\n\r\n"
+    )
+    .map_err(err)?;
+    let chunk = vec![b'u'; 1 << 16];
+    for _ in 0..size / chunk.len() {
+        s.write_all(&chunk).map_err(err)?;
+    }
+    let mut buf = vec![0u8; 1 << 16];
+    let mut got = Vec::new();
+    // The backend's short answer (Content-Length).
+    while !got.windows(4).any(|w| w == b"\r\n\r\n") || !got.ends_with(b"\n") {
+        let n = s.read(&mut buf).map_err(err)?;
+        if n == 0 {
+            return Err("closed after the upload".into());
+        }
+        got.extend_from_slice(&buf[..n]);
+    }
+    if !got.starts_with(b"HTTP/1.1 200") {
+        return Err(format!("upload: {}", String::from_utf8_lossy(&got)));
+    }
+    let up = t.elapsed().as_secs_f64();
+    let t = Instant::now();
+    write!(s, "GET /big HTTP/1.1\r\nHost: bench\r\n\r\n").map_err(err)?;
+    let mut head = Vec::new();
+    let mut total = 0usize;
+    loop {
+        let n = s.read(&mut buf).map_err(err)?;
+        if n == 0 {
+            return Err(format!("download cut at {total}"));
+        }
+        if head.len() < 4 || !head.windows(4).any(|w| w == b"\r\n\r\n") {
+            head.extend_from_slice(&buf[..n]);
+            if let Some(i) = head.windows(4).position(|w| w == b"\r\n\r\n") {
+                total = head.len() - (i + 4);
+            }
+        } else {
+            total += n;
+        }
+        if total >= size {
+            break;
+        }
+    }
+    Ok((up, t.elapsed().as_secs_f64()))
+}
+
+/// Per proxy: upload MiB/s, download MiB/s, RSS growth in bytes (one sample per round).
+type StreamRow = (Vec<f64>, Vec<f64>, Vec<f64>);
+
+/// Section 6; returns each proxy's RSS growth (median over rounds).
+fn stream_report(
+    opts: &Opts,
+    report: &mut String,
+    targets: &[(&'static str, u16, u32)],
+) -> Vec<(&'static str, f64)> {
+    let mib = opts.stream_mib;
+    let mut rows: BTreeMap<&str, StreamRow> = BTreeMap::new();
+    for round in 0..opts.rounds {
+        for &(name, port, pid) in targets {
+            let before = rss_bytes(pid);
+            let (r, peak) = peak_rss_during(pid, || stream_once(port, mib));
+            match r {
+                Ok((up, down)) => {
+                    let e = rows.entry(name).or_default();
+                    e.0.push(mib as f64 / up);
+                    e.1.push(mib as f64 / down);
+                    e.2.push(peak.saturating_sub(before) as f64);
+                    eprintln!(
+                        "  [stream] round {} {name:<15} up {:.0} MiB/s down {:.0} MiB/s RSS +{:.2} MiB",
+                        round + 1,
+                        mib as f64 / up,
+                        mib as f64 / down,
+                        peak.saturating_sub(before) as f64 / 1048576.0
+                    );
+                }
+                Err(e) => eprintln!("  [stream] {name}: {e}"),
+            }
+        }
+    }
+    let _ = writeln!(
+        report,
+        "\n{mib} MiB upload then download on one keep-alive connection ({} round(s), medians)",
+        opts.rounds
+    );
+    let mut out = Vec::new();
+    for &(name, _, _) in targets {
+        let Some((up, down, rss)) = rows.get(name) else {
+            let _ = writeln!(report, "  {name:<16} (no result)");
+            continue;
+        };
+        let _ = writeln!(
+            report,
+            "  {name:<16} up {:>6.0} MiB/s  down {:>6.0} MiB/s  RSS growth {:.2} MiB",
+            median(up),
+            median(down),
+            median(rss) / 1048576.0
+        );
+        out.push((name, median(rss)));
+    }
+    out
+}
+
+// ---------------------------------------------------------------------------------------------
+// HTTP/2 clients (h2load)
+
+/// One h2load run: (req/s, requests done, failed).
+fn h2load(scheme: &str, port: u16, secs: u64) -> Result<(f64, u64, u64), String> {
+    let mut cmd = Command::new(tool("h2load"));
+    cmd.args(["-c", "20", "-m", "10", "-t", "1", "-D", &secs.to_string()])
+        .arg(format!("{scheme}://127.0.0.1:{port}/"));
+    let out = run_bounded(&mut cmd, None, Duration::from_secs(secs + 20))
+        .map_err(|e| format!("h2load: {e}"))?;
+    let text = String::from_utf8_lossy(&out.stdout).into_owned();
+    let mut rps = None;
+    let (mut done, mut failed) = (0, 0);
+    for line in text.lines() {
+        let t = line.trim();
+        if let Some(rest) = t.strip_prefix("finished in ") {
+            // "finished in 3.00s, 51234.00 req/s, 2.10MB/s"
+            rps = rest
+                .split(", ")
+                .nth(1)
+                .and_then(|v| v.strip_suffix(" req/s"))
+                .and_then(|v| v.parse::<f64>().ok());
+        } else if let Some(rest) = t.strip_prefix("requests: ") {
+            // "N total, N started, N done, N succeeded, N failed, N errored, N timeout"
+            for part in rest.split(", ") {
+                let mut it = part.split_whitespace();
+                let (Some(n), Some(what)) = (it.next(), it.next()) else {
+                    continue;
+                };
+                let n: u64 = n.parse().unwrap_or(0);
+                match what {
+                    "succeeded" => done = n,
+                    "failed" | "errored" | "timeout" => failed += n,
+                    _ => {}
+                }
+            }
+        }
+    }
+    match rps {
+        Some(r) if r > 0.0 => Ok((r, done, failed)),
+        _ => Err(format!("h2load gave no result ({}):\n{text}", out.status)),
+    }
+}
+
+/// Per target: req/s samples, CPU µs per request samples, failed requests.
+type H2Row = (Vec<f64>, Vec<f64>, u64);
+
+/// Section 7: alternating rounds, per target.
+fn h2load_rounds(
+    opts: &Opts,
+    report: &mut String,
+    targets: &[(&'static str, &str, u16, u32)],
+    threads: usize,
+) -> BTreeMap<&'static str, H2Row> {
+    let mut out: BTreeMap<&'static str, H2Row> = BTreeMap::new();
+    for &(_, scheme, port, _) in targets {
+        let _ = h2load(scheme, port, 1); // warm-up
+    }
+    for round in 0..opts.rounds {
+        let mut order = targets.to_vec();
+        if round % 2 == 1 {
+            order.reverse();
+        }
+        for (name, scheme, port, pid) in order {
+            let c0 = cpu_secs(pid);
+            match h2load(scheme, port, opts.round_secs) {
+                Ok((rps, done, failed)) => {
+                    let e = out.entry(name).or_default();
+                    e.0.push(rps);
+                    if done > 0 {
+                        e.1.push((cpu_secs(pid) - c0) / done as f64 * 1e6);
+                    }
+                    e.2 += failed;
+                    eprintln!(
+                        "  [{threads}T h2load] round {} {name:<17} {rps:>10.0} req/s",
+                        round + 1
+                    );
+                }
+                Err(e) => eprintln!("  [{threads}T h2load] {name}: {e}"),
+            }
+        }
+    }
+    let _ = writeln!(
+        report,
+        "\nHTTP/2 clients, h2load -c 20 -m 10 ({} round(s) × {} s, medians)",
+        opts.rounds, opts.round_secs
+    );
+    let _ = writeln!(
+        report,
+        "  {:<18} {:>11} {:>14} {:>7}",
+        "target", "req/s", "CPU µs/req", "failed"
+    );
+    for &(name, ..) in targets {
+        let Some((rps, cpu, failed)) = out.get(name) else {
+            let _ = writeln!(report, "  {name:<18} (no result)");
+            continue;
+        };
+        let _ = writeln!(
+            report,
+            "  {name:<18} {:>11.0} {:>14} {:>7}",
+            median(rps),
+            fmt_cpu_us(median(cpu)),
+            failed
+        );
+    }
+    for pair in targets.chunks(2) {
+        if let [(a, ..), (b, ..)] = pair {
+            let m = |n: &str, f: fn(&H2Row) -> &Vec<f64>| {
+                out.get(n).map(|v| median(f(v))).unwrap_or(f64::NAN)
+            };
+            let _ = writeln!(
+                report,
+                "  {a} / {b}: req/s {}  CPU/req {}",
+                ratio(m(a, |v| &v.0), m(b, |v| &v.0)),
+                ratio(m(a, |v| &v.1), m(b, |v| &v.1))
+            );
+        }
+    }
+    out
 }
 
 fn haproxy_version() -> String {

@@ -11,8 +11,8 @@
 //! - `snapshot`  immutable routing state published to readers; per-task runtime state
 //! - `balance`   selectors built per snapshot: round robin, least connections, P2C, Maglev
 //! - `health`    active health checks of the served services' tasks, with hysteresis
-//! - `protocol`  sans-IO parsers of a connection's first bytes: MQTT CONNECT, PROXY
-//!   protocol, TLS ClientHello
+//! - `protocol`  sans-IO protocol code: the HTTP/1.1 codec, MQTT CONNECT, PROXY protocol,
+//!   TLS ClientHello
 //! - `proxy`     the data path: accept loop, admission, upstream connect with failover, TCP,
 //!   HTTP and TLS (termination, SNI passthrough)
 //! - `admin`     /healthz /readyz /routes /metrics

@@ -353,6 +353,7 @@ impl Listeners {
             access_log: config.log.access,
             edge: cfg.edge.clone(),
             drain: conns.drain.clone(),
+            http_meters: Default::default(),
         });
         // Limits and PROXY headers are checked before any protocol handler runs.
         let admission = Admission::new(

@@ -39,6 +39,8 @@ pub struct ListenerCtx {
     pub edge: crate::config::ListenerEdge,
     /// Cancelled when the daemon starts draining (HTTP: graceful connection shutdown).
     pub drain: tokio_util::sync::CancellationToken,
+    /// HTTP listeners: metric handles per service, resolved once.
+    pub http_meters: Arc<http::ListenerMeters>,
 }
 
 impl ListenerCtx {

@@ -1,7 +1,11 @@
 //! TLS at the edge.
 //!
 //! `protocol = "http"` listeners with `tls`: termination with rustls (ring provider, TLS 1.2
-//! and 1.3 only, ALPN h2 and http/1.1). The certificate is picked by SNI from the listener's
+//! and 1.3 only, ALPN h2 and http/1.1). A client whose ALPN list has neither (only
+//! `http/1.0`, or a protocol we do not know) is served HTTP/1.1 with no protocol selected,
+//! as nginx and HAProxy do, instead of failing the handshake (rustls refuses a list it
+//! shares nothing with): the ClientHello is read first (`LazyConfigAcceptor`) and such a
+//! client gets a config without ALPN. The certificate is picked by SNI from the listener's
 //! list (first = default); a [`Terminator`] per listener keeps one rustls config whose
 //! certificates app.rs replaces on every reload, so SIGHUP picks up rotated files without
 //! touching open connections. A handshake that fails or does not finish within
@@ -23,7 +27,7 @@ use std::sync::Arc;
 use arc_swap::ArcSwap;
 use tokio::net::TcpStream;
 use tokio::time::Instant;
-use tokio_rustls::TlsAcceptor;
+use tokio_rustls::LazyConfigAcceptor;
 use tokio_rustls::rustls::server::{ClientHello, ResolvesServerCert};
 use tokio_rustls::rustls::sign::CertifiedKey;
 use tokio_rustls::rustls::{self, ServerConfig};
@@ -144,10 +148,15 @@ impl ResolvesServerCert for CertStore {
     }
 }
 
-/// The TLS side of a terminating http listener: one rustls config (TLS 1.2 and 1.3, ALPN h2
-/// and http/1.1, ring) whose certificates can be replaced while connections run.
+/// The protocols offered by ALPN.
+const ALPN: [&[u8]; 2] = [b"h2", b"http/1.1"];
+
+/// The TLS side of a terminating http listener: rustls configs (TLS 1.2 and 1.3, ring) whose
+/// certificates can be replaced while connections run: one offering ALPN h2 and http/1.1,
+/// one without ALPN for clients that offer neither.
 pub struct Terminator {
-    acceptor: TlsAcceptor,
+    alpn: Arc<ServerConfig>,
+    no_alpn: Arc<ServerConfig>,
     store: Arc<CertStore>,
 }
 
@@ -156,16 +165,34 @@ impl Terminator {
         let store = Arc::new(CertStore {
             certs: ArcSwap::from_pointee(certs),
         });
-        let mut config = ServerConfig::builder_with_provider(tls_provider())
-            .with_protocol_versions(&[&rustls::version::TLS13, &rustls::version::TLS12])
-            .expect("the ring provider has TLS 1.2 and 1.3 suites")
-            .with_no_client_auth()
-            .with_cert_resolver(store.clone());
-        config.alpn_protocols = vec![b"h2".to_vec(), b"http/1.1".to_vec()];
+        let config = || {
+            ServerConfig::builder_with_provider(tls_provider())
+                .with_protocol_versions(&[&rustls::version::TLS13, &rustls::version::TLS12])
+                .expect("the ring provider has TLS 1.2 and 1.3 suites")
+                .with_no_client_auth()
+                .with_cert_resolver(store.clone())
+        };
+        let mut alpn = config();
+        alpn.alpn_protocols = ALPN.iter().map(|p| p.to_vec()).collect();
         Arc::new(Terminator {
-            acceptor: TlsAcceptor::from(Arc::new(config)),
+            alpn: Arc::new(alpn),
+            no_alpn: Arc::new(config()),
             store,
         })
+    }
+
+    /// The config for a ClientHello: with ALPN when the client offers none or one of ours,
+    /// else without (served HTTP/1.1, no protocol selected).
+    fn config_for(&self, hello: &ClientHello<'_>) -> Arc<ServerConfig> {
+        let shares = match hello.alpn() {
+            None => true,
+            Some(mut offered) => offered.any(|p| ALPN.contains(&p)),
+        };
+        if shares {
+            self.alpn.clone()
+        } else {
+            self.no_alpn.clone()
+        }
     }
 
     /// New certificates for new handshakes; open connections keep their session.
@@ -175,15 +202,19 @@ impl Terminator {
 }
 
 /// Handles one connection of an http listener with `tls`: the handshake within
-/// `handshake_timeout`, then HTTP/1.1 or HTTP/2 (ALPN) over it.
+/// `handshake_timeout`, then HTTP/2 (ALPN h2) or HTTP/1.x over it.
 pub async fn terminate(
     ctx: Arc<ListenerCtx>,
     term: Arc<Terminator>,
     client: TcpStream,
     peer: SocketAddr,
 ) {
-    let local = client.local_addr().ok();
-    let handshake = term.acceptor.accept(client);
+    let local = client.local_addr().unwrap_or(peer);
+    let handshake = async {
+        let start = LazyConfigAcceptor::new(rustls::server::Acceptor::default(), client).await?;
+        let config = term.config_for(&start.client_hello());
+        start.into_stream(config).await
+    };
     let bounded = tokio::select! {
         r = tokio::time::timeout(ctx.edge.handshake_timeout, handshake) => r,
         // Draining: no request has started on this connection yet.
@@ -206,5 +237,5 @@ pub async fn terminate(
         }
         Ok(Ok(s)) => s,
     };
-    super::http::serve(ctx, stream, peer, local, true).await
+    super::http::handle_tls(ctx, stream, peer, local).await
 }

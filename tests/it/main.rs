@@ -35,6 +35,7 @@ mod etcd_errors;
 mod ha;
 mod harness_selftest;
 mod http;
+mod http_engine;
 mod mqtt;
 mod observability;
 mod publish;

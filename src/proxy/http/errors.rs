@@ -9,7 +9,7 @@ use hyper::header::{self, HeaderValue};
 use hyper::{Response, StatusCode};
 
 use super::body::{Body, full};
-use super::head::HeadError;
+use crate::protocol::http1::HeadError;
 
 /// A request the proxy answers itself.
 #[derive(Debug, thiserror::Error)]

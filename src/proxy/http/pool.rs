@@ -1,131 +1,78 @@
-//! Upstream connections: dial + handshake (HTTP/1.1 or h2c), and a process-wide pool of idle
-//! keep-alive connections per task address, so steady traffic reuses a few connections.
+//! The one pool of task connections, process-wide (connections belong to a task, not to
+//! the listener that happened to route there): idle HTTP/1.1 connections per task address,
+//! newest first, and one shared h2c sender per task address.
 //!
-//! HTTP/1.1 connections carry one exchange at a time: a connection is checked out for a
-//! request and checked in when its response body has been read to the end (an abandoned
-//! body closes it instead). An h2c connection is shared by every request to its task.
-//! The pool is process-wide because connections belong to a task, not to the listener
-//! that happened to route there. It never picks tasks: the caller picks per request.
+//! One idle rule for both: a connection unused for [`IDLE_MAX`] is closed, not reused
+//! (most servers close idle keep-alive connections after 60–75 s; reusing one they are
+//! closing fails the request), and at least every [`IDLE_MAX`] the expired connections of
+//! every task are dropped, so tasks that went away keep no descriptors. An HTTP/1.1
+//! connection is checked out for one exchange and checked in after a complete one;
+//! connections that carry a PROXY header (`send_proxy`) or were upgraded never come here.
+//! The pool never picks tasks: the caller picks per request.
 
 use std::collections::HashMap;
-use std::io;
 use std::net::SocketAddr;
 use std::sync::{Mutex, OnceLock};
-use std::time::{Duration, Instant};
+use std::time::Duration;
 
-use hyper::body::Incoming;
-use hyper::client::conn::{http1, http2};
-use hyper::{Request, Response};
-use hyper_util::rt::{TokioExecutor, TokioIo, TokioTimer};
+use hyper::client::conn::http2;
+use tokio::net::TcpStream;
+use tokio::time::Instant;
 
 use super::body::Body;
-use crate::config::UpstreamProtocol;
-use crate::util::net::dial;
 
-/// Idle connections older than this are closed rather than reused: most servers close idle
-/// keep-alive connections after 60–75 s, and reusing one they are closing fails the request.
-const IDLE_MAX: Duration = Duration::from_secs(30);
+/// Idle connections older than this are closed rather than reused.
+pub const IDLE_MAX: Duration = Duration::from_secs(30);
 /// Idle HTTP/1.1 connections kept per task.
 const IDLE_PER_ADDR: usize = 256;
 
-/// A connection able to send a request.
-pub enum Sender {
-    H1(http1::SendRequest<Body>),
-    H2(http2::SendRequest<Body>),
+/// A shared h2c connection to a task.
+pub type H2Sender = http2::SendRequest<Body>;
+
+/// Whether a connection idle since `since` may still be used at `now`.
+fn fresh(since: Instant, now: Instant) -> bool {
+    now.duration_since(since) < IDLE_MAX
 }
 
-/// Why a send failed, and whether the request went out.
-#[allow(clippy::large_enum_variant)] // returned once per failed send, never stored
-pub enum SendError {
-    /// The connection was closed before any byte of the request was written: the request
-    /// comes back and may go anywhere else, whatever its method.
-    NotSent(Request<Body>),
-    /// The request was (perhaps partly) written; the task may have acted on it.
-    Failed(hyper::Error),
+/// Whether a kept connection is still open: nothing to read (a FIN or stray bytes mean it
+/// is not reusable). Costs a system call only when the reactor has seen the socket become
+/// readable since it last drained it (which is what a close or stray bytes do); a socket
+/// with no such event is taken as open without asking the kernel.
+pub fn still_open(s: &TcpStream) -> bool {
+    let probe = s.try_io(tokio::io::Interest::READABLE, || {
+        let mut b = [std::mem::MaybeUninit::<u8>::uninit(); 1];
+        socket2::SockRef::from(s).peek(&mut b)
+    });
+    matches!(probe, Err(e) if e.kind() == std::io::ErrorKind::WouldBlock)
 }
 
-impl Sender {
-    pub async fn send(&mut self, req: Request<Body>) -> Result<Response<Incoming>, SendError> {
-        let r = match self {
-            Sender::H1(s) => {
-                if s.ready().await.is_err() {
-                    return Err(SendError::NotSent(req));
-                }
-                s.try_send_request(req).await
-            }
-            Sender::H2(s) => {
-                if s.ready().await.is_err() {
-                    return Err(SendError::NotSent(req));
-                }
-                s.try_send_request(req).await
-            }
-        };
-        r.map_err(|mut e| match e.take_message() {
-            Some(req) => SendError::NotSent(req),
-            None => SendError::Failed(e.into_error()),
-        })
-    }
+#[derive(Default)]
+struct Idle {
+    h1: HashMap<SocketAddr, Vec<(Instant, TcpStream)>>,
+    h2: HashMap<SocketAddr, (Instant, H2Sender)>,
+    /// When expired connections of every task were last dropped.
+    swept: Option<Instant>,
 }
 
-/// Dials `addr` (bounded by `connect_timeout`) and runs the protocol handshake; the
-/// connection is driven by a spawned task that ends when the connection closes.
-/// `upgrades`: keep the connection usable for a 101 tunnel (never pooled). `proxy_header`:
-/// written before the handshake (`send_proxy`; such connections are never pooled).
-pub async fn connect(
-    addr: SocketAddr,
-    connect_timeout: Duration,
-    protocol: UpstreamProtocol,
-    upgrades: bool,
-    proxy_header: Option<&[u8]>,
-) -> io::Result<Sender> {
-    let mut stream = dial(addr, connect_timeout).await?;
-    if let Some(h) = proxy_header {
-        // `send_proxy`: the PROXY header goes first on the connection, before any HTTP.
-        tokio::io::AsyncWriteExt::write_all(&mut stream, h).await?;
-    }
-    let io = TokioIo::new(stream);
-    match protocol {
-        UpstreamProtocol::Http1 => {
-            let (send, conn) = http1::Builder::new()
-                .handshake(io)
-                .await
-                .map_err(io::Error::other)?;
-            tokio::spawn(async move {
-                let r = if upgrades {
-                    conn.with_upgrades().await
-                } else {
-                    conn.await
-                };
-                if let Err(e) = r {
-                    tracing::debug!(%addr, error = %e, "upstream connection ended");
-                }
-            });
-            Ok(Sender::H1(send))
+impl Idle {
+    /// Drops what expired everywhere, at most once per [`IDLE_MAX`].
+    fn sweep(&mut self, now: Instant) {
+        if self.swept.is_some_and(|t| fresh(t, now)) {
+            return;
         }
-        UpstreamProtocol::H2c => {
-            let (send, conn) = http2::Builder::new(TokioExecutor::new())
-                .timer(TokioTimer::new())
-                .handshake(io)
-                .await
-                .map_err(io::Error::other)?;
-            tokio::spawn(async move {
-                if let Err(e) = conn.await {
-                    tracing::debug!(%addr, error = %e, "upstream h2c connection ended");
-                }
-            });
-            Ok(Sender::H2(send))
-        }
+        self.swept = Some(now);
+        self.h1.retain(|_, list| {
+            list.retain(|(since, _)| fresh(*since, now));
+            !list.is_empty()
+        });
+        self.h2
+            .retain(|_, (since, s)| fresh(*since, now) && !s.is_closed());
     }
 }
 
-/// An idle HTTP/1.1 connection and since when.
-type Idle = (Instant, http1::SendRequest<Body>);
-
-/// Idle connections by task address.
 #[derive(Default)]
 pub struct Pool {
-    h1: Mutex<HashMap<SocketAddr, Vec<Idle>>>,
-    h2: Mutex<HashMap<SocketAddr, http2::SendRequest<Body>>>,
+    idle: Mutex<Idle>,
 }
 
 impl Pool {
@@ -134,61 +81,102 @@ impl Pool {
         POOL.get_or_init(Pool::default)
     }
 
-    /// An open connection to `addr`, if one is idle (HTTP/1.1) or shared (h2c).
-    pub fn checkout(&self, addr: SocketAddr, protocol: UpstreamProtocol) -> Option<Sender> {
-        match protocol {
-            UpstreamProtocol::Http1 => {
-                let mut map = self.h1.lock().unwrap_or_else(|p| p.into_inner());
-                let idle = map.get_mut(&addr)?;
-                let now = Instant::now();
-                // Most recently used first: the warmest connection, least likely closed.
-                while let Some((since, s)) = idle.pop() {
-                    if !s.is_closed() && now.duration_since(since) < IDLE_MAX {
-                        return Some(Sender::H1(s));
-                    }
-                }
-                map.remove(&addr);
-                None
+    fn lock(&self) -> std::sync::MutexGuard<'_, Idle> {
+        self.idle.lock().unwrap_or_else(|p| p.into_inner())
+    }
+
+    /// An idle HTTP/1.1 connection to `addr`, most recently used first.
+    pub fn checkout_h1(&self, addr: SocketAddr) -> Option<TcpStream> {
+        let mut idle = self.lock();
+        let now = Instant::now();
+        let list = idle.h1.get_mut(&addr)?;
+        while let Some((since, s)) = list.pop() {
+            if fresh(since, now) && still_open(&s) {
+                return Some(s);
             }
-            UpstreamProtocol::H2c => {
-                let mut map = self.h2.lock().unwrap_or_else(|p| p.into_inner());
-                match map.get(&addr) {
-                    Some(s) if !s.is_closed() => Some(Sender::H2(s.clone())),
-                    Some(_) => {
-                        map.remove(&addr);
-                        None
-                    }
-                    None => None,
-                }
-            }
+        }
+        idle.h1.remove(&addr);
+        None
+    }
+
+    /// Returns an HTTP/1.1 connection after a complete exchange.
+    pub fn checkin_h1(&self, addr: SocketAddr, s: TcpStream) {
+        let mut idle = self.lock();
+        let now = Instant::now();
+        idle.sweep(now);
+        let list = idle.h1.entry(addr).or_default();
+        if list.len() >= IDLE_PER_ADDR {
+            list.retain(|(since, _)| fresh(*since, now));
+        }
+        if list.len() < IDLE_PER_ADDR {
+            list.push((now, s));
         }
     }
 
-    /// Returns a connection after a complete exchange (HTTP/1.1) or shares a new one (h2c).
-    pub fn checkin(&self, addr: SocketAddr, sender: Sender) {
-        match sender {
-            Sender::H1(s) => {
-                if s.is_closed() {
-                    return;
-                }
-                let mut map = self.h1.lock().unwrap_or_else(|p| p.into_inner());
-                let idle = map.entry(addr).or_default();
-                let now = Instant::now();
-                if idle.len() >= IDLE_PER_ADDR {
-                    idle.retain(|(since, s)| {
-                        !s.is_closed() && now.duration_since(*since) < IDLE_MAX
-                    });
-                }
-                if idle.len() < IDLE_PER_ADDR {
-                    idle.push((now, s));
-                }
+    /// The shared h2c connection to `addr`, if one is open and in use.
+    pub fn checkout_h2(&self, addr: SocketAddr) -> Option<H2Sender> {
+        let mut idle = self.lock();
+        let now = Instant::now();
+        match idle.h2.get_mut(&addr) {
+            Some((since, s)) if fresh(*since, now) && !s.is_closed() => {
+                *since = now;
+                Some(s.clone())
             }
-            Sender::H2(s) => {
-                if !s.is_closed() {
-                    let mut map = self.h2.lock().unwrap_or_else(|p| p.into_inner());
-                    map.insert(addr, s);
-                }
+            Some(_) => {
+                idle.h2.remove(&addr);
+                None
             }
+            None => None,
         }
+    }
+
+    /// Shares a new h2c connection.
+    pub fn checkin_h2(&self, addr: SocketAddr, s: H2Sender) {
+        let mut idle = self.lock();
+        let now = Instant::now();
+        idle.sweep(now);
+        if !s.is_closed() {
+            idle.h2.insert(addr, (now, s));
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[tokio::test]
+    async fn a_kept_connection_closed_by_the_task_is_not_open() {
+        let l = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let c = TcpStream::connect(l.local_addr().unwrap()).await.unwrap();
+        let (s, _) = l.accept().await.unwrap();
+        assert!(still_open(&c));
+        drop(s);
+        // The FIN reaches the reactor.
+        c.readable().await.unwrap();
+        assert!(!still_open(&c));
+    }
+
+    #[tokio::test]
+    async fn expired_connections_of_every_task_are_swept() {
+        let l = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let addr = l.local_addr().unwrap();
+        let other: SocketAddr = "127.0.0.2:1".parse().unwrap();
+        let mut idle = Idle::default();
+        let t0 = Instant::now();
+        let a = TcpStream::connect(addr).await.unwrap();
+        let b = TcpStream::connect(addr).await.unwrap();
+        idle.h1.insert(other, vec![(t0, a)]);
+        idle.h1
+            .insert(addr, vec![(t0 + Duration::from_secs(20), b)]);
+        idle.sweep(t0 + IDLE_MAX + Duration::from_secs(1));
+        assert!(
+            !idle.h1.contains_key(&other),
+            "a task whose connections all expired goes"
+        );
+        assert_eq!(idle.h1[&addr].len(), 1);
+        // At most once per IDLE_MAX.
+        idle.sweep(t0 + IDLE_MAX * 2);
+        assert_eq!(idle.h1[&addr].len(), 1);
     }
 }

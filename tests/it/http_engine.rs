@@ -1,0 +1,785 @@
+//! One HTTP/1.1 engine whatever the client's transport: the rules that drifted apart while
+//! plain TCP and TLS took different paths, pinned on every transport (plain HTTP/1.1,
+//! HTTP/1.1 over TLS, h2c, h2 over TLS): local descriptor exhaustion ejects no task,
+//! obs-text in X-Forwarded-For is kept, one retry rule, 413 closes at once, and TLS clients
+//! offering only ALPN http/1.0 (or a protocol nobody knows) are served.
+
+use std::io::{ErrorKind, Read, Write};
+use std::net::{SocketAddr, TcpListener, TcpStream};
+use std::path::Path;
+use std::process::Command;
+use std::sync::{Arc, Mutex};
+use std::thread;
+use std::time::{Duration, Instant};
+
+use tokio_rustls::rustls;
+use tokio_rustls::rustls::pki_types::pem::PemObject;
+use tokio_rustls::rustls::pki_types::{CertificateDer, ServerName};
+
+use crate::support::nginx::Nginx;
+use crate::support::pki::Pki;
+use crate::support::process::run_bounded;
+use crate::support::{Daemon, eventually, free_addr};
+
+const IO_TIMEOUT: Duration = Duration::from_secs(10);
+const NAME: &str = "a.example.com";
+
+// ---------------------------------------------------------------------------------------------
+// helpers
+
+/// A static daemon with a plain http listener and a TLS one (certificate for NAME), both
+/// with default service `web`, plus `extra` (routes of both listeners, services, tasks).
+fn daemon(plain: SocketAddr, tls: SocketAddr, pki: &Pki, routes: &str, extra: &str) -> Daemon {
+    let d = pki.dir().display();
+    let mut daemon = Daemon::start(&format!(
+        r#"
+[discovery]
+backend = "static"
+
+[[listener]]
+name = "plain"
+listen = "{plain}"
+protocol = "http"
+service = "web"
+{routes}
+
+[[listener]]
+name = "tls"
+listen = "{tls}"
+protocol = "http"
+service = "web"
+tls = {{ cert = "{d}/a.pem", key = "{d}/a-key.pem" }}
+{routes}
+
+{extra}
+"#
+    ));
+    daemon.wait_ready();
+    daemon
+}
+
+fn pki() -> Pki {
+    let pki = Pki::new();
+    pki.issue("a", NAME, &[&format!("DNS:{NAME}")]);
+    pki
+}
+
+fn task(service: &str, id: &str, addr: SocketAddr) -> String {
+    format!("[[task]]\nservice = \"{service}\"\nid = \"{id}\"\naddr = \"{addr}\"\n\n")
+}
+
+fn read_to_end_lenient(s: &mut (impl Read + ?Sized)) -> Vec<u8> {
+    let mut out = Vec::new();
+    let mut buf = [0u8; 16384];
+    loop {
+        match s.read(&mut buf) {
+            Ok(0) => break,
+            Ok(n) => out.extend_from_slice(&buf[..n]),
+            Err(e) if e.kind() == ErrorKind::Interrupted => continue,
+            Err(_) => break,
+        }
+    }
+    out
+}
+
+/// One response with a Content-Length body from a keep-alive connection, raw.
+fn read_one_response(s: &mut dyn Read) -> Vec<u8> {
+    let mut raw = Vec::new();
+    let mut b = [0u8; 1];
+    while !raw.ends_with(b"\r\n\r\n") {
+        s.read_exact(&mut b).expect("response head");
+        raw.push(b[0]);
+    }
+    let (_, body) = status_body(&raw);
+    assert!(body.is_empty());
+    let head = text(&raw).to_ascii_lowercase();
+    let len: usize = head
+        .lines()
+        .find_map(|l| l.strip_prefix("content-length:"))
+        .and_then(|v| v.trim().parse().ok())
+        .expect("content-length");
+    let mut body = vec![0u8; len];
+    s.read_exact(&mut body).expect("response body");
+    raw.extend_from_slice(&body);
+    raw
+}
+
+/// Status and raw body of the first response in `raw` (Content-Length or until the end).
+fn status_body(raw: &[u8]) -> (u16, Vec<u8>) {
+    let Some(end) = raw.windows(4).position(|w| w == b"\r\n\r\n") else {
+        return (0, raw.to_vec());
+    };
+    let head = String::from_utf8_lossy(&raw[..end]).to_ascii_lowercase();
+    let status = head
+        .split_whitespace()
+        .nth(1)
+        .and_then(|s| s.parse().ok())
+        .unwrap_or(0);
+    let body = &raw[end + 4..];
+    let len = head
+        .lines()
+        .find_map(|l| l.strip_prefix("content-length:"))
+        .and_then(|v| v.trim().parse::<usize>().ok())
+        .unwrap_or(body.len())
+        .min(body.len());
+    (status, body[..len].to_vec())
+}
+
+fn text(b: &[u8]) -> String {
+    String::from_utf8_lossy(b).into_owned()
+}
+
+/// A rustls client trusting `ca`, offering `alpn`.
+fn client_config(ca: &Path, alpn: &[&[u8]]) -> Arc<rustls::ClientConfig> {
+    let mut roots = rustls::RootCertStore::empty();
+    for c in CertificateDer::pem_file_iter(ca).unwrap() {
+        roots.add(c.unwrap()).unwrap();
+    }
+    let mut cfg = rustls::ClientConfig::builder_with_provider(Arc::new(
+        rustls::crypto::ring::default_provider(),
+    ))
+    .with_safe_default_protocol_versions()
+    .unwrap()
+    .with_root_certificates(roots)
+    .with_no_client_auth();
+    cfg.alpn_protocols = alpn.iter().map(|p| p.to_vec()).collect();
+    Arc::new(cfg)
+}
+
+type TlsConn = rustls::StreamOwned<rustls::ClientConnection, TcpStream>;
+
+/// A TLS connection to `addr` (handshake done) and the protocol ALPN selected.
+fn tls_connect(addr: SocketAddr, cfg: &Arc<rustls::ClientConfig>) -> (TlsConn, Option<Vec<u8>>) {
+    let tcp = TcpStream::connect(addr).unwrap();
+    tcp.set_read_timeout(Some(IO_TIMEOUT)).unwrap();
+    let conn =
+        rustls::ClientConnection::new(cfg.clone(), ServerName::try_from(NAME.to_string()).unwrap())
+            .unwrap();
+    let mut s = rustls::StreamOwned::new(conn, tcp);
+    while s.conn.is_handshaking() {
+        s.conn.complete_io(&mut s.sock).unwrap();
+    }
+    let alpn = s.conn.alpn_protocol().map(<[u8]>::to_vec);
+    (s, alpn)
+}
+
+/// Writes `raw` on a fresh plain connection and reads until the proxy closes.
+fn plain_exchange(addr: SocketAddr, raw: &[u8]) -> Vec<u8> {
+    let mut s = TcpStream::connect_timeout(&addr, IO_TIMEOUT).unwrap();
+    s.set_read_timeout(Some(IO_TIMEOUT)).unwrap();
+    s.write_all(raw).unwrap();
+    read_to_end_lenient(&mut s)
+}
+
+/// The same over TLS (ALPN http/1.1).
+fn tls_exchange(addr: SocketAddr, ca: &Path, raw: &[u8]) -> Vec<u8> {
+    let (mut s, _) = tls_connect(addr, &client_config(ca, &[b"http/1.1"]));
+    s.write_all(raw).unwrap();
+    s.flush().unwrap();
+    read_to_end_lenient(&mut s)
+}
+
+/// One HTTP/2 request (h2c prior knowledge, or TLS with ALPN h2 trusting `ca`): status and
+/// body. Each call is its own connection.
+fn h2_request(
+    addr: SocketAddr,
+    ca: Option<&Path>,
+    method: &str,
+    path: &str,
+    headers: &[(&str, &[u8])],
+    body: &[u8],
+) -> (u16, Vec<u8>) {
+    use http_body_util::{BodyExt, Full};
+    use hyper_util::rt::{TokioExecutor, TokioIo};
+    let rt = tokio::runtime::Builder::new_current_thread()
+        .enable_all()
+        .build()
+        .unwrap();
+    let tls = ca.map(|ca| client_config(ca, &[b"h2"]));
+    let mut req = hyper::Request::builder()
+        .method(method)
+        .uri(format!("https://{NAME}{path}"));
+    for (n, v) in headers {
+        req = req.header(*n, hyper::header::HeaderValue::from_bytes(v).unwrap());
+    }
+    let req = req
+        .body(Full::new(bytes::Bytes::from(body.to_vec())))
+        .unwrap();
+    rt.block_on(async move {
+        let tcp = tokio::net::TcpStream::connect(addr).await.unwrap();
+        let run = async {
+            let resp = match tls {
+                Some(cfg) => {
+                    let tls = tokio_rustls::TlsConnector::from(cfg)
+                        .connect(ServerName::try_from(NAME.to_string()).unwrap(), tcp)
+                        .await
+                        .unwrap();
+                    assert_eq!(tls.get_ref().1.alpn_protocol(), Some(&b"h2"[..]));
+                    let (mut send, conn) = hyper::client::conn::http2::handshake(
+                        TokioExecutor::new(),
+                        TokioIo::new(tls),
+                    )
+                    .await
+                    .unwrap();
+                    tokio::spawn(conn);
+                    send.send_request(req).await.unwrap()
+                }
+                None => {
+                    let (mut send, conn) = hyper::client::conn::http2::handshake(
+                        TokioExecutor::new(),
+                        TokioIo::new(tcp),
+                    )
+                    .await
+                    .unwrap();
+                    tokio::spawn(conn);
+                    send.send_request(req).await.unwrap()
+                }
+            };
+            let status = resp.status().as_u16();
+            let body = resp.into_body().collect().await.unwrap().to_bytes();
+            (status, body.to_vec())
+        };
+        tokio::time::timeout(IO_TIMEOUT, run)
+            .await
+            .expect("h2 request in time")
+    })
+}
+
+/// The four client transports.
+#[derive(Debug, Clone, Copy)]
+enum Transport {
+    Plain,
+    Tls,
+    H2c,
+    H2Tls,
+}
+
+const TRANSPORTS: [Transport; 4] = [
+    Transport::Plain,
+    Transport::Tls,
+    Transport::H2c,
+    Transport::H2Tls,
+];
+
+/// One request on `t` (a connection of its own, closed after): status and body.
+#[allow(clippy::too_many_arguments)]
+fn request(
+    t: Transport,
+    plain: SocketAddr,
+    tls: SocketAddr,
+    ca: &Path,
+    method: &str,
+    path: &str,
+    headers: &[(&str, &[u8])],
+    body: &[u8],
+) -> (u16, Vec<u8>) {
+    let raw = || {
+        let mut raw = format!("{method} {path} HTTP/1.1\r\nHost: {NAME}\r\n").into_bytes();
+        for (n, v) in headers {
+            raw.extend_from_slice(n.as_bytes());
+            raw.extend_from_slice(b": ");
+            raw.extend_from_slice(v);
+            raw.extend_from_slice(b"\r\n");
+        }
+        raw.extend_from_slice(
+            format!(
+                "Content-Length: {}\r\nConnection: close\r\n\r\n",
+                body.len()
+            )
+            .as_bytes(),
+        );
+        raw.extend_from_slice(body);
+        raw
+    };
+    match t {
+        Transport::Plain => status_body(&plain_exchange(plain, &raw())),
+        Transport::Tls => status_body(&tls_exchange(tls, ca, &raw())),
+        Transport::H2c => h2_request(plain, None, method, path, headers, body),
+        Transport::H2Tls => h2_request(tls, Some(ca), method, path, headers, body),
+    }
+}
+
+// ---------------------------------------------------------------------------------------------
+// descriptor exhaustion
+
+/// The lowest descriptor number `pid` does not use: with RLIMIT_NOFILE at it, the next
+/// descriptor fails with EMFILE (holes below the highest one would be reused otherwise).
+fn lowest_free_fd(pid: u32) -> usize {
+    let used: std::collections::BTreeSet<usize> = std::fs::read_dir(format!("/proc/{pid}/fd"))
+        .unwrap()
+        .filter_map(|e| e.ok()?.file_name().to_str()?.parse().ok())
+        .collect();
+    (0..).find(|n| !used.contains(n)).unwrap()
+}
+
+fn prlimit_nofile(pid: u32, limit: usize) {
+    let out = Command::new("prlimit")
+        .arg(format!("--pid={pid}"))
+        // The soft limit only: raising a hard limit back needs CAP_SYS_RESOURCE.
+        .arg(format!("--nofile={limit}:"))
+        .output()
+        .expect("prlimit (util-linux; bash .ci/install-deps)");
+    assert!(out.status.success(), "{out:?}");
+}
+
+/// Out of descriptors, a connect to a task fails with EMFILE: the request gets a 502 and
+/// the task stays in rotation (the tcp listeners' rule), plain and over TLS.
+#[test]
+fn out_of_descriptors_on_an_http_listener_ejects_no_task() {
+    let pki = pki();
+    let web = Nginx::start("web");
+    let (plain, tls) = (free_addr(), free_addr());
+    let d = daemon(
+        plain,
+        tls,
+        &pki,
+        "",
+        &format!(
+            "[service.web]\nretries = 2\n[service.web.health]\ninterval = \"1h\"\n\n{}",
+            task("web", "web-0", web.addr())
+        ),
+    );
+    let pid = d.pid();
+    // Client connections accepted (and the TLS one through its handshake) before the limit;
+    // no request has gone through yet, so no task connection is pooled.
+    let mut p = TcpStream::connect(plain).unwrap();
+    p.set_read_timeout(Some(IO_TIMEOUT)).unwrap();
+    let (mut t, _) = tls_connect(tls, &client_config(&pki.ca(), &[b"http/1.1"]));
+    eventually(Duration::from_secs(5), "both connections accepted", || {
+        ["plain", "tls"].iter().all(|l| {
+            let sample =
+                format!("routemesh_active_connections{{listener=\"{l}\",service=\"web\"}}");
+            d.metric(&sample) == Some(1.0)
+        })
+    });
+    // Not one descriptor more: the limit at the lowest free descriptor, until no
+    // descriptor below it frees up (the admin connection of the check above closes).
+    eventually(
+        Duration::from_secs(5),
+        "no free descriptor below the limit",
+        || {
+            let limit = lowest_free_fd(pid);
+            prlimit_nofile(pid, limit);
+            thread::sleep(Duration::from_millis(100));
+            lowest_free_fd(pid) == limit
+        },
+    );
+
+    // Keep-alive requests: a connection the proxy closed would free a descriptor.
+    let req = format!("GET /x HTTP/1.1\r\nHost: {NAME}\r\n\r\n");
+    p.write_all(req.as_bytes()).unwrap();
+    t.write_all(req.as_bytes()).unwrap();
+    t.flush().unwrap();
+    for (name, s) in [("plain", &mut p as &mut dyn Read), ("tls", &mut t)] {
+        let (status, body) = status_body(&read_one_response(s));
+        assert_eq!(status, 502, "{name}: {}", text(&body));
+        assert!(
+            text(&body).contains("open files"),
+            "{name}: {}",
+            text(&body)
+        );
+    }
+
+    prlimit_nofile(pid, 20_000);
+    let routes = d.routes();
+    let state = &routes["services"][0]["tasks"][0]["state"];
+    assert_eq!(
+        state, "healthy",
+        "local exhaustion is not the task's fault: {routes}"
+    );
+    let (_, metrics) = d.admin_get("/metrics");
+    assert!(
+        !metrics.contains("routemesh_upstream_connect_errors_total{"),
+        "no connect error is counted against the task: {metrics}"
+    );
+    // Served at once: nothing to wait out.
+    for t in [Transport::Plain, Transport::Tls] {
+        let (status, body) = request(t, plain, tls, &pki.ca(), "GET", "/after", &[], b"");
+        assert_eq!(status, 200, "{t:?}: {}", text(&body));
+    }
+}
+
+// ---------------------------------------------------------------------------------------------
+// X-Forwarded-For with obs-text
+
+#[test]
+fn obs_text_in_x_forwarded_for_is_kept_on_every_transport() {
+    let pki = pki();
+    let web = Nginx::start("web");
+    let (plain, tls) = (free_addr(), free_addr());
+    let _d = daemon(plain, tls, &pki, "", &task("web", "web-0", web.addr()));
+    let xff: &[u8] = b"203.0.113.9 caf\xe9";
+    for t in TRANSPORTS {
+        let (status, body) = request(
+            t,
+            plain,
+            tls,
+            &pki.ca(),
+            "GET",
+            "/obs",
+            &[("X-Forwarded-For", xff)],
+            b"",
+        );
+        assert_eq!(status, 200, "{t:?}: {}", text(&body));
+        let want = b"xff=203.0.113.9 caf\xe9, 127.0.0.1\n";
+        assert!(
+            body.windows(want.len()).any(|w| w == want),
+            "{t:?}: the client's value is kept, ours appended: {}",
+            text(&body)
+        );
+    }
+}
+
+// ---------------------------------------------------------------------------------------------
+// one retry rule
+
+/// Reads one request head (and its Content-Length body) from `s`; `None` at EOF.
+fn read_request(s: &mut TcpStream) -> Option<String> {
+    let mut head = Vec::new();
+    let mut b = [0u8; 1];
+    while !head.ends_with(b"\r\n\r\n") {
+        match s.read(&mut b) {
+            Ok(1) => head.push(b[0]),
+            _ => return None,
+        }
+    }
+    let head = String::from_utf8_lossy(&head).into_owned();
+    let len = head
+        .lines()
+        .find_map(|l| {
+            let (k, v) = l.split_once(':')?;
+            k.eq_ignore_ascii_case("content-length")
+                .then(|| v.trim().parse::<usize>().ok())?
+        })
+        .unwrap_or(0);
+    let mut body = vec![0u8; len];
+    s.read_exact(&mut body).ok()?;
+    Some(head)
+}
+
+/// A task that answers the first request of each connection and closes the connection
+/// when a second one arrives on it (a keep-alive timeout racing a request); records every
+/// request line.
+fn closes_kept_connections() -> (SocketAddr, Arc<Mutex<Vec<String>>>) {
+    let l = TcpListener::bind("127.0.0.1:0").unwrap();
+    let addr = l.local_addr().unwrap();
+    let lines = Arc::new(Mutex::new(Vec::new()));
+    let seen = lines.clone();
+    thread::spawn(move || {
+        for s in l.incoming() {
+            let Ok(mut s) = s else { return };
+            let seen = seen.clone();
+            thread::spawn(move || {
+                let mut n = 0;
+                while let Some(head) = read_request(&mut s) {
+                    n += 1;
+                    seen.lock()
+                        .unwrap()
+                        .push(head.lines().next().unwrap_or("").to_string());
+                    if n == 2 {
+                        return;
+                    }
+                    let _ = s.write_all(
+                        b"HTTP/1.1 200 OK\r\nContent-Length: 6\r\nConnection: keep-alive\r\n\r\nanswer",
+                    );
+                }
+            });
+        }
+    });
+    (addr, lines)
+}
+
+/// The same rule whatever the client's transport: a kept task connection closed before the
+/// response costs an idempotent request whose body the proxy holds (here a PUT with a
+/// body) nothing — it goes again on a fresh connection — while a POST is never sent twice.
+#[test]
+fn one_retry_rule_on_every_transport() {
+    let pki = pki();
+    let backends: Vec<_> = TRANSPORTS
+        .iter()
+        .map(|_| closes_kept_connections())
+        .collect();
+    let (plain, tls) = (free_addr(), free_addr());
+    let mut routes = String::new();
+    let mut extra = String::new();
+    for (i, (addr, _)) in backends.iter().enumerate() {
+        routes +=
+            &format!("  [[listener.route]]\n  path_prefix = \"/t{i}/\"\n  service = \"t{i}\"\n");
+        extra += &format!("[service.t{i}.health]\ninterval = \"1h\"\n\n");
+        extra += &task(&format!("t{i}"), &format!("t{i}-0"), *addr);
+    }
+    let d = daemon(plain, tls, &pki, &routes, &extra);
+    for (i, t) in TRANSPORTS.iter().enumerate() {
+        let p = |s: &str| format!("/t{i}/{s}");
+        let go = |method: &str, path: &str, body: &[u8]| {
+            request(*t, plain, tls, &pki.ca(), method, path, &[], body)
+        };
+        // 1st: opens a task connection, which is then kept.
+        let (status, body) = go("GET", &p("first"), b"");
+        assert_eq!((status, text(&body).as_str()), (200, "answer"), "{t:?}");
+        // 2nd on the kept connection: the task closes it; the PUT goes again, fresh.
+        let (status, body) = go("PUT", &p("put"), b"held body");
+        assert_eq!(
+            (status, text(&body).as_str()),
+            (200, "answer"),
+            "{t:?}: PUT replayed"
+        );
+        // 3rd on the connection kept from the replay: closed again; a POST is lost.
+        let (status, body) = go("POST", &p("post"), b"once");
+        assert_eq!(status, 502, "{t:?}: {}", text(&body));
+        let seen = backends[i].1.lock().unwrap().clone();
+        let count = |prefix: &str| seen.iter().filter(|l| l.starts_with(prefix)).count();
+        assert_eq!(count(&format!("PUT {}", p("put"))), 2, "{t:?}: {seen:?}");
+        assert_eq!(
+            count(&format!("POST {}", p("post"))),
+            1,
+            "{t:?}: never twice: {seen:?}"
+        );
+    }
+    let routes = d.routes();
+    for svc in routes["services"].as_array().unwrap() {
+        assert_ne!(
+            svc["tasks"][0]["state"], "ejected",
+            "closing kept connections says nothing about a task's health: {routes}"
+        );
+    }
+}
+
+// ---------------------------------------------------------------------------------------------
+// 413
+
+/// Sends `head` (and `partial` body bytes, never the rest) and keeps its side open: the
+/// proxy must answer 413 and close at once, not wait for a body it will not forward.
+fn refused_at_once(mut s: impl Read + Write, head: &[u8], partial: &[u8]) {
+    s.write_all(head).unwrap();
+    s.write_all(partial).unwrap();
+    s.flush().unwrap();
+    let t = Instant::now();
+    let raw = read_to_end_lenient(&mut s);
+    let (status, body) = status_body(&raw);
+    assert_eq!(status, 413, "{}", text(&raw));
+    assert!(
+        text(&body).contains("larger than 1000 bytes"),
+        "{}",
+        text(&body)
+    );
+    assert!(
+        text(&raw)
+            .to_ascii_lowercase()
+            .contains("connection: close"),
+        "{}",
+        text(&raw)
+    );
+    assert!(
+        t.elapsed() < Duration::from_secs(3),
+        "closed {:?} after the answer",
+        t.elapsed()
+    );
+}
+
+#[test]
+fn body_over_the_limit_is_413_and_the_connection_closes_at_once() {
+    let pki = pki();
+    let web = Nginx::start("web");
+    let (plain, tls) = (free_addr(), free_addr());
+    let _d = daemon(
+        plain,
+        tls,
+        &pki,
+        "",
+        &format!(
+            "[http]\nmax_body_bytes = 1000\n\n{}",
+            task("web", "web-0", web.addr())
+        ),
+    );
+    let declared = format!("POST /big HTTP/1.1\r\nHost: {NAME}\r\nContent-Length: 5000\r\n\r\n");
+    let streamed =
+        format!("POST /big HTTP/1.1\r\nHost: {NAME}\r\nTransfer-Encoding: chunked\r\n\r\n");
+    let chunk = format!("7d0\r\n{}\r\n", "x".repeat(2000));
+    for (head, partial) in [(&declared, &b"abc"[..]), (&streamed, chunk.as_bytes())] {
+        let s = TcpStream::connect(plain).unwrap();
+        s.set_read_timeout(Some(IO_TIMEOUT)).unwrap();
+        refused_at_once(s, head.as_bytes(), partial);
+        let (s, _) = tls_connect(tls, &client_config(&pki.ca(), &[b"http/1.1"]));
+        refused_at_once(s, head.as_bytes(), partial);
+    }
+    // A body within the limit, after: served.
+    let (status, body) = request(
+        Transport::Plain,
+        plain,
+        tls,
+        &pki.ca(),
+        "POST",
+        "/ok",
+        &[],
+        b"hello",
+    );
+    assert_eq!(status, 200, "{}", text(&body));
+}
+
+// ---------------------------------------------------------------------------------------------
+// ALPN
+
+fn curl_tls(addr: SocketAddr, ca: &Path, args: &[&str]) -> Result<String, String> {
+    let mut cmd = Command::new("curl");
+    cmd.args(["-sS", "--max-time", "5", "--cacert"])
+        .arg(ca)
+        .args(args)
+        .arg("--resolve")
+        .arg(format!("{NAME}:{}:127.0.0.1", addr.port()))
+        .arg(format!("https://{NAME}:{}/alpn", addr.port()));
+    let out = run_bounded(&mut cmd, None, Duration::from_secs(10)).map_err(|e| e.to_string())?;
+    if out.status.success() {
+        Ok(String::from_utf8_lossy(&out.stdout).into_owned())
+    } else {
+        Err(String::from_utf8_lossy(&out.stderr).into_owned())
+    }
+}
+
+/// Old HTTP/1.0 clients offer ALPN `http/1.0`, others a protocol nobody here speaks: the
+/// handshake selects no protocol and the client is served HTTP/1.1, as by nginx and HAProxy.
+#[test]
+fn tls_clients_offering_only_http10_or_an_unknown_protocol_are_served() {
+    let pki = pki();
+    let web = Nginx::start("web");
+    let (plain, tls) = (free_addr(), free_addr());
+    let _d = daemon(plain, tls, &pki, "", &task("web", "web-0", web.addr()));
+    for alpn in [
+        &[&b"http/1.0"[..]][..],
+        &[b"spdy/1"],
+        &[b"foo", b"http/1.0"],
+    ] {
+        let (mut s, chosen) = tls_connect(tls, &client_config(&pki.ca(), alpn));
+        assert_eq!(chosen, None, "{alpn:?}: no protocol selected");
+        s.write_all(format!("GET /alpn HTTP/1.0\r\nHost: {NAME}\r\n\r\n").as_bytes())
+            .unwrap();
+        s.flush().unwrap();
+        let (status, body) = status_body(&read_to_end_lenient(&mut s));
+        assert_eq!(status, 200, "{alpn:?}: {}", text(&body));
+        assert!(text(&body).contains("xfp=https"), "{}", text(&body));
+    }
+    // The client of the report: curl --http1.0 (ALPN http/1.0).
+    let body = curl_tls(tls, &pki.ca(), &["--http1.0"]).unwrap();
+    assert!(
+        body.contains("name=web") && body.contains("proto=HTTP/1.1"),
+        "{body}"
+    );
+    // Who offers ours still gets them.
+    let (_, chosen) = tls_connect(tls, &client_config(&pki.ca(), &[b"spdy/1", b"http/1.1"]));
+    assert_eq!(chosen.as_deref(), Some(&b"http/1.1"[..]));
+    let (_, chosen) = tls_connect(tls, &client_config(&pki.ca(), &[b"h2", b"http/1.1"]));
+    assert_eq!(chosen.as_deref(), Some(&b"h2"[..]));
+}
+
+// ---------------------------------------------------------------------------------------------
+// Expect: 100-continue and upgrades, on both HTTP/1.x transports
+
+/// Reads until `needle` has arrived (or the connection ends); what was read.
+fn read_until(s: &mut dyn Read, needle: &[u8]) -> Vec<u8> {
+    let mut got = Vec::new();
+    let mut b = [0u8; 1];
+    while !got.windows(needle.len()).any(|w| w == needle) {
+        match s.read(&mut b) {
+            Ok(1) => got.push(b[0]),
+            _ => break,
+        }
+    }
+    got
+}
+
+/// The proxy answers `Expect: 100-continue` itself before it reads the body: the client
+/// sends its body only after the 100, then gets the task's answer.
+#[test]
+fn expect_100_continue_is_answered_by_the_proxy_on_both_transports() {
+    let pki = pki();
+    let web = Nginx::start("web");
+    let (plain, tls) = (free_addr(), free_addr());
+    let _d = daemon(plain, tls, &pki, "", &task("web", "web-0", web.addr()));
+    let head = format!(
+        "PUT /upload HTTP/1.1\r\nHost: {NAME}\r\nExpect: 100-continue\r\nContent-Length: 5\r\nConnection: close\r\n\r\n"
+    );
+    let run = |s: &mut dyn ReadWrite| {
+        s.write_all(head.as_bytes()).unwrap();
+        s.flush().unwrap();
+        let interim = read_until(s, b"\r\n\r\n");
+        assert!(
+            interim.starts_with(b"HTTP/1.1 100 Continue\r\n"),
+            "{}",
+            text(&interim)
+        );
+        s.write_all(b"hello").unwrap();
+        s.flush().unwrap();
+        let (status, body) = status_body(&read_to_end_lenient(s));
+        assert_eq!(status, 200, "{}", text(&body));
+        assert!(text(&body).contains("method=PUT"), "{}", text(&body));
+    };
+    let mut p = TcpStream::connect(plain).unwrap();
+    p.set_read_timeout(Some(IO_TIMEOUT)).unwrap();
+    run(&mut p);
+    let (mut t, _) = tls_connect(tls, &client_config(&pki.ca(), &[b"http/1.1"]));
+    run(&mut t);
+}
+
+trait ReadWrite: Read + Write {}
+impl<T: Read + Write> ReadWrite for T {}
+
+/// A task that answers an upgrade request with 101 and then echoes every byte.
+fn upgrade_echo() -> SocketAddr {
+    let l = TcpListener::bind("127.0.0.1:0").unwrap();
+    let addr = l.local_addr().unwrap();
+    thread::spawn(move || {
+        for s in l.incoming() {
+            let Ok(mut s) = s else { return };
+            thread::spawn(move || {
+                if read_request(&mut s).is_none() {
+                    return;
+                }
+                let _ = s.write_all(
+                    b"HTTP/1.1 101 Switching Protocols\r\nUpgrade: echo\r\nConnection: Upgrade\r\n\r\n",
+                );
+                let mut buf = [0u8; 4096];
+                loop {
+                    match s.read(&mut buf) {
+                        Ok(0) | Err(_) => return,
+                        Ok(n) => {
+                            if s.write_all(&buf[..n]).is_err() {
+                                return;
+                            }
+                        }
+                    }
+                }
+            });
+        }
+    });
+    addr
+}
+
+#[test]
+fn upgrades_switch_then_bytes_go_both_ways_on_both_transports() {
+    let pki = pki();
+    let (plain, tls) = (free_addr(), free_addr());
+    let _d = daemon(plain, tls, &pki, "", &task("web", "web-0", upgrade_echo()));
+    let head = format!(
+        "GET /chat HTTP/1.1\r\nHost: {NAME}\r\nUpgrade: echo\r\nConnection: Upgrade\r\n\r\n"
+    );
+    let run = |s: &mut dyn ReadWrite, name: &str| {
+        s.write_all(head.as_bytes()).unwrap();
+        s.flush().unwrap();
+        let resp = read_until(s, b"\r\n\r\n");
+        let lower = text(&resp).to_ascii_lowercase();
+        assert!(lower.starts_with("http/1.1 101"), "{name}: {lower}");
+        assert!(lower.contains("upgrade: echo"), "{name}: {lower}");
+        for msg in [&b"ping"[..], b"through the proxy", &[0u8, 255, 13, 10]] {
+            s.write_all(msg).unwrap();
+            s.flush().unwrap();
+            let mut back = vec![0u8; msg.len()];
+            s.read_exact(&mut back).unwrap();
+            assert_eq!(back, msg, "{name}");
+        }
+    };
+    let mut p = TcpStream::connect(plain).unwrap();
+    p.set_read_timeout(Some(IO_TIMEOUT)).unwrap();
+    run(&mut p, "plain");
+    let (mut t, _) = tls_connect(tls, &client_config(&pki.ca(), &[b"http/1.1"]));
+    run(&mut t, "tls");
+}
