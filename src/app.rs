@@ -280,20 +280,7 @@ fn node_record(config: &Config, started: u64) -> NodeRecord {
         listeners: config
             .listeners
             .iter()
-            .map(|l| PublishedListener {
-                name: l.name.clone(),
-                port: l.listen.port(),
-                protocol: l.protocol.as_str().to_string(),
-                // The default service; "" for an http/tls listener without one (DNS SRV
-                // answers `_SERVICE._tcp` from this field, so such listeners get none).
-                service: l
-                    .service
-                    .as_ref()
-                    .map(|s| s.to_string())
-                    .unwrap_or_default(),
-                state: "bound".into(),
-                source: "config".into(),
-            })
+            .map(PublishedListener::from_config)
             .collect(),
     }
 }
@@ -348,15 +335,12 @@ pub async fn run(
         addr: config.admin.listen,
         source,
     })?;
-    let admin_state = Arc::new(AdminState {
-        node: config.node.name.clone(),
-        snapshot: snapshot.clone(),
-        discovery: status.clone(),
-        metrics: metrics.clone(),
-        listeners_bound: Default::default(),
-        draining: Default::default(),
-        listeners: Default::default(),
-    });
+    let admin_state = Arc::new(AdminState::new(
+        &config,
+        snapshot.clone(),
+        status.clone(),
+        metrics.clone(),
+    ));
     let admin_stop = CancellationToken::new();
     let admin_task = tokio::spawn(admin::serve(
         admin_socket,
