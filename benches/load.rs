@@ -19,6 +19,9 @@
 //! 7. HTTP/2 clients: `h2load -c 20 -m 10` (Debian nghttp2-client) over h2c (prior
 //!    knowledge; HAProxy `bind … proto h2`) and over TLS with ALPN h2, to the HTTP/1.1
 //!    backend, alternating rounds: req/s and CPU per request.
+//! 8. the status page's cost: keep-alive rounds on routemesh http with `LOAD_PAGES` (10)
+//!    status pages open (each holding `GET /events` and reading every state document) and
+//!    with none, alternating; req/s and CPU per request of both, and what the pages received.
 //!
 //! It prints medians over the rounds and the ratio of each routemesh figure to HAProxy's, with
 //! issue 5's targets. Every process it starts is stopped by PID when it ends (or panics).
@@ -26,7 +29,8 @@
 //! Run (release build; ~8 minutes with the defaults):
 //!     cargo bench --bench load
 //! Knobs (environment): LOAD_ROUND_SECS=5 LOAD_ROUNDS=3 LOAD_THREADS=1,2 LOAD_CONNECTIONS=64
-//!     LOAD_IDLE=5000 LOAD_BACKEND_WORKERS=1 LOAD_STREAM_MIB=100. A quick check that everything works:
+//!     LOAD_IDLE=5000 LOAD_BACKEND_WORKERS=1 LOAD_STREAM_MIB=100 LOAD_PAGES=10. A quick check
+//!     that everything works:
 //!     LOAD_ROUND_SECS=1 LOAD_ROUNDS=1 LOAD_IDLE=500 cargo bench --bench load
 
 // The integration tests' harness; a bench uses a slice of it, the rest is unused here.
@@ -43,9 +47,12 @@ use stats::{env_or, env_threads, fmt_cpu_us, fmt_us, median, ratio};
 
 use std::collections::BTreeMap;
 use std::fmt::Write as _;
+use std::io::{Read, Write};
 use std::net::{SocketAddr, TcpStream};
 use std::path::{Path, PathBuf};
 use std::process::Command;
+use std::sync::Arc;
+use std::sync::atomic::{AtomicBool, Ordering};
 use std::thread;
 use std::time::{Duration, Instant};
 
@@ -63,6 +70,8 @@ struct Opts {
     idle: usize,
     backend_workers: usize,
     stream_mib: usize,
+    /// Status pages open during the status-page rounds.
+    pages: usize,
 }
 
 impl Opts {
@@ -75,6 +84,7 @@ impl Opts {
             idle: env_or("LOAD_IDLE", 5000),
             backend_workers: env_or("LOAD_BACKEND_WORKERS", 1),
             stream_mib: env_or("LOAD_STREAM_MIB", 100),
+            pages: env_or("LOAD_PAGES", 10),
         }
     }
 }
@@ -686,6 +696,136 @@ fn idle_rss_per_conn(pid: u32, addr: SocketAddr, n: usize) -> Result<(f64, u64, 
     ))
 }
 
+/// Open status pages: each thread holds `GET /events` on the admin port, as a browser's
+/// EventSource does, and reads every document until closed.
+struct Pages {
+    stop: Arc<AtomicBool>,
+    threads: Vec<thread::JoinHandle<(u64, u64)>>,
+}
+
+impl Pages {
+    fn open(admin: SocketAddr, n: usize) -> Pages {
+        let stop = Arc::new(AtomicBool::new(false));
+        let threads = (0..n)
+            .map(|_| {
+                let stop = stop.clone();
+                thread::spawn(move || {
+                    let (mut bytes, mut docs) = (0u64, 0u64);
+                    let Ok(mut s) = TcpStream::connect(admin) else {
+                        return (0, 0);
+                    };
+                    let _ = s.set_read_timeout(Some(Duration::from_millis(200)));
+                    if write!(s, "GET /events HTTP/1.1\r\nHost: {admin}\r\n\r\n").is_err() {
+                        return (0, 0);
+                    }
+                    let mut buf = vec![0u8; 64 * 1024];
+                    let mut tail: Vec<u8> = Vec::new();
+                    while !stop.load(Ordering::Relaxed) {
+                        match s.read(&mut buf) {
+                            Ok(0) => break,
+                            Ok(k) => {
+                                bytes += k as u64;
+                                // Count "data: " lines, also across reads.
+                                tail.extend_from_slice(&buf[..k]);
+                                docs += tail.windows(6).filter(|w| w == b"data: ").count() as u64;
+                                let keep = tail.len().min(5);
+                                tail.drain(..tail.len() - keep);
+                            }
+                            Err(_) => continue,
+                        }
+                    }
+                    (bytes, docs)
+                })
+            })
+            .collect();
+        Pages { stop, threads }
+    }
+
+    /// Closes every page; returns the bytes and documents they received.
+    fn close(self) -> (u64, u64) {
+        self.stop.store(true, Ordering::Relaxed);
+        self.threads
+            .into_iter()
+            .filter_map(|t| t.join().ok())
+            .fold((0, 0), |(b, d), (b2, d2)| (b + b2, d + d2))
+    }
+}
+
+/// Section 5: keep-alive rounds on routemesh http with `opts.pages` status pages open and
+/// with none, alternating which goes first.
+fn status_page_rounds(opts: &Opts, routemesh: &Daemon, http: u16, report: &mut String, n: usize) {
+    let pid = routemesh.pid();
+    let (mut rps, mut cpu): (BTreeMap<bool, Vec<f64>>, BTreeMap<bool, Vec<f64>>) =
+        Default::default();
+    let (mut bytes, mut docs, mut page_secs) = (0u64, 0u64, 0f64);
+    for round in 0..opts.rounds {
+        let order = if round % 2 == 0 {
+            [false, true]
+        } else {
+            [true, false]
+        };
+        for open in order {
+            let pages = open.then(|| Pages::open(routemesh.admin(), opts.pages));
+            let started = Instant::now();
+            let c0 = cpu_secs(pid);
+            let r = wrk("http", http, opts.round_secs, opts.connections, false);
+            let c1 = cpu_secs(pid);
+            if let Some(p) = pages {
+                let (b, d) = p.close();
+                bytes += b;
+                docs += d;
+                page_secs += started.elapsed().as_secs_f64() * opts.pages as f64;
+            }
+            match r {
+                Ok(r) => {
+                    eprintln!(
+                        "  [{n}T status page] round {}/{} {:>2} pages {:>10.0} req/s",
+                        round + 1,
+                        opts.rounds,
+                        if open { opts.pages } else { 0 },
+                        r.rps
+                    );
+                    rps.entry(open).or_default().push(r.rps);
+                    if r.requests > 0 {
+                        cpu.entry(open)
+                            .or_default()
+                            .push((c1 - c0) / r.requests as f64 * 1e6);
+                    }
+                }
+                Err(e) => eprintln!("  [{n}T status page] round {round}: {e}"),
+            }
+        }
+    }
+    let med = |m: &BTreeMap<bool, Vec<f64>>, k| median(m.get(&k).map(Vec::as_slice).unwrap_or(&[]));
+    let _ = writeln!(
+        report,
+        "\n{n}T status page cost: routemesh http keep-alive with {} status pages open (GET /events) vs none, alternating ({} round(s) × {} s, medians)",
+        opts.pages, opts.rounds, opts.round_secs
+    );
+    let _ = writeln!(
+        report,
+        "  {:<16} {:>11} {:>14}",
+        "pages open", "req/s", "CPU µs/req"
+    );
+    for open in [false, true] {
+        let _ = writeln!(
+            report,
+            "  {:<16} {:>11.0} {:>14}",
+            if open { opts.pages } else { 0 },
+            med(&rps, open),
+            fmt_cpu_us(med(&cpu, open))
+        );
+    }
+    let _ = writeln!(
+        report,
+        "  with/without pages: req/s {}  CPU/req {}; the pages received {:.1} documents/s each ({:.1} KiB/s each)",
+        ratio(med(&rps, true), med(&rps, false)),
+        ratio(med(&cpu, true), med(&cpu, false)),
+        docs as f64 / page_secs.max(1e-9),
+        bytes as f64 / 1024.0 / page_secs.max(1e-9),
+    );
+}
+
 fn main() {
     let opts = Opts::from_env();
     for t in ["nginx", "haproxy", "wrk", "iperf3", "h2load", "openssl"] {
@@ -872,6 +1012,11 @@ fn main() {
             Target::HaproxyTcp,
             "tcp ",
         );
+
+        // 5. (before the bulk rounds, while the wrk figures above are fresh) The status page.
+        if opts.pages > 0 {
+            status_page_rounds(&opts, &routemesh, rm_ports.http, &mut report, n);
+        }
 
         // 4. Bulk throughput.
         let _ = writeln!(

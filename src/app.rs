@@ -140,15 +140,12 @@ pub async fn run(
         addr: config.admin.listen,
         source,
     })?;
-    let admin_state = Arc::new(AdminState {
-        node: config.node.name.clone(),
-        snapshot: snapshot.clone(),
-        discovery: status.clone(),
-        metrics: metrics.clone(),
-        listeners_bound: Default::default(),
-        draining: Default::default(),
-        listeners: Default::default(),
-    });
+    let admin_state = Arc::new(AdminState::new(
+        &config,
+        snapshot.clone(),
+        status.clone(),
+        metrics.clone(),
+    ));
     let admin_stop = CancellationToken::new();
     let admin_task = tokio::spawn(admin::serve(
         admin_socket,

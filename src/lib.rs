@@ -15,7 +15,8 @@
 //!   TLS ClientHello
 //! - `proxy`     the data path: accept loop, admission, upstream connect with failover, TCP,
 //!   HTTP and TLS (termination, SNI passthrough)
-//! - `admin`     /healthz /readyz /routes /metrics
+//! - `admin`     the status page (/ and its /events stream, write actions with a token),
+//!   /healthz /readyz /routes /metrics
 //! - `dns`       the cluster name: an authoritative DNS responder that names only live nodes
 //! - `metrics`   the Prometheus registry and metric families
 //! - `app`       wiring, reload and drain

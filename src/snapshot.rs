@@ -12,7 +12,7 @@ use std::sync::Arc;
 use std::sync::atomic::{AtomicU8, AtomicU32, AtomicU64, Ordering};
 use std::time::Duration;
 
-use arc_swap::ArcSwap;
+use arc_swap::{ArcSwap, ArcSwapOption};
 use serde::Serialize;
 
 use crate::balance::Selector;
@@ -44,8 +44,14 @@ pub struct TaskState {
     health: AtomicU8,
     /// Peak-EWMA of response latency in microseconds (0 = no sample yet).
     latency_ewma_us: AtomicU64,
-    /// Why the last check or connect failed (shown by /routes).
-    last_error: std::sync::Mutex<Option<String>>,
+    /// Connections or requests sent to this task since it appeared (the status page derives
+    /// a rate from it).
+    attempts: AtomicU64,
+    /// Passive failures (failed connects, resets before any response) since it appeared.
+    failures: AtomicU64,
+    /// Why the last check or connect failed (shown by /routes and the status page). Swapped,
+    /// not locked: readers never wait on the data path's writes.
+    last_error: ArcSwapOption<String>,
 }
 
 /// Decrements the in-flight count when dropped.
@@ -70,6 +76,7 @@ impl TaskState {
     /// Counts a connection or request against this task until the guard drops.
     pub fn begin(self: &Arc<Self>) -> InFlight {
         self.in_flight.fetch_add(1, Ordering::Relaxed);
+        self.attempts.fetch_add(1, Ordering::Relaxed);
         InFlight(self.clone())
     }
 
@@ -79,6 +86,7 @@ impl TaskState {
 
     /// Passive failure: avoid this task for a time that grows with repeated failures.
     pub fn eject(&self, now: u64, reason: String) {
+        self.failures.fetch_add(1, Ordering::Relaxed);
         let n = self.ejections.fetch_add(1, Ordering::Relaxed).min(4);
         let dur = (EJECT_BASE * 2u32.pow(n)).min(EJECT_MAX);
         self.ejected_until
@@ -124,13 +132,21 @@ impl TaskState {
     }
 
     pub fn set_error(&self, e: Option<String>) {
-        if let Ok(mut g) = self.last_error.lock() {
-            *g = e;
-        }
+        self.last_error.store(e.map(Arc::new));
     }
 
     pub fn last_error(&self) -> Option<String> {
-        self.last_error.lock().ok().and_then(|g| g.clone())
+        self.last_error.load_full().map(|e| (*e).clone())
+    }
+
+    /// Connections or requests begun (see [`TaskState::begin`]).
+    pub fn attempts(&self) -> u64 {
+        self.attempts.load(Ordering::Relaxed)
+    }
+
+    /// Passive failures counted by [`TaskState::eject`].
+    pub fn failures(&self) -> u64 {
+        self.failures.load(Ordering::Relaxed)
     }
 }
 

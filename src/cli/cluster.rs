@@ -15,9 +15,10 @@ use super::{AvailabilityArg, ClusterArgs, NodeCmd, PublishCmd, ServiceCmd, TaskC
 use crate::config::{self, Config, NodeName, PublishSpec, ServiceName, TaskId};
 use crate::discovery::etcd::{DiscoveryError, connect};
 use crate::discovery::keys::{
-    Availability, TaskRecord, listener_key, node_alive_key, node_availability_key, node_info_key,
-    task_key, valid_listener_name, watch_prefix,
+    Availability, TaskRecord, listener_key, node_alive_key, node_info_key, task_key,
+    valid_listener_name, watch_prefix,
 };
+use crate::discovery::ops::{self, OpError};
 use crate::discovery::published::{self, Source, overlaps};
 use crate::discovery::table::{RoutingTable, Update};
 
@@ -521,28 +522,12 @@ async fn node_update(
         AvailabilityArg::Drain => Availability::Drain,
     };
     let (mut c, ep) = client(t).await?;
-    let known = bounded(
-        &ep,
-        c.get(
-            format!("{}/nodes/{node}/", t.prefix),
-            Some(GetOptions::new().with_prefix().with_count_only()),
-        ),
-    )
-    .await?;
-    if known.count() == 0 {
-        return Err(CliError::Usage(format!(
-            "unknown node {node}: `routemesh node ls` lists the nodes"
-        )));
-    }
-    bounded(
-        &ep,
-        c.put(
-            node_availability_key(&t.prefix, &node),
-            availability.as_str(),
-            None,
-        ),
-    )
-    .await?;
+    ops::set_availability(&mut c, &t.prefix, &node, availability, TIMEOUT)
+        .await
+        .map_err(|e| match e {
+            OpError::Etcd(e) => etcd_failed(&ep, e),
+            other => CliError::Usage(other.to_string()),
+        })?;
     Ok(if t.json {
         format!(
             "{}\n",

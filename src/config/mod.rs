@@ -115,7 +115,12 @@ fn validate(path: &Path, raw: RawConfig, issues: &mut Issues) -> Config {
         path,
         &raw.discovery.map(S::into_inner).unwrap_or_default(),
     );
-    let admin = admin::validate(issues, &raw.admin.map(S::into_inner).unwrap_or_default());
+    let admin = admin::validate(
+        issues,
+        path,
+        &raw.admin.map(S::into_inner).unwrap_or_default(),
+        discovery.backend,
+    );
     let listeners = listener::validate_all(issues, &raw.listener, path);
     if listeners.iter().any(|l| l.listen == admin.listen) {
         issues.at(

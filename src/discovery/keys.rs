@@ -233,6 +233,24 @@ fn from_config() -> String {
 }
 
 impl PublishedListener {
+    /// A listener of this node's TOML, as its records report it once bound.
+    pub fn from_config(l: &crate::config::ListenerConfig) -> PublishedListener {
+        PublishedListener {
+            name: l.name.clone(),
+            port: l.listen.port(),
+            protocol: l.protocol.as_str().to_string(),
+            // The default service; "" for an http/tls listener without one (DNS SRV answers
+            // `_SERVICE._tcp` from this field, so such listeners get none).
+            service: l
+                .service
+                .as_ref()
+                .map(|s| s.to_string())
+                .unwrap_or_default(),
+            state: bound(),
+            source: from_config(),
+        }
+    }
+
     pub fn is_bound(&self) -> bool {
         is_bound(&self.state)
     }

@@ -7,6 +7,7 @@ pub mod etcd;
 pub mod failure;
 pub mod keys;
 pub mod node;
+pub mod ops;
 pub mod published;
 pub mod security;
 pub mod static_;
@@ -34,7 +35,7 @@ pub struct DiscoveryStatus {
     invalid_total: AtomicU64,
 }
 
-fn unix_ms() -> u64 {
+pub(crate) fn unix_ms() -> u64 {
     SystemTime::now()
         .duration_since(UNIX_EPOCH)
         .map(|d| d.as_millis() as u64)
@@ -61,6 +62,11 @@ impl DiscoveryStatus {
     pub fn last_sync_age_secs(&self) -> Option<f64> {
         let last = self.last_sync_ms.load(Ordering::Relaxed);
         (last != 0).then(|| unix_ms().saturating_sub(last) as f64 / 1000.0)
+    }
+    /// Unix ms of the last sync (None before the first).
+    pub fn last_sync_unix_ms(&self) -> Option<u64> {
+        let last = self.last_sync_ms.load(Ordering::Relaxed);
+        (last != 0).then_some(last)
     }
     pub(crate) fn mark_synced(&self, revision: i64) {
         self.last_sync_ms.store(unix_ms(), Ordering::Relaxed);

@@ -39,5 +39,6 @@ mod http_engine;
 mod mqtt;
 mod observability;
 mod publish;
+mod status_page;
 mod tcp_proxy;
 mod tls;

@@ -9,10 +9,12 @@
 //! - `etcd`, `pki`: etcd members (plain, TLS, auth, clusters) and etcdctl; a test CA
 //! - `backend`, `nginx`, `mosquitto`, `tls`: the tasks a daemon routes to (and curl over TLS)
 //! - `docker`: the local engine and the test images; `lab`: the network-namespace cluster
+//! - `browser`: headless Chromium over the DevTools protocol (the status page)
 //!
 //! Use from a test module as `use crate::support::{Daemon, Etcd, eventually, …};`.
 
 pub mod backend;
+pub mod browser;
 pub mod config;
 pub mod daemon;
 pub mod docker;
