@@ -34,7 +34,7 @@ mod values;
 use std::collections::BTreeMap;
 use std::path::{Path, PathBuf};
 
-pub use admin::{AdminConfig, DEFAULT_ADMIN};
+pub use admin::{AdminConfig, DEFAULT_ADMIN, DEFAULT_UPGRADE_SOCKET};
 pub use discovery::{
     DEFAULT_ENDPOINT, DEFAULT_PREFIX, DiscoveryBackend, DiscoveryConfig, EtcdAuth, EtcdSecurity,
     EtcdTls, Password,
@@ -115,7 +115,11 @@ fn validate(path: &Path, raw: RawConfig, issues: &mut Issues) -> Config {
         path,
         &raw.discovery.map(S::into_inner).unwrap_or_default(),
     );
-    let admin = admin::validate(issues, &raw.admin.map(S::into_inner).unwrap_or_default());
+    let admin = admin::validate(
+        issues,
+        &raw.admin.map(S::into_inner).unwrap_or_default(),
+        path,
+    );
     let listeners = listener::validate_all(issues, &raw.listener, path);
     if listeners.iter().any(|l| l.listen == admin.listen) {
         issues.at(
