@@ -135,6 +135,18 @@ impl Report<'_> {
     }
 }
 
+/// Runs `serve` once `serving` fires (unless `stop` comes first).
+async fn once_serving(
+    serving: CancellationToken,
+    stop: CancellationToken,
+    serve: impl std::future::Future<Output = ()>,
+) {
+    tokio::select! {
+        _ = serving.cancelled() => serve.await,
+        _ = stop.cancelled() => {}
+    }
+}
+
 fn settings_of(config: &Config) -> Arc<BTreeMap<ServiceName, ServiceSettings>> {
     Arc::new(config.services.clone())
 }
@@ -152,6 +164,12 @@ pub async fn run(
         None => (None, None),
     };
     let generation = inherited.as_ref().map_or(1, |i| i.generation);
+    // Taking over, nothing is accepted before this process is ready (its routing synced):
+    // the old process serves until then, and alone if this one fails.
+    let serving = CancellationToken::new();
+    if inherited.is_none() {
+        serving.cancel();
+    }
     let metrics = Metrics::new()?;
     metrics
         .process_generation
@@ -186,10 +204,10 @@ pub async fn run(
         listeners: Default::default(),
     });
     let admin_stop = CancellationToken::new();
-    let admin_task = tokio::spawn(admin::serve(
-        admin_socket,
-        admin_state.clone(),
+    let admin_task = tokio::spawn(once_serving(
+        serving.clone(),
         admin_stop.clone(),
+        admin::serve(admin_socket, admin_state.clone(), admin_stop.clone()),
     ));
     tracing::info!(addr = %config.admin.listen, "admin listening");
 
@@ -197,7 +215,7 @@ pub async fn run(
     // follow the first synced snapshot, before /readyz says ready.
     let mut listeners = Listeners::new(&config, snapshot.clone(), metrics.clone());
     if let Some(i) = inherited.as_mut() {
-        listeners.inherit(i.take_listeners());
+        listeners.inherit(i.take_listeners(), serving.clone());
     }
     listeners.reconcile(&config, &[]).await?;
     let (changed_tx, mut changed_rx) = watch::channel(());
@@ -297,13 +315,17 @@ pub async fn run(
         held.dns = dup(sockets.udp.as_fd(), "dns")
             .zip(dup(sockets.tcp.as_fd(), "dns"))
             .map(|(u, t)| (dns.listen, u, t));
-        background.push(tokio::spawn(crate::dns::run(
-            dns.clone(),
-            sockets,
-            snapshot.clone(),
-            config.node.name.clone(),
-            metrics.clone(),
+        background.push(tokio::spawn(once_serving(
+            serving.clone(),
             dns_stop.clone(),
+            crate::dns::run(
+                dns.clone(),
+                sockets,
+                snapshot.clone(),
+                config.node.name.clone(),
+                metrics.clone(),
+                dns_stop.clone(),
+            ),
         )));
     }
 
@@ -346,6 +368,7 @@ pub async fn run(
     }
     let mut taking_over = takeover.map(|t| {
         let admin = admin_state.clone();
+        let serving = serving.clone();
         Box::pin(async move {
             if let Err(why) = handover::wait_ready(&admin, Some(READY_WITHIN)).await {
                 t.abort(&why).await;
@@ -354,6 +377,8 @@ pub async fn run(
                     why,
                 });
             }
+            // Serve first, then tell the old process to stop.
+            serving.cancel();
             t.ready().await
         })
     });

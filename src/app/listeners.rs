@@ -75,6 +75,9 @@ pub struct Listeners {
     warned: BTreeSet<(String, String)>,
     /// Sockets handed over by the process this one upgrades, not taken yet, by address.
     inherited: BTreeMap<SocketAddr, std::net::TcpListener>,
+    /// Accept loops wait for it: a process taking over starts accepting only once it is
+    /// ready, so nothing reaches it before it can route (cancelled at once otherwise).
+    serving: CancellationToken,
     /// The `[http]` limits and access-log flag the running contexts were built with.
     http: HttpLimits,
     access_log: bool,
@@ -100,6 +103,11 @@ impl Listeners {
             states: Vec::new(),
             warned: BTreeSet::new(),
             inherited: BTreeMap::new(),
+            serving: {
+                let t = CancellationToken::new();
+                t.cancel();
+                t
+            },
             http: config.http.clone(),
             access_log: config.log.access,
             conns: Connections::default(),
@@ -109,9 +117,14 @@ impl Listeners {
     }
 
     /// Seeds the sockets of the process this one upgrades: binding an address takes its
-    /// socket instead while there is one.
-    pub fn inherit(&mut self, sockets: BTreeMap<SocketAddr, std::net::TcpListener>) {
+    /// socket instead while there is one. Accept loops start accepting once `serving` fires.
+    pub fn inherit(
+        &mut self,
+        sockets: BTreeMap<SocketAddr, std::net::TcpListener>,
+        serving: CancellationToken,
+    ) {
         self.inherited = sockets;
+        self.serving = serving;
     }
 
     /// Closes the inherited sockets no listener took (no longer configured); returns their
@@ -429,7 +442,13 @@ impl Listeners {
         let protocol = cfg.protocol;
         let terminator = tls.clone();
         let accepting = socket.clone();
+        let serving = self.serving.clone();
+        let stopped = stop.clone();
         let handle = tokio::spawn(async move {
+            tokio::select! {
+                _ = serving.cancelled() => {}
+                _ = stopped.cancelled() => return,
+            }
             let socket = &*accepting;
             match (protocol, terminator) {
                 (Protocol::Tcp, _) => {
