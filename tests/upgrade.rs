@@ -733,7 +733,11 @@ fn an_upgrade_under_load_drops_nothing_and_keeps_the_registration() {
     eprintln!(
         "[upgrade] {http_ok_count} HTTP requests, {dns_ok_count} DNS queries, {} devices × {rounds} messages; {} etcd events watched",
         ids.len(),
-        watch.text().lines().filter(|l| *l == "PUT" || *l == "DELETE").count()
+        watch
+            .text()
+            .lines()
+            .filter(|l| *l == "PUT" || *l == "DELETE")
+            .count()
     );
     // Every message arrived.
     let want: BTreeSet<String> = ids

@@ -307,7 +307,7 @@ fn run_daemon(config: Config, upgrade: Option<UpgradeWhen>) -> ExitCode {
                 Ok(u) => u,
                 Err(e) => {
                     eprintln!("error: upgrade failed: {e}");
-                    return ExitCode::FAILURE;
+                    return ExitCode::from(UPGRADE_FAILED);
                 }
             },
         };
@@ -322,11 +322,18 @@ fn run_daemon(config: Config, upgrade: Option<UpgradeWhen>) -> ExitCode {
             Err(e) => {
                 tracing::error!("{e}");
                 eprintln!("error: {e}");
-                ExitCode::FAILURE
+                match e {
+                    app::AppError::Upgrade(_) => ExitCode::from(UPGRADE_FAILED),
+                    _ => ExitCode::FAILURE,
+                }
             }
         }
     })
 }
+
+/// The exit code of a `run --upgrade` that did not take over (the running daemon serves on);
+/// 2 is a config error, 1 any other failure.
+pub const UPGRADE_FAILED: u8 = 3;
 
 /// Connects to the running daemon's upgrade socket and receives its sockets and lease;
 /// `None` when none runs and `when` allows a fresh start.
