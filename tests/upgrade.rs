@@ -117,6 +117,11 @@ struct Upgrader {
 
 impl Upgrader {
     fn start(config: &Path) -> Upgrader {
+        Upgrader::spawn(config, "--upgrade", &[])
+    }
+
+    /// `routemesh run FLAG -c CONFIG` with extra environment variables.
+    fn spawn(config: &Path, flag: &str, env: &[(&str, &str)]) -> Upgrader {
         let dir = tempdir("rm-upgrader");
         let log_path = dir.path().join("upgrader.log");
         let log = OpenOptions::new()
@@ -125,10 +130,11 @@ impl Upgrader {
             .open(&log_path)
             .unwrap();
         let child = Command::new(bin())
-            .args(["run", "--upgrade", "-c"])
+            .args(["run", flag, "-c"])
             .arg(config)
             .env("RUST_LOG", "info")
             .env("NO_COLOR", "1")
+            .envs(env.iter().copied())
             .stdin(Stdio::null())
             .stdout(log.try_clone().unwrap())
             .stderr(log)
@@ -935,4 +941,186 @@ fn keep_alive_get(s: &mut TcpStream, path: &str) -> String {
         }
     }
     String::from_utf8_lossy(&buf).into_owned()
+}
+
+/// The systemd template's two instances, emulated: every start is `run --upgrade=if-running`
+/// with `$NOTIFY_SOCKET` set. The first starts afresh and says READY=1; the next takes over
+/// and says READY=1 with its MAINPID only once it has, the old one says STOPPING=1; without a
+/// daemon, a plain `--upgrade` fails with exit 3 and the reason. The units verify.
+#[test]
+fn systemd_instances_take_turns_and_notify() {
+    let dir = tempdir("rm-notify");
+    let notify_path = dir.path().join("notify.sock");
+    let notify = std::os::unix::net::UnixDatagram::bind(&notify_path).unwrap();
+    notify.set_read_timeout(Some(WAIT)).unwrap();
+    let recv = || {
+        let mut buf = [0u8; 256];
+        let n = notify.recv(&mut buf).expect("a notification");
+        String::from_utf8_lossy(&buf[..n]).into_owned()
+    };
+    let backend = support::TcpBackend::start("echo");
+    let listen = free_addr();
+    let cfg_dir = tempdir("rm-notify-cfg");
+    let config = cfg_dir.path().join("routemesh.toml");
+    std::fs::write(
+        &config,
+        format!(
+            "[discovery]\nbackend = \"static\"\n[admin]\nlisten = \"{}\"\nupgrade_socket = \"up.sock\"\n\
+             [[listener]]\nname = \"echo\"\nlisten = \"{listen}\"\nprotocol = \"tcp\"\nservice = \"echo\"\n\
+             [[task]]\nservice = \"echo\"\naddr = \"{}\"\n",
+            free_addr(),
+            backend.addr()
+        ),
+    )
+    .unwrap();
+    let env = [("NOTIFY_SOCKET", notify_path.to_str().unwrap())];
+
+    let mut none = Upgrader::spawn(&config, "--upgrade", &[]);
+    assert_eq!(none.wait_exit(WAIT).code(), Some(3));
+    assert!(
+        none.log().contains("no routemesh is running"),
+        "{}",
+        none.log()
+    );
+
+    let mut blue = Upgrader::spawn(&config, "--upgrade=if-running", &env);
+    assert_eq!(recv(), format!("READY=1\nMAINPID={}", blue.pid()));
+    assert!(blue.log().contains("starting afresh"));
+    support::echo_roundtrip(listen, b"x").unwrap();
+
+    let mut green = Upgrader::spawn(&config, "--upgrade=if-running", &env);
+    assert_eq!(recv(), "STOPPING=1", "the old instance first");
+    assert_eq!(recv(), format!("READY=1\nMAINPID={}", green.pid()));
+    green.wait_taken_over();
+    assert_eq!(
+        blue.wait_exit(WAIT).code(),
+        Some(0),
+        "blue exits 0: inactive, not failed"
+    );
+    support::echo_roundtrip(listen, b"x").unwrap();
+    assert_eq!(green.terminate().code(), Some(0));
+    assert_eq!(recv(), "STOPPING=1");
+
+    // The units: the template's instances and the plain unit pass `systemd-analyze verify`.
+    let analyze = require_binary(
+        "systemd-analyze",
+        "run `bash .ci/run` or `apt-get install -y systemd`",
+    );
+    let repo = Path::new(env!("CARGO_MANIFEST_DIR")).join("deploy/systemd");
+    let template = std::fs::read_to_string(repo.join("routemesh@.service")).unwrap();
+    for needle in [
+        "Type=notify",
+        "ExecStart=/usr/local/bin/routemesh run --upgrade=if-running -c ",
+        "RuntimeDirectory=routemesh",
+        "RuntimeDirectoryPreserve=yes",
+        "RestartPreventExitStatus=2 3",
+        "ExecReload=/bin/kill -HUP $MAINPID",
+        "DynamicUser=yes",
+    ] {
+        assert!(
+            template.contains(needle),
+            "routemesh@.service lacks {needle:?}"
+        );
+    }
+    let plain = std::fs::read_to_string(repo.join("routemesh.service")).unwrap();
+    assert!(plain.contains("RuntimeDirectory=routemesh"));
+    let verify = tempdir("rm-verify");
+    for (file, text) in [
+        ("routemesh@blue.service", &template),
+        ("routemesh@green.service", &template),
+        ("routemesh.service", &plain),
+    ] {
+        let copy = verify.path().join(file);
+        std::fs::write(&copy, text.replace("/usr/local/bin/routemesh", bin())).unwrap();
+        let mut cmd = Command::new(&analyze);
+        cmd.arg("verify").arg(&copy);
+        let out = support::util::run_bounded(&mut cmd, None, WAIT).unwrap();
+        let text = support::output_text(&out);
+        assert!(
+            out.status.success() && !text.contains(file),
+            "systemd-analyze verify {file}:\n{text}"
+        );
+    }
+}
+
+/// What the new config changed: a listener whose address changed is opened afresh, one no
+/// longer configured is closed once handed over, one published in etcd is inherited (bound,
+/// not `failed: address in use`); connections open on the old ones run on in the old process.
+#[test]
+fn changed_and_removed_listeners_and_published_ones() {
+    let etcd = Etcd::start();
+    let backend = support::TcpBackend::start("echo");
+    let ports = Ports::new();
+    let (a1, a2, b, published) = (free_addr(), free_addr(), free_addr(), free_addr());
+    let toml = |a: SocketAddr, with_b: bool| {
+        let mut t = format!(
+            "[node]\nname = \"{NODE}\"\n[discovery]\nendpoints = [\"{}\"]\nprefix = \"{P}\"\nnode_ttl = \"2s\"\n\
+             [admin]\nlisten = \"{}\"\nupgrade_socket = \"upgrade.sock\"\n\
+             [[listener]]\nname = \"a\"\nlisten = \"{a}\"\nprotocol = \"tcp\"\nservice = \"echo\"\n\
+             [[task]]\nservice = \"echo\"\naddr = \"{}\"\nid = \"echo-1\"\n",
+            etcd.endpoint(),
+            ports.admin,
+            backend.addr()
+        );
+        if with_b {
+            t.push_str(&format!(
+                "[[listener]]\nname = \"b\"\nlisten = \"{b}\"\nprotocol = \"tcp\"\nservice = \"echo\"\n"
+            ));
+        }
+        t
+    };
+    etcd.put(
+        &format!("{P}/listeners/pub"),
+        &format!(r#"{{"listen":"{published}","protocol":"tcp","service":"echo"}}"#),
+    );
+    let mut old = Daemon::start(&toml(a1, true));
+    old.wait_ready();
+    let mut held: Vec<TcpStream> = [a1, b, published]
+        .iter()
+        .map(|addr| support::connect_and_greet(*addr).unwrap().0)
+        .collect();
+
+    old.write_config(&toml(a2, false));
+    let mut new = Upgrader::start(old.config_path());
+    new.wait_taken_over();
+    let states = |routes: serde_json::Value| -> BTreeMap<String, String> {
+        routes["listeners"]
+            .as_array()
+            .into_iter()
+            .flatten()
+            .map(|l| {
+                (
+                    l["name"].as_str().unwrap_or("").to_string(),
+                    l["state"].as_str().unwrap_or("").to_string(),
+                )
+            })
+            .collect()
+    };
+    let (_, body) = try_http_get(ports.admin, "/routes").unwrap();
+    let got = states(serde_json::from_str(&body).unwrap());
+    assert_eq!(got.get("pub").map(String::as_str), Some("bound"), "{got:?}");
+    assert_eq!(got.get("a").map(String::as_str), Some("bound"), "{got:?}");
+    assert!(!got.contains_key("b"), "{got:?}");
+    for addr in [a2, published] {
+        let (_open, greeting) = support::connect_and_greet(addr).unwrap();
+        assert_eq!(greeting, "echo");
+        let by_pid = owners(addr.port());
+        assert_eq!(by_pid.get(&new.pid()), Some(&1), "{addr}: {by_pid:?}");
+    }
+    for addr in [a1, b] {
+        eventually(WAIT, &format!("{addr} closed"), || {
+            TcpStream::connect(addr).is_err()
+        });
+    }
+    // The connections open on the old sockets run on in the old process.
+    for s in &mut held {
+        s.write_all(b"ping").unwrap();
+        let mut back = [0u8; 4];
+        s.read_exact(&mut back).unwrap();
+        assert_eq!(&back, b"ping");
+    }
+    assert!(old.is_running());
+    held.clear();
+    assert_eq!(old.wait_exit(WAIT).and_then(|s| s.code()), Some(0));
+    assert_eq!(new.terminate().code(), Some(0));
 }
