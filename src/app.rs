@@ -384,6 +384,8 @@ pub async fn run(
     });
     let mut failed: Option<UpgradeError> = None;
     let mut handed_over = false;
+    // Fires once the new process has been told this one stopped (awaited before exiting).
+    let mut done_sent = None;
 
     let mut current = config;
     let report = Report {
@@ -408,7 +410,9 @@ pub async fn run(
                 taking_over = None;
                 match r {
                     Ok((done, predecessor)) => {
-                        let _ = previous_tx.send(Some(Arc::new(done.tasks)));
+                        let lease = done.as_ref().and_then(|d| d.lease);
+                        let previous = done.map(|d| d.tasks).unwrap_or_default();
+                        let _ = previous_tx.send(Some(Arc::new(previous)));
                         let mut closed: Vec<String> =
                             listeners.close_inherited().iter().map(|a| a.to_string()).collect();
                         closed.extend(inherited.take().map(|mut i| i.close_rest()).unwrap_or_default());
@@ -433,7 +437,7 @@ pub async fn run(
                             serve_upgrades(l);
                         }
                         notify::ready();
-                        tracing::info!(previous_pid = pid, lease = ?done.lease, "upgrade done: serving on the inherited sockets; the previous process drains");
+                        tracing::info!(previous_pid = pid, lease = ?lease, "upgrade done: serving on the inherited sockets; the previous process drains");
                     }
                     Err(e) => {
                         failed = Some(e);
@@ -445,7 +449,7 @@ pub async fn run(
                 upgrade::Request::Offer(reply) => {
                     let _ = reply.send(held.offer(&listeners, generation, lease_handle.lease()));
                 }
-                upgrade::Request::HandOver(reply) => {
+                upgrade::Request::HandOver(h) => {
                     // The new process serves: stop accepting everywhere at once, stop writing
                     // to etcd without revoking, and report what was written.
                     admin_state.handed_over.store(true, Ordering::Release);
@@ -463,10 +467,11 @@ pub async fn run(
                         f.keep();
                     }
                     drop(std::mem::take(&mut held));
-                    let _ = reply.send(Done {
+                    let _ = h.reply.send(Done {
                         lease: lease_handle.lease(),
                         tasks: lease_handle.written_tasks(),
                     });
+                    done_sent = Some(h.sent);
                     handed_over = true;
                     break;
                 }
@@ -557,6 +562,9 @@ pub async fn run(
     }
     admin_stop.cancel();
     let _ = admin_task.await;
+    if let Some(sent) = done_sent {
+        let _ = tokio::time::timeout(Duration::from_secs(15), sent).await;
+    }
     if let Some(e) = failed {
         return Err(e.into());
     }

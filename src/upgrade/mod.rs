@@ -44,6 +44,9 @@ use wire::Wire;
 
 /// Bound on each step of the exchange that needs only the other process's attention.
 const STEP_TIMEOUT: Duration = Duration::from_secs(10);
+/// How long the new process waits for `Done` once it has said `Ready` (the old process stops
+/// its listeners and its lease keeper first, bounded by twice its etcd dial timeout).
+const DONE_TIMEOUT: Duration = Duration::from_secs(60);
 /// How long the old process waits for `Ready` (the new one gives up on its own before).
 const READY_TIMEOUT_OLD: Duration = Duration::from_secs(150);
 
@@ -256,14 +259,17 @@ pub struct Done {
 
 /// The old process after the hand-over: the connection closes when it exits.
 pub struct Predecessor {
-    wire: Wire,
+    /// `None` when the connection is already gone.
+    wire: Option<Wire>,
     pub pid: u32,
 }
 
 impl Predecessor {
     /// Returns once the old process has exited (or closed the connection).
-    pub async fn exited(mut self) {
-        while let Ok(Some(_)) = self.wire.recv::<Message>().await {}
+    pub async fn exited(self) {
+        if let Some(mut wire) = self.wire {
+            while let Ok(Some(_)) = wire.recv::<Message>().await {}
+        }
     }
 }
 
@@ -335,25 +341,31 @@ impl Takeover {
     }
 
     /// Tells the old process that this one serves; returns once it has stopped accepting
-    /// and writing, with what it had written.
-    pub async fn ready(mut self) -> Result<(Done, Predecessor), UpgradeError> {
+    /// and writing, with what it had written. Past `Ready` this process is committed (the old
+    /// one may have stopped already): without an answer it serves on, knowing nothing of the
+    /// old process's task keys (`None`).
+    pub async fn ready(mut self) -> Result<(Option<Done>, Predecessor), UpgradeError> {
         step("sending ready", self.wire.send(&Message::Ready, &[])).await?;
-        let (msg, _) = step(
-            "waiting for the old process to stop",
-            self.wire.recv::<Message>(),
-        )
-        .await?
-        .ok_or_else(|| protocol("the old process closed the connection before it stopped"))?;
-        match msg {
-            Message::Done { lease, tasks } => Ok((
-                Done { lease, tasks },
-                Predecessor {
-                    wire: self.wire,
-                    pid: self.previous_pid,
-                },
-            )),
-            other => Err(protocol(format!("unexpected answer {other:?}"))),
-        }
+        let pid = self.previous_pid;
+        let answer = tokio::time::timeout(DONE_TIMEOUT, self.wire.recv::<Message>()).await;
+        let why = match answer {
+            Ok(Ok(Some((Message::Done { lease, tasks }, _)))) => {
+                let predecessor = Predecessor {
+                    wire: Some(self.wire),
+                    pid,
+                };
+                return Ok((Some(Done { lease, tasks }), predecessor));
+            }
+            Ok(Ok(Some((m, _)))) => format!("unexpected answer {m:?}"),
+            Ok(Ok(None)) => "it closed the connection".into(),
+            Ok(Err(e)) => e.to_string(),
+            Err(_) => format!("no answer within {DONE_TIMEOUT:?}"),
+        };
+        tracing::warn!(
+            pid,
+            "the old process did not confirm the hand-over ({why}); serving on, its task keys are left as they are"
+        );
+        Ok((None, Predecessor { wire: None, pid }))
     }
 
     /// Tells the old process this one gives up (it keeps serving).
@@ -381,7 +393,15 @@ pub enum Request {
     Offer(oneshot::Sender<Offer>),
     /// The new process serves: stop accepting and writing to etcd (keeping the lease);
     /// answer with the lease and the task keys written under it.
-    HandOver(oneshot::Sender<Done>),
+    HandOver(HandOver),
+}
+
+/// [`Request::HandOver`]: the answer goes on `reply`; `sent` fires once it has gone out to
+/// the new process, which the app awaits before it exits (an old process with nothing to
+/// drain would otherwise exit before the new one hears that it has stopped).
+pub struct HandOver {
+    pub reply: oneshot::Sender<Done>,
+    pub sent: oneshot::Receiver<()>,
 }
 
 /// Whether an upgrade may start now; a refusal says why.
@@ -525,7 +545,8 @@ async fn offer_and_wait(
         }
     }
     let (tx, rx) = oneshot::channel();
-    app.send(Request::HandOver(tx))
+    let (sent_tx, sent) = oneshot::channel();
+    app.send(Request::HandOver(HandOver { reply: tx, sent }))
         .await
         .map_err(|_| "the daemon is stopping".to_string())?;
     let done = rx.await.map_err(|_| "the daemon is stopping".to_string())?;
@@ -537,6 +558,7 @@ async fn offer_and_wait(
     if let Err(e) = step("sending done", wire.send(&msg, &[])).await {
         tracing::warn!(pid, error = %e, "upgrade: could not confirm the hand-over");
     }
+    let _ = sent_tx.send(());
     tracing::info!(pid, "upgrade: handed over to the new process; draining");
     Ok(())
 }
@@ -677,8 +699,8 @@ mod tests {
                             )],
                         });
                     }
-                    Request::HandOver(reply) => {
-                        let _ = reply.send(Done {
+                    Request::HandOver(h) => {
+                        let _ = h.reply.send(Done {
                             lease: Some(77),
                             tasks: vec!["/p/tasks/s/t".into()],
                         });
@@ -696,7 +718,7 @@ mod tests {
             other => panic!("second upgrade not refused: {:?}", other.map(|_| ())),
         }
         let (done, _pred) = first.ready().await.unwrap();
-        assert_eq!(done.tasks, vec!["/p/tasks/s/t".to_string()]);
+        assert_eq!(done.unwrap().tasks, vec!["/p/tasks/s/t".to_string()]);
         assert!(stop.is_cancelled(), "the old side stops serving upgrades");
         app.abort();
     }
