@@ -230,7 +230,7 @@ pub async fn run(
     let discovery_stop = CancellationToken::new();
     let lease_stop = CancellationToken::new();
     let lease_handle = Arc::new(LeaseHandle::default());
-    // Taking over: the old process's task keys once it has stopped writing, and whether this
+    // Taking over: the old process's keys once it has stopped writing, and whether this
     // process knows all of its own tasks (with [docker]: after the engine's first listing).
     let (previous_tx, previous_rx) = watch::channel(None);
     let tasks_complete = CancellationToken::new();
@@ -411,7 +411,7 @@ pub async fn run(
                 match r {
                     Ok((done, predecessor)) => {
                         let lease = done.as_ref().and_then(|d| d.lease);
-                        let previous = done.map(|d| d.tasks).unwrap_or_default();
+                        let previous = done.map(|d| d.keys).unwrap_or_default();
                         let _ = previous_tx.send(Some(Arc::new(previous)));
                         let mut closed: Vec<String> =
                             listeners.close_inherited().iter().map(|a| a.to_string()).collect();
@@ -469,7 +469,7 @@ pub async fn run(
                     drop(std::mem::take(&mut held));
                     let _ = h.reply.send(Done {
                         lease: lease_handle.lease(),
-                        tasks: lease_handle.written_tasks(),
+                        keys: lease_handle.written_keys(),
                     });
                     done_sent = Some(h.sent);
                     handed_over = true;
@@ -593,6 +593,7 @@ async fn reload(
         }
     };
     if next.admin.listen != current.admin.listen
+        || next.admin.upgrade_socket != current.admin.upgrade_socket
         || next.node.name != current.node.name
         || next.discovery.backend != current.discovery.backend
         || next.discovery.endpoints != current.discovery.endpoints

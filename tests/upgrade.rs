@@ -869,9 +869,17 @@ fn upgrades_chain_and_a_second_one_is_refused_while_the_old_process_drains() {
     admin.set_read_timeout(Some(IO_TIMEOUT)).unwrap();
     assert!(keep_alive_get(&mut admin, "/readyz").starts_with("HTTP/1.1 200"));
     let mut device = mqtt_connect(ports.mqtt, "holder").unwrap();
+    // An idle keep-alive HTTP connection to the first process.
+    let mut idle = TcpStream::connect(ports.web).unwrap();
+    idle.set_read_timeout(Some(IO_TIMEOUT)).unwrap();
+    assert!(keep_alive_get(&mut idle, "/").contains("name=web"));
 
     let mut second = Upgrader::start(first.config_path());
     second.wait_taken_over();
+    assert!(
+        support::util::closed_within(&mut idle, IO_TIMEOUT),
+        "an idle keep-alive connection is closed at once by the old process"
+    );
     // The old process says it is not ready any more (to whoever still talks to it).
     let answer = keep_alive_get(&mut admin, "/readyz");
     assert!(
@@ -1052,7 +1060,8 @@ fn changed_and_removed_listeners_and_published_ones() {
     let backend = support::TcpBackend::start("echo");
     let ports = Ports::new();
     let (a1, a2, b, published) = (free_addr(), free_addr(), free_addr(), free_addr());
-    let toml = |a: SocketAddr, with_b: bool| {
+    // The old config also has listener b and a second task; the new one has neither.
+    let toml = |a: SocketAddr, old: bool| {
         let mut t = format!(
             "[node]\nname = \"{NODE}\"\n[discovery]\nendpoints = [\"{}\"]\nprefix = \"{P}\"\nnode_ttl = \"2s\"\n\
              [admin]\nlisten = \"{}\"\nupgrade_socket = \"upgrade.sock\"\n\
@@ -1062,9 +1071,11 @@ fn changed_and_removed_listeners_and_published_ones() {
             ports.admin,
             backend.addr()
         );
-        if with_b {
+        if old {
             t.push_str(&format!(
-                "[[listener]]\nname = \"b\"\nlisten = \"{b}\"\nprotocol = \"tcp\"\nservice = \"echo\"\n"
+                "[[listener]]\nname = \"b\"\nlisten = \"{b}\"\nprotocol = \"tcp\"\nservice = \"echo\"\n\
+                 [[task]]\nservice = \"echo\"\naddr = \"{}\"\nid = \"echo-2\"\n",
+                support::dead_addr()
             ));
         }
         t
@@ -1075,6 +1086,11 @@ fn changed_and_removed_listeners_and_published_ones() {
     );
     let mut old = Daemon::start(&toml(a1, true));
     old.wait_ready();
+    let task = |id: &str| format!("{P}/tasks/echo/{id}");
+    eventually(WAIT, "both tasks registered", || {
+        etcd.get(&task("echo-2")).is_some()
+    });
+    let watch = Watch::start(&etcd);
     let mut held: Vec<TcpStream> = [a1, b, published]
         .iter()
         .map(|addr| support::connect_and_greet(*addr).unwrap().0)
@@ -1112,6 +1128,12 @@ fn changed_and_removed_listeners_and_published_ones() {
             TcpStream::connect(addr).is_err()
         });
     }
+    // The task the new config dropped is deleted, and nothing else.
+    eventually(WAIT, "the dropped task's key deleted", || {
+        etcd.get(&task("echo-2")).is_none()
+    });
+    assert_eq!(node_keys_deleted(&watch), vec![task("echo-2")]);
+    assert!(etcd.get(&task("echo-1")).is_some());
     // The connections open on the old sockets run on in the old process.
     for s in &mut held {
         s.write_all(b"ping").unwrap();

@@ -5,11 +5,11 @@
 //! shutdown the lease is revoked first, so other nodes drop our tasks at once.
 //!
 //! Upgrades (`routemesh run --upgrade`, src/upgrade/): the old process's keeper stops without
-//! revoking ([`LeaseHandle::keep_on_stop`]) and reports its lease and the task keys it wrote;
+//! revoking ([`LeaseHandle::keep_on_stop`]) and reports its lease and the keys it wrote;
 //! the new process's keeper starts from that lease ([`Adopt`]): it keeps it alive at once,
 //! writes nothing until the old process has stopped writing, and deletes the old process's
-//! task keys it does not register itself only once its own task set is complete. No key of
-//! the node is ever deleted and written again on the way.
+//! keys it does not write itself only once its own task set is complete. No key of the node
+//! is ever deleted and written again on the way.
 
 use std::collections::BTreeSet;
 use std::sync::atomic::{AtomicBool, AtomicI64, Ordering};
@@ -56,7 +56,7 @@ pub struct LeaseSettings {
 pub struct LeaseHandle {
     /// The lease in use; 0 while there is none.
     lease: AtomicI64,
-    /// The task keys last written under it.
+    /// The keys last written under it (the `alive` record and the tasks).
     written: Mutex<Vec<String>>,
     /// Set when the lease goes to another process: the keeper stops without revoking it.
     keep: AtomicBool,
@@ -67,8 +67,8 @@ impl LeaseHandle {
         Some(self.lease.load(Ordering::Acquire)).filter(|id| *id != 0)
     }
 
-    /// The task keys written under the lease.
-    pub fn written_tasks(&self) -> Vec<String> {
+    /// The keys written under the lease (the `alive` record and the tasks).
+    pub fn written_keys(&self) -> Vec<String> {
         self.written
             .lock()
             .unwrap_or_else(|p| p.into_inner())
@@ -88,11 +88,12 @@ impl LeaseHandle {
 /// Taking over the lease of the process this one upgrades.
 pub struct Adopt {
     pub lease: i64,
-    /// `Some(keys)` once the old process has stopped writing: the task keys it had written.
-    /// Until then the keeper only keeps the lease alive.
+    /// `Some(keys)` once the old process has stopped writing: the keys it had written under
+    /// the lease. Until then the keeper only keeps the lease alive.
     pub previous: watch::Receiver<Option<Arc<Vec<String>>>>,
     /// Fires once this process's task set is complete (with [docker], after the engine's
-    /// first listing): then the old process's task keys it does not register are deleted.
+    /// first listing): then the old process's keys it does not write itself are deleted (a
+    /// task no longer there; the `alive` record of a node renamed by the upgrade).
     pub complete: CancellationToken,
 }
 
@@ -100,7 +101,7 @@ pub struct Adopt {
 struct Adoption {
     /// Waiting for the old process to stop writing.
     waiting: Option<Adopt>,
-    /// Old task keys not decided yet, and the signal that decides them.
+    /// The old process's keys not decided yet, and the signal that decides them.
     orphans: Vec<String>,
     complete: Option<CancellationToken>,
 }
@@ -288,10 +289,10 @@ async fn keep(
             // (e.g. a second swarm manager) took over under a lease that has since died.
             let stale = written_at.elapsed() >= REASSERT_EVERY;
             if changed || stale || orphans_due {
-                let now = task_keys(&s.prefix, &current);
+                let now = leased_keys(&s.prefix, &current);
                 let mut gone: Vec<String> = written
                     .as_deref()
-                    .map(|w| task_keys(&s.prefix, w))
+                    .map(|w| leased_keys(&s.prefix, w))
                     .unwrap_or_default()
                     .into_iter()
                     .filter(|k| !now.contains(k))
@@ -363,16 +364,18 @@ async fn heartbeat(
     Ok(alive)
 }
 
-/// The etcd keys of a registration's tasks.
-fn task_keys(prefix: &str, r: &Registration) -> BTreeSet<String> {
+/// The etcd keys a registration writes under the lease: the node's `alive` record and its
+/// tasks.
+fn leased_keys(prefix: &str, r: &Registration) -> BTreeSet<String> {
     r.tasks
         .iter()
         .map(|t| task_key(prefix, &t.service, &t.id))
+        .chain([node_alive_key(prefix, &r.node)])
         .collect()
 }
 
-/// Writes the node records and tasks in one transaction and deletes the task keys `gone`
-/// (tasks no longer registered).
+/// Writes the node records and tasks in one transaction and deletes the keys `gone` (tasks
+/// no longer registered, keys of the process this one took over from).
 async fn write(
     client: &mut Client,
     s: &LeaseSettings,

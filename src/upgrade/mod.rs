@@ -10,8 +10,8 @@
 //!                                 ◄──      Offer {generation, lease, sockets[]} + SCM_RIGHTS
 //!  (serves on them; binds what changed; becomes ready)
 //!  Ready                          ──►      (stops accepting, stops writing to etcd, keeps the lease)
-//!                                 ◄──      Done {lease, tasks it wrote}
-//!  (writes its registration under the lease; deletes the old tasks it no longer has)
+//!                                 ◄──      Done {lease, keys it wrote under it}
+//!  (writes its registration under the lease; deletes the old keys it no longer has)
 //!  … the connection stays open while the old process drains; its close means it exited.
 //! ```
 //!
@@ -102,7 +102,7 @@ enum Message {
     },
     Done {
         lease: Option<i64>,
-        tasks: Vec<String>,
+        keys: Vec<String>,
     },
 }
 
@@ -253,8 +253,8 @@ pub struct Takeover {
 #[derive(Debug)]
 pub struct Done {
     pub lease: Option<i64>,
-    /// The etcd task keys it had written under the lease.
-    pub tasks: Vec<String>,
+    /// The etcd keys it had written under the lease (its `alive` record and tasks).
+    pub keys: Vec<String>,
 }
 
 /// The old process after the hand-over: the connection closes when it exits.
@@ -343,18 +343,18 @@ impl Takeover {
     /// Tells the old process that this one serves; returns once it has stopped accepting
     /// and writing, with what it had written. Past `Ready` this process is committed (the old
     /// one may have stopped already): without an answer it serves on, knowing nothing of the
-    /// old process's task keys (`None`).
+    /// keys the old process wrote (`None`).
     pub async fn ready(mut self) -> Result<(Option<Done>, Predecessor), UpgradeError> {
         step("sending ready", self.wire.send(&Message::Ready, &[])).await?;
         let pid = self.previous_pid;
         let answer = tokio::time::timeout(DONE_TIMEOUT, self.wire.recv::<Message>()).await;
         let why = match answer {
-            Ok(Ok(Some((Message::Done { lease, tasks }, _)))) => {
+            Ok(Ok(Some((Message::Done { lease, keys }, _)))) => {
                 let predecessor = Predecessor {
                     wire: Some(self.wire),
                     pid,
                 };
-                return Ok((Some(Done { lease, tasks }), predecessor));
+                return Ok((Some(Done { lease, keys }), predecessor));
             }
             Ok(Ok(Some((m, _)))) => format!("unexpected answer {m:?}"),
             Ok(Ok(None)) => "it closed the connection".into(),
@@ -363,7 +363,7 @@ impl Takeover {
         };
         tracing::warn!(
             pid,
-            "the old process did not confirm the hand-over ({why}); serving on, its task keys are left as they are"
+            "the old process did not confirm the hand-over ({why}); serving on, the keys it wrote are left as they are"
         );
         Ok((None, Predecessor { wire: None, pid }))
     }
@@ -392,7 +392,7 @@ pub enum Request {
     /// Describe and duplicate every socket; read the lease.
     Offer(oneshot::Sender<Offer>),
     /// The new process serves: stop accepting and writing to etcd (keeping the lease);
-    /// answer with the lease and the task keys written under it.
+    /// answer with the lease and the keys written under it.
     HandOver(HandOver),
 }
 
@@ -552,7 +552,7 @@ async fn offer_and_wait(
     let done = rx.await.map_err(|_| "the daemon is stopping".to_string())?;
     let msg = Message::Done {
         lease: done.lease,
-        tasks: done.tasks,
+        keys: done.keys,
     };
     // Past this point the sockets are the new process's, whatever happens to this message.
     if let Err(e) = step("sending done", wire.send(&msg, &[])).await {
@@ -702,7 +702,7 @@ mod tests {
                     Request::HandOver(h) => {
                         let _ = h.reply.send(Done {
                             lease: Some(77),
-                            tasks: vec!["/p/tasks/s/t".into()],
+                            keys: vec!["/p/tasks/s/t".into()],
                         });
                     }
                 }
@@ -718,7 +718,7 @@ mod tests {
             other => panic!("second upgrade not refused: {:?}", other.map(|_| ())),
         }
         let (done, _pred) = first.ready().await.unwrap();
-        assert_eq!(done.unwrap().tasks, vec!["/p/tasks/s/t".to_string()]);
+        assert_eq!(done.unwrap().keys, vec!["/p/tasks/s/t".to_string()]);
         assert!(stop.is_cancelled(), "the old side stops serving upgrades");
         app.abort();
     }
