@@ -213,9 +213,20 @@ pub async fn run(
 
     // TOML listeners first: a port that cannot be bound fails the start. Published ones
     // follow the first synced snapshot, before /readyz says ready.
-    let mut listeners = Listeners::new(&config, snapshot.clone(), metrics.clone());
+    // Listeners accept once routing is in place: taking over, once ready; with the static
+    // backend, once its table is published; with etcd at once (the routes follow the sync).
+    let accepting = match (&inherited, config.discovery.backend) {
+        (None, DiscoveryBackend::Static) => CancellationToken::new(),
+        _ => serving.clone(),
+    };
+    let mut listeners = Listeners::new(
+        &config,
+        snapshot.clone(),
+        metrics.clone(),
+        accepting.clone(),
+    );
     if let Some(i) = inherited.as_mut() {
-        listeners.inherit(i.take_listeners(), serving.clone());
+        listeners.inherit(i.take_listeners());
     }
     listeners.reconcile(&config, &[]).await?;
     let (changed_tx, mut changed_rx) = watch::channel(());
@@ -257,6 +268,9 @@ pub async fn run(
             );
             tracing::info!(tasks = config.tasks.len(), "static routing table published");
             static_publisher = Some(publisher);
+            if inherited.is_none() {
+                accepting.cancel();
+            }
         }
         DiscoveryBackend::Etcd => {
             background.push(tokio::spawn(discovery::etcd::run(

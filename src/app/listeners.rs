@@ -75,9 +75,9 @@ pub struct Listeners {
     warned: BTreeSet<(String, String)>,
     /// Sockets handed over by the process this one upgrades, not taken yet, by address.
     inherited: BTreeMap<SocketAddr, std::net::TcpListener>,
-    /// Accept loops wait for it: a process taking over starts accepting only once it is
-    /// ready, so nothing reaches it before it can route (cancelled at once otherwise).
-    serving: CancellationToken,
+    /// Accept loops wait for it: nothing is accepted before this process can route (a
+    /// process taking over: once it is ready; the static backend: once its table is out).
+    accepting: CancellationToken,
     /// The `[http]` limits and access-log flag the running contexts were built with.
     http: HttpLimits,
     access_log: bool,
@@ -96,18 +96,20 @@ struct Fresh {
 }
 
 impl Listeners {
-    pub fn new(config: &Config, snapshot: SharedSnapshot, metrics: Arc<Metrics>) -> Listeners {
+    /// Accept loops start accepting once `accepting` fires.
+    pub fn new(
+        config: &Config,
+        snapshot: SharedSnapshot,
+        metrics: Arc<Metrics>,
+        accepting: CancellationToken,
+    ) -> Listeners {
         Listeners {
             running: BTreeMap::new(),
             failed: BTreeMap::new(),
             states: Vec::new(),
             warned: BTreeSet::new(),
             inherited: BTreeMap::new(),
-            serving: {
-                let t = CancellationToken::new();
-                t.cancel();
-                t
-            },
+            accepting,
             http: config.http.clone(),
             access_log: config.log.access,
             conns: Connections::default(),
@@ -117,14 +119,9 @@ impl Listeners {
     }
 
     /// Seeds the sockets of the process this one upgrades: binding an address takes its
-    /// socket instead while there is one. Accept loops start accepting once `serving` fires.
-    pub fn inherit(
-        &mut self,
-        sockets: BTreeMap<SocketAddr, std::net::TcpListener>,
-        serving: CancellationToken,
-    ) {
+    /// socket instead while there is one.
+    pub fn inherit(&mut self, sockets: BTreeMap<SocketAddr, std::net::TcpListener>) {
         self.inherited = sockets;
-        self.serving = serving;
     }
 
     /// Closes the inherited sockets no listener took (no longer configured); returns their
@@ -441,15 +438,15 @@ impl Listeners {
         };
         let protocol = cfg.protocol;
         let terminator = tls.clone();
-        let accepting = socket.clone();
-        let serving = self.serving.clone();
+        let shared = socket.clone();
+        let accepting = self.accepting.clone();
         let stopped = stop.clone();
         let handle = tokio::spawn(async move {
             tokio::select! {
-                _ = serving.cancelled() => {}
+                _ = accepting.cancelled() => {}
                 _ = stopped.cancelled() => return,
             }
-            let socket = &*accepting;
+            let socket = &*shared;
             match (protocol, terminator) {
                 (Protocol::Tcp, _) => {
                     accept
