@@ -301,7 +301,8 @@ fn run_daemon(config: Config, upgrade: Option<UpgradeWhen>) -> ExitCode {
             eprintln!("error: cannot install signal handlers: {e}");
             return ExitCode::FAILURE;
         }
-        let upgrade = match upgrade {
+        let upgrade_when = upgrade;
+        let upgrade = match upgrade_when {
             None => None,
             Some(when) => match take_over(&config, when).await {
                 Ok(u) => u,
@@ -313,6 +314,9 @@ fn run_daemon(config: Config, upgrade: Option<UpgradeWhen>) -> ExitCode {
         };
         let generation = upgrade.as_ref().map_or(1, |u| u.inherited.generation);
         span.record("generation", generation);
+        if upgrade_when.is_some() && upgrade.is_none() {
+            tracing::info!(path = ?config.admin.upgrade_socket, "--upgrade=if-running: no routemesh runs there; starting afresh");
+        }
         match &upgrade {
             Some(u) => tracing::info!(node = %config.node.name, version = env!("CARGO_PKG_VERSION"), previous_pid = u.inherited.previous_pid, previous_version = %u.inherited.previous_version, "routemesh starting: taking over from the running process"),
             None => tracing::info!(node = %config.node.name, version = env!("CARGO_PKG_VERSION"), "routemesh starting"),
@@ -351,10 +355,7 @@ async fn take_over(
             takeover,
             inherited,
         })),
-        Err(e) if e.nothing_running() && when == UpgradeWhen::IfRunning => {
-            tracing::info!(path = %path.display(), "no routemesh runs there; starting afresh");
-            Ok(None)
-        }
+        Err(e) if e.nothing_running() && when == UpgradeWhen::IfRunning => Ok(None),
         Err(e) => Err(e),
     }
 }

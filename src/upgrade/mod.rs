@@ -550,6 +550,7 @@ async fn offer_and_wait(
         .await
         .map_err(|_| "the daemon is stopping".to_string())?;
     let done = rx.await.map_err(|_| "the daemon is stopping".to_string())?;
+    tracing::info!(pid, "upgrade: handed over to the new process; draining");
     let msg = Message::Done {
         lease: done.lease,
         keys: done.keys,
@@ -559,7 +560,6 @@ async fn offer_and_wait(
         tracing::warn!(pid, error = %e, "upgrade: could not confirm the hand-over");
     }
     let _ = sent_tx.send(());
-    tracing::info!(pid, "upgrade: handed over to the new process; draining");
     Ok(())
 }
 
