@@ -321,14 +321,18 @@ fn run_daemon(config: Config, upgrade: Option<UpgradeWhen>) -> ExitCode {
             Some(u) => tracing::info!(node = %config.node.name, version = env!("CARGO_PKG_VERSION"), previous_pid = u.inherited.previous_pid, previous_version = %u.inherited.previous_version, "routemesh starting: taking over from the running process"),
             None => tracing::info!(node = %config.node.name, version = env!("CARGO_PKG_VERSION"), "routemesh starting"),
         }
+        let taking_over = upgrade.is_some();
         match app::run(config, control_rx, shutdown, upgrade).await {
             Ok(()) => ExitCode::SUCCESS,
             Err(e) => {
                 tracing::error!("{e}");
                 eprintln!("error: {e}");
-                match e {
-                    app::AppError::Upgrade(_) => ExitCode::from(UPGRADE_FAILED),
-                    _ => ExitCode::FAILURE,
+                // Started with --upgrade, any failure is before the takeover completed:
+                // the running daemon serves on.
+                if taking_over {
+                    ExitCode::from(UPGRADE_FAILED)
+                } else {
+                    ExitCode::FAILURE
                 }
             }
         }
