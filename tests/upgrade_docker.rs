@@ -3,6 +3,8 @@
 //! container with the same flags, the host network and the same `/run/routemesh` volume takes
 //! over from the running one, which drains its open connection and exits 0 by itself; no
 //! connection attempt fails meanwhile and no etcd watcher sees the node's keys deleted.
+//! With `[docker]`, the new process's first write comes before its engine listing: the
+//! labelled containers' tasks the old process registered are not deleted on the way.
 
 #[path = "docker/engine.rs"]
 mod engine;
@@ -17,11 +19,13 @@ use std::thread;
 use std::time::{Duration, Instant};
 
 use engine::{
-    DOCKER_TIMEOUT, build_base, build_daemon, docker, docker_raw, images_lock, require_engine,
-    target_dir,
+    DOCKER_TIMEOUT, build_base, build_daemon, docker, docker_raw, images_lock, nginx_image,
+    require_engine, target_dir,
 };
 use support::util::tempdir;
-use support::{Etcd, TcpBackend, echo_roundtrip, eventually, free_addr, try_http_get, unique_name};
+use support::{
+    Daemon, Etcd, TcpBackend, echo_roundtrip, eventually, free_addr, try_http_get, unique_name,
+};
 
 const P: &str = "/routemesh";
 const WAIT: Duration = Duration::from_secs(30);
@@ -279,4 +283,90 @@ fn deletes_since(etcd: &Etcd, rev: i64) -> Vec<String> {
         .filter(|w| w[0] == "DELETE")
         .map(|w| w[1].to_string())
         .collect()
+}
+
+/// The daemon on the host with `[docker]`, a labelled container registered under its lease:
+/// an upgrade keeps the container's task (the new process lists the engine before it deletes
+/// anything of the old one's), and the container's end still takes it out.
+#[test]
+fn container_tasks_survive_an_upgrade() {
+    let nginx = nginx_image();
+    let etcd = Etcd::start();
+    let name = unique_name("rmupd");
+    let guard = Guard {
+        containers: Mutex::new(Vec::new()),
+        volume: format!("{name}-unused"),
+    };
+    let web = format!("{name}-web");
+    guard.containers.lock().unwrap().push(web.clone());
+    let service = format!("label=routemesh.service={name}");
+    docker(&[
+        "run",
+        "-d",
+        "--name",
+        &web,
+        "--label",
+        "routemesh-test=1",
+        "--label",
+        &service["label=".len()..],
+        "--label",
+        "routemesh.port=8080",
+        nginx,
+    ]);
+    let mut old = Daemon::start(&format!(
+        "[node]\nname = \"{name}\"\n[discovery]\nendpoints = [\"{}\"]\nprefix = \"{P}\"\nnode_ttl = \"2s\"\n\
+         [admin]\nlisten = \"{}\"\nupgrade_socket = \"upgrade.sock\"\n\
+         [docker]\nenabled = true\nsocket = \"/var/run/docker.sock\"\n",
+        etcd.endpoint(),
+        free_addr()
+    ));
+    old.wait_ready();
+    let task = format!("{P}/tasks/{name}/{web}");
+    eventually(WAIT, "the container's task registered", || {
+        etcd.get(&task).is_some()
+    });
+    let rev = etcd.revision();
+
+    let log = tempdir("rmupd-new");
+    let log_path = log.path().join("new.log");
+    let mut new = std::process::Command::new(support::bin())
+        .args(["run", "--upgrade", "-c"])
+        .arg(old.config_path())
+        .env("RUST_LOG", "info")
+        .stdin(std::process::Stdio::null())
+        .stdout(std::process::Stdio::null())
+        .stderr(std::fs::File::create(&log_path).unwrap())
+        .spawn()
+        .unwrap();
+    struct Kill<'a>(&'a mut std::process::Child);
+    impl Drop for Kill<'_> {
+        fn drop(&mut self) {
+            let _ = self.0.kill();
+            let _ = self.0.wait();
+        }
+    }
+    let new_pid = new.id();
+    let new = Kill(&mut new);
+    let text = || std::fs::read_to_string(&log_path).unwrap_or_default();
+    eventually(WAIT, "the takeover", || text().contains("upgrade done"));
+    eventually(WAIT, "the new process listing the engine", || {
+        text().contains("docker engine connected")
+    });
+    assert_eq!(old.wait_exit(WAIT).and_then(|s| s.code()), Some(0));
+    // Past a write of the new process's own registration.
+    eventually(WAIT, "the new process registered", || {
+        text().contains("node registered in etcd")
+    });
+    assert!(
+        etcd.get(&task).is_some(),
+        "the container's task is still there"
+    );
+    assert_eq!(deletes_since(&etcd, rev), Vec::<String>::new());
+
+    docker(&["stop", "-t", "0", &web]);
+    eventually(WAIT, "the stopped container's task gone", || {
+        etcd.get(&task).is_none()
+    });
+    let _ = support::util::send_signal(new_pid, libc::SIGTERM);
+    drop(new);
 }
