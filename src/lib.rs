@@ -20,9 +20,12 @@
 //! - `dns`       the cluster name: an authoritative DNS responder that names only live nodes
 //! - `metrics`   the Prometheus registry and metric families
 //! - `app`       wiring, reload and drain
+//! - `upgrade`   `run --upgrade`: the old process's sockets and lease handed to the new one
+//!   over a Unix socket (SCM_RIGHTS)
 //! - `cli`       the command line
 //! - `ratelimit` rate-limited logging for the data path
-//! - `util`      runtime helpers: the monotonic clock, retry backoff, socket bind and dial
+//! - `util`      runtime helpers: the monotonic clock, retry backoff, socket bind and dial,
+//!   systemd readiness notifications
 
 pub mod admin;
 pub mod app;
@@ -38,4 +41,5 @@ pub mod protocol;
 pub mod proxy;
 pub mod ratelimit;
 pub mod snapshot;
+pub mod upgrade;
 pub mod util;

@@ -37,6 +37,9 @@ pub struct Metrics {
     pub discovery_invalid_entries_total: IntCounter,
     pub config_reloads_total: IntCounterVec,
     pub build_info: IntGaugeVec,
+    /// This process's upgrade generation (1 for a fresh start, the old one's + 1 after
+    /// `run --upgrade`), labelled with its pid: tells the two processes of an upgrade apart.
+    pub process_generation: IntGaugeVec,
     pub health_checks_total: IntCounterVec,
     /// First packets of MQTT client-id routed listeners refused before any upstream connect.
     pub mqtt_connect_errors_total: IntCounterVec,
@@ -216,6 +219,12 @@ impl Metrics {
                 "routemesh_build_info",
                 "Always 1; the version as a label.",
                 &["version"],
+            )?,
+            process_generation: f.labelled(
+                IntGaugeVec::new,
+                "routemesh_process_generation",
+                "This process's upgrade generation (1 on a fresh start, +1 per `run --upgrade`); the pid as a label.",
+                &["pid"],
             )?,
             health_checks_total: f.labelled(
                 IntCounterVec::new,

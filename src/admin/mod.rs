@@ -55,6 +55,9 @@ pub struct AdminState {
     pub listeners_bound: AtomicBool,
     /// Set when shutdown starts: /readyz turns 503 so load balancers stop sending.
     pub draining: AtomicBool,
+    /// Set once this process has handed its sockets to an upgrade (`run --upgrade`): its
+    /// /readyz (on connections still open to it) answers 503.
+    pub handed_over: AtomicBool,
     /// Every listener this node serves or was asked to (TOML and cluster-published), with its
     /// state: what the node's `alive` record reports. Written by the app's listener manager;
     /// [`AdminState::new`] starts it with the config's listeners.
@@ -93,6 +96,7 @@ impl AdminState {
             metrics,
             listeners_bound: Default::default(),
             draining: Default::default(),
+            handed_over: Default::default(),
             listeners: ArcSwap::from_pointee(listeners),
             page: status::PageInfo {
                 node: config.node.name.clone(),
@@ -116,7 +120,9 @@ impl AdminState {
                 .get(&self.node)
                 .is_some_and(|n| n.is_drained())
         };
-        if self.draining.load(Ordering::Relaxed) {
+        if self.handed_over.load(Ordering::Acquire) {
+            Some("handed over to a new process (upgrade); draining")
+        } else if self.draining.load(Ordering::Relaxed) {
             Some("shutting down")
         } else if !self.listeners_bound.load(Ordering::Acquire) {
             Some("listeners not bound yet")

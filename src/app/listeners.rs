@@ -15,10 +15,17 @@
 //!
 //! [`Listeners::states`] is what the node reports for each listener (its `alive` record,
 //! `/routes`): `bound`, `shadowed`, `conflict`, `failed: …`, `refused: …`.
+//!
+//! Upgrades: a process started with `run --upgrade` is seeded with the old process's
+//! sockets by address ([`Listeners::inherit`]); every rule above stays, only "bind" takes an
+//! inherited socket of that address when there is one. What is left once the process is
+//! ready is closed ([`Listeners::close_inherited`]). [`Listeners::sockets`] lists the sockets
+//! to hand to the next one.
 
 use std::collections::{BTreeMap, BTreeSet};
 use std::future::Future;
 use std::net::SocketAddr;
+use std::os::fd::{AsFd, BorrowedFd};
 use std::sync::Arc;
 use std::time::Duration;
 
@@ -41,14 +48,16 @@ use crate::util::net;
 /// How often a published listener that could not be bound is tried again.
 pub const RETRY_FAILED: Duration = Duration::from_secs(5);
 
-/// A running accept loop; stopping it hands the socket back so a changed listener keeps its
+/// A running accept loop; a changed listener restarts it on the same socket, so it keeps its
 /// port without a rebind gap.
 struct RunningListener {
     config: ListenerConfig,
     /// `None` for TOML listeners.
     source: Option<Source>,
     stop: CancellationToken,
-    handle: JoinHandle<TcpListener>,
+    /// Shared with the accept loop (and described to an upgrade).
+    socket: Arc<TcpListener>,
+    handle: JoinHandle<()>,
     /// http listeners with `tls`: its certificates are replaced on every reconcile.
     tls: Option<Arc<proxy::tls::Terminator>>,
     /// This listener's connections: children of the daemon-wide tokens, so the listener can
@@ -64,6 +73,11 @@ pub struct Listeners {
     states: Vec<PublishedListener>,
     /// Task-requested ports already warned about (held by another explicit listener).
     warned: BTreeSet<(String, String)>,
+    /// Sockets handed over by the process this one upgrades, not taken yet, by address.
+    inherited: BTreeMap<SocketAddr, std::net::TcpListener>,
+    /// Accept loops wait for it: nothing is accepted before this process can route (a
+    /// process taking over: once it is ready; the static backend: once its table is out).
+    accepting: CancellationToken,
     /// The `[http]` limits and access-log flag the running contexts were built with.
     http: HttpLimits,
     access_log: bool,
@@ -82,17 +96,57 @@ struct Fresh {
 }
 
 impl Listeners {
-    pub fn new(config: &Config, snapshot: SharedSnapshot, metrics: Arc<Metrics>) -> Listeners {
+    /// Accept loops start accepting once `accepting` fires.
+    pub fn new(
+        config: &Config,
+        snapshot: SharedSnapshot,
+        metrics: Arc<Metrics>,
+        accepting: CancellationToken,
+    ) -> Listeners {
         Listeners {
             running: BTreeMap::new(),
             failed: BTreeMap::new(),
             states: Vec::new(),
             warned: BTreeSet::new(),
+            inherited: BTreeMap::new(),
+            accepting,
             http: config.http.clone(),
             access_log: config.log.access,
             conns: Connections::default(),
             snapshot,
             metrics,
+        }
+    }
+
+    /// Seeds the sockets of the process this one upgrades: binding an address takes its
+    /// socket instead while there is one.
+    pub fn inherit(&mut self, sockets: BTreeMap<SocketAddr, std::net::TcpListener>) {
+        self.inherited = sockets;
+    }
+
+    /// Closes the inherited sockets no listener took (no longer configured); returns their
+    /// addresses.
+    pub fn close_inherited(&mut self) -> Vec<SocketAddr> {
+        std::mem::take(&mut self.inherited).into_keys().collect()
+    }
+
+    /// Every bound listener's name, address and socket (for an upgrade).
+    pub fn sockets(&self) -> Vec<(&str, SocketAddr, BorrowedFd<'_>)> {
+        self.running
+            .iter()
+            .map(|(addr, r)| (r.config.name.as_str(), *addr, r.socket.as_fd()))
+            .collect()
+    }
+
+    /// The inherited socket of `addr`, or a freshly bound one.
+    fn open(&mut self, addr: SocketAddr) -> std::io::Result<TcpListener> {
+        match self.inherited.remove(&addr) {
+            Some(s) => {
+                s.set_nonblocking(true)?;
+                tracing::debug!(%addr, "listener socket taken over from the previous process");
+                TcpListener::from_std(s)
+            }
+            None => net::bind(addr),
         }
     }
 
@@ -187,7 +241,7 @@ impl Listeners {
                 after_stop.push(((*l).clone(), *source));
                 continue;
             }
-            match net::bind(*addr) {
+            match self.open(*addr) {
                 Ok(socket) => fresh.push(Fresh {
                     config: (*l).clone(),
                     source: *source,
@@ -218,11 +272,18 @@ impl Listeners {
             }
             let r = self.running.remove(&addr).expect("key from the map");
             r.stop.cancel();
-            let socket = r.handle.await;
-            match (wanted.get(&addr), socket) {
-                (Some((w, source)), Ok(socket)) => {
+            let ended = r.handle.await;
+            match (wanted.get(&addr), ended) {
+                (Some((w, source)), Ok(())) => {
                     let certs = certs.remove(&addr);
-                    self.spawn((*w).clone(), *source, socket, config, certs, Some(r.conns));
+                    self.spawn(
+                        (*w).clone(),
+                        *source,
+                        r.socket,
+                        config,
+                        certs,
+                        Some(r.conns),
+                    );
                 }
                 (Some((w, _)), Err(_)) => {
                     failed.insert(w.name.clone(), "accept loop ended".into());
@@ -231,10 +292,10 @@ impl Listeners {
             }
         }
         for (l, source) in after_stop {
-            match net::bind(l.listen) {
+            match self.open(l.listen) {
                 Ok(socket) => {
                     let certs = certs.remove(&l.listen);
-                    self.spawn(l, source, socket, config, certs, None);
+                    self.spawn(l, source, Arc::new(socket), config, certs, None);
                 }
                 Err(e) => {
                     // Too late to refuse a reload: everything else has been applied.
@@ -244,7 +305,14 @@ impl Listeners {
             }
         }
         for f in fresh {
-            self.spawn(f.config, f.source, f.socket, config, f.certs, None);
+            self.spawn(
+                f.config,
+                f.source,
+                Arc::new(f.socket),
+                config,
+                f.certs,
+                None,
+            );
         }
         for (name, why) in &failed {
             if self.failed.get(name) != Some(why) {
@@ -331,7 +399,7 @@ impl Listeners {
         &mut self,
         cfg: ListenerConfig,
         source: Option<Source>,
-        socket: TcpListener,
+        socket: Arc<TcpListener>,
         config: &Config,
         certs: Option<LoadedCerts>,
         conns: Option<Connections>,
@@ -371,25 +439,33 @@ impl Listeners {
         };
         let protocol = cfg.protocol;
         let terminator = tls.clone();
+        let shared = socket.clone();
+        let accepting = self.accepting.clone();
+        let stopped = stop.clone();
         let handle = tokio::spawn(async move {
+            tokio::select! {
+                _ = accepting.cancelled() => {}
+                _ = stopped.cancelled() => return,
+            }
+            let socket = &*shared;
             match (protocol, terminator) {
                 (Protocol::Tcp, _) => {
                     accept
-                        .run(&socket, move |s, peer| {
+                        .run(socket, move |s, peer| {
                             proxy::tcp::handle(ctx.clone(), s, peer)
                         })
                         .await
                 }
                 (Protocol::Http, Some(term)) => {
                     accept
-                        .run(&socket, move |s, peer| {
+                        .run(socket, move |s, peer| {
                             proxy::tls::terminate(ctx.clone(), term.clone(), s, peer)
                         })
                         .await
                 }
                 (Protocol::Http, None) => {
                     accept
-                        .run(&socket, move |s, peer| {
+                        .run(socket, move |s, peer| {
                             proxy::http::handle(ctx.clone(), s, peer)
                         })
                         .await
@@ -397,13 +473,12 @@ impl Listeners {
                 (Protocol::Tls, _) => {
                     let router = proxy::tls::SniRouter::new(ctx);
                     accept
-                        .run(&socket, move |s, peer| {
+                        .run(socket, move |s, peer| {
                             proxy::tls::passthrough(router.clone(), s, peer)
                         })
                         .await
                 }
             }
-            socket
         });
         tracing::info!(listener = %cfg.name, addr = %cfg.listen, protocol = cfg.protocol.as_str(), service = cfg.service.as_ref().map(|s| s.as_str()).unwrap_or("-"), source = source.map(Source::as_str).unwrap_or("config"), "listening");
         self.running.insert(
@@ -412,6 +487,7 @@ impl Listeners {
                 config: cfg,
                 source,
                 stop,
+                socket,
                 handle,
                 tls,
                 conns,

@@ -13,6 +13,7 @@ use tokio_util::sync::CancellationToken;
 
 use crate::app::{self, Control};
 use crate::config::{Config, DiscoveryBackend, LogFormat};
+use crate::upgrade::{Takeover, UpgradeError};
 
 #[derive(Debug, Parser)]
 #[command(
@@ -32,6 +33,17 @@ pub enum Command {
         /// Config file (TOML).
         #[arg(short, long, value_name = "FILE")]
         config: Option<PathBuf>,
+        /// Take the sockets and the etcd lease over from the daemon running with this config
+        /// (its [admin] upgrade_socket); it then drains and exits. `--upgrade=if-running`
+        /// starts afresh when no daemon runs there.
+        #[arg(
+            long,
+            value_name = "WHEN",
+            num_args = 0..=1,
+            default_missing_value = "always",
+            require_equals = true
+        )]
+        upgrade: Option<UpgradeWhen>,
     },
     /// Validate a config file: every error as FILE:LINE:COL, exit 2; or a summary, exit 0.
     Check {
@@ -136,6 +148,15 @@ pub enum NodeCmd {
     },
 }
 
+/// `run --upgrade[=WHEN]`.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, clap::ValueEnum)]
+pub enum UpgradeWhen {
+    /// Fail when no daemon runs.
+    Always,
+    /// Start afresh when no daemon runs (systemd units that take turns).
+    IfRunning,
+}
+
 /// `node update --availability`.
 #[derive(Debug, Clone, Copy, clap::ValueEnum)]
 pub enum AvailabilityArg {
@@ -203,8 +224,8 @@ pub fn main(cli: Cli) -> ExitCode {
                 ExitCode::from(2)
             }
         },
-        Command::Run { config } => match load_or_default(config.as_deref()) {
-            Ok(c) => run_daemon(c),
+        Command::Run { config, upgrade } => match load_or_default(config.as_deref()) {
+            Ok(c) => run_daemon(c, upgrade),
             Err(e) => {
                 eprintln!("{e}");
                 ExitCode::from(2)
@@ -245,8 +266,16 @@ fn init_tracing(config: &Config) {
     };
 }
 
-fn run_daemon(config: Config) -> ExitCode {
+fn run_daemon(config: Config, upgrade: Option<UpgradeWhen>) -> ExitCode {
     init_tracing(&config);
+    // Every line of this process carries its pid and upgrade generation: the span is entered
+    // on every runtime thread for good (and on this one, which runs block_on).
+    let span = tracing::info_span!(
+        "routemesh",
+        pid = std::process::id(),
+        generation = tracing::field::Empty
+    );
+    let _entered = span.clone().entered();
     // One worker: a current-thread runtime (no work-stealing queues or cross-thread wakeups,
     // the same shape as a single-threaded event loop). More: the multi-threaded scheduler.
     let mut builder = if config.runtime.worker_threads == 1 {
@@ -256,6 +285,8 @@ fn run_daemon(config: Config) -> ExitCode {
         b.worker_threads(config.runtime.worker_threads);
         b
     };
+    let thread_span = span.clone();
+    builder.on_thread_start(move || enter_for_good(&thread_span));
     let runtime = match builder.enable_all().build() {
         Ok(rt) => rt,
         Err(e) => {
@@ -270,16 +301,78 @@ fn run_daemon(config: Config) -> ExitCode {
             eprintln!("error: cannot install signal handlers: {e}");
             return ExitCode::FAILURE;
         }
-        tracing::info!(node = %config.node.name, version = env!("CARGO_PKG_VERSION"), "routemesh starting");
-        match app::run(config, control_rx, shutdown).await {
+        let upgrade_when = upgrade;
+        let upgrade = match upgrade_when {
+            None => None,
+            Some(when) => match take_over(&config, when).await {
+                Ok(u) => u,
+                Err(e) => {
+                    eprintln!("error: upgrade failed: {e}");
+                    return ExitCode::from(UPGRADE_FAILED);
+                }
+            },
+        };
+        let generation = upgrade.as_ref().map_or(1, |u| u.inherited.generation);
+        span.record("generation", generation);
+        if upgrade_when.is_some() && upgrade.is_none() {
+            tracing::info!(path = ?config.admin.upgrade_socket, "--upgrade=if-running: no routemesh runs there; starting afresh");
+        }
+        match &upgrade {
+            Some(u) => tracing::info!(node = %config.node.name, version = env!("CARGO_PKG_VERSION"), previous_pid = u.inherited.previous_pid, previous_version = %u.inherited.previous_version, "routemesh starting: taking over from the running process"),
+            None => tracing::info!(node = %config.node.name, version = env!("CARGO_PKG_VERSION"), "routemesh starting"),
+        }
+        let taking_over = upgrade.is_some();
+        match app::run(config, control_rx, shutdown, upgrade).await {
             Ok(()) => ExitCode::SUCCESS,
             Err(e) => {
                 tracing::error!("{e}");
                 eprintln!("error: {e}");
-                ExitCode::FAILURE
+                // Started with --upgrade, any failure is before the takeover completed:
+                // the running daemon serves on.
+                if taking_over {
+                    ExitCode::from(UPGRADE_FAILED)
+                } else {
+                    ExitCode::FAILURE
+                }
             }
         }
     })
+}
+
+/// The exit code of a `run --upgrade` that did not take over (the running daemon serves on);
+/// 2 is a config error, 1 any other failure.
+pub const UPGRADE_FAILED: u8 = 3;
+
+/// Connects to the running daemon's upgrade socket and receives its sockets and lease;
+/// `None` when none runs and `when` allows a fresh start.
+async fn take_over(
+    config: &Config,
+    when: UpgradeWhen,
+) -> Result<Option<app::Upgrade>, UpgradeError> {
+    let path = config
+        .admin
+        .upgrade_socket
+        .as_deref()
+        .ok_or(UpgradeError::Disabled)?;
+    match Takeover::connect(path).await {
+        Ok((takeover, inherited)) => Ok(Some(app::Upgrade {
+            takeover,
+            inherited,
+        })),
+        Err(e) if e.nothing_running() && when == UpgradeWhen::IfRunning => Ok(None),
+        Err(e) => Err(e),
+    }
+}
+
+thread_local! {
+    static THREAD_SPAN: std::cell::RefCell<Option<tracing::span::EnteredSpan>> =
+        const { std::cell::RefCell::new(None) };
+}
+
+/// Enters `span` on this thread until the thread ends.
+fn enter_for_good(span: &tracing::Span) {
+    let entered = span.clone().entered();
+    THREAD_SPAN.with(|s| *s.borrow_mut() = Some(entered));
 }
 
 fn spawn_signal_handlers(

@@ -1,5 +1,6 @@
 //! The `[admin]` section: where the status page, /healthz, /readyz, /routes and /metrics
-//! listen, and the optional token file that enables the page's write actions.
+//! listen, the optional token file that enables the page's write actions, and the Unix socket
+//! a `routemesh run --upgrade` takes the running daemon's sockets over from.
 
 use std::net::SocketAddr;
 use std::path::{Path, PathBuf};
@@ -12,11 +13,16 @@ use super::file::S;
 use super::values::{resolve, socket_addr, span};
 
 pub const DEFAULT_ADMIN: &str = "127.0.0.1:9901";
+/// Where the running daemon hands its sockets over (`routemesh run --upgrade`).
+pub const DEFAULT_UPGRADE_SOCKET: &str = "/run/routemesh/upgrade.sock";
+/// The longest path a Unix socket address holds (sun_path is 108 bytes with its NUL).
+const MAX_UNIX_PATH: usize = 107;
 
 #[derive(Debug, Default, Deserialize)]
 pub struct RawAdmin {
     pub listen: Option<S<String>>,
     pub token_file: Option<S<String>>,
+    pub upgrade_socket: Option<S<String>>,
 }
 
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -27,6 +33,9 @@ pub struct AdminConfig {
     /// `Authorization: Bearer <its contents>`. Read again at each action, so a rotated file
     /// takes effect without a restart. None: read-only (the action endpoints answer 403).
     pub token_file: Option<PathBuf>,
+    /// The hand-over socket (mode 0600) served by the running daemon; `None` when set to ""
+    /// (upgrades off). Used by app.rs (serves it) and cli (`run --upgrade` connects to it).
+    pub upgrade_socket: Option<PathBuf>,
 }
 
 /// The token in `path`: its contents without surrounding whitespace (a trailing newline is
@@ -47,7 +56,7 @@ pub fn read_token(path: &Path) -> Result<String, String> {
     Ok(token.to_string())
 }
 
-/// Validates `[admin]`; `config_path` resolves a relative `token_file`.
+/// Validates `[admin]`; `config_path` resolves a relative `token_file` and `upgrade_socket`.
 pub(super) fn validate(
     issues: &mut Issues,
     config_path: &Path,
@@ -79,14 +88,51 @@ pub(super) fn validate(
         }
         Some(path)
     });
-    AdminConfig { listen, token_file }
+    let upgrade_socket = match &raw.upgrade_socket {
+        None => Some(PathBuf::from(DEFAULT_UPGRADE_SOCKET)),
+        Some(v) if v.get_ref().trim().is_empty() => None,
+        Some(v) => {
+            let path = resolve(config_path, v.get_ref().trim());
+            let len = path.as_os_str().len();
+            if len > MAX_UNIX_PATH {
+                issues.at(
+                    span(v),
+                    format!(
+                        "`admin.upgrade_socket`: {} is {len} bytes long, a Unix socket path holds at most {MAX_UNIX_PATH}; pick a shorter path, e.g. \"{DEFAULT_UPGRADE_SOCKET}\"",
+                        path.display()
+                    ),
+                );
+                Some(PathBuf::from(DEFAULT_UPGRADE_SOCKET))
+            } else if path.file_name().is_none() || v.get_ref().trim().ends_with('/') {
+                issues.at(
+                    span(v),
+                    format!(
+                        "`admin.upgrade_socket` = {:?} names a directory; write the socket's file path, e.g. \"{DEFAULT_UPGRADE_SOCKET}\" (or \"\" to turn upgrades off)",
+                        v.get_ref()
+                    ),
+                );
+                Some(PathBuf::from(DEFAULT_UPGRADE_SOCKET))
+            } else {
+                Some(path)
+            }
+        }
+    };
+    AdminConfig {
+        listen,
+        token_file,
+        upgrade_socket,
+    }
 }
 
 #[cfg(test)]
 mod tests {
+    use std::time::Duration;
+
     use std::path::Path;
 
+    use super::*;
     use crate::config::Config;
+    use crate::config::testing::{err, parse, parse_etc};
 
     fn parse_in(dir: &Path, src: &str) -> Result<Config, String> {
         Config::parse(&dir.join("t.toml"), src).map_err(|e| e.to_string())
@@ -136,5 +182,44 @@ mod tests {
             text.contains(":4:14:") && text.contains("needs `discovery.backend = \"etcd\"`"),
             "{text}"
         );
+    }
+
+    #[test]
+    fn defaults() {
+        let c = parse("").unwrap();
+        assert_eq!(
+            c.admin.upgrade_socket.as_deref(),
+            Some(Path::new(DEFAULT_UPGRADE_SOCKET))
+        );
+        assert_eq!(c.node.upgrade_drain_timeout, Duration::from_secs(600));
+    }
+
+    #[test]
+    fn empty_turns_upgrades_off_and_relative_is_beside_the_file() {
+        let c = parse("[admin]\nupgrade_socket = \"\"\n").unwrap();
+        assert_eq!(c.admin.upgrade_socket, None);
+        let c = parse_etc(
+            "[admin]\nupgrade_socket = \"run/up.sock\"\n[node]\nupgrade_drain_timeout = \"90s\"\n",
+        )
+        .unwrap();
+        assert_eq!(
+            c.admin.upgrade_socket.as_deref(),
+            Some(Path::new("/etc/routemesh/run/up.sock"))
+        );
+        assert_eq!(c.node.upgrade_drain_timeout, Duration::from_secs(90));
+    }
+
+    #[test]
+    fn bad_values_are_positioned() {
+        let long = "x".repeat(120);
+        let e = err(&format!(
+            "[admin]\nupgrade_socket = \"/{long}\"\n[node]\nupgrade_drain_timeout = \"soon\"\n"
+        ));
+        assert!(e.contains("t.toml:2:18"), "{e}");
+        assert!(e.contains("at most 107"), "{e}");
+        assert!(e.contains("t.toml:4:25"), "{e}");
+        assert!(e.contains("node.upgrade_drain_timeout"), "{e}");
+        let e = err("[admin]\nupgrade_socket = \"/run/routemesh/\"\n");
+        assert!(e.contains("names a directory"), "{e}");
     }
 }

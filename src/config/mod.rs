@@ -34,7 +34,7 @@ mod values;
 use std::collections::BTreeMap;
 use std::path::{Path, PathBuf};
 
-pub use admin::{AdminConfig, DEFAULT_ADMIN};
+pub use admin::{AdminConfig, DEFAULT_ADMIN, DEFAULT_UPGRADE_SOCKET};
 pub use discovery::{
     DEFAULT_ENDPOINT, DEFAULT_PREFIX, DiscoveryBackend, DiscoveryConfig, EtcdAuth, EtcdSecurity,
     EtcdTls, Password,

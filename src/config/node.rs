@@ -1,5 +1,5 @@
 //! The `[node]` section: this machine's name, the address clients use for it, and how long
-//! it drains on shutdown.
+//! it drains on shutdown and after handing its sockets to an upgrade.
 
 use std::net::IpAddr;
 use std::time::Duration;
@@ -16,6 +16,7 @@ pub struct RawNode {
     pub name: Option<S<String>>,
     pub advertise: Option<S<String>>,
     pub drain_timeout: Option<S<String>>,
+    pub upgrade_drain_timeout: Option<S<String>>,
 }
 
 #[derive(Debug, Clone)]
@@ -26,6 +27,9 @@ pub struct NodeConfig {
     pub advertise: Option<IpAddr>,
     /// How long open connections may run after SIGTERM.
     pub drain_timeout: Duration,
+    /// How long open connections may run in the old process after it handed its sockets to
+    /// `routemesh run --upgrade` (app.rs).
+    pub upgrade_drain_timeout: Duration,
 }
 
 /// This machine's host name, the default node name.
@@ -38,7 +42,8 @@ pub fn hostname() -> String {
         .unwrap_or_else(|| "localhost".to_string())
 }
 
-/// Validates `[node]` (all defaults when absent: the host name, no advertise, 10 s drain).
+/// Validates `[node]` (all defaults when absent: the host name, no advertise, 10 s drain,
+/// 10 min drain after an upgrade).
 pub(super) fn validate(issues: &mut Issues, raw: &RawNode) -> NodeConfig {
     let node_name = match &raw.name {
         Some(v) => name(issues, v, "node.name", NodeName::new),
@@ -81,9 +86,16 @@ pub(super) fn validate(issues: &mut Issues, raw: &RawNode) -> NodeConfig {
         Duration::from_secs(10),
         "node.drain_timeout",
     );
+    let upgrade_drain_timeout = duration(
+        issues,
+        &raw.upgrade_drain_timeout,
+        Duration::from_secs(600),
+        "node.upgrade_drain_timeout",
+    );
     NodeConfig {
         name: node_name,
         advertise,
         drain_timeout,
+        upgrade_drain_timeout,
     }
 }

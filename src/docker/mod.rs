@@ -67,10 +67,13 @@ pub enum DockerError {
 /// Starts engine discovery and the merge of its tasks into `registration` (the config's
 /// registration, as app.rs sends it at start and on reload). Returns the merged
 /// registration for the lease keeper and the background tasks, which end at `shutdown`.
+/// `listed` fires after the engine's first listing (an upgrade then knows this node's
+/// container tasks and may delete the old process's others).
 pub fn spawn(
     config: &Config,
     registration: watch::Receiver<Arc<Registration>>,
     metrics: Arc<Metrics>,
+    listed: CancellationToken,
     shutdown: CancellationToken,
 ) -> (watch::Receiver<Arc<Registration>>, Vec<JoinHandle<()>>) {
     let (tasks_tx, tasks_rx) = watch::channel(Arc::new(Vec::new()));
@@ -81,6 +84,7 @@ pub fn spawn(
         config.node.advertise,
         tasks_tx,
         metrics,
+        listed,
         shutdown.clone(),
     ))];
     if config.docker.swarm {
@@ -150,6 +154,7 @@ pub async fn run(
     advertise: Option<IpAddr>,
     out: watch::Sender<Arc<Vec<TaskConfig>>>,
     metrics: Arc<Metrics>,
+    listed: CancellationToken,
     shutdown: CancellationToken,
 ) {
     let socket = cfg.socket.display().to_string();
@@ -160,7 +165,7 @@ pub async fn run(
     let mut backoff = Backoff::with_max(MAX_BACKOFF);
     tracing::info!(%node, socket, network = cfg.network.as_deref().unwrap_or(""), "docker engine discovery starting");
     loop {
-        let session = session(&cfg, &mut tracker, &out, &metrics, &mut backoff);
+        let session = session(&cfg, &mut tracker, &out, &metrics, &mut backoff, &listed);
         let err = tokio::select! {
             e = session => e,
             _ = shutdown.cancelled() => break,
@@ -191,6 +196,7 @@ async fn session(
     out: &watch::Sender<Arc<Vec<TaskConfig>>>,
     metrics: &Metrics,
     backoff: &mut Backoff,
+    listed: &CancellationToken,
 ) -> DockerError {
     let err = engine_err(cfg);
     let docker = match connect(&cfg.socket).await {
@@ -206,6 +212,7 @@ async fn session(
     if let Err(e) = reconcile(&docker, tracker, out).await {
         return err(e);
     }
+    listed.cancel();
     let mut events = docker.events(Some(EventsOptions {
         since: Some(format!("{}.{:09}", since.as_secs(), since.subsec_nanos())),
         until: None,

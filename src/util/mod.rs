@@ -3,9 +3,11 @@
 //! - `clock`   `now_ms`, the process-wide monotonic clock in milliseconds
 //! - `backoff` `Backoff`, exponential retry pacing with jitter (etcd, lease, Docker)
 //! - `net`     `bind` (listening sockets), `dial` (connects), TCP keepalive, fd exhaustion
+//! - `notify`  systemd's readiness protocol (`sd_notify`: READY=1, STOPPING=1, MAINPID)
 //!
 //! Owns no state of the project and knows nothing of config, routing or protocols.
 
 pub mod backoff;
 pub mod clock;
 pub mod net;
+pub mod notify;

@@ -42,3 +42,5 @@ mod publish;
 mod status_page;
 mod tcp_proxy;
 mod tls;
+mod upgrade;
+mod upgrade_docker;

@@ -1,8 +1,9 @@
 //! The local Docker engine for integration tests, shared by the `docker` and `docker_swarm`
 //! modules: `docker` CLI wrappers with bounded waits,
 //! the engine check, and the locally built test images (no registry here: a debootstrapped
-//! Debian base, `docker import`ed, and the nginx workload built on it). Images are built at
-//! most once per machine; [`images_lock`] serialises builds across test processes.
+//! Debian base, `docker import`ed, the nginx workload built on it, and routemesh's own image
+//! from deploy/Dockerfile's runtime stage). Images are built at most once per machine;
+//! [`images_lock`] serialises builds across test processes.
 
 use std::path::{Path, PathBuf};
 use std::process::{Command, Output};
@@ -174,4 +175,92 @@ pub fn nginx_image() -> &'static str {
         );
     });
     NGINX_IMAGE
+}
+
+pub const DAEMON_IMAGE: &str = "routemesh-test-daemon:latest";
+
+/// routemesh's image: deploy/Dockerfile with its compile stage swapped for the binary cargo
+/// built for this test run (a Rust toolchain image cannot be had here without a registry),
+/// its runtime stage used verbatim on the local Debian base. Returns the image id.
+pub fn build_daemon(dir: &Path) -> String {
+    let ctx = dir.join("daemon-context");
+    let _ = std::fs::remove_dir_all(&ctx);
+    std::fs::create_dir_all(ctx.join("config")).unwrap();
+    // Without debug info the context is a fraction of the size; same code.
+    let bin = ctx.join("routemesh");
+    let stripped = Command::new("objcopy")
+        .args([
+            "--strip-debug",
+            crate::support::bin(),
+            bin.to_str().unwrap(),
+        ])
+        .status()
+        .is_ok_and(|s| s.success());
+    if !stripped {
+        std::fs::copy(crate::support::bin(), &bin).expect("copy the routemesh binary");
+    }
+    std::fs::copy(
+        Path::new(env!("CARGO_MANIFEST_DIR")).join("config/example.toml"),
+        ctx.join("config/example.toml"),
+    )
+    .unwrap();
+    let deploy =
+        std::fs::read_to_string(Path::new(env!("CARGO_MANIFEST_DIR")).join("deploy/Dockerfile"))
+            .expect("read deploy/Dockerfile");
+    std::fs::write(ctx.join("Dockerfile"), prebuilt_dockerfile(&deploy)).unwrap();
+    // Images of earlier binaries, untagged by the last build: ours (labelled), unused.
+    let _ = docker_raw(
+        &["image", "prune", "-f", "--filter", "label=routemesh-test=1"],
+        DOCKER_TIMEOUT,
+    );
+    let out = docker_raw(
+        &[
+            "build",
+            "-q",
+            "--label",
+            "routemesh-test=1",
+            "--build-arg",
+            &format!("RUNTIME_IMAGE={BASE_IMAGE}"),
+            "-t",
+            DAEMON_IMAGE,
+            ctx.to_str().unwrap(),
+        ],
+        BUILD_TIMEOUT,
+    );
+    assert!(
+        out.status.success(),
+        "building routemesh's image from deploy/Dockerfile failed:\n{}",
+        output_text(&out)
+    );
+    docker(&["image", "inspect", "--format", "{{.Id}}", DAEMON_IMAGE])
+}
+
+/// deploy/Dockerfile with its first (compile) stage replaced by `FROM scratch AS build`
+/// holding the prebuilt binary where the compile stage installs it; everything from the
+/// second FROM on (the runtime stage users get) is kept as is.
+pub fn prebuilt_dockerfile(deploy: &str) -> String {
+    let lines: Vec<&str> = deploy.lines().collect();
+    let froms: Vec<usize> = (0..lines.len())
+        .filter(|&i| {
+            lines[i]
+                .trim_start()
+                .to_ascii_uppercase()
+                .starts_with("FROM ")
+        })
+        .collect();
+    assert!(
+        froms.len() >= 2 && lines[froms[0]].contains(" AS build"),
+        "deploy/Dockerfile no longer has a compile stage named `build` followed by the runtime stage; update tests/docker.rs"
+    );
+    assert!(
+        deploy.contains("COPY --from=build /usr/local/bin/routemesh"),
+        "deploy/Dockerfile's runtime stage no longer copies /usr/local/bin/routemesh from `build`"
+    );
+    let mut out: Vec<&str> = lines[..froms[0]].to_vec();
+    out.push("FROM scratch AS build");
+    out.push("LABEL routemesh-test=1");
+    out.push("COPY routemesh /usr/local/bin/routemesh");
+    out.push("");
+    out.extend_from_slice(&lines[froms[1]..]);
+    out.join("\n") + "\n"
 }
