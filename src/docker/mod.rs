@@ -78,13 +78,17 @@ pub fn spawn(
 ) -> (watch::Receiver<Arc<Registration>>, Vec<JoinHandle<()>>) {
     let (tasks_tx, tasks_rx) = watch::channel(Arc::new(Vec::new()));
     let (swarm_tx, swarm_rx) = watch::channel(Arc::new(Vec::new()));
+    // The engine's first listing has been sent on `tasks_tx`; `listed` itself fires only once
+    // the merge has published a registration with those tasks, so a keeper woken by it never
+    // reads a registration without them.
+    let engine_listed = CancellationToken::new();
     let mut handles = vec![tokio::spawn(run(
         config.docker.clone(),
         config.node.name.clone(),
         config.node.advertise,
         tasks_tx,
         metrics,
-        listed,
+        engine_listed.clone(),
         shutdown.clone(),
     ))];
     if config.docker.swarm {
@@ -94,20 +98,30 @@ pub fn spawn(
             shutdown.clone(),
         )));
     }
-    let (merged_rx, merge) = merge(registration, tasks_rx, swarm_rx, shutdown);
+    let (merged_rx, merge) = merge(
+        registration,
+        tasks_rx,
+        swarm_rx,
+        (engine_listed, listed),
+        shutdown,
+    );
     handles.push(merge);
     (merged_rx, handles)
 }
 
 /// Follows the inputs and publishes `config tasks ∪ container tasks ∪ swarm tasks` until
 /// `shutdown` (the output stays open until then even if an input closes, so the lease
-/// keeper never sees a closed channel while it runs).
+/// keeper never sees a closed channel while it runs). `listed.0` fires once the engine's
+/// first listing is on `docker`; `listed.1` is fired once a registration holding it is
+/// published.
 pub fn merge(
     mut config: watch::Receiver<Arc<Registration>>,
     mut docker: watch::Receiver<Arc<Vec<TaskConfig>>>,
     mut swarm: watch::Receiver<Arc<Vec<TaskConfig>>>,
+    listed: (CancellationToken, CancellationToken),
     shutdown: CancellationToken,
 ) -> (watch::Receiver<Arc<Registration>>, JoinHandle<()>) {
+    let (engine_listed, merged_listed) = listed;
     let combine = |config: &Registration, docker: &[TaskConfig], swarm: &[TaskConfig]| {
         let (m, shadowed) = merged(config, &swarm::union(docker, swarm));
         for t in shadowed {
@@ -129,6 +143,7 @@ pub fn merge(
                 r = config.changed(), if config_open => config_open = r.is_ok(),
                 r = docker.changed(), if docker_open => docker_open = r.is_ok(),
                 r = swarm.changed(), if swarm_open => swarm_open = r.is_ok(),
+                _ = engine_listed.cancelled(), if !merged_listed.is_cancelled() => {}
             }
             let next = combine(
                 &config.borrow_and_update(),
@@ -142,6 +157,11 @@ pub fn merge(
                 }
                 changed
             });
+            // The listing was sent before `engine_listed` fired: once no docker update is
+            // left unread, the registration just published holds it.
+            if engine_listed.is_cancelled() && !docker.has_changed().unwrap_or(false) {
+                merged_listed.cancel();
+            }
         }
     });
     (rx, handle)
