@@ -36,7 +36,7 @@ use tokio_util::sync::CancellationToken;
 
 pub use routes::routes_json;
 
-use crate::config::{Config, NodeName};
+use crate::config::{Config, DiscoveryBackend, NodeName};
 use crate::discovery::DiscoveryStatus;
 use crate::discovery::keys::PublishedListener;
 use crate::metrics::Metrics;
@@ -58,6 +58,9 @@ pub struct AdminState {
     /// Set once this process has handed its sockets to an upgrade (`run --upgrade`): its
     /// /readyz (on connections still open to it) answers 503.
     pub handed_over: AtomicBool,
+    /// Set (for good) once the snapshot holds this node's own lease-bound `alive` record, so
+    /// /readyz does not say 200 before the node's own `[[task]]`s are routable (etcd backend).
+    seen_own_registration: AtomicBool,
     /// Every listener this node serves or was asked to (TOML and cluster-published), with its
     /// state: what the node's `alive` record reports. Written by the app's listener manager;
     /// [`AdminState::new`] starts it with the config's listeners.
@@ -97,6 +100,9 @@ impl AdminState {
             listeners_bound: Default::default(),
             draining: Default::default(),
             handed_over: Default::default(),
+            seen_own_registration: AtomicBool::new(
+                config.discovery.backend == DiscoveryBackend::Static,
+            ),
             listeners: ArcSwap::from_pointee(listeners),
             page: status::PageInfo {
                 node: config.node.name.clone(),
@@ -128,11 +134,31 @@ impl AdminState {
             Some("listeners not bound yet")
         } else if !self.discovery.synced() {
             Some("discovery has not synced yet")
+        } else if !self.own_registration_seen() {
+            Some("this node's registration is not in the routing snapshot yet")
         } else if drained() {
             Some("node drained (routemesh node update --availability active NODE)")
         } else {
             None
         }
+    }
+
+    /// Whether the watch has shown this node's own `alive` record (sticky once true: a later
+    /// lease loss is the lease keeper's to repair, not a reason to leave load balancers).
+    fn own_registration_seen(&self) -> bool {
+        if self.seen_own_registration.load(Ordering::Acquire) {
+            return true;
+        }
+        let seen = self
+            .snapshot
+            .load()
+            .nodes
+            .get(&self.node)
+            .is_some_and(|n| n.is_ready());
+        if seen {
+            self.seen_own_registration.store(true, Ordering::Release);
+        }
+        seen
     }
 
     pub fn ready(&self) -> bool {

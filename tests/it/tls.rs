@@ -367,8 +367,10 @@ fn certificates_reload_on_sighup_without_dropping_connections() {
     pki.issue("a", "a.example.com", &["DNS:a.example.com"]);
     let new = leaf_on_disk(&a_pem);
     assert_ne!(new, old);
+    // Start-up logs "TLS certificates reloaded" too: wait for the line this SIGHUP prints.
+    let mark = d.log_mark();
     d.signal(libc::SIGHUP);
-    d.wait_for_log("TLS certificates reloaded", Duration::from_secs(10));
+    d.wait_for_log_since(mark, "config reloaded", Duration::from_secs(10));
     let fresh = tls_connect(listen, "a.example.com", &cfg);
     assert_eq!(
         peer_cert(&fresh),

@@ -218,6 +218,25 @@ impl Daemon {
         );
     }
 
+    /// Where the log ends now: pass it to [`Daemon::wait_for_log_since`] to wait for a line
+    /// printed after this point (one that start-up may already have printed too).
+    pub fn log_mark(&self) -> usize {
+        self.log().len()
+    }
+
+    /// Wait until the log, past `mark` (from [`Daemon::log_mark`]), contains `needle`.
+    pub fn wait_for_log_since(&self, mark: usize, needle: &str, timeout: Duration) {
+        eventually(
+            timeout,
+            &format!("daemon log to contain {needle:?} after byte {mark}"),
+            || {
+                self.log()
+                    .get(mark..)
+                    .is_some_and(|rest| rest.contains(needle))
+            },
+        );
+    }
+
     /// Path of `routemesh.toml`.
     pub fn config_path(&self) -> &Path {
         &self.config_path
