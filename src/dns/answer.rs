@@ -420,7 +420,18 @@ mod tests {
         m.to_vec().unwrap()
     }
 
-    fn ask(packet: &[u8], nodes: &[LiveNode], rotation: usize, t: Transport) -> (Outcome, Message) {
+    /// A query without EDNS over UDP.
+    fn ask_udp(
+        name: &str,
+        t: RecordType,
+        nodes: &[LiveNode],
+        rotation: usize,
+    ) -> (Outcome, Message) {
+        ask(&query(name, t, None), nodes, rotation, Transport::Udp)
+    }
+
+    /// What `respond` makes of `packet` (zone [`zone`], serial 7, node n1 asked).
+    fn outcome(packet: &[u8], nodes: &[LiveNode], rotation: usize, t: Transport) -> Outcome {
         let z = zone();
         let ctx = Ctx {
             zone: &z,
@@ -430,7 +441,11 @@ mod tests {
             self_node: "n1",
             transport: t,
         };
-        let out = respond(packet, &ctx);
+        respond(packet, &ctx)
+    }
+
+    fn ask(packet: &[u8], nodes: &[LiveNode], rotation: usize, t: Transport) -> (Outcome, Message) {
+        let out = outcome(packet, nodes, rotation, t);
         let msg = Message::from_vec(out.reply.as_ref().expect("a reply")).unwrap();
         (out, msg)
     }
@@ -459,53 +474,28 @@ mod tests {
         assert_eq!(m.answers[0].ttl, 5);
         let (_, m) = ask(&q, &nodes, 1, Transport::Udp);
         assert_eq!(addrs(&m), ["10.0.0.2", "10.0.0.3", "10.0.0.1"]);
-        let (_, m) = ask(
-            &query("mesh.example.com.", RecordType::A, None),
-            &nodes,
-            5,
-            Transport::Udp,
-        );
+        let (_, m) = ask_udp("mesh.example.com.", RecordType::A, &nodes, 5);
         assert_eq!(addrs(&m), ["10.0.0.3", "10.0.0.1", "10.0.0.2"]);
     }
 
     #[test]
     fn aaaa_only_from_v6_nodes_else_nodata() {
         let mut nodes = three();
-        let (_, m) = ask(
-            &query("mesh.example.com.", RecordType::AAAA, None),
-            &nodes,
-            0,
-            Transport::Udp,
-        );
+        let (_, m) = ask_udp("mesh.example.com.", RecordType::AAAA, &nodes, 0);
         assert_eq!(m.metadata.response_code, ResponseCode::NoError);
         assert!(m.answers.is_empty());
         assert_eq!(m.authorities[0].record_type(), RecordType::SOA);
         nodes.push(node("n4", "fd00::4", &[]));
-        let (_, m) = ask(
-            &query("mesh.example.com.", RecordType::AAAA, None),
-            &nodes,
-            0,
-            Transport::Udp,
-        );
+        let (_, m) = ask_udp("mesh.example.com.", RecordType::AAAA, &nodes, 0);
         assert_eq!(addrs(&m), ["fd00::4"]);
     }
 
     #[test]
     fn node_names_answer_one_node() {
         let nodes = three();
-        let (_, m) = ask(
-            &query("N2.nodes.mesh.example.com.", RecordType::A, None),
-            &nodes,
-            2,
-            Transport::Udp,
-        );
+        let (_, m) = ask_udp("N2.nodes.mesh.example.com.", RecordType::A, &nodes, 2);
         assert_eq!(addrs(&m), ["10.0.0.2"]);
-        let (out, m) = ask(
-            &query("n9.nodes.mesh.example.com.", RecordType::A, None),
-            &nodes,
-            0,
-            Transport::Udp,
-        );
+        let (out, m) = ask_udp("n9.nodes.mesh.example.com.", RecordType::A, &nodes, 0);
         assert_eq!(out.rcode, "NOERROR");
         assert!(m.answers.is_empty());
     }
@@ -513,12 +503,7 @@ mod tests {
     #[test]
     fn srv_lists_published_ports_with_glue() {
         let nodes = three();
-        let (out, m) = ask(
-            &query("_mqtt._tcp.mesh.example.com.", RecordType::SRV, None),
-            &nodes,
-            0,
-            Transport::Udp,
-        );
+        let (out, m) = ask_udp("_mqtt._tcp.mesh.example.com.", RecordType::SRV, &nodes, 0);
         assert_eq!((out.qtype, out.rcode), ("SRV", "NOERROR"));
         let srv: Vec<(u16, String)> = m
             .answers
@@ -537,11 +522,11 @@ mod tests {
         );
         assert_eq!(m.additionals.len(), 2);
         for name in ["_web._udp", "_nope._tcp", "mqtt._tcp", "_mqtt._tcp.x"] {
-            let (_, m) = ask(
-                &query(&format!("{name}.mesh.example.com."), RecordType::SRV, None),
+            let (_, m) = ask_udp(
+                &format!("{name}.mesh.example.com."),
+                RecordType::SRV,
                 &nodes,
                 0,
-                Transport::Udp,
             );
             assert!(m.answers.is_empty(), "{name}");
             assert_eq!(m.authorities.len(), 1, "{name}");
@@ -551,23 +536,13 @@ mod tests {
     #[test]
     fn apex_soa_and_ns_with_glue() {
         let nodes = three();
-        let (_, m) = ask(
-            &query("mesh.example.com.", RecordType::SOA, None),
-            &nodes,
-            0,
-            Transport::Udp,
-        );
+        let (_, m) = ask_udp("mesh.example.com.", RecordType::SOA, &nodes, 0);
         let RData::SOA(soa) = &m.answers[0].data else {
             panic!("{m:?}")
         };
         assert_eq!(soa.serial, 7);
         assert_eq!(soa.mname.to_ascii(), "n1.nodes.mesh.example.com.");
-        let (_, m) = ask(
-            &query("mesh.example.com.", RecordType::NS, None),
-            &nodes,
-            1,
-            Transport::Udp,
-        );
+        let (_, m) = ask_udp("mesh.example.com.", RecordType::NS, &nodes, 1);
         assert_eq!(m.answers.len(), 3);
         assert_eq!(m.additionals.len(), 3);
         assert_eq!(
@@ -575,12 +550,7 @@ mod tests {
             "n2.nodes.mesh.example.com."
         );
         // Below the apex: NODATA.
-        let (_, m) = ask(
-            &query("www.mesh.example.com.", RecordType::NS, None),
-            &nodes,
-            0,
-            Transport::Udp,
-        );
+        let (_, m) = ask_udp("www.mesh.example.com.", RecordType::NS, &nodes, 0);
         assert!(m.answers.is_empty());
         assert_eq!(m.authorities[0].record_type(), RecordType::SOA);
     }
@@ -637,12 +607,7 @@ mod tests {
     #[test]
     fn any_is_minimal() {
         let nodes = three();
-        let (out, m) = ask(
-            &query("mesh.example.com.", RecordType::ANY, None),
-            &nodes,
-            0,
-            Transport::Udp,
-        );
+        let (out, m) = ask_udp("mesh.example.com.", RecordType::ANY, &nodes, 0);
         assert_eq!(out.qtype, "ANY");
         assert_eq!(m.answers.len(), 1);
         assert_eq!(m.answers[0].record_type(), RecordType::HINFO);
@@ -689,12 +654,7 @@ mod tests {
         assert!(out.reply.unwrap().len() > 512);
         assert_eq!(m.edns.as_ref().unwrap().max_payload(), OUR_UDP_PAYLOAD);
         // Without EDNS the classic 512 applies.
-        let (_, m) = ask(
-            &query(&long, RecordType::A, None),
-            &nodes,
-            0,
-            Transport::Udp,
-        );
+        let (_, m) = ask_udp(&long, RecordType::A, &nodes, 0);
         assert!(m.metadata.truncation);
     }
 
@@ -714,16 +674,7 @@ mod tests {
             RecordType::SOA,
         ] {
             let q = query("mesh.example.com.", t, Some(4096));
-            let z = zone();
-            let ctx = Ctx {
-                zone: &z,
-                nodes: &nodes,
-                serial: 1,
-                rotation: 0,
-                self_node: "n1",
-                transport: Transport::Udp,
-            };
-            let out = respond(&q, &ctx);
+            let out = outcome(&q, &nodes, 0, Transport::Udp);
             assert!(
                 out.reply.unwrap().len() <= q.len() * AMPLIFICATION_FACTOR,
                 "{t}"
@@ -776,17 +727,7 @@ mod tests {
     }
 
     fn raw(packet: &[u8]) -> Outcome {
-        let z = zone();
-        let nodes = three();
-        let ctx = Ctx {
-            zone: &z,
-            nodes: &nodes,
-            serial: 1,
-            rotation: 0,
-            self_node: "n1",
-            transport: Transport::Udp,
-        };
-        respond(packet, &ctx)
+        outcome(packet, &three(), 0, Transport::Udp)
     }
 
     #[test]

@@ -76,6 +76,25 @@ pub enum ClosedEarly {
 ///   closed before any response byte is sent once more on a fresh connection to the same
 ///   task when the connection was a kept one, else to another task (and that task is
 ///   ejected); a request that may have reached a task is otherwise never sent twice.
+/// A connection made (or reused) to the task it goes to.
+pub struct Connected<C> {
+    pub task: Arc<Task>,
+    /// Held while the request is in flight to `task`.
+    pub in_flight: InFlight,
+    pub conn: C,
+    /// A kept-alive or pooled connection, not a new one.
+    pub reused: bool,
+}
+
+/// What [`Attempts::settle`] made of a connect.
+pub enum Connect<C> {
+    Connected(Connected<C>),
+    /// Counted against the task: pick the next one.
+    Failed,
+    /// The request's deadline passed while connecting.
+    TimedOut,
+}
+
 pub struct Attempts<'a> {
     svc: &'a Service,
     metrics: &'a Metrics,
@@ -120,6 +139,36 @@ impl<'a> Attempts<'a> {
         let task = self.svc.tasks[i].clone();
         let in_flight = task.state.begin();
         Some((task, in_flight))
+    }
+
+    /// What the connect to a task [`Attempts::pick`] gave came to (`r`: `Ok((conn, reused))`,
+    /// or `Err(None)` once the request's deadline passed). A failed connect is counted
+    /// against its task (see [`Attempts::connect_failed`]): pick again.
+    pub fn settle<C>(
+        &mut self,
+        task: Arc<Task>,
+        in_flight: InFlight,
+        r: Result<(C, bool), Option<io::Error>>,
+    ) -> Connect<C> {
+        match r {
+            Ok((conn, reused)) => {
+                if !reused {
+                    self.connected(&task);
+                }
+                Connect::Connected(Connected {
+                    task,
+                    in_flight,
+                    conn,
+                    reused,
+                })
+            }
+            Err(None) => Connect::TimedOut,
+            Err(Some(e)) => {
+                drop(in_flight);
+                self.connect_failed(&task, e);
+                Connect::Failed
+            }
+        }
     }
 
     fn count_retry(&self) {

@@ -29,7 +29,7 @@ use crate::protocol::http1::editor::{client_ip, forwarded_for};
 use crate::protocol::http1::response::{self, ResponseHead, ResponseRules, ResponseSink};
 use crate::protocol::http1::{BodyReader, Forwarding, Version};
 use crate::proxy::socket::{read_some, write_all};
-use crate::proxy::upstream::{Attempts, ClosedEarly};
+use crate::proxy::upstream::{Attempts, ClosedEarly, Connect, Connected};
 use crate::proxy::{ListenerCtx, upstream};
 use crate::snapshot::{InFlight, Service, Task};
 
@@ -534,19 +534,17 @@ pub async fn to_h1_task(
             return Err(Failed::Answer(gave_up(&mut attempts)));
         };
         let fresh = attempts.fresh_only() || req.fresh_only;
-        let (up, reused) =
-            match h1_connection(&task, settings, req.proxy_header, fresh, deadline, held).await {
-                Ok(c) => c,
-                Err(None) => return Err(Failed::Answer(ProxyError::Timeout(timeout))),
-                Err(Some(e)) => {
-                    drop(in_flight);
-                    attempts.connect_failed(&task, e);
-                    continue;
-                }
-            };
-        if !reused {
-            attempts.connected(&task);
-        }
+        let r = h1_connection(&task, settings, req.proxy_header, fresh, deadline, held).await;
+        let Connected {
+            task,
+            in_flight,
+            conn: up,
+            reused,
+        } = match attempts.settle(task, in_flight, r) {
+            Connect::Connected(c) => c,
+            Connect::Failed => continue,
+            Connect::TimedOut => return Err(Failed::Answer(ProxyError::Timeout(timeout))),
+        };
         let sent_at = Instant::now();
         if let Err((written, e)) = write_all(&up, req.out).await {
             if written == 0 {
@@ -641,6 +639,29 @@ pub async fn to_h1_task(
 
 /// The answer after every attempt at a service failed: 503 when no task could be picked,
 /// 502 with the last failure otherwise.
+/// An h2c connection (pooled or new) for the next attempt: picks tasks and connects until
+/// one connects (failed connects counted by [`Attempts::settle`]), the attempts give up, or
+/// `deadline` passes.
+pub async fn next_h2c(
+    attempts: &mut Attempts<'_>,
+    settings: &ServiceSettings,
+    proxy_header: Option<&[u8]>,
+    deadline: Instant,
+) -> Result<Connected<H2Sender>, ProxyError> {
+    loop {
+        let Some((task, in_flight)) = attempts.pick() else {
+            return Err(gave_up(attempts));
+        };
+        let fresh = attempts.fresh_only();
+        let r = h2c_connection(&task, settings, proxy_header, fresh, deadline).await;
+        match attempts.settle(task, in_flight, r) {
+            Connect::Connected(c) => return Ok(c),
+            Connect::Failed => continue,
+            Connect::TimedOut => return Err(ProxyError::Timeout(settings.request_timeout)),
+        }
+    }
+}
+
 pub fn gave_up(attempts: &mut upstream::Attempts<'_>) -> ProxyError {
     let tried = attempts.count();
     match attempts.give_up() {

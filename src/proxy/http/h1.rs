@@ -37,7 +37,7 @@ use super::client::Client;
 use super::errors::ProxyError;
 use super::exchange::{
     self, AccessInfo, Answered, BodyFailure, ClientHop, Failed, H1Request, Held, Rest, account,
-    gave_up, hash_of, log_answer, task_error,
+    hash_of, log_answer, task_error,
 };
 use super::meters::ServiceMeters;
 use crate::config::UpstreamProtocol;
@@ -48,7 +48,7 @@ use crate::protocol::http1::response::ResponseRules;
 use crate::protocol::http1::{BodyError, BodyReader, Framing, Version};
 use crate::proxy::ListenerCtx;
 use crate::proxy::socket::{read_some, write_all};
-use crate::proxy::upstream::{Attempts, ClosedEarly};
+use crate::proxy::upstream::{Attempts, ClosedEarly, Connected};
 use crate::snapshot::{Service, Task};
 
 /// Request bodies up to this size are read whole before the request goes out (so an
@@ -70,6 +70,19 @@ enum Next {
     Close,
     /// Close, reading (and dropping) what the client still sends first.
     Linger,
+}
+
+impl Next {
+    /// After an answer: `client_ok` the client's side is fine, `close` either side asked to
+    /// close, `unfinished` the client has not sent all of its request body.
+    fn after(client_ok: bool, close: bool, unfinished: bool) -> Next {
+        match (client_ok, close, unfinished) {
+            (false, _, _) => Next::Close,
+            (true, _, true) => Next::Linger,
+            (true, true, false) => Next::Close,
+            (true, false, false) => Next::Keep,
+        }
+    }
 }
 
 /// What preparing a head decided; owns everything the exchange needs (the head's bytes
@@ -507,12 +520,7 @@ impl H1<'_> {
             Some(&task),
             &req.info,
         );
-        match (client_ok, head.close, unfinished) {
-            (false, _, _) => Next::Close,
-            (true, _, true) => Next::Linger,
-            (true, true, false) => Next::Close,
-            (true, false, false) => Next::Keep,
-        }
+        Next::after(client_ok, head.close, unfinished)
     }
 
     /// Relays a response body to the client after its head (rewritten into `resp`; the
@@ -604,29 +612,17 @@ impl H1<'_> {
         let deadline = Instant::now() + settings.request_timeout;
         let mut pumped = false;
         let outcome = loop {
-            let Some((task, in_flight)) = attempts.pick() else {
-                break Err(gave_up(&mut attempts));
-            };
-            let (mut sender, reused) = match exchange::h2c_connection(
-                &task,
-                settings,
-                proxy_header.as_deref(),
-                attempts.fresh_only(),
-                deadline,
-            )
-            .await
-            {
+            let next =
+                exchange::next_h2c(&mut attempts, settings, proxy_header.as_deref(), deadline);
+            let Connected {
+                task,
+                in_flight,
+                conn: mut sender,
+                reused,
+            } = match next.await {
                 Ok(c) => c,
-                Err(None) => break Err(ProxyError::Timeout(settings.request_timeout)),
-                Err(Some(e)) => {
-                    drop(in_flight);
-                    attempts.connect_failed(&task, e);
-                    continue;
-                }
+                Err(e) => break Err(e),
             };
-            if !reused {
-                attempts.connected(&task);
-            }
             if pumped {
                 // The body went to an earlier attempt: it is gone.
                 break Err(ProxyError::UpstreamFailed {
@@ -796,12 +792,7 @@ impl H1<'_> {
             Some(&task),
             &req.info,
         );
-        match (client_ok, close, feed.is_some()) {
-            (false, _, _) => Next::Close,
-            (true, _, true) => Next::Linger,
-            (true, true, _) => Next::Close,
-            (true, false, _) => Next::Keep,
-        }
+        Next::after(client_ok, close, feed.is_some())
     }
 
     /// The next piece of a streaming request body as data (`Ok(None)`: it ended).

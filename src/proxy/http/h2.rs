@@ -28,7 +28,7 @@ use super::body::{self, Body, BodyFlags, Counted, TaskBody};
 use super::client::Client;
 use super::errors::ProxyError;
 use super::exchange::{
-    self, AccessInfo, BodyFailure, ClientHop, Failed, H1Request, Rest, account, gave_up, hash_of,
+    self, AccessInfo, BodyFailure, ClientHop, Failed, H1Request, Rest, account, hash_of,
     log_answer, task_error,
 };
 use super::h1::MAX_HELD_BODY;
@@ -37,7 +37,7 @@ use crate::config::UpstreamProtocol;
 use crate::protocol::http1::response::ResponseRules;
 use crate::protocol::http1::{HeaderSink, editor};
 use crate::proxy::ListenerCtx;
-use crate::proxy::upstream::{Attempts, ClosedEarly};
+use crate::proxy::upstream::{Attempts, ClosedEarly, Connected};
 use crate::snapshot::{Service, Task};
 
 /// The client's bytes read before hyper took over (the preface), then the client.
@@ -468,29 +468,13 @@ async fn to_h2c(
     let mut attempts = Attempts::new(svc, &ctx.metrics, hash);
     let deadline = Instant::now() + settings.request_timeout;
     loop {
-        let Some((task, in_flight)) = attempts.pick() else {
-            return Err(gave_up(&mut attempts));
-        };
-        let (mut sender, reused) = match exchange::h2c_connection(
-            &task,
-            settings,
-            proxy_header.as_deref(),
-            attempts.fresh_only(),
-            deadline,
-        )
-        .await
-        {
-            Ok(c) => c,
-            Err(None) => return Err(ProxyError::Timeout(settings.request_timeout)),
-            Err(Some(e)) => {
-                drop(in_flight);
-                attempts.connect_failed(&task, e);
-                continue;
-            }
-        };
-        if !reused {
-            attempts.connected(&task);
-        }
+        let next = exchange::next_h2c(&mut attempts, settings, proxy_header.as_deref(), deadline);
+        let Connected {
+            task,
+            in_flight,
+            conn: mut sender,
+            reused,
+        } = next.await?;
         let body = pending.take().unwrap_or_else(body::empty);
         let request = Request::from_parts(parts.clone(), body);
         if sender.ready().await.is_err() {
