@@ -65,17 +65,6 @@ pub enum ClosedEarly {
     Fail,
 }
 
-/// The attempts of one connection (tcp) or one request (http) at the tasks of a service,
-/// and the one set of retry rules every listener follows:
-/// - a failed connect ejects the task and tries another, whatever the request, up to the
-///   service's `retries` more; unless this process is out of descriptors (EMFILE, ENFILE,
-///   ENOBUFS, ENOMEM): not the task's fault, so no ejection and no retry;
-/// - a request that could not even start to go out on a kept connection goes again (the
-///   kept connection costs no attempt);
-/// - a replayable request (idempotent, and the proxy holds all of it) whose connection
-///   closed before any response byte is sent once more on a fresh connection to the same
-///   task when the connection was a kept one, else to another task (and that task is
-///   ejected); a request that may have reached a task is otherwise never sent twice.
 /// A connection made (or reused) to the task it goes to.
 pub struct Connected<C> {
     pub task: Arc<Task>,
@@ -95,6 +84,17 @@ pub enum Connect<C> {
     TimedOut,
 }
 
+/// The attempts of one connection (tcp) or one request (http) at the tasks of a service,
+/// and the one set of retry rules every listener follows:
+/// - a failed connect ejects the task and tries another, whatever the request, up to the
+///   service's `retries` more; unless this process is out of descriptors (EMFILE, ENFILE,
+///   ENOBUFS, ENOMEM): not the task's fault, so no ejection and no retry;
+/// - a request that could not even start to go out on a kept connection goes again (the
+///   kept connection costs no attempt);
+/// - a replayable request (idempotent, and the proxy holds all of it) whose connection
+///   closed before any response byte is sent once more on a fresh connection to the same
+///   task when the connection was a kept one, else to another task (and that task is
+///   ejected); a request that may have reached a task is otherwise never sent twice.
 pub struct Attempts<'a> {
     svc: &'a Service,
     metrics: &'a Metrics,
