@@ -3,7 +3,7 @@
 //! answers, retries, pooling, balancing, streaming, upgrades, h2c and every hardening case
 //! of the HTTP issue, each with raw bytes on a TCP socket.
 
-use std::io::{ErrorKind, Read, Write};
+use std::io::{Read, Write};
 use std::net::{Shutdown, SocketAddr, TcpListener, TcpStream};
 use std::process::Command;
 use std::sync::{Arc, Mutex};
@@ -63,19 +63,7 @@ fn exchange(addr: SocketAddr, bytes: &[u8]) -> Vec<u8> {
     out
 }
 
-fn read_to_end_lenient(s: &mut TcpStream) -> Vec<u8> {
-    let mut out = Vec::new();
-    let mut buf = [0u8; 16384];
-    loop {
-        match s.read(&mut buf) {
-            Ok(0) => break,
-            Ok(n) => out.extend_from_slice(&buf[..n]),
-            Err(e) if e.kind() == ErrorKind::Interrupted => continue,
-            Err(_) => break,
-        }
-    }
-    out
-}
+use crate::support::http::read_to_end_lenient;
 
 /// Status and body of the first response in `raw`.
 fn status_body(raw: &[u8]) -> (u16, String) {

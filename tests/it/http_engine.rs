@@ -4,7 +4,7 @@
 //! obs-text in X-Forwarded-For is kept, one retry rule, 413 closes at once, and TLS clients
 //! offering only ALPN http/1.0 (or a protocol nobody knows) are served.
 
-use std::io::{ErrorKind, Read, Write};
+use std::io::{Read, Write};
 use std::net::{SocketAddr, TcpListener, TcpStream};
 use std::path::Path;
 use std::process::Command;
@@ -13,8 +13,7 @@ use std::thread;
 use std::time::{Duration, Instant};
 
 use tokio_rustls::rustls;
-use tokio_rustls::rustls::pki_types::pem::PemObject;
-use tokio_rustls::rustls::pki_types::{CertificateDer, ServerName};
+use tokio_rustls::rustls::pki_types::ServerName;
 
 use crate::support::nginx::Nginx;
 use crate::support::pki::Pki;
@@ -68,19 +67,7 @@ fn task(service: &str, id: &str, addr: SocketAddr) -> String {
     format!("[[task]]\nservice = \"{service}\"\nid = \"{id}\"\naddr = \"{addr}\"\n\n")
 }
 
-fn read_to_end_lenient(s: &mut (impl Read + ?Sized)) -> Vec<u8> {
-    let mut out = Vec::new();
-    let mut buf = [0u8; 16384];
-    loop {
-        match s.read(&mut buf) {
-            Ok(0) => break,
-            Ok(n) => out.extend_from_slice(&buf[..n]),
-            Err(e) if e.kind() == ErrorKind::Interrupted => continue,
-            Err(_) => break,
-        }
-    }
-    out
-}
+use crate::support::http::read_to_end_lenient;
 
 /// One response with a Content-Length body from a keep-alive connection, raw.
 fn read_one_response(s: &mut dyn Read) -> Vec<u8> {
@@ -131,19 +118,7 @@ fn text(b: &[u8]) -> String {
 
 /// A rustls client trusting `ca`, offering `alpn`.
 fn client_config(ca: &Path, alpn: &[&[u8]]) -> Arc<rustls::ClientConfig> {
-    let mut roots = rustls::RootCertStore::empty();
-    for c in CertificateDer::pem_file_iter(ca).unwrap() {
-        roots.add(c.unwrap()).unwrap();
-    }
-    let mut cfg = rustls::ClientConfig::builder_with_provider(Arc::new(
-        rustls::crypto::ring::default_provider(),
-    ))
-    .with_safe_default_protocol_versions()
-    .unwrap()
-    .with_root_certificates(roots)
-    .with_no_client_auth();
-    cfg.alpn_protocols = alpn.iter().map(|p| p.to_vec()).collect();
-    Arc::new(cfg)
+    Arc::new(crate::support::tls::client_config(ca, alpn))
 }
 
 type TlsConn = rustls::StreamOwned<rustls::ClientConnection, TcpStream>;

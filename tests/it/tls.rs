@@ -292,18 +292,7 @@ fn tls_versions_handshake_timeout_and_garbage() {
 
 /// A blocking rustls client trusting `ca`, offering HTTP/1.1 only, never resuming.
 fn client_config(ca: &Path) -> Arc<rustls::ClientConfig> {
-    let mut roots = rustls::RootCertStore::empty();
-    for c in CertificateDer::pem_file_iter(ca).unwrap() {
-        roots.add(c.unwrap()).unwrap();
-    }
-    let mut cfg = rustls::ClientConfig::builder_with_provider(Arc::new(
-        rustls::crypto::ring::default_provider(),
-    ))
-    .with_safe_default_protocol_versions()
-    .unwrap()
-    .with_root_certificates(roots)
-    .with_no_client_auth();
-    cfg.alpn_protocols = vec![b"http/1.1".to_vec()];
+    let mut cfg = crate::support::tls::client_config(ca, &[b"http/1.1"]);
     // A resumed session shows the certificate of the session it resumes: always a full
     // handshake, so each connection shows what the daemon serves now.
     cfg.resumption = rustls::client::Resumption::disabled();

@@ -288,3 +288,18 @@ impl Write for Deadline<'_> {
         (&mut &*self.stream).flush()
     }
 }
+
+/// Everything `s` sends until EOF or an error (what was read before the error counts).
+pub fn read_to_end_lenient(s: &mut (impl Read + ?Sized)) -> Vec<u8> {
+    let mut out = Vec::new();
+    let mut buf = [0u8; 16384];
+    loop {
+        match s.read(&mut buf) {
+            Ok(0) => break,
+            Ok(n) => out.extend_from_slice(&buf[..n]),
+            Err(e) if e.kind() == std::io::ErrorKind::Interrupted => continue,
+            Err(_) => break,
+        }
+    }
+    out
+}
