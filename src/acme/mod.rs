@@ -79,7 +79,9 @@ fn known(w: &Wanted, cert: Option<&CertRecord>, status: Option<&StatusRecord>) -
         c.domains.iter().collect::<BTreeSet<_>>() == w.domains.iter().collect::<BTreeSet<_>>()
     };
     Known {
-        valid: cert.filter(|c| same(c)).map(|c| (c.not_before, c.not_after)),
+        valid: cert
+            .filter(|c| same(c))
+            .map(|c| (c.not_before, c.not_after)),
         retry_at: status
             .filter(|s| s.state == "failed")
             .map_or(0, |s| s.retry_at),
@@ -118,6 +120,11 @@ pub async fn run(task: AcmeTask, shutdown: CancellationToken) {
         }
         let now = unix_now();
         for w in &task.wanted {
+            if let Some(Err(_)) = snap.acme.certs.get(&w.name).map(|c| &c.key) {
+                // This node cannot open the stored certificate (another key_file): it must
+                // not replace it either; the nodes that can will renew it.
+                continue;
+            }
             let cert = snap.acme.certs.get(&w.name).map(|c| &c.record);
             let k = known(w, cert, snap.acme.status.get(&w.name));
             if schedule::due_at(&w.name, k, task.acme.renew_before) > now
@@ -233,7 +240,9 @@ async fn holding(
         order::order(&mut ctx, &w.name, &w.domains, &mut tokens).await
     };
     for t in &tokens {
-        client.delete(challenge_key(prefix, t).as_str(), None).await?;
+        client
+            .delete(challenge_key(prefix, t).as_str(), None)
+            .await?;
     }
     let now = unix_now();
     match outcome {

@@ -83,7 +83,8 @@ pub async fn account(ctx: &mut OrderCtx<'_>) -> Result<Account, OrderError> {
         )
         .await?;
     let json = serde_json::to_vec(&creds).map_err(|e| OrderError::Account(e.to_string()))?;
-    let sealed = seal::seal_random(ctx.key, &k, &json).map_err(|e| OrderError::Account(e.to_string()))?;
+    let sealed =
+        seal::seal_random(ctx.key, &k, &json).map_err(|e| OrderError::Account(e.to_string()))?;
     let rec = AccountRecord {
         directory: ctx.acme.directory.clone(),
         credentials: sealed,
@@ -93,11 +94,7 @@ pub async fn account(ctx: &mut OrderCtx<'_>) -> Result<Account, OrderError> {
     Ok(account)
 }
 
-async fn restore(
-    ctx: &OrderCtx<'_>,
-    k: &str,
-    rec: &AccountRecord,
-) -> Result<Account, OrderError> {
+async fn restore(ctx: &OrderCtx<'_>, k: &str, rec: &AccountRecord) -> Result<Account, OrderError> {
     let json = seal::open(ctx.key, k, &rec.credentials)
         .map_err(|e| OrderError::Account(format!("{k}: {e}")))?;
     let creds: AccountCredentials =
@@ -127,14 +124,12 @@ pub async fn order(
             AuthorizationStatus::Pending => {}
             AuthorizationStatus::Valid => continue,
             other => {
-                return Err(OrderError::Order(format!(
-                    "an authorization is {other:?}"
-                )));
+                return Err(OrderError::Order(format!("an authorization is {other:?}")));
             }
         }
-        let mut challenge = a.challenge(kind.clone()).ok_or_else(|| {
-            OrderError::Order(format!("the CA offers no {kind_name} challenge"))
-        })?;
+        let mut challenge = a
+            .challenge(kind.clone())
+            .ok_or_else(|| OrderError::Order(format!("the CA offers no {kind_name} challenge")))?;
         let token = challenge.token.clone();
         let domain = challenge.identifier().to_string();
         let rec = ChallengeRecord {
@@ -153,7 +148,12 @@ pub async fn order(
             .await?;
         tokens.push(token.clone());
         wait_published(ctx.snapshot, &token).await;
-        tracing::info!(certificate = name, domain, challenge = kind_name, "ACME challenge published to every node");
+        tracing::info!(
+            certificate = name,
+            domain,
+            challenge = kind_name,
+            "ACME challenge published to every node"
+        );
         challenge.set_ready().await?;
     }
     drop(authorizations);
@@ -207,5 +207,9 @@ pub fn leaf_info(chain_pem: &str) -> Result<(u64, u64, String), String> {
         .map_err(|e| format!("the CA's certificate: {e}"))?;
     let v = cert.validity();
     let secs = |t: x509_parser::time::ASN1Time| t.timestamp().max(0) as u64;
-    Ok((secs(v.not_before), secs(v.not_after), cert.issuer().to_string()))
+    Ok((
+        secs(v.not_before),
+        secs(v.not_after),
+        cert.issuer().to_string(),
+    ))
 }

@@ -44,7 +44,9 @@ pub struct AcmeSnapshot {
 impl AcmeSnapshot {
     /// The key pair of certificate `name`, if this node can serve it.
     pub fn key_of(&self, name: &str) -> Option<Arc<CertifiedKey>> {
-        self.certs.get(name).and_then(|c| c.key.as_ref().ok().cloned())
+        self.certs
+            .get(name)
+            .and_then(|c| c.key.as_ref().ok().cloned())
     }
 
     /// The certificates as /routes lists them: the cluster's rows, with this node's own
@@ -53,7 +55,10 @@ impl AcmeSnapshot {
         super::store::cert_rows(&self.table, now)
             .into_iter()
             .map(|row| {
-                let own = self.certs.get(&row.name).map(|c| c.key.as_ref().err().cloned());
+                let own = self
+                    .certs
+                    .get(&row.name)
+                    .map(|c| c.key.as_ref().err().cloned());
                 let serving = matches!(own, Some(None));
                 let mut v = serde_json::to_value(&row).unwrap_or_default();
                 if let Some(Some(e)) = own {
@@ -88,7 +93,9 @@ pub fn unseal(
         .collect::<Result<Vec<_>, _>>()
         .map_err(|e| format!("{etcd_key}: certificate chain: invalid PEM: {e}"))?;
     if chain.is_empty() {
-        return Err(format!("{etcd_key}: certificate chain holds no certificate"));
+        return Err(format!(
+            "{etcd_key}: certificate chain holds no certificate"
+        ));
     }
     let pem = seal::open(key, &etcd_key, &record.key)
         .map_err(|e| format!("private key in {etcd_key}: {e}"))?;
@@ -101,13 +108,14 @@ pub fn unseal(
 
 /// The self-signed certificate a tls-alpn-01 challenge is answered with (RFC 8737 §3):
 /// the domain as its only name and the SHA-256 of the key authorization in acmeIdentifier.
-pub fn alpn_certificate(domain: &str, key_authorization: &str) -> Result<Arc<CertifiedKey>, String> {
+pub fn alpn_certificate(
+    domain: &str,
+    key_authorization: &str,
+) -> Result<Arc<CertifiedKey>, String> {
     let digest = ring::digest::digest(&ring::digest::SHA256, key_authorization.as_bytes());
     let mut params =
         rcgen::CertificateParams::new(vec![domain.to_string()]).map_err(|e| e.to_string())?;
-    params.custom_extensions = vec![rcgen::CustomExtension::new_acme_identifier(
-        digest.as_ref(),
-    )];
+    params.custom_extensions = vec![rcgen::CustomExtension::new_acme_identifier(digest.as_ref())];
     let pair = rcgen::KeyPair::generate().map_err(|e| e.to_string())?;
     let cert = params.self_signed(&pair).map_err(|e| e.to_string())?;
     let der = PrivateKeyDer::Pkcs8(PrivatePkcs8KeyDer::from(pair.serialize_der()));
@@ -117,7 +125,10 @@ pub fn alpn_certificate(domain: &str, key_authorization: &str) -> Result<Arc<Cer
         .key_provider
         .load_private_key(der)
         .map_err(|e| e.to_string())?;
-    Ok(Arc::new(CertifiedKey::new(vec![cert.der().clone()], signing)))
+    Ok(Arc::new(CertifiedKey::new(
+        vec![cert.der().clone()],
+        signing,
+    )))
 }
 
 /// Builds the ACME part of the next snapshot, reusing `prev`'s unsealed certificates and
@@ -227,11 +238,17 @@ mod tests {
         let (snap, errors) = build(&table, "/rm", Some(&key), &AcmeSnapshot::default());
         assert!(errors.is_empty(), "{errors:?}");
         assert!(snap.key_of("a.example").is_some());
-        assert_eq!(snap.http01.get("tok").map(String::as_str), Some("tok.thumb"));
+        assert_eq!(
+            snap.http01.get("tok").map(String::as_str),
+            Some("tok.thumb")
+        );
         // Unchanged: the same Arc, no new error.
         let (again, errors) = build(&table, "/rm", Some(&key), &snap);
         assert!(errors.is_empty());
-        assert!(Arc::ptr_eq(&again.certs["a.example"], &snap.certs["a.example"]));
+        assert!(Arc::ptr_eq(
+            &again.certs["a.example"],
+            &snap.certs["a.example"]
+        ));
         // Another key file: a clear error naming the etcd key and both key ids; no panic.
         let (bad, errors) = build(&table, "/rm", Some(&other), &AcmeSnapshot::default());
         assert!(bad.key_of("a.example").is_none());

@@ -11,7 +11,9 @@ use std::time::Duration;
 use etcd_client::{Client, GetOptions, PutOptions};
 use serde_json::json;
 
-use super::{AvailabilityArg, CertCmd, ClusterArgs, NodeCmd, PublishCmd, ServiceCmd, TaskCmd, table};
+use super::{
+    AvailabilityArg, CertCmd, ClusterArgs, NodeCmd, PublishCmd, ServiceCmd, TaskCmd, table,
+};
 use crate::config::{self, Config, NodeName, PublishSpec, ServiceName, TaskId};
 use crate::discovery::etcd::{DiscoveryError, connect};
 use crate::discovery::keys::{

@@ -143,9 +143,7 @@ pub(super) fn validate(
     {
         issues.at(
             span(v),
-            format!(
-                "`acme.email` {email:?} is not an e-mail address (or leave it empty for none)"
-            ),
+            format!("`acme.email` {email:?} is not an e-mail address (or leave it empty for none)"),
         );
     }
     let ca_file = match &a.ca_file {
@@ -253,10 +251,19 @@ mod tests {
             "[acme]\ndirectory = \"ca\"\nchallenge = \"dns-01\"\nrenew_before = \"soon\"\nkey_file = \"bad.key\"\n",
         )
         .unwrap_err();
-        assert!(e.contains("t.toml:2:13") && e.contains("is not a URL"), "{e}");
+        assert!(
+            e.contains("t.toml:2:13") && e.contains("is not a URL"),
+            "{e}"
+        );
         assert!(e.contains("t.toml:3:13") && e.contains("dns-01"), "{e}");
-        assert!(e.contains("t.toml:4:16") && e.contains("not a duration"), "{e}");
-        assert!(e.contains("t.toml:5:12") && e.contains("64 hex digits"), "{e}");
+        assert!(
+            e.contains("t.toml:4:16") && e.contains("not a duration"),
+            "{e}"
+        );
+        assert!(
+            e.contains("t.toml:5:12") && e.contains("64 hex digits"),
+            "{e}"
+        );
 
         let e = parse_in(dir.path(), "[acme]\ndirectory = \"https://ca.test/dir\"\n").unwrap_err();
         assert!(e.contains("needs `key_file`"), "{e}");

@@ -153,7 +153,12 @@ fn validate(path: &Path, raw: RawConfig, issues: &mut Issues) -> Config {
     if acme.is_none() {
         for (l, raw_l) in listeners.iter().zip(&raw.listener) {
             if !l.edge.acme.is_empty() {
-                let at = raw_l.get_ref().tls.as_ref().map(|t| t.span()).unwrap_or(0..0);
+                let at = raw_l
+                    .get_ref()
+                    .tls
+                    .as_ref()
+                    .map(|t| t.span())
+                    .unwrap_or(0..0);
                 issues.at(
                     at,
                     format!(

@@ -43,8 +43,8 @@ use super::http::route::host_matches;
 use super::socket::{PeekReasons, peek_until};
 use crate::acme::served::ACME_TLS_ALPN;
 use crate::config::certs::{LoadedCerts, tls_provider};
-use crate::snapshot::SharedSnapshot;
 use crate::protocol::client_hello::{self, Hello};
+use crate::snapshot::SharedSnapshot;
 
 /// A tls listener's routes, each with the context its connections run under.
 pub struct SniRouter {
@@ -193,7 +193,10 @@ struct AlpnChallenge {
 
 impl ResolvesServerCert for AlpnChallenge {
     fn resolve(&self, hello: ClientHello<'_>) -> Option<Arc<CertifiedKey>> {
-        let name = hello.server_name()?.trim_end_matches('.').to_ascii_lowercase();
+        let name = hello
+            .server_name()?
+            .trim_end_matches('.')
+            .to_ascii_lowercase();
         self.snapshot.load().acme.alpn.get(&name).cloned()
     }
 }

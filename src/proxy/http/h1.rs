@@ -378,8 +378,20 @@ impl H1<'_> {
         let ok = self.client.write_all(&out).await.is_ok();
         tracing::info!(listener = %self.ctx.name, client = %self.hop.peer, "answered an ACME http-01 validation");
         let meters = self.meters("");
-        account(self.ctx, &meters, self.hop.peer, 200, started, None, &req.info);
-        if ok && !close { Next::Keep } else { Next::Close }
+        account(
+            self.ctx,
+            &meters,
+            self.hop.peer,
+            200,
+            started,
+            None,
+            &req.info,
+        );
+        if ok && !close {
+            Next::Keep
+        } else {
+            Next::Close
+        }
     }
 
     /// Moves the body's first bytes from the client buffer to `out` (after the head): all
