@@ -156,7 +156,6 @@ pub async fn order(
         );
         challenge.set_ready().await?;
     }
-    drop(authorizations);
     let retry = RetryPolicy::new().timeout(POLL_TIMEOUT);
     let status = order.poll_ready(&retry).await?;
     if status != OrderStatus::Ready {
