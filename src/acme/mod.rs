@@ -65,6 +65,8 @@ pub fn wanted(listeners: &[ListenerConfig]) -> Vec<Wanted> {
 
 /// How often each node looks for due certificates.
 const TICK: Duration = Duration::from_secs(2);
+/// Bound on one whole order (account, validation, issuance).
+const ORDER_TIMEOUT: Duration = Duration::from_secs(180);
 
 fn unix_now() -> u64 {
     SystemTime::now()
@@ -237,7 +239,18 @@ async fn holding(
             key,
             snapshot: &task.snapshot,
         };
-        order::order(&mut ctx, &w.name, &w.domains, &mut tokens).await
+        // A CA that accepts connections but never answers must not hold the lock forever.
+        match tokio::time::timeout(
+            ORDER_TIMEOUT,
+            order::order(&mut ctx, &w.name, &w.domains, &mut tokens),
+        )
+        .await
+        {
+            Ok(r) => r,
+            Err(_) => Err(order::OrderError::Order(format!(
+                "the CA did not complete the order within {ORDER_TIMEOUT:?}"
+            ))),
+        }
     };
     for t in &tokens {
         client
