@@ -321,9 +321,7 @@ pub async fn run(
 
     // [acme]: every node looks for due certificates; the lock in etcd lets one order each.
     let acme_wanted = crate::acme::wanted(&config.listeners);
-    if let (Some(acme), DiscoveryBackend::Etcd) = (&config.acme, config.discovery.backend)
-        && !acme_wanted.is_empty()
-    {
+    if let (Some(acme), DiscoveryBackend::Etcd) = (&config.acme, config.discovery.backend) {
         background.push(tokio::spawn(crate::acme::run(
             crate::acme::AcmeTask {
                 acme: acme.clone(),

@@ -95,6 +95,7 @@ pub struct AcmeTask {
     pub acme: AcmeConfig,
     pub discovery: DiscoveryConfig,
     pub node: NodeName,
+    /// From this node's TOML at start (published listeners are read from each snapshot).
     pub wanted: Vec<Wanted>,
     pub snapshot: SharedSnapshot,
     pub lease: Arc<LeaseHandle>,
@@ -121,7 +122,16 @@ pub async fn run(task: AcmeTask, shutdown: CancellationToken) {
             continue;
         }
         let now = unix_now();
-        for w in &task.wanted {
+        // This node's TOML listeners, then listeners published in etcd with `tls.acme`.
+        let published: Vec<ListenerConfig> =
+            snap.published.iter().map(|p| p.config.clone()).collect();
+        let mut all = task.wanted.clone();
+        for w in wanted(&published) {
+            if !all.iter().any(|o| o.name == w.name) {
+                all.push(w);
+            }
+        }
+        for w in &all {
             if let Some(Err(_)) = snap.acme.certs.get(&w.name).map(|c| &c.key) {
                 // This node cannot open the stored certificate (another key_file): it must
                 // not replace it either; the nodes that can will renew it.
@@ -304,13 +314,11 @@ async fn holding(
 /// `routemesh_tls_certificate_expiry_seconds{name}` for each certificate this node serves.
 fn export_expiry(task: &AcmeTask) {
     let snap = task.snapshot.load();
-    for w in &task.wanted {
-        if let Some(c) = snap.acme.certs.get(&w.name)
-            && c.key.is_ok()
-        {
+    for (name, c) in &snap.acme.certs {
+        if c.key.is_ok() {
             task.metrics
                 .tls_certificate_expiry_seconds
-                .with_label_values(&[&w.name])
+                .with_label_values(&[name])
                 .set(c.record.not_after as i64);
         }
     }
@@ -319,6 +327,24 @@ fn export_expiry(task: &AcmeTask) {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn wanted_once_per_name() {
+        let dir = tempfile::tempdir().unwrap();
+        std::fs::write(dir.path().join("k"), "00".repeat(32)).unwrap();
+        let c = crate::config::Config::parse(
+            &dir.path().join("t.toml"),
+            "[acme]\ndirectory = \"https://ca/dir\"\nkey_file = \"k\"\n[[listener]]\nlisten = \"0.0.0.0:443\"\nprotocol = \"http\"\ntls = { acme = [\"a.test\", \"b.test\"] }\n[[listener]]\nlisten = \"0.0.0.0:8443\"\nprotocol = \"http\"\ntls = { acme = [\"a.test\"] }\n[[listener]]\nlisten = \"0.0.0.0:80\"\nprotocol = \"http\"\n",
+        )
+        .unwrap();
+        assert_eq!(
+            wanted(&c.listeners),
+            vec![Wanted {
+                name: "a.test".into(),
+                domains: vec!["a.test".into(), "b.test".into()],
+            }]
+        );
+    }
 
     #[test]
     fn known_ignores_certificates_for_other_names() {

@@ -5,7 +5,8 @@
 //! on every node while an open TLS connection keeps working; with Pebble down the last good
 //! certificate keeps serving and the failure shows in /routes, the metrics and `cert ls`; a
 //! node with another key_file says so, naming the key, and keeps running. Pebble validates
-//! for real (http-01 on port 80, tls-alpn-01 on 443 of the address the test DNS gives).
+//! for real (http-01 on port 80, tls-alpn-01 on 443 of the address the test DNS gives);
+//! listeners with `tls.acme` come from the TOML or from etcd.
 
 use std::path::PathBuf;
 use std::time::{Duration, SystemTime, UNIX_EPOCH};
@@ -320,11 +321,20 @@ fn ca_down_keeps_the_last_certificate_and_a_wrong_key_file_is_named() {
 }
 
 #[test]
-fn tls_alpn_01_validates_through_the_tls_listeners() {
+fn tls_alpn_01_validates_through_a_listener_published_in_etcd() {
     let mut a = AcmeLab::new(3600, "tls-alpn-01", "30d");
+    // No TOML listener with tls.acme here: the `secure` listener is published in etcd.
     for i in 1..=3 {
+        let acme = a.pebble.acme_toml(a.challenge, a.renew_before, &a.key);
+        a.lab.set_daemon_extra(i, &acme);
         a.start(i);
     }
+    a.lab.put(
+        "/routemesh/listeners/secure",
+        &format!(
+            r#"{{"listen":"0.0.0.0:443","protocol":"http","service":"web","tls":{{"acme":["{NAME}"]}}}}"#
+        ),
+    );
     a.served_by(&[1, 2, 3], None, ISSUED);
     assert_eq!(a.orders(&[1, 2, 3], "success"), 1.0);
 }
