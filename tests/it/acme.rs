@@ -16,6 +16,7 @@ use crate::support::etcd::Etcdctl;
 use crate::support::http::get_within;
 use crate::support::lab::Lab;
 use crate::support::pebble::{Pebble, TestDns, TlsConn, served_leaf};
+use crate::support::wait::eventually_ok;
 use crate::support::{eventually, eventually_value, tempdir};
 
 /// The certificate's only name (and so its name in etcd, /routes and `cert ls`).
@@ -99,7 +100,7 @@ impl AcmeLab {
     /// The leaf every node of `nodes` serves, once they all serve the same one verified
     /// against Pebble's root (and, with `not`, a different one from that).
     fn served_by(&self, nodes: &[usize], not: Option<&[u8]>, within: Duration) -> Vec<u8> {
-        let root = self.pebble.root_pem();
+        let root = self.pebble.root_file();
         eventually_value(
             within,
             &format!("nodes {nodes:?} to serve one certificate for {NAME} from Pebble"),
@@ -130,6 +131,19 @@ impl AcmeLab {
     fn orders(&self, nodes: &[usize], result: &str) -> f64 {
         let line = format!("routemesh_acme_orders_total{{result=\"{result}\"}}");
         nodes.iter().map(|&i| self.metric(i, &line)).sum()
+    }
+
+    /// Waits until `nodes` have counted one successful order between them, then checks
+    /// that no second one follows at once.
+    fn one_order(&self, nodes: &[usize]) {
+        eventually(Duration::from_secs(5), "the order to be counted", || {
+            self.orders(nodes, "success") >= 1.0
+        });
+        assert_eq!(
+            self.orders(nodes, "success"),
+            1.0,
+            "one order for {nodes:?}"
+        );
     }
 
     fn cert_record(&self) -> Option<serde_json::Value> {
@@ -163,8 +177,8 @@ fn one_order_for_three_nodes_and_renewal_swaps_everywhere_under_an_open_connecti
         a.start(i);
     }
     let first = a.served_by(&[1, 2, 3], None, ISSUED);
-    // One order for the whole cluster.
-    assert_eq!(a.orders(&[1, 2, 3], "success"), 1.0);
+    // One order for the whole cluster (counted once the orderer has recorded it).
+    a.one_order(&[1, 2, 3]);
     assert_eq!(a.orders(&[1, 2, 3], "error"), 0.0);
     let rec = a.cert_record().expect("the certificate in etcd");
     assert_eq!(rec["domains"], serde_json::json!([NAME]));
@@ -173,15 +187,25 @@ fn one_order_for_three_nodes_and_renewal_swaps_everywhere_under_an_open_connecti
         "the private key is sealed: {rec}"
     );
     assert!(!rec.to_string().contains("PRIVATE KEY"), "{rec}");
+    // Each node lists it as valid and served (once the orderer has released its lock) and
+    // exports its expiry (refreshed every 2 s).
     for i in 1..=3 {
-        let c = a.routes_cert(i).expect("/routes lists the certificate");
-        assert_eq!(c["state"], "valid", "n{i}: {c}");
-        assert_eq!(c["serving"], true, "n{i}: {c}");
-        let expiry = a.metric(
-            i,
-            &format!("routemesh_tls_certificate_expiry_seconds{{name=\"{NAME}\"}}"),
+        eventually_ok(
+            Duration::from_secs(5),
+            &format!("n{i} to list the certificate as valid, served, with its expiry"),
+            || {
+                let c = a.routes_cert(i).ok_or("not in /routes")?;
+                let expiry = a.metric(
+                    i,
+                    &format!("routemesh_tls_certificate_expiry_seconds{{name=\"{NAME}\"}}"),
+                );
+                if c["state"] == "valid" && c["serving"] == true && expiry as u64 > unix_now() {
+                    Ok(())
+                } else {
+                    Err(format!("{c}; expiry metric {expiry}"))
+                }
+            },
         );
-        assert!(expiry as u64 > unix_now(), "n{i} expiry metric {expiry}");
     }
     let ls = a.lab.cli_ok(&["cert", "ls"]);
     assert!(
@@ -196,7 +220,7 @@ fn one_order_for_three_nodes_and_renewal_swaps_everywhere_under_an_open_connecti
     assert_eq!(json[0]["name"], NAME);
 
     // An open connection through n1 (HTTP/1.1 keep-alive to nginx on n2).
-    let root = a.pebble.root_pem();
+    let root = a.pebble.root_file();
     let mut conn = TlsConn::open(a.secure(1), NAME, &root).expect("TLS to n1");
     assert_eq!(conn.leaf(), first);
     assert_eq!(conn.get(NAME, "/").unwrap(), 200);
@@ -245,13 +269,12 @@ fn ordering_node_powered_off_mid_order_another_completes() {
         format!("n{holder}"),
         "ordered by a live node: {rec}"
     );
-    assert_eq!(a.orders(&live, "success"), 1.0);
-    assert!(
+    a.one_order(&live);
+    eventually(Duration::from_secs(5), "the lock to be released", || {
         a.lab
             .get(&format!("/routemesh/acme/locks/{NAME}"))
-            .is_none(),
-        "the lock is released"
-    );
+            .is_none()
+    });
 }
 
 #[test]
@@ -289,7 +312,7 @@ fn ca_down_keeps_the_last_certificate_and_a_wrong_key_file_is_named() {
 
     // The CA goes away before the renewal is due: the renewal fails visibly, and the last
     // good certificate keeps serving.
-    let root = a.pebble.root_pem();
+    let root = a.pebble.root_file();
     a.pebble.stop();
     let failed = eventually_value(
         Duration::from_secs(40),
@@ -336,5 +359,5 @@ fn tls_alpn_01_validates_through_a_listener_published_in_etcd() {
         ),
     );
     a.served_by(&[1, 2, 3], None, ISSUED);
-    assert_eq!(a.orders(&[1, 2, 3], "success"), 1.0);
+    a.one_order(&[1, 2, 3]);
 }

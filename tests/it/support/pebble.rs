@@ -16,8 +16,7 @@ use std::thread::{self, JoinHandle};
 use std::time::Duration;
 
 use tokio_rustls::rustls;
-use tokio_rustls::rustls::pki_types::pem::PemObject;
-use tokio_rustls::rustls::pki_types::{CertificateDer, ServerName};
+use tokio_rustls::rustls::pki_types::ServerName;
 
 use super::net::free_port;
 use super::pki::Pki;
@@ -136,10 +135,14 @@ impl Pebble {
         )
     }
 
-    /// Pebble's root certificate (PEM), from its management port (it changes per start).
-    pub fn root_pem(&self) -> String {
-        curl(&self.ca_file(), &format!("https://{}/roots/0", self.mgmt))
-            .unwrap_or_else(|e| panic!("pebble's root: {e}"))
+    /// A file holding Pebble's root certificate (PEM), fetched from its management port
+    /// (the root changes with every start).
+    pub fn root_file(&self) -> PathBuf {
+        let pem = curl(&self.ca_file(), &format!("https://{}/roots/0", self.mgmt))
+            .unwrap_or_else(|e| panic!("pebble's root: {e}"));
+        let path = self.dir.path().join("root.pem");
+        std::fs::write(&path, pem).expect("write pebble's root");
+        path
     }
 
     /// Stops Pebble (SIGKILL by PID): the CA is down.
@@ -264,39 +267,20 @@ fn dns_answer(q: &[u8], ips: &[Ipv4Addr]) -> Option<Vec<u8>> {
     Some(r)
 }
 
-/// A TLS client trusting only `root_pem` (Pebble's root), ALPN http/1.1.
-fn client_config(root_pem: &str) -> Arc<rustls::ClientConfig> {
-    let mut roots = rustls::RootCertStore::empty();
-    for c in CertificateDer::pem_slice_iter(root_pem.as_bytes()) {
-        roots
-            .add(c.expect("pebble root PEM"))
-            .expect("add the root");
-    }
-    let mut config = rustls::ClientConfig::builder_with_provider(Arc::new(
-        rustls::crypto::ring::default_provider(),
-    ))
-    .with_safe_default_protocol_versions()
-    .expect("ring has TLS 1.2 and 1.3")
-    .with_root_certificates(roots)
-    .with_no_client_auth();
-    config.alpn_protocols = vec![b"http/1.1".to_vec()];
-    Arc::new(config)
-}
-
 /// An open TLS connection to a node, verified against Pebble's root for `name`.
 pub struct TlsConn {
     stream: rustls::StreamOwned<rustls::ClientConnection, TcpStream>,
 }
 
 impl TlsConn {
-    pub fn open(addr: SocketAddr, name: &str, root_pem: &str) -> Result<TlsConn, String> {
+    pub fn open(addr: SocketAddr, name: &str, root: &Path) -> Result<TlsConn, String> {
         let tcp = TcpStream::connect_timeout(&addr, Duration::from_secs(2))
             .map_err(|e| format!("connect {addr}: {e}"))?;
         tcp.set_read_timeout(Some(Duration::from_secs(5))).ok();
         tcp.set_write_timeout(Some(Duration::from_secs(5))).ok();
         let server = ServerName::try_from(name.to_string()).map_err(|e| e.to_string())?;
-        let conn = rustls::ClientConnection::new(client_config(root_pem), server)
-            .map_err(|e| e.to_string())?;
+        let config = Arc::new(super::tls::client_config(root, &[b"http/1.1"]));
+        let conn = rustls::ClientConnection::new(config, server).map_err(|e| e.to_string())?;
         let mut stream = rustls::StreamOwned::new(conn, tcp);
         while stream.conn.is_handshaking() {
             stream
@@ -334,7 +318,7 @@ impl Read for TlsConn {
     }
 }
 
-/// The leaf node `addr` serves for `name`, verified against Pebble's root.
-pub fn served_leaf(addr: SocketAddr, name: &str, root_pem: &str) -> Result<Vec<u8>, String> {
-    TlsConn::open(addr, name, root_pem).map(|c| c.leaf())
+/// The leaf node `addr` serves for `name`, verified against Pebble's root (a PEM file).
+pub fn served_leaf(addr: SocketAddr, name: &str, root: &Path) -> Result<Vec<u8>, String> {
+    TlsConn::open(addr, name, root).map(|c| c.leaf())
 }
