@@ -267,6 +267,16 @@ mod tests {
 
         let e = parse_in(dir.path(), "[acme]\ndirectory = \"https://ca.test/dir\"\n").unwrap_err();
         assert!(e.contains("needs `key_file`"), "{e}");
+
+        let e = parse_in(
+            dir.path(),
+            "[discovery]\nbackend = \"static\"\n[acme]\ndirectory = \"https://ca.test/dir\"\nkey_file = \"acme.key\"\n",
+        )
+        .unwrap_err();
+        assert!(
+            e.contains("t.toml:3:1") && e.contains("backend = \"etcd\""),
+            "{e}"
+        );
     }
 
     #[test]
