@@ -217,7 +217,13 @@ pub async fn run(
         status.clone(),
     )
     .with_config_path(&config.source)
-    .with_notify(changed_tx);
+    .with_notify(changed_tx)
+    .with_acme_key(
+        config
+            .acme
+            .as_ref()
+            .map(|a| crate::acme::seal::SealKey::new(&a.key)),
+    );
     if config.discovery.backend == DiscoveryBackend::Static {
         discovery::static_::publish_tasks(&mut publisher, &config.discovery.prefix, &config.tasks);
         tracing::info!(tasks = config.tasks.len(), "static routing table published");
@@ -313,6 +319,22 @@ pub async fn run(
         }
     }
 
+    // [acme]: every node looks for due certificates; the lock in etcd lets one order each.
+    let acme_wanted = crate::acme::wanted(&config.listeners);
+    if let (Some(acme), DiscoveryBackend::Etcd) = (&config.acme, config.discovery.backend) {
+        background.push(tokio::spawn(crate::acme::run(
+            crate::acme::AcmeTask {
+                acme: acme.clone(),
+                discovery: config.discovery.clone(),
+                node: config.node.name.clone(),
+                wanted: acme_wanted,
+                snapshot: snapshot.clone(),
+                lease: lease_handle.clone(),
+                metrics: metrics.clone(),
+            },
+            discovery_stop.clone(),
+        )));
+    }
     let health_stop = CancellationToken::new();
     background.push(tokio::spawn(crate::health::run(
         snapshot.clone(),

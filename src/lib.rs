@@ -19,6 +19,8 @@
 //!   /healthz /readyz /routes /metrics
 //! - `dns`       the cluster name: an authoritative DNS responder that names only live nodes
 //! - `metrics`   the Prometheus registry and metric families
+//! - `acme`      cluster certificates from an ACME CA: one node orders under an etcd lock,
+//!   every node serves them from the snapshot; private keys sealed in etcd
 //! - `app`       wiring, reload and drain
 //! - `upgrade`   `run --upgrade`: the old process's sockets and lease handed to the new one
 //!   over a Unix socket (SCM_RIGHTS)
@@ -27,6 +29,7 @@
 //! - `util`      runtime helpers: the monotonic clock, retry backoff, socket bind and dial,
 //!   systemd readiness notifications
 
+pub mod acme;
 pub mod admin;
 pub mod app;
 pub mod balance;

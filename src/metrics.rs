@@ -48,6 +48,10 @@ pub struct Metrics {
     /// 1 while the Docker engine's event stream is connected (`[docker]`, src/docker/); 0
     /// while it is unreachable or discovery is disabled.
     pub docker_up: IntGauge,
+    /// NOT AFTER (Unix seconds) of each ACME certificate this node serves (src/acme/).
+    pub tls_certificate_expiry_seconds: IntGaugeVec,
+    /// ACME orders this node ran, by result (`success` | `error`).
+    pub acme_orders_total: IntCounterVec,
 }
 
 /// A metric family Prometheus refused: a name or label that is not valid, or a name
@@ -242,6 +246,18 @@ impl Metrics {
                 IntGauge::new,
                 "routemesh_docker_up",
                 "1 while the local Docker engine's event stream is connected.",
+            )?,
+            tls_certificate_expiry_seconds: f.labelled(
+                IntGaugeVec::new,
+                "routemesh_tls_certificate_expiry_seconds",
+                "NOT AFTER of each ACME certificate this node serves, as Unix seconds (subtract time() for the time left).",
+                &["name"],
+            )?,
+            acme_orders_total: f.labelled(
+                IntCounterVec::new,
+                "routemesh_acme_orders_total",
+                "ACME orders run by this node, by result (success, error).",
+                &["result"],
             )?,
             dns_queries_total: f.labelled(
                 IntCounterVec::new,

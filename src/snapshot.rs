@@ -286,6 +286,9 @@ pub struct Snapshot {
     pub published: Arc<Vec<Published>>,
     /// Keys skipped as malformed, with why.
     pub invalid: BTreeMap<String, String>,
+    /// ACME certificates, challenge answers and order state (`acme::served`); set by
+    /// `Publisher::publish` after [`Snapshot::build`].
+    pub acme: Arc<crate::acme::served::AcmeSnapshot>,
 }
 
 impl Snapshot {
@@ -367,6 +370,7 @@ impl Snapshot {
             nodes: table.nodes.clone(),
             published,
             invalid: table.invalid.clone(),
+            acme: prev.acme.clone(),
         }
     }
 }

@@ -95,6 +95,7 @@ pub fn routes_json(node: &NodeName, snap: &Snapshot, discovery: &DiscoveryStatus
         "services": services,
         "nodes": nodes,
         "published": published,
+        "certificates": snap.acme.rows_json(crate::discovery::unix_ms() / 1000),
         "invalid": snap.invalid,
     })
 }

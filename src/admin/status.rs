@@ -169,6 +169,7 @@ pub fn state_json(i: &Inputs) -> Value {
         "nodes": nodes,
         "published": published,
         "invalid": i.snap.invalid,
+        "certificates": i.snap.acme.rows_json(crate::discovery::unix_ms() / 1000),
         "listeners": listeners,
         "version": info.version,
         "started": info.started,

@@ -197,7 +197,7 @@ impl Listeners {
         let mut wanted: BTreeMap<SocketAddr, (&ListenerConfig, Option<Source>)> = BTreeMap::new();
         for p in plan.iter().filter(|p| p.decision == NodeDecision::Bind) {
             let l = &p.config;
-            if l.protocol == Protocol::Http && !l.edge.tls.is_empty() {
+            if l.protocol == Protocol::Http && (!l.edge.tls.is_empty() || !l.edge.acme.is_empty()) {
                 match load_certs(&l.edge.tls) {
                     Ok(loaded) => {
                         certs.insert(l.listen, loaded);
@@ -410,7 +410,13 @@ impl Listeners {
             hard_stop: self.conns.hard_stop.child_token(),
         });
         let stop = CancellationToken::new();
-        let tls = certs.map(proxy::tls::Terminator::new);
+        // `tls.acme`: the certificate comes from the snapshot, read at each handshake.
+        let acme = (!cfg.edge.acme.is_empty()).then(|| proxy::tls::AcmeCerts {
+            snapshot: self.snapshot.clone(),
+            name: cfg.edge.acme[0].clone(),
+            domains: cfg.edge.acme.clone(),
+        });
+        let tls = certs.map(|c| proxy::tls::Terminator::new(c, acme));
         let ctx = Arc::new(ListenerCtx {
             name: cfg.name.clone(),
             service: cfg.service.clone(),

@@ -1,5 +1,5 @@
 //! The cluster commands: `task add|rm`, `service ls|ps`, `node ls|update`,
-//! `publish add|rm|ls|ps`. They talk to etcd directly with the same key schema the daemons
+//! `publish add|rm|ls|ps`, `cert ls`. They talk to etcd directly with the same key schema the daemons
 //! use. Errors are one line on stderr, exit 1.
 
 use std::collections::BTreeMap;
@@ -11,7 +11,9 @@ use std::time::Duration;
 use etcd_client::{Client, GetOptions, PutOptions};
 use serde_json::json;
 
-use super::{AvailabilityArg, ClusterArgs, NodeCmd, PublishCmd, ServiceCmd, TaskCmd, table};
+use super::{
+    AvailabilityArg, CertCmd, ClusterArgs, NodeCmd, PublishCmd, ServiceCmd, TaskCmd, table,
+};
 use crate::config::{self, Config, NodeName, PublishSpec, ServiceName, TaskId};
 use crate::discovery::etcd::{DiscoveryError, connect};
 use crate::discovery::keys::{
@@ -27,6 +29,7 @@ pub enum Op {
     Service(ServiceCmd),
     Node(NodeCmd),
     Publish(PublishCmd),
+    Cert(CertCmd),
 }
 
 /// A cluster command's failure: printed as `error: …`.
@@ -185,7 +188,48 @@ async fn dispatch(op: Op) -> Result<String, CliError> {
         Op::Publish(PublishCmd::Ps { name, cluster }) => {
             publish_ps(&target(&cluster)?, &name).await
         }
+        Op::Cert(CertCmd::Ls { cluster }) => cert_ls(&target(&cluster)?).await,
     }
+}
+
+/// `cert ls`: NAME  DOMAINS  NOT AFTER  ISSUER  STATE, from the records in etcd.
+async fn cert_ls(t: &Target) -> Result<String, CliError> {
+    let table = load_table(t).await?;
+    let now = crate::discovery::unix_ms() / 1000;
+    let rows = crate::acme::store::cert_rows(&table.acme, now);
+    if t.json {
+        return Ok(format!("{}\n", json!(rows)));
+    }
+    let dash = |s: String| if s.is_empty() { "-".to_string() } else { s };
+    let lines: Vec<Vec<String>> = rows
+        .iter()
+        .map(|r| {
+            let not_after = r
+                .not_after
+                .map(|s| {
+                    humantime::format_rfc3339_seconds(
+                        std::time::UNIX_EPOCH + Duration::from_secs(s),
+                    )
+                    .to_string()
+                })
+                .unwrap_or_default();
+            let state = match &r.last_error {
+                Some(e) => format!("{}: {e}", r.state),
+                None => r.state.clone(),
+            };
+            vec![
+                r.name.clone(),
+                dash(r.domains.join(",")),
+                dash(not_after),
+                dash(r.issuer.clone()),
+                state,
+            ]
+        })
+        .collect();
+    Ok(table::render(
+        &["NAME", "DOMAINS", "NOT AFTER", "ISSUER", "STATE"],
+        &lines,
+    ))
 }
 
 fn etcd_failed(endpoint: &str, e: DiscoveryError) -> CliError {

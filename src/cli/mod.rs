@@ -62,6 +62,18 @@ pub enum Command {
     /// Publish ports on every node (listeners in etcd).
     #[command(subcommand)]
     Publish(PublishCmd),
+    /// The cluster's ACME certificates ([acme]).
+    #[command(subcommand)]
+    Cert(CertCmd),
+}
+
+#[derive(Debug, Subcommand)]
+pub enum CertCmd {
+    /// Certificates with their names, expiry, issuer and state.
+    Ls {
+        #[command(flatten)]
+        cluster: ClusterArgs,
+    },
 }
 
 /// Where the cluster commands find etcd.
@@ -235,6 +247,7 @@ pub fn main(cli: Cli) -> ExitCode {
         Command::Service(cmd) => cluster::main(cluster::Op::Service(cmd)),
         Command::Node(cmd) => cluster::main(cluster::Op::Node(cmd)),
         Command::Publish(cmd) => cluster::main(cluster::Op::Publish(cmd)),
+        Command::Cert(cmd) => cluster::main(cluster::Op::Cert(cmd)),
     }
 }
 

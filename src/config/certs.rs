@@ -28,6 +28,8 @@ pub struct RawListenerTls {
     /// A path (with `key`), or an array of `{ sni, cert, key }` tables.
     pub cert: Option<S<toml::Value>>,
     pub key: Option<S<String>>,
+    /// `acme = ["www.example.com", ...]`: one certificate for these names from `[acme]`.
+    pub acme: Option<S<Vec<S<String>>>>,
 }
 
 /// One `[[listener.tls.cert]]` table.
@@ -135,18 +137,25 @@ fn check_pair(
 /// The `tls` key of an http listener: one pair (`tls = { cert, key }`) or a list of
 /// `[[listener.tls.cert]]` tables, the first one the default and every other one with `sni`.
 /// With `load`, every pair is read and checked now, so a bad file is refused with its position.
+/// Also returns the names of `acme = [...]` (lower-cased, in order; empty without it).
 pub(super) fn validate(
     issues: &mut Issues,
     config_path: &Path,
     t: &S<RawListenerTls>,
     load: bool,
-) -> Vec<CertConfig> {
+) -> (Vec<CertConfig>, Vec<String>) {
     let raw = t.get_ref();
     let mut out = Vec::new();
+    let acme = acme_names(issues, raw.acme.as_ref());
     match raw.cert.as_ref().map(|c| (c, c.get_ref())) {
+        None if raw.acme.is_some() => {
+            if let Some(k) = &raw.key {
+                issues.at(span(k), "`listener.tls.key` needs `cert` beside it");
+            }
+        }
         None => issues.at(
             span(t),
-            "`listener.tls` needs `cert` and `key` (PEM files), or [[listener.tls.cert]] tables",
+            "`listener.tls` needs `cert` and `key` (PEM files), [[listener.tls.cert]] tables, or `acme = [\"NAME\", ...]`",
         ),
         Some((c, toml::Value::String(cert))) => match &raw.key {
             Some(key) => {
@@ -186,6 +195,45 @@ pub(super) fn validate(
             span(c),
             "`listener.tls.cert`: write a PEM path (with `key`) or [[listener.tls.cert]] tables",
         ),
+    }
+    (out, acme)
+}
+
+/// `tls.acme`: 1 to 100 host names (no wildcards: http-01 and tls-alpn-01 cannot prove
+/// them), lower-cased, without repeats.
+fn acme_names(issues: &mut Issues, raw: Option<&S<Vec<S<String>>>>) -> Vec<String> {
+    let Some(list) = raw else {
+        return Vec::new();
+    };
+    if list.get_ref().is_empty() || list.get_ref().len() > 100 {
+        issues.at(
+            span(list),
+            "`listener.tls.acme`: list 1 to 100 host names, e.g. acme = [\"www.example.com\"]",
+        );
+    }
+    let mut out: Vec<String> = Vec::new();
+    for n in list.get_ref() {
+        match server_name(n.get_ref()) {
+            Some(name) if !name.starts_with("*.") => {
+                if !out.contains(&name) {
+                    out.push(name);
+                }
+            }
+            Some(_) => issues.at(
+                span(n),
+                format!(
+                    "`listener.tls.acme`: {:?} is a wildcard, which http-01 and tls-alpn-01 cannot prove; list the names",
+                    n.get_ref()
+                ),
+            ),
+            None => issues.at(
+                span(n),
+                format!(
+                    "`listener.tls.acme`: {:?} is not a host name",
+                    n.get_ref()
+                ),
+            ),
+        }
     }
     out
 }

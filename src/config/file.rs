@@ -49,6 +49,8 @@ pub struct RawConfig {
     pub dns: Option<S<super::dns::RawDns>>,
     #[serde(default)]
     pub docker: Option<S<super::docker::RawDocker>>,
+    #[serde(default)]
+    pub acme: Option<S<super::acme::RawAcme>>,
 }
 
 /// Reads `source` as TOML into `T`. A syntax error or a value of the wrong type is reported at

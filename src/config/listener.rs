@@ -99,6 +99,9 @@ pub struct ListenerEdge {
     pub handshake_timeout: Duration,
     /// http listeners: terminate TLS with these certificates (first = default).
     pub tls: Vec<CertConfig>,
+    /// http listeners: the names of `tls.acme`, one certificate from `[acme]` kept in etcd
+    /// (named by the first); picked by SNI before `tls`, and the default when `tls` is empty.
+    pub acme: Vec<String>,
     /// tls listeners: routes by SNI, first match wins; `service` is the default.
     pub sni_routes: Vec<SniRoute>,
     /// tls listeners: the largest ClientHello read before routing.
@@ -114,6 +117,7 @@ impl Default for ListenerEdge {
             max_connections_per_ip: None,
             handshake_timeout: Duration::from_secs(10),
             tls: Vec::new(),
+            acme: Vec::new(),
             sni_routes: Vec::new(),
             max_client_hello_bytes: 16 * 1024,
         }
@@ -461,8 +465,9 @@ fn edge(
             "`listener.max_client_hello_bytes` is only for protocol = \"tls\" listeners",
         );
     }
-    // tls = { cert, key } | [[listener.tls.cert]]
+    // tls = { cert, key } | [[listener.tls.cert]] | { acme = [..] }
     let mut tls = Vec::new();
+    let mut acme = Vec::new();
     if let Some(t) = &l.tls {
         if protocol != Protocol::Http {
             issues.at(
@@ -470,7 +475,7 @@ fn edge(
                 "`listener.tls` terminates TLS on protocol = \"http\" listeners; for SNI routing without terminating use protocol = \"tls\" and no `tls` key",
             );
         }
-        tls = certs::validate(issues, config_path, t, protocol == Protocol::Http);
+        (tls, acme) = certs::validate(issues, config_path, t, protocol == Protocol::Http);
     }
     ListenerEdge {
         accept_proxy,
@@ -479,6 +484,7 @@ fn edge(
         max_connections_per_ip,
         handshake_timeout,
         tls,
+        acme,
         sni_routes: route::sni_routes(issues, &l.route, protocol),
         max_client_hello_bytes,
     }

@@ -8,10 +8,11 @@
 //! One file per section, each with its raw shape, its validated type and its own
 //! `validate`: `node`, `discovery` (etcd security included), `admin`, `listener` (also for
 //! listeners published in etcd, [`listener::from_json`]), `route` (HTTP and SNI routes),
-//! `service` (health checks included), `task`, `http`, `log`, `runtime`, `dns`, `docker`.
+//! `service` (health checks included), `task`, `http`, `log`, `runtime`, `dns`, `docker`, `acme`.
 //! Beside them: `file` (the whole document), `values` (checks of one value shared by the
 //! sections), `certs` (certificate files, loaded here and by the proxy), `error`, `names`.
 
+pub mod acme;
 pub mod admin;
 pub mod certs;
 pub mod discovery;
@@ -77,6 +78,8 @@ pub struct Config {
     pub dns: Option<DnsConfig>,
     /// `[docker]` engine discovery (disabled by default); app.rs starts it.
     pub docker: DockerConfig,
+    /// `[acme]` cluster certificates; None when the section is absent.
+    pub acme: Option<acme::AcmeConfig>,
 }
 
 impl Config {
@@ -138,6 +141,34 @@ fn validate(path: &Path, raw: RawConfig, issues: &mut Issues) -> Config {
     let docker = docker::validate(issues, raw.docker.as_ref(), discovery.backend);
     let dns = dns::validate(issues, raw.dns.as_ref(), admin.listen, &listeners);
     let runtime = runtime::validate(issues, &raw.runtime.map(S::into_inner).unwrap_or_default());
+    let acme = acme::validate(issues, path, raw.acme.as_ref());
+    if let (Some(_), Some(a)) = (&acme, &raw.acme)
+        && discovery.backend == DiscoveryBackend::Static
+    {
+        issues.at(
+            a.span(),
+            "[acme] keeps certificates in etcd: it needs [discovery] backend = \"etcd\"",
+        );
+    }
+    if acme.is_none() {
+        for (l, raw_l) in listeners.iter().zip(&raw.listener) {
+            if !l.edge.acme.is_empty() {
+                let at = raw_l
+                    .get_ref()
+                    .tls
+                    .as_ref()
+                    .map(|t| t.span())
+                    .unwrap_or(0..0);
+                issues.at(
+                    at,
+                    format!(
+                        "listener {:?}: `tls.acme` needs an [acme] section (directory, key_file)",
+                        l.name
+                    ),
+                );
+            }
+        }
+    }
     Config {
         source: path.to_path_buf(),
         node,
@@ -151,6 +182,7 @@ fn validate(path: &Path, raw: RawConfig, issues: &mut Issues) -> Config {
         runtime,
         dns,
         docker,
+        acme,
     }
 }
 

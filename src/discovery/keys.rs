@@ -6,6 +6,7 @@
 //! {prefix}/nodes/{node}/info          {"advertise":..,"version":..,"listeners":[..]}  permanent
 //! {prefix}/nodes/{node}/availability  active | drain                                  permanent
 //! {prefix}/listeners/{name}           {"listen":"0.0.0.0:80","protocol":"http",..}   any writer
+//! {prefix}/acme/...                   ACME account, certificates, challenges, locks   see acme::store
 //! ```
 //! A node is Ready while its `alive` key exists and Down when only `info` remains; a drained
 //! node's tasks get no new connections. A published listener has the keys of a TOML
@@ -27,6 +28,9 @@ pub enum Key {
     NodeAvailability(NodeName),
     /// `{prefix}/listeners/{name}`: a listener published for the whole cluster.
     Listener(String),
+    /// `{prefix}/acme/...`: ACME account, certificates, status, challenges, locks
+    /// (`crate::acme::store`).
+    Acme(crate::acme::store::AcmeKey),
 }
 
 /// A key under the prefix that does not fit the schema.
@@ -42,6 +46,8 @@ pub enum KeyError {
     ListenerName(String),
     #[error("{0}")]
     Name(#[from] crate::config::NameError),
+    #[error("{0}")]
+    Acme(String),
 }
 
 /// A value that does not fit the schema.
@@ -134,6 +140,9 @@ impl Key {
                 .map_err(KeyError::from),
             ["listeners", name] if valid_listener_name(name) => Ok(Key::Listener(name.to_string())),
             ["listeners", name] => Err(KeyError::ListenerName(name.to_string())),
+            ["acme", ..] => crate::acme::store::AcmeKey::parse(&rest["acme/".len()..])
+                .map(Key::Acme)
+                .map_err(KeyError::Acme),
             _ => Err(KeyError::Layout),
         })
     }

@@ -83,6 +83,8 @@ pub struct Publisher {
     status: Arc<DiscoveryStatus>,
     /// Told after every publish (the app reconciles its listeners with the snapshot's).
     notify: Option<tokio::sync::watch::Sender<()>>,
+    /// `[acme] key_file`: unseals the private keys of ACME certificates.
+    acme_key: Option<crate::acme::seal::SealKey>,
 }
 
 impl Publisher {
@@ -98,7 +100,14 @@ impl Publisher {
             shared,
             status,
             notify: None,
+            acme_key: None,
         }
+    }
+
+    /// Unseals ACME certificates with `key` (`[acme] key_file`).
+    pub fn with_acme_key(mut self, key: Option<crate::acme::seal::SealKey>) -> Publisher {
+        self.acme_key = key;
+        self
     }
 
     /// Sends on `notify` after every published snapshot.
@@ -140,7 +149,19 @@ impl Publisher {
     /// Builds and publishes a snapshot of the current table.
     pub fn publish(&mut self) {
         let prev = self.shared.load_full();
-        let next = Snapshot::build(&self.table, &self.settings, &prev);
+        let mut next = Snapshot::build(&self.table, &self.settings, &prev);
+        {
+            let (acme, errors) = crate::acme::served::build(
+                &self.table.acme,
+                self.table.prefix(),
+                self.acme_key.as_ref(),
+                &prev.acme,
+            );
+            for e in errors {
+                tracing::error!("ACME: {e}; this node keeps serving its other certificates");
+            }
+            next.acme = Arc::new(acme);
+        }
         self.shared.store(Arc::new(next));
         self.status.mark_synced(self.table.revision);
         if let Some(n) = &self.notify {

@@ -74,6 +74,8 @@ pub struct RoutingTable {
     pub config_path: std::path::PathBuf,
     /// Keys currently skipped, with why (shown by /routes).
     pub invalid: BTreeMap<String, String>,
+    /// ACME records (`{prefix}/acme/...`), parsed; unsealed when the snapshot is built.
+    pub acme: crate::acme::store::AcmeTable,
 }
 
 impl RoutingTable {
@@ -82,6 +84,10 @@ impl RoutingTable {
             prefix: prefix.to_string(),
             ..Default::default()
         }
+    }
+
+    pub fn prefix(&self) -> &str {
+        &self.prefix
     }
 
     /// Applies one update; returns the keys newly found invalid (to be logged and counted).
@@ -183,6 +189,19 @@ impl RoutingTable {
                     }
                 }
             },
+            Key::Acme(k) => match self.acme.put(k.clone(), value) {
+                Ok(()) => {
+                    self.invalid.remove(&key_text);
+                }
+                Err(e) => {
+                    let reason = invalid(e);
+                    self.invalid.insert(key_text.clone(), reason);
+                    // A full listing keeps the last good record of that key.
+                    if let Some(p) = previous {
+                        self.acme.restore_from(&p.acme, &k);
+                    }
+                }
+            },
             Key::NodeAlive(node) | Key::NodeInfo(node) => {
                 let alive = matches!(Key::parse(&self.prefix, key), Some(Ok(Key::NodeAlive(_))));
                 let record = match NodeRecord::parse(value) {
@@ -235,6 +254,7 @@ impl RoutingTable {
             Some(Ok(Key::Listener(name))) => {
                 self.listeners.remove(&name);
             }
+            Some(Ok(Key::Acme(k))) => self.acme.delete(k),
             _ => {}
         }
     }

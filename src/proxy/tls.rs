@@ -8,7 +8,12 @@
 //! client gets a config without ALPN. The certificate is picked by SNI from the listener's
 //! list (first = default); a [`Terminator`] per listener keeps one rustls config whose
 //! certificates app.rs replaces on every reload, so SIGHUP picks up rotated files without
-//! touching open connections. A handshake that fails or does not finish within
+//! touching open connections. With `tls.acme` the listener's ACME certificate is read from
+//! the routing snapshot at each handshake (matched by SNI before the file certificates, and
+//! the default when there are none), so a certificate issued or renewed anywhere in the
+//! cluster is served by the next handshake; a ClientHello offering only ALPN `acme-tls/1`
+//! gets the tls-alpn-01 challenge certificate for its SNI and is closed after the
+//! handshake. A handshake that fails or does not finish within
 //! `handshake_timeout` closes the connection, counted in
 //! `routemesh_rejected_connections_total` (`tls_handshake_error`, `tls_timeout`); then the
 //! HTTP proxy serves the stream as it does plain TCP, with `X-Forwarded-Proto: https`.
@@ -36,8 +41,10 @@ use super::ListenerCtx;
 use super::admission::count_rejected;
 use super::http::route::host_matches;
 use super::socket::{PeekReasons, peek_until};
+use crate::acme::served::ACME_TLS_ALPN;
 use crate::config::certs::{LoadedCerts, tls_provider};
 use crate::protocol::client_hello::{self, Hello};
+use crate::snapshot::SharedSnapshot;
 
 /// A tls listener's routes, each with the context its connections run under.
 pub struct SniRouter {
@@ -130,6 +137,28 @@ pub async fn peek_client_hello(
 #[derive(Debug)]
 struct CertStore {
     certs: ArcSwap<LoadedCerts>,
+    acme: Option<AcmeCerts>,
+}
+
+/// The ACME certificate of a listener with `tls.acme`, found in the routing snapshot.
+#[derive(Clone)]
+pub struct AcmeCerts {
+    pub snapshot: SharedSnapshot,
+    /// The certificate's name (its first domain).
+    pub name: String,
+    pub domains: Vec<String>,
+}
+
+impl std::fmt::Debug for AcmeCerts {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        write!(f, "AcmeCerts({})", self.name)
+    }
+}
+
+impl AcmeCerts {
+    fn current(&self) -> Option<Arc<CertifiedKey>> {
+        self.snapshot.load().acme.key_of(&self.name)
+    }
 }
 
 impl ResolvesServerCert for CertStore {
@@ -138,13 +167,37 @@ impl ResolvesServerCert for CertStore {
         let name = hello
             .server_name()
             .map(|n| n.trim_end_matches('.').to_ascii_lowercase());
-        name.and_then(|n| {
-            certs
-                .iter()
-                .find(|(p, _)| p.as_deref().is_some_and(|p| host_matches(p, &n)))
-        })
-        .or(certs.first())
-        .map(|(_, k)| k.clone())
+        if let (Some(acme), Some(n)) = (&self.acme, &name)
+            && acme.domains.iter().any(|d| d == n)
+            && let Some(k) = acme.current()
+        {
+            return Some(k);
+        }
+        let by_file = name
+            .and_then(|n| {
+                certs
+                    .iter()
+                    .find(|(p, _)| p.as_deref().is_some_and(|p| host_matches(p, &n)))
+            })
+            .or(certs.first())
+            .map(|(_, k)| k.clone());
+        by_file.or_else(|| self.acme.as_ref().and_then(AcmeCerts::current))
+    }
+}
+
+/// tls-alpn-01: the challenge certificate of the SNI name, from the snapshot.
+#[derive(Debug)]
+struct AlpnChallenge {
+    snapshot: SharedSnapshot,
+}
+
+impl ResolvesServerCert for AlpnChallenge {
+    fn resolve(&self, hello: ClientHello<'_>) -> Option<Arc<CertifiedKey>> {
+        let name = hello
+            .server_name()?
+            .trim_end_matches('.')
+            .to_ascii_lowercase();
+        self.snapshot.load().acme.alpn.get(&name).cloned()
     }
 }
 
@@ -157,33 +210,51 @@ const ALPN: [&[u8]; 2] = [b"h2", b"http/1.1"];
 pub struct Terminator {
     alpn: Arc<ServerConfig>,
     no_alpn: Arc<ServerConfig>,
+    /// With `tls.acme`: answers tls-alpn-01 validation handshakes.
+    acme_challenge: Option<Arc<ServerConfig>>,
     store: Arc<CertStore>,
 }
 
 impl Terminator {
-    pub fn new(certs: LoadedCerts) -> Arc<Terminator> {
+    pub fn new(certs: LoadedCerts, acme: Option<AcmeCerts>) -> Arc<Terminator> {
+        let challenge_snapshot = acme.as_ref().map(|a| a.snapshot.clone());
         let store = Arc::new(CertStore {
             certs: ArcSwap::from_pointee(certs),
+            acme,
         });
-        let config = || {
+        let builder = || {
             ServerConfig::builder_with_provider(tls_provider())
                 .with_protocol_versions(&[&rustls::version::TLS13, &rustls::version::TLS12])
                 .expect("the ring provider has TLS 1.2 and 1.3 suites")
                 .with_no_client_auth()
-                .with_cert_resolver(store.clone())
         };
+        let config = || builder().with_cert_resolver(store.clone());
         let mut alpn = config();
         alpn.alpn_protocols = ALPN.iter().map(|p| p.to_vec()).collect();
+        let acme_challenge = challenge_snapshot.map(|snapshot| {
+            let mut c = builder().with_cert_resolver(Arc::new(AlpnChallenge { snapshot }));
+            c.alpn_protocols = vec![ACME_TLS_ALPN.to_vec()];
+            Arc::new(c)
+        });
         Arc::new(Terminator {
             alpn: Arc::new(alpn),
             no_alpn: Arc::new(config()),
+            acme_challenge,
             store,
         })
     }
 
     /// The config for a ClientHello: with ALPN when the client offers none or one of ours,
-    /// else without (served HTTP/1.1, no protocol selected).
+    /// else without (served HTTP/1.1, no protocol selected); the tls-alpn-01 one for a
+    /// client offering `acme-tls/1` (a CA validating).
     fn config_for(&self, hello: &ClientHello<'_>) -> Arc<ServerConfig> {
+        if let Some(c) = &self.acme_challenge
+            && hello
+                .alpn()
+                .is_some_and(|mut offered| offered.any(|p| p == ACME_TLS_ALPN))
+        {
+            return c.clone();
+        }
         let shares = match hello.alpn() {
             None => true,
             Some(mut offered) => offered.any(|p| ALPN.contains(&p)),
@@ -237,5 +308,12 @@ pub async fn terminate(
         }
         Ok(Ok(s)) => s,
     };
+    if stream.get_ref().1.alpn_protocol() == Some(ACME_TLS_ALPN) {
+        // tls-alpn-01: the handshake was the answer.
+        tracing::debug!(listener = %ctx.name, client = %peer, "answered a tls-alpn-01 validation");
+        let mut stream = stream;
+        let _ = tokio::io::AsyncWriteExt::shutdown(&mut stream).await;
+        return;
+    }
     super::http::handle_tls(ctx, stream, peer, local).await
 }

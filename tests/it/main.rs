@@ -23,6 +23,7 @@
 
 mod support;
 
+mod acme;
 mod cli;
 mod cluster;
 mod config_check;

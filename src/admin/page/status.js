@@ -345,6 +345,20 @@
       cell(tr, 1, e[1], { cls: 'err' });
     });
   }
+  function renderCertificates(d) {
+    const certs = d.certificates || [];
+    show('certificates-section', certs.length > 0);
+    const badge = { valid: 'ok', failed: 'error', expired: 'error' };
+    syncRows($('certificates').tBodies[0], certs, (c) => c.name, (tr, c) => {
+      cell(tr, 0, c.name, { cls: 'mono' });
+      cell(tr, 1, (c.domains || []).join(', ') || '–', { cls: 'mono' });
+      cell(tr, 2, c.not_after ? new Date(c.not_after * 1000).toISOString().replace('.000', '') : '–');
+      cell(tr, 3, c.issuer || '–');
+      cell(tr, 4, c.state + (c.locked_by ? ' (' + c.locked_by + ')' : ''), { badge: badge[c.state] || 'stale' });
+      cell(tr, 5, c.serving ? 'serving' : 'not serving', { badge: c.serving ? 'ok' : 'error' });
+      cell(tr, 6, c.last_error || '', { cls: 'err' });
+    });
+  }
   function renderConnection() {
     const c = $('conn');
     const lost = lostAt && Date.now() - lostAt > 1500;
@@ -364,6 +378,7 @@
     renderListeners(doc);
     renderServices(doc);
     renderEvents(doc);
+    renderCertificates(doc);
     renderInvalid(doc);
   }
 

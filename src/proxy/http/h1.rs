@@ -102,6 +102,8 @@ struct Req {
     info: AccessInfo,
     /// For an h2c task: the request as hyper sends it (the body comes separately).
     h2c: Option<hyper::http::request::Parts>,
+    /// An ACME http-01 validation this node answers itself: the key authorization.
+    acme_answer: Option<String>,
 }
 
 /// One client connection.
@@ -310,6 +312,9 @@ impl H1<'_> {
     /// One request: its body, the task, the response.
     async fn exchange(&mut self, mut req: Req, started: Instant) -> Next {
         self.buf.advance(req.head_len);
+        if let Some(answer) = req.acme_answer.take() {
+            return self.answer_acme(&req, &answer, started).await;
+        }
         let svc =
             match std::mem::replace(&mut req.svc, Err((ProxyError::NoLiveTask, String::new()))) {
                 Ok(s) => s,
@@ -354,6 +359,38 @@ impl H1<'_> {
                 self.forward_h2c(&mut req, &svc, &meters, body, complete, started)
                     .await
             }
+        }
+    }
+
+    /// Answers an http-01 validation request (GET or HEAD without a body) with the key
+    /// authorization of its token, whichever node ordered it.
+    async fn answer_acme(&mut self, req: &Req, answer: &str, started: Instant) -> Next {
+        let close = !req.keep_alive || self.ctx.drain.is_cancelled();
+        let mut out = format!(
+            "HTTP/1.1 200 OK\r\ncontent-type: text/plain\r\ncontent-length: {}\r\n{}\r\n",
+            answer.len(),
+            if close { "connection: close\r\n" } else { "" }
+        )
+        .into_bytes();
+        if !req.head_method {
+            out.extend_from_slice(answer.as_bytes());
+        }
+        let ok = self.client.write_all(&out).await.is_ok();
+        tracing::info!(listener = %self.ctx.name, client = %self.hop.peer, "answered an ACME http-01 validation");
+        let meters = self.meters("");
+        account(
+            self.ctx,
+            &meters,
+            self.hop.peer,
+            200,
+            started,
+            None,
+            &req.info,
+        );
+        if ok && !close {
+            Next::Keep
+        } else {
+            Next::Close
         }
     }
 
@@ -834,6 +871,19 @@ fn malformed(e: BodyError) -> Option<ProxyError> {
     Some(ProxyError::BadRequest(format!("request body: {e}")))
 }
 
+/// The key authorization to answer for `GET /.well-known/acme-challenge/TOKEN` when the
+/// snapshot holds that token (other tokens go to the routed service, which may run its own
+/// ACME client).
+fn acme_http01(ctx: &ListenerCtx, method: &str, path: &str) -> Option<String> {
+    const PREFIX: &str = "/.well-known/acme-challenge/";
+    let token = path.strip_prefix(PREFIX)?;
+    if method != "GET" && method != "HEAD" {
+        return None;
+    }
+    let token = token.split(['?', '#']).next().unwrap_or(token);
+    ctx.snapshot.load().acme.http01.get(token).cloned()
+}
+
 /// Takes what the exchange needs from a checked head, routes it, and writes the head for
 /// an HTTP/1.1 task into `out` (or builds the request for an h2c task).
 fn prepare(
@@ -845,6 +895,9 @@ fn prepare(
     let authority = head.target_authority();
     let host_str = authority.or_else(|| head.host.and_then(|h| std::str::from_utf8(h).ok()));
     let path = head.path();
+    let acme_answer = (head.framing == Framing::Empty)
+        .then(|| acme_http01(ctx, head.method, path))
+        .flatten();
     let svc = exchange::route_request(ctx, host_str, path);
     let info = if ctx.access_log {
         AccessInfo {
@@ -868,8 +921,12 @@ fn prepare(
         info,
         h2c: None,
         svc: Err((ProxyError::NoLiveTask, String::new())),
+        acme_answer,
     };
     out.clear();
+    if req.acme_answer.is_some() {
+        return req;
+    }
     let svc = match svc {
         Ok(s) => s,
         Err(e) => {

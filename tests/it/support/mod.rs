@@ -8,6 +8,7 @@
 //! - `http`, `load`: the one HTTP test client, and a steady load generator
 //! - `etcd`, `pki`: etcd members (plain, TLS, auth, clusters) and etcdctl; a test CA
 //! - `backend`, `nginx`, `mosquitto`, `tls`: the tasks a daemon routes to (and curl over TLS)
+//! - `pebble`: the ACME test CA, a test DNS server for its validation, a verifying TLS client
 //! - `docker`: the local engine and the test images; `lab`: the network-namespace cluster
 //! - `browser`: headless Chromium over the DevTools protocol (the status page)
 //!
@@ -25,6 +26,7 @@ pub mod load;
 pub mod mosquitto;
 pub mod net;
 pub mod nginx;
+pub mod pebble;
 pub mod pki;
 pub mod process;
 pub mod tls;

@@ -106,6 +106,8 @@ struct Node {
     procs: Vec<Proc>,
     /// The `[[task]]`s and shape of the last daemon start (for a restart).
     daemon_tasks: Vec<Task>,
+    /// TOML appended to the daemon's config (sections such as `[acme]`, more listeners).
+    daemon_extra: String,
     daemon_shape: Shape,
     /// Next port for a workload on this node.
     next_port: u16,
@@ -153,6 +155,7 @@ impl Lab {
                     dir: ndir,
                     procs: Vec::new(),
                     daemon_tasks: Vec::new(),
+                    daemon_extra: String::new(),
                     daemon_shape: Shape::default(),
                     next_port: 8081,
                     powered: true,
@@ -225,6 +228,31 @@ impl Lab {
     /// IP of node `i` (1..=3).
     pub fn ip(&self, i: usize) -> Ipv4Addr {
         self.node(i).ip
+    }
+
+    /// The test process's address on the lab's switch (10.A.B.254): where services the
+    /// test runs itself (an ACME CA, a DNS server) are reached from the nodes.
+    pub fn host_ip(&self) -> Ipv4Addr {
+        Ipv4Addr::new(10, self.subnet.0, self.subnet.1, 254)
+    }
+
+    /// TOML appended to node `i`'s daemon config from its next start on (e.g. `[acme]`).
+    pub fn set_daemon_extra(&mut self, i: usize, toml: &str) {
+        self.node_mut(i).daemon_extra = toml.to_string();
+    }
+
+    /// Node `i`'s daemon log so far.
+    pub fn daemon_log(&self, i: usize) -> String {
+        crate::support::process::read_log(&self.log_path(i, "routemesh"))
+    }
+
+    /// Whether node `i`'s daemon is still running (not exited).
+    pub fn daemon_alive(&mut self, i: usize) -> bool {
+        let node = self.node_mut(i);
+        node.procs
+            .iter_mut()
+            .find(|p| p.name == "routemesh")
+            .is_some_and(|p| matches!(p.child.try_wait(), Ok(None)))
     }
 
     /// Node `i`'s published `web` address (NODEIP:80).

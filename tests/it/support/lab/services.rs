@@ -177,8 +177,12 @@ impl Lab {
     /// [`Lab::start_daemon`] with another config `shape` (kept for restarts).
     pub fn start_daemon_shaped(&mut self, i: usize, tasks: &[Task], shape: Shape) {
         let path = self.node(i).dir.join("routemesh.toml");
-        std::fs::write(&path, self.daemon_config(i, tasks, shape).to_toml())
-            .expect("write daemon config");
+        let toml = format!(
+            "{}\n{}",
+            self.daemon_config(i, tasks, shape).to_toml(),
+            self.node(i).daemon_extra
+        );
+        std::fs::write(&path, toml).expect("write daemon config");
         self.node_mut(i).daemon_tasks = tasks.to_vec();
         self.node_mut(i).daemon_shape = shape;
         let rust_log = std::env::var("RUST_LOG").unwrap_or_else(|_| "info".to_string());
