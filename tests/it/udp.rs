@@ -137,6 +137,35 @@ fn dns_through_a_udp_listener_with_one_response_per_session() {
         .metric("routemesh_udp_datagrams_total{direction=\"tx\",listener=\"dns\",service=\"dns\"}")
         .unwrap_or(0.0);
     assert_eq!(tx, 10.0);
+    // One client port asking again and again: each query opens a session of its own, and
+    // each is answered (none goes to a session that has had its one reply).
+    let c = client();
+    for id in 0..20u16 {
+        let reply = exchange(
+            &c,
+            listen,
+            &dns_query(id, "a.mesh.test"),
+            Duration::from_secs(2),
+        )
+        .unwrap_or_else(|| panic!("query {id} unanswered"));
+        assert_eq!(&reply[..2], &id.to_be_bytes());
+        assert_eq!(&reply[reply.len() - 4..], &[10, 9, 8, 7]);
+    }
+    eventually(Duration::from_secs(2), "no DNS session left open", || {
+        sessions_gauge(&d, "dns", "dns") == 0.0
+    });
+}
+
+/// A DNS query for the A record of `name`, recursion desired.
+fn dns_query(id: u16, name: &str) -> Vec<u8> {
+    let mut q = id.to_be_bytes().to_vec();
+    q.extend_from_slice(&[0x01, 0x00, 0, 1, 0, 0, 0, 0, 0, 0]);
+    for label in name.split('.') {
+        q.push(label.len() as u8);
+        q.extend_from_slice(label.as_bytes());
+    }
+    q.extend_from_slice(&[0, 0, 1, 0, 1]);
+    q
 }
 
 #[test]

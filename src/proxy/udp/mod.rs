@@ -33,7 +33,7 @@ use std::cell::RefCell;
 use std::io;
 use std::net::SocketAddr;
 use std::sync::Arc;
-use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::time::Duration;
 
 use prometheus::{IntCounter, IntGauge};
@@ -125,6 +125,10 @@ struct Link {
     local: Option<Local>,
     /// `now_ms()` of the last reply (0 = none yet).
     last_reply_ms: AtomicU64,
+    /// Set by the reply task before it ends (before the last reply goes out when
+    /// `udp_responses` is reached): the client's next datagram opens a new session instead
+    /// of going where no reply would be read.
+    closed: AtomicBool,
 }
 
 /// One open session, as the table holds it.
@@ -321,8 +325,8 @@ impl Loop {
         let (epoch, service) = (self.epoch, self.service.clone());
         let (meters, ctx) = (&self.meters, &self.ctx);
         if let Some((_, s)) = self.table.touch(client, now) {
-            let mut keep = true;
-            if s.epoch != epoch {
+            let mut keep = !s.link.closed.load(Ordering::Relaxed);
+            if keep && s.epoch != epoch {
                 // The task as the current snapshot has it (same id and address), if at all.
                 match service.as_ref().and_then(|svc| current(svc, &s.task)) {
                     Some(t) => {
@@ -416,6 +420,7 @@ impl Loop {
                 client,
                 local: if self.pktinfo { local } else { None },
                 last_reply_ms: AtomicU64::new(0),
+                closed: AtomicBool::new(false),
             });
             let id = self.table.next_id();
             let reply = tokio::spawn(reply_loop(Reply {
@@ -494,6 +499,8 @@ thread_local! {
 enum Got {
     /// A reply was sent to the client.
     Sent,
+    /// The session's last reply (`udp_responses`) was sent.
+    Last,
     /// A datagram not from the task, dropped.
     Foreign,
     /// The listener socket is full: the reply waits, copied, for room.
@@ -506,6 +513,9 @@ enum Got {
 async fn reply_loop(r: Reply) {
     let mut replies: u32 = 0;
     let end = 'session: loop {
+        if r.link.closed.load(Ordering::Relaxed) {
+            break Got::Last;
+        }
         let ready = match r
             .link
             .socket
@@ -528,7 +538,7 @@ async fn reply_loop(r: Reply) {
             }
         }
         loop {
-            match r.recv_one() {
+            match r.recv_one(&mut replies) {
                 Got::Sent => {}
                 Got::Foreign => continue,
                 Got::Pending(data) => {
@@ -547,15 +557,16 @@ async fn reply_loop(r: Reply) {
                             _ => break,
                         }
                     }
+                    if r.link.closed.load(Ordering::Relaxed) {
+                        break 'session Got::Last;
+                    }
                 }
                 Got::Empty => break,
                 end => break 'session end,
             }
-            if r.counted(&mut replies) {
-                break 'session Got::Empty;
-            }
         }
     };
+    r.link.closed.store(true, Ordering::Relaxed);
     match end {
         Got::Refused => refused(&r.metrics, r.service.as_str(), &r.task),
         Got::Failed(e) => {
@@ -569,8 +580,9 @@ async fn reply_loop(r: Reply) {
 }
 
 impl Reply {
-    /// Takes one datagram off the session socket and sends it to the client.
-    fn recv_one(&self) -> Got {
+    /// Takes one datagram off the session socket and sends it to the client; `replies`
+    /// counts them (the last one allowed closes the session before it goes out).
+    fn recv_one(&self, replies: &mut u32) -> Got {
         REPLY_BUF.with(|buf| {
             let mut buf = buf.borrow_mut();
             let (n, from) = match self.link.socket.try_recv_from(&mut buf) {
@@ -590,6 +602,15 @@ impl Reply {
                 return Got::Foreign;
             }
             let data = &buf[..n];
+            if *replies == 0 {
+                // The task answers: it is alive (ends a passive ejection like a connect does).
+                self.task.state.succeed();
+            }
+            *replies = replies.saturating_add(1);
+            let last = self.responses != 0 && *replies >= self.responses;
+            if last {
+                self.link.closed.store(true, Ordering::Relaxed);
+            }
             let got = match pktinfo::send_now(
                 &*self.listener,
                 data,
@@ -609,17 +630,10 @@ impl Reply {
             self.link.last_reply_ms.store(now_ms(), Ordering::Relaxed);
             self.meters.tx_datagrams.inc();
             self.meters.tx_bytes.inc_by(n as u64);
-            got
+            match got {
+                Got::Sent if last => Got::Last,
+                other => other,
+            }
         })
-    }
-
-    /// Counts one reply; whether the session has had all it may.
-    fn counted(&self, replies: &mut u32) -> bool {
-        if *replies == 0 {
-            // The task answers: it is alive (ends a passive ejection like a connect does).
-            self.task.state.succeed();
-        }
-        *replies = replies.saturating_add(1);
-        self.responses != 0 && *replies >= self.responses
     }
 }
