@@ -108,6 +108,9 @@ pub struct Listeners {
     /// Accept loops wait for it: nothing is accepted before this process can route (a
     /// process taking over: once it is ready; the static backend: once its table is out).
     accepting: CancellationToken,
+    /// Services with a `[service.NAME.health]` section (udp listeners' services are checked
+    /// only then), as of the last reconcile.
+    health_configured: BTreeSet<ServiceName>,
     /// The `[http]` limits and access-log flag the running contexts were built with.
     http: HttpLimits,
     access_log: bool,
@@ -140,6 +143,7 @@ impl Listeners {
             warned: BTreeSet::new(),
             inherited: BTreeMap::new(),
             inherited_udp: BTreeMap::new(),
+            health_configured: BTreeSet::new(),
             accepting,
             http: config.http.clone(),
             access_log: config.log.access,
@@ -225,16 +229,14 @@ impl Listeners {
     /// its `[service.NAME.health]` is written (no default TCP probe for datagram services),
     /// unless a tcp listener routes to it too.
     pub fn served(&self) -> BTreeSet<ServiceName> {
-        let snap = self.snapshot.load();
         self.running
             .values()
             .filter(|r| {
                 r.config.protocol != Protocol::Udp
-                    || r.config.service.as_ref().is_some_and(|s| {
-                        snap.services
-                            .get(s)
-                            .is_some_and(|svc| svc.settings.health_configured)
-                    })
+                    || r.config
+                        .service
+                        .as_ref()
+                        .is_some_and(|s| self.health_configured.contains(s))
             })
             .flat_map(|r| {
                 let l = &r.config;
@@ -385,6 +387,12 @@ impl Listeners {
             }
         }
         self.failed = failed;
+        self.health_configured = config
+            .services
+            .iter()
+            .filter(|(_, s)| s.health_configured)
+            .map(|(n, _)| n.clone())
+            .collect();
         self.http = config.http.clone();
         self.access_log = config.log.access;
         self.states = plan

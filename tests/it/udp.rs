@@ -121,8 +121,20 @@ fn dns_through_a_udp_listener_with_one_response_per_session() {
     let d = Config::static_tasks()
         .listener(Listener::udp(listen, "dns").name("dns"))
         .set("service.dns.udp_responses", 1)
+        // Active checks are opt-in for udp services: dnsmasq also listens on TCP.
+        .set("service.dns.health.kind", "tcp")
+        .set("service.dns.health.interval", "200ms")
         .task(Task::new("dns", dns.addr()).id("d1"))
         .start();
+    eventually(
+        Duration::from_secs(5),
+        "the opted-in active check runs",
+        || {
+            d.metric("routemesh_health_checks_total{result=\"pass\",service=\"dns\"}")
+                .unwrap_or(0.0)
+                > 0.0
+        },
+    );
     for _ in 0..5 {
         assert_eq!(dig(listen, "a.mesh.test", "A").unwrap(), ["10.9.8.7"]);
         assert_eq!(dig(listen, "b.mesh.test", "A").unwrap(), ["10.9.8.8"]);
