@@ -244,7 +244,7 @@ pub async fn run(
         accepting.clone(),
     );
     if let Some(i) = inherited.as_mut() {
-        listeners.inherit(i.take_listeners());
+        listeners.inherit(i.take_listeners(), i.take_udp_listeners());
     }
     listeners.reconcile(&config, &[]).await?;
     let (served_tx, served_rx) = watch::channel(Arc::new(listeners.served()));

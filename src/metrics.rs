@@ -45,6 +45,13 @@ pub struct Metrics {
     pub mqtt_connect_errors_total: IntCounterVec,
     /// DNS queries answered (or dropped) by the `[dns]` responder (src/dns/).
     pub dns_queries_total: IntCounterVec,
+    /// UDP sessions open now, per udp listener (src/proxy/udp/).
+    pub udp_sessions: IntGaugeVec,
+    /// Datagrams forwarded by udp listeners; rx from clients, tx to clients.
+    pub udp_datagrams_total: IntCounterVec,
+    /// Datagrams a udp listener dropped, by reason (`max_sessions`, `no_live_task`,
+    /// `too_large`, `unknown_source`, `socket_error`).
+    pub udp_dropped_total: IntCounterVec,
     /// 1 while the Docker engine's event stream is connected (`[docker]`, src/docker/); 0
     /// while it is unreachable or discovery is disabled.
     pub docker_up: IntGauge,
@@ -264,6 +271,24 @@ impl Metrics {
                 "routemesh_dns_queries_total",
                 "DNS queries by type and response code (dropped: no reply sent).",
                 &["type", "rcode"],
+            )?,
+            udp_sessions: f.labelled(
+                IntGaugeVec::new,
+                "routemesh_udp_sessions",
+                "UDP sessions open now.",
+                lc,
+            )?,
+            udp_datagrams_total: f.labelled(
+                IntCounterVec::new,
+                "routemesh_udp_datagrams_total",
+                "Datagrams forwarded by udp listeners; rx from clients, tx to clients.",
+                &["listener", "service", "direction"],
+            )?,
+            udp_dropped_total: f.labelled(
+                IntCounterVec::new,
+                "routemesh_udp_dropped_total",
+                "Datagrams dropped by udp listeners, by reason.",
+                &["listener", "reason"],
             )?,
             registry,
         };

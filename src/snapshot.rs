@@ -49,6 +49,8 @@ pub struct TaskState {
     attempts: AtomicU64,
     /// Passive failures (failed connects, resets before any response) since it appeared.
     failures: AtomicU64,
+    /// UDP sessions open on this task now (src/proxy/udp/; /routes shows it).
+    udp_sessions: AtomicU32,
     /// Why the last check or connect failed (shown by /routes and the status page). Swapped,
     /// not locked: readers never wait on the data path's writes.
     last_error: ArcSwapOption<String>,
@@ -61,6 +63,17 @@ pub struct InFlight(Arc<TaskState>);
 impl Drop for InFlight {
     fn drop(&mut self) {
         self.0.in_flight.fetch_sub(1, Ordering::Relaxed);
+    }
+}
+
+/// One open UDP session on a task: counted in the task's in-flight count (so `least_conn`
+/// balances open sessions) and in its session count for as long as it lives.
+#[derive(Debug)]
+pub struct UdpSessionCount(InFlight);
+
+impl Drop for UdpSessionCount {
+    fn drop(&mut self) {
+        (self.0).0.udp_sessions.fetch_sub(1, Ordering::Relaxed);
     }
 }
 
@@ -78,6 +91,17 @@ impl TaskState {
         self.in_flight.fetch_add(1, Ordering::Relaxed);
         self.attempts.fetch_add(1, Ordering::Relaxed);
         InFlight(self.clone())
+    }
+
+    /// Counts a UDP session on this task (and in flight) until the guard drops.
+    pub fn open_udp_session(self: &Arc<Self>) -> UdpSessionCount {
+        self.udp_sessions.fetch_add(1, Ordering::Relaxed);
+        UdpSessionCount(self.begin())
+    }
+
+    /// UDP sessions open on this task now.
+    pub fn udp_sessions(&self) -> u32 {
+        self.udp_sessions.load(Ordering::Relaxed)
     }
 
     pub fn is_ejected(&self, now: u64) -> bool {

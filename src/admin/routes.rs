@@ -11,7 +11,8 @@ use crate::discovery::table::NodeEntry;
 use crate::snapshot::{Service, Snapshot, Task, TaskStatus};
 use crate::util::clock::now_ms;
 
-/// One task: `id`, `addr`, `node`, `weight`, `state`, `routable`, `in_flight`, `last_error`.
+/// One task: `id`, `addr`, `node`, `weight`, `state`, `routable`, `in_flight`,
+/// `udp_sessions` (open UDP sessions on it), `last_error`.
 /// `now` is [`now_ms`] (ejections are deadlines on that clock).
 pub fn task_json(t: &Task, now: u64) -> Value {
     let status = t.status(now);
@@ -23,6 +24,7 @@ pub fn task_json(t: &Task, now: u64) -> Value {
         "state": status.as_str(),
         "routable": status == TaskStatus::Healthy,
         "in_flight": t.state.in_flight(),
+        "udp_sessions": t.state.udp_sessions(),
         "last_error": t.state.last_error(),
     })
 }

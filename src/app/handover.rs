@@ -125,9 +125,8 @@ impl Held {
                     .map(|d| (info(Kind::Admin, "admin", Some(*addr), None), d)),
             );
         }
-        for (name, addr, fd) in listeners.sockets() {
-            sockets
-                .extend(dup(fd, name).map(|d| (info(Kind::Listener, name, Some(addr), None), d)));
+        for (name, addr, kind, fd) in listeners.sockets() {
+            sockets.extend(dup(fd, name).map(|d| (info(kind, name, Some(addr), None), d)));
         }
         if let Some((addr, udp, tcp)) = &self.dns {
             sockets.extend(

@@ -16,8 +16,12 @@
 //! [`Listeners::states`] is what the node reports for each listener (its `alive` record,
 //! `/routes`): `bound`, `shadowed`, `conflict`, `failed: …`, `refused: …`.
 //!
+//! Listeners are kept by (address, transport): a udp and a tcp listener may share a port
+//! number. A udp listener that is removed or changed stops at once and its sessions end
+//! (there are no connections to drain; clients' next datagrams open new sessions).
+//!
 //! Upgrades: a process started with `run --upgrade` is seeded with the old process's
-//! sockets by address ([`Listeners::inherit`]); every rule above stays, only "bind" takes an
+//! sockets by address and transport ([`Listeners::inherit`]); every rule above stays, only "bind" takes an
 //! inherited socket of that address when there is one. What is left once the process is
 //! ready is closed ([`Listeners::close_inherited`]). [`Listeners::sockets`] lists the sockets
 //! to hand to the next one.
@@ -29,13 +33,13 @@ use std::os::fd::{AsFd, BorrowedFd};
 use std::sync::Arc;
 use std::time::Duration;
 
-use tokio::net::{TcpListener, TcpStream};
+use tokio::net::{TcpListener, TcpStream, UdpSocket};
 use tokio::task::JoinHandle;
 use tokio_util::sync::CancellationToken;
 
 use super::AppError;
 use crate::config::certs::{LoadedCerts, load_certs};
-use crate::config::{Config, HttpLimits, ListenerConfig, Protocol, ServiceName};
+use crate::config::{Config, HttpLimits, ListenerConfig, Protocol, ServiceName, Transport};
 use crate::discovery::keys::PublishedListener;
 use crate::discovery::published::{Decision, NodeDecision, Published, Source, node_plan, overlaps};
 use crate::metrics::Metrics;
@@ -43,20 +47,44 @@ use crate::proxy::admission::Admission;
 use crate::proxy::listener::{self, Connections};
 use crate::proxy::{self, ListenerCtx};
 use crate::snapshot::SharedSnapshot;
+use crate::upgrade::Kind;
 use crate::util::net;
 
 /// How often a published listener that could not be bound is tried again.
 pub const RETRY_FAILED: Duration = Duration::from_secs(5);
 
-/// A running accept loop; a changed listener restarts it on the same socket, so it keeps its
-/// port without a rebind gap.
+/// What a listener is kept by: a udp and a tcp listener may share an address.
+type Key = (SocketAddr, Transport);
+
+fn key_of(l: &ListenerConfig) -> Key {
+    (l.listen, l.protocol.transport())
+}
+
+/// A bound listener socket.
+#[derive(Clone)]
+enum Bound {
+    Tcp(Arc<TcpListener>),
+    Udp(Arc<UdpSocket>),
+}
+
+impl Bound {
+    fn as_fd(&self) -> BorrowedFd<'_> {
+        match self {
+            Bound::Tcp(s) => s.as_fd(),
+            Bound::Udp(s) => s.as_fd(),
+        }
+    }
+}
+
+/// A running accept loop (or udp loop); a changed listener restarts it on the same socket,
+/// so it keeps its port without a rebind gap.
 struct RunningListener {
     config: ListenerConfig,
     /// `None` for TOML listeners.
     source: Option<Source>,
     stop: CancellationToken,
     /// Shared with the accept loop (and described to an upgrade).
-    socket: Arc<TcpListener>,
+    socket: Bound,
     handle: JoinHandle<()>,
     /// http listeners with `tls`: its certificates are replaced on every reconcile.
     tls: Option<Arc<proxy::tls::Terminator>>,
@@ -66,7 +94,7 @@ struct RunningListener {
 }
 
 pub struct Listeners {
-    running: BTreeMap<SocketAddr, RunningListener>,
+    running: BTreeMap<Key, RunningListener>,
     /// Published listeners that could not be bound, by name, with why.
     failed: BTreeMap<String, String>,
     /// What the node reports for each listener, in name order.
@@ -75,9 +103,14 @@ pub struct Listeners {
     warned: BTreeSet<(String, String)>,
     /// Sockets handed over by the process this one upgrades, not taken yet, by address.
     inherited: BTreeMap<SocketAddr, std::net::TcpListener>,
+    /// The same for udp listeners.
+    inherited_udp: BTreeMap<SocketAddr, std::net::UdpSocket>,
     /// Accept loops wait for it: nothing is accepted before this process can route (a
     /// process taking over: once it is ready; the static backend: once its table is out).
     accepting: CancellationToken,
+    /// Services with a `[service.NAME.health]` section (udp listeners' services are checked
+    /// only then), as of the last reconcile.
+    health_configured: BTreeSet<ServiceName>,
     /// The `[http]` limits and access-log flag the running contexts were built with.
     http: HttpLimits,
     access_log: bool,
@@ -91,7 +124,7 @@ pub struct Listeners {
 struct Fresh {
     config: ListenerConfig,
     source: Option<Source>,
-    socket: TcpListener,
+    socket: Bound,
     certs: Option<LoadedCerts>,
 }
 
@@ -109,6 +142,8 @@ impl Listeners {
             states: Vec::new(),
             warned: BTreeSet::new(),
             inherited: BTreeMap::new(),
+            inherited_udp: BTreeMap::new(),
+            health_configured: BTreeSet::new(),
             accepting,
             http: config.http.clone(),
             access_log: config.log.access,
@@ -120,33 +155,62 @@ impl Listeners {
 
     /// Seeds the sockets of the process this one upgrades: binding an address takes its
     /// socket instead while there is one.
-    pub fn inherit(&mut self, sockets: BTreeMap<SocketAddr, std::net::TcpListener>) {
-        self.inherited = sockets;
+    pub fn inherit(
+        &mut self,
+        tcp: BTreeMap<SocketAddr, std::net::TcpListener>,
+        udp: BTreeMap<SocketAddr, std::net::UdpSocket>,
+    ) {
+        self.inherited = tcp;
+        self.inherited_udp = udp;
     }
 
     /// Closes the inherited sockets no listener took (no longer configured); returns their
     /// addresses.
-    pub fn close_inherited(&mut self) -> Vec<SocketAddr> {
-        std::mem::take(&mut self.inherited).into_keys().collect()
-    }
-
-    /// Every bound listener's name, address and socket (for an upgrade).
-    pub fn sockets(&self) -> Vec<(&str, SocketAddr, BorrowedFd<'_>)> {
-        self.running
-            .iter()
-            .map(|(addr, r)| (r.config.name.as_str(), *addr, r.socket.as_fd()))
+    pub fn close_inherited(&mut self) -> Vec<String> {
+        let tcp = std::mem::take(&mut self.inherited).into_keys();
+        let udp = std::mem::take(&mut self.inherited_udp).into_keys();
+        tcp.map(|a| a.to_string())
+            .chain(udp.map(|a| format!("{a}/udp")))
             .collect()
     }
 
-    /// The inherited socket of `addr`, or a freshly bound one.
-    fn open(&mut self, addr: SocketAddr) -> std::io::Result<TcpListener> {
-        match self.inherited.remove(&addr) {
-            Some(s) => {
-                s.set_nonblocking(true)?;
-                tracing::debug!(%addr, "listener socket taken over from the previous process");
-                TcpListener::from_std(s)
+    /// Every bound listener's name, address, kind and socket (for an upgrade).
+    pub fn sockets(&self) -> Vec<(&str, SocketAddr, Kind, BorrowedFd<'_>)> {
+        self.running
+            .iter()
+            .map(|((addr, transport), r)| {
+                let kind = match transport {
+                    Transport::Tcp => Kind::Listener,
+                    Transport::Udp => Kind::Udp,
+                };
+                (r.config.name.as_str(), *addr, kind, r.socket.as_fd())
+            })
+            .collect()
+    }
+
+    /// The inherited socket of `key`, or a freshly bound one.
+    fn open(&mut self, key: Key) -> std::io::Result<Bound> {
+        let (addr, transport) = key;
+        match transport {
+            Transport::Tcp => match self.inherited.remove(&addr) {
+                Some(s) => {
+                    s.set_nonblocking(true)?;
+                    tracing::debug!(%addr, "listener socket taken over from the previous process");
+                    TcpListener::from_std(s).map(|s| Bound::Tcp(Arc::new(s)))
+                }
+                None => net::bind(addr).map(|s| Bound::Tcp(Arc::new(s))),
+            },
+            Transport::Udp => {
+                let s = match self.inherited_udp.remove(&addr) {
+                    Some(s) => {
+                        s.set_nonblocking(true)?;
+                        tracing::debug!(%addr, "udp listener socket taken over from the previous process");
+                        s
+                    }
+                    None => net::bind_udp(addr)?,
+                };
+                UdpSocket::from_std(s).map(|s| Bound::Udp(Arc::new(s)))
             }
-            None => net::bind(addr),
         }
     }
 
@@ -161,10 +225,19 @@ impl Listeners {
     }
 
     /// The services the bound listeners route to (default and HTTP/SNI routes): the ones
-    /// whose tasks this node health-checks.
+    /// whose tasks this node health-checks. A service of a udp listener is checked only when
+    /// its `[service.NAME.health]` is written (no default TCP probe for datagram services),
+    /// unless a tcp listener routes to it too.
     pub fn served(&self) -> BTreeSet<ServiceName> {
         self.running
             .values()
+            .filter(|r| {
+                r.config.protocol != Protocol::Udp
+                    || r.config
+                        .service
+                        .as_ref()
+                        .is_some_and(|s| self.health_configured.contains(s))
+            })
             .flat_map(|r| {
                 let l = &r.config;
                 l.service
@@ -194,7 +267,7 @@ impl Listeners {
         // Certificates are read again every time, changed or not, so a reload picks up
         // rotated files.
         let mut certs = BTreeMap::new();
-        let mut wanted: BTreeMap<SocketAddr, (&ListenerConfig, Option<Source>)> = BTreeMap::new();
+        let mut wanted: BTreeMap<Key, (&ListenerConfig, Option<Source>)> = BTreeMap::new();
         for p in plan.iter().filter(|p| p.decision == NodeDecision::Bind) {
             let l = &p.config;
             if l.protocol == Protocol::Http && (!l.edge.tls.is_empty() || !l.edge.acme.is_empty()) {
@@ -214,16 +287,16 @@ impl Listeners {
                     }
                 }
             }
-            wanted.insert(l.listen, (l, p.source));
+            wanted.insert(key_of(l), (l, p.source));
         }
         // Which running listeners stay as they are, restart on their socket, or go.
         let restart_all = self.needs_restart(config);
-        let unchanged = |addr: &SocketAddr, r: &RunningListener| {
+        let unchanged = |addr: &Key, r: &RunningListener| {
             wanted
                 .get(addr)
                 .is_some_and(|(w, source)| **w == r.config && *source == r.source && !restart_all)
         };
-        let going: Vec<SocketAddr> = self
+        let going: Vec<Key> = self
             .running
             .iter()
             .filter(|(addr, _)| !wanted.contains_key(*addr))
@@ -237,7 +310,7 @@ impl Listeners {
             if self.running.contains_key(addr) {
                 continue;
             }
-            if going.iter().any(|g| overlaps(*g, *addr)) {
+            if going.iter().any(|g| g.1 == addr.1 && overlaps(g.0, addr.0)) {
                 after_stop.push(((*l).clone(), *source));
                 continue;
             }
@@ -246,12 +319,12 @@ impl Listeners {
                     config: (*l).clone(),
                     source: *source,
                     socket,
-                    certs: certs.remove(addr),
+                    certs: certs.remove(&addr.0),
                 }),
                 Err(e) if source.is_none() => {
                     return Err(AppError::Bind {
                         what: format!("listener {}", l.name),
-                        addr: *addr,
+                        addr: addr.0,
                         source: e,
                     });
                 }
@@ -260,10 +333,11 @@ impl Listeners {
                 }
             }
         }
-        let addrs: Vec<SocketAddr> = self.running.keys().copied().collect();
+        let addrs: Vec<Key> = self.running.keys().copied().collect();
         for addr in addrs {
             if unchanged(&addr, &self.running[&addr]) {
-                if let (Some(term), Some(loaded)) = (&self.running[&addr].tls, certs.remove(&addr))
+                if let (Some(term), Some(loaded)) =
+                    (&self.running[&addr].tls, certs.remove(&addr.0))
                 {
                     term.replace(loaded);
                     tracing::info!(listener = %self.running[&addr].config.name, "TLS certificates reloaded");
@@ -275,7 +349,7 @@ impl Listeners {
             let ended = r.handle.await;
             match (wanted.get(&addr), ended) {
                 (Some((w, source)), Ok(())) => {
-                    let certs = certs.remove(&addr);
+                    let certs = certs.remove(&addr.0);
                     self.spawn(
                         (*w).clone(),
                         *source,
@@ -292,10 +366,10 @@ impl Listeners {
             }
         }
         for (l, source) in after_stop {
-            match self.open(l.listen) {
+            match self.open(key_of(&l)) {
                 Ok(socket) => {
                     let certs = certs.remove(&l.listen);
-                    self.spawn(l, source, Arc::new(socket), config, certs, None);
+                    self.spawn(l, source, socket, config, certs, None);
                 }
                 Err(e) => {
                     // Too late to refuse a reload: everything else has been applied.
@@ -305,14 +379,7 @@ impl Listeners {
             }
         }
         for f in fresh {
-            self.spawn(
-                f.config,
-                f.source,
-                Arc::new(f.socket),
-                config,
-                f.certs,
-                None,
-            );
+            self.spawn(f.config, f.source, f.socket, config, f.certs, None);
         }
         for (name, why) in &failed {
             if self.failed.get(name) != Some(why) {
@@ -320,6 +387,12 @@ impl Listeners {
             }
         }
         self.failed = failed;
+        self.health_configured = config
+            .services
+            .iter()
+            .filter(|(_, s)| s.health_configured)
+            .map(|(n, _)| n.clone())
+            .collect();
         self.http = config.http.clone();
         self.access_log = config.log.access;
         self.states = plan
@@ -382,6 +455,11 @@ impl Listeners {
     /// A removed listener: it has stopped accepting; its HTTP connections finish their
     /// requests and close, and every connection left is closed after `drain_timeout`.
     fn retire(&self, config: ListenerConfig, conns: Connections, drain_timeout: Duration) {
+        if config.protocol == Protocol::Udp {
+            // Its loop has stopped, and its sessions with it.
+            tracing::info!(listener = %config.name, addr = %config.listen, "udp listener removed; its sessions ended");
+            return;
+        }
         tracing::info!(listener = %config.name, addr = %config.listen, "listener removed; draining its connections");
         conns.drain.cancel();
         tokio::spawn(async move {
@@ -399,11 +477,17 @@ impl Listeners {
         &mut self,
         cfg: ListenerConfig,
         source: Option<Source>,
-        socket: Arc<TcpListener>,
+        socket: Bound,
         config: &Config,
         certs: Option<LoadedCerts>,
         conns: Option<Connections>,
     ) {
+        let key = key_of(&cfg);
+        let Bound::Tcp(tcp) = &socket else {
+            self.spawn_udp(cfg, source, socket, conns);
+            return;
+        };
+        let tcp = tcp.clone();
         let conns = conns.unwrap_or_else(|| Connections {
             tracker: self.conns.tracker.clone(),
             drain: self.conns.drain.child_token(),
@@ -445,7 +529,7 @@ impl Listeners {
         };
         let protocol = cfg.protocol;
         let terminator = tls.clone();
-        let shared = socket.clone();
+        let shared = tcp;
         let accepting = self.accepting.clone();
         let stopped = stop.clone();
         let handle = tokio::spawn(async move {
@@ -484,11 +568,13 @@ impl Listeners {
                         })
                         .await
                 }
+                // udp listeners run in `spawn_udp`.
+                (Protocol::Udp, _) => {}
             }
         });
         tracing::info!(listener = %cfg.name, addr = %cfg.listen, protocol = cfg.protocol.as_str(), service = cfg.service.as_ref().map(|s| s.as_str()).unwrap_or("-"), source = source.map(Source::as_str).unwrap_or("config"), "listening");
         self.running.insert(
-            cfg.listen,
+            key,
             RunningListener {
                 config: cfg,
                 source,
@@ -496,6 +582,64 @@ impl Listeners {
                 socket,
                 handle,
                 tls,
+                conns,
+            },
+        );
+    }
+
+    /// A udp listener's loop on `socket` (`Bound::Udp`).
+    fn spawn_udp(
+        &mut self,
+        cfg: ListenerConfig,
+        source: Option<Source>,
+        socket: Bound,
+        conns: Option<Connections>,
+    ) {
+        let Bound::Udp(udp) = &socket else {
+            return;
+        };
+        let Some(service) = cfg.service.clone() else {
+            // Validation requires a service on udp listeners.
+            return;
+        };
+        let conns = conns.unwrap_or_else(|| Connections {
+            tracker: self.conns.tracker.clone(),
+            drain: self.conns.drain.child_token(),
+            hard_stop: self.conns.hard_stop.child_token(),
+        });
+        let stop = CancellationToken::new();
+        let ctx = Arc::new(proxy::udp::UdpCtx {
+            name: cfg.name.clone(),
+            listen: cfg.listen,
+            service,
+            snapshot: self.snapshot.clone(),
+            metrics: self.metrics.clone(),
+            max_sessions: cfg.edge.max_sessions,
+        });
+        let (udp, accepting, stopped) = (udp.clone(), self.accepting.clone(), stop.clone());
+        // Shutdown's hard stop ends the sessions too.
+        let hard_stop = conns.hard_stop.clone();
+        let handle = tokio::spawn(async move {
+            tokio::select! {
+                _ = accepting.cancelled() => {}
+                _ = stopped.cancelled() => return,
+            }
+            tokio::select! {
+                _ = proxy::udp::serve(ctx, udp, stopped) => {}
+                // Dropping the loop ends its sessions.
+                _ = hard_stop.cancelled() => {}
+            }
+        });
+        tracing::info!(listener = %cfg.name, addr = %cfg.listen, protocol = "udp", service = cfg.service.as_ref().map(|s| s.as_str()).unwrap_or("-"), max_sessions = cfg.edge.max_sessions, source = source.map(Source::as_str).unwrap_or("config"), "listening");
+        self.running.insert(
+            key_of(&cfg),
+            RunningListener {
+                config: cfg,
+                source,
+                stop,
+                socket,
+                handle,
+                tls: None,
                 conns,
             },
         );

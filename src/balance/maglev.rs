@@ -58,6 +58,24 @@ pub fn ip_hash(ip: IpAddr) -> u64 {
     }
 }
 
+/// The hash of a client IP and port (`hash_key = "source_addr"`); IPv4-mapped addresses
+/// hash as IPv4.
+pub fn addr_hash(addr: std::net::SocketAddr) -> u64 {
+    let mut key = [0u8; 18];
+    let n = match addr.ip().to_canonical() {
+        IpAddr::V4(v4) => {
+            key[..4].copy_from_slice(&v4.octets());
+            4
+        }
+        IpAddr::V6(v6) => {
+            key[..16].copy_from_slice(&v6.octets());
+            16
+        }
+    };
+    key[n..n + 2].copy_from_slice(&addr.port().to_be_bytes());
+    key_hash(&key[..n + 2])
+}
+
 #[derive(Debug)]
 pub struct Maglev {
     candidates: Vec<usize>,

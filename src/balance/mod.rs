@@ -15,7 +15,7 @@ use crate::config::Balance;
 use crate::snapshot::Task;
 
 pub use least_conn::LeastConn;
-pub use maglev::{Maglev, ip_hash, key_hash};
+pub use maglev::{Maglev, addr_hash, ip_hash, key_hash};
 pub use p2c::P2c;
 pub use round_robin::RoundRobin;
 

@@ -631,11 +631,11 @@ async fn publish_add(
             existing.service.as_ref().map(|s| s.as_str()).unwrap_or("-")
         )));
     }
-    if let Some((other, l)) = table
-        .listeners
-        .iter()
-        .find(|(n, l)| **n != name && overlaps(l.listen, addr))
-    {
+    if let Some((other, l)) = table.listeners.iter().find(|(n, l)| {
+        **n != name
+            && l.protocol.transport() == spec.protocol.transport()
+            && overlaps(l.listen, addr)
+    }) {
         return Err(CliError::Usage(format!(
             "{addr} is already published as {other} (on {}): pick another port, or `routemesh publish rm {other}`",
             l.listen

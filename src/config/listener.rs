@@ -1,6 +1,6 @@
 //! Listeners: a published port, its protocol, its default service and routes, and its
 //! admission settings (PROXY protocol, connection limits, TLS termination and the
-//! ClientHello bound of tls listeners).
+//! ClientHello bound of tls listeners; the session limit of udp listeners).
 //!
 //! One validator, `validate`, for both sources of listeners: the `[[listener]]` tables of
 //! the file (problems at `file:line:col`, through `validate_all`) and listeners published
@@ -37,6 +37,8 @@ pub struct RawListener {
     pub handshake_timeout: Option<S<String>>,
     pub max_client_hello_bytes: Option<S<i64>>,
     pub tls: Option<S<RawListenerTls>>,
+    /// udp listeners: most sessions open at once.
+    pub max_sessions: Option<S<i64>>,
 }
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq, PartialOrd, Ord, Hash, Serialize)]
@@ -46,6 +48,25 @@ pub enum Protocol {
     Http,
     /// TLS passthrough routed by the ClientHello's SNI (route.rs).
     Tls,
+    /// Datagrams, by client session (src/proxy/udp/).
+    Udp,
+}
+
+/// The transport a listener binds: a TCP and a UDP listener may share an address.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, PartialOrd, Ord, Hash, Serialize)]
+#[serde(rename_all = "snake_case")]
+pub enum Transport {
+    Tcp,
+    Udp,
+}
+
+impl Transport {
+    pub fn as_str(self) -> &'static str {
+        match self {
+            Transport::Tcp => "tcp",
+            Transport::Udp => "udp",
+        }
+    }
 }
 
 impl Protocol {
@@ -54,18 +75,27 @@ impl Protocol {
             Protocol::Tcp => "tcp",
             Protocol::Http => "http",
             Protocol::Tls => "tls",
+            Protocol::Udp => "udp",
+        }
+    }
+
+    /// What the listener binds: UDP for `udp`, TCP for the others.
+    pub fn transport(self) -> Transport {
+        match self {
+            Protocol::Udp => Transport::Udp,
+            _ => Transport::Tcp,
         }
     }
 
     /// The protocol named `text` (as `listener.protocol` spells it).
     pub fn parse(text: &str) -> Option<Protocol> {
-        [Protocol::Tcp, Protocol::Http, Protocol::Tls]
+        [Protocol::Tcp, Protocol::Http, Protocol::Tls, Protocol::Udp]
             .into_iter()
             .find(|p| p.as_str() == text)
     }
 
     /// The accepted spellings, for error messages.
-    pub const NAMES: &'static str = "tcp, http or tls";
+    pub const NAMES: &'static str = "tcp, http, tls or udp";
 }
 
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -106,7 +136,13 @@ pub struct ListenerEdge {
     pub sni_routes: Vec<SniRoute>,
     /// tls listeners: the largest ClientHello read before routing.
     pub max_client_hello_bytes: usize,
+    /// udp listeners: most sessions open at once; a datagram that would open one more is
+    /// dropped (counted).
+    pub max_sessions: usize,
 }
+
+/// `max_sessions` of a udp listener without the key.
+pub const DEFAULT_MAX_SESSIONS: usize = 65536;
 
 impl Default for ListenerEdge {
     fn default() -> Self {
@@ -120,6 +156,7 @@ impl Default for ListenerEdge {
             acme: Vec::new(),
             sni_routes: Vec::new(),
             max_client_hello_bytes: 16 * 1024,
+            max_sessions: DEFAULT_MAX_SESSIONS,
         }
     }
 }
@@ -181,6 +218,7 @@ pub(crate) fn validate(
             ("tcp", Protocol::Tcp),
             ("http", Protocol::Http),
             ("tls", Protocol::Tls),
+            ("udp", Protocol::Udp),
         ],
         "listener.protocol",
     );
@@ -197,10 +235,10 @@ pub(crate) fn validate(
     // Optional on http and tls listeners (no default route: 404 or close).
     let service = match &l.service {
         Some(v) => name(issues, v, "listener.service", ServiceName::new).map(Some),
-        None if protocol == Protocol::Tcp => {
+        None if matches!(protocol, Protocol::Tcp | Protocol::Udp) => {
             issues.at(
                 l_span,
-                "[[listener]] needs `service`: the service its connections go to",
+                "[[listener]] needs `service`: the service its connections (or datagrams) go to",
             );
             None
         }
@@ -262,7 +300,7 @@ pub(super) fn validate_all(
                 let listen = listeners[i].listen;
                 issues.at(
                     at,
-                    format!("two listeners bind {listen}: each `listen` address may appear once"),
+                    format!("two listeners bind {listen}: each `listen` address may appear once per transport (tcp, udp)"),
                 );
             }
             Clash::Name(i) => {
@@ -292,13 +330,14 @@ pub enum Clash {
 }
 
 /// The checks of listeners against each other, over any list of valid listeners (the file's,
-/// or the file's and the published ones): each address and each name may appear once.
+/// or the file's and the published ones): each address may appear once per transport (a
+/// tcp and a udp listener may share one), each name once.
 pub fn clashes(listeners: &[ListenerConfig]) -> Vec<Clash> {
     let mut seen_names = BTreeSet::new();
     let mut seen_addrs = BTreeSet::new();
     let mut out = Vec::new();
     for (i, l) in listeners.iter().enumerate() {
-        let dup_addr = !seen_addrs.insert(l.listen);
+        let dup_addr = !seen_addrs.insert((l.listen, l.protocol.transport()));
         if dup_addr {
             out.push(Clash::Address(i));
         }
@@ -477,6 +516,30 @@ fn edge(
         }
         (tls, acme) = certs::validate(issues, config_path, t, protocol == Protocol::Http);
     }
+    let max_sessions = match &l.max_sessions {
+        None => def.max_sessions,
+        Some(v) if protocol != Protocol::Udp => {
+            issues.at(
+                span(v),
+                "`listener.max_sessions` is only for protocol = \"udp\" listeners (tcp listeners: max_connections)",
+            );
+            def.max_sessions
+        }
+        Some(v) if (1..=10_000_000).contains(v.get_ref()) => *v.get_ref() as usize,
+        Some(v) => {
+            issues.at(
+                span(v),
+                format!(
+                    "`listener.max_sessions` = {}: use 1 to 10000000",
+                    v.get_ref()
+                ),
+            );
+            def.max_sessions
+        }
+    };
+    if protocol == Protocol::Udp {
+        udp_only_keys(issues, l);
+    }
     ListenerEdge {
         accept_proxy,
         trusted_proxies,
@@ -487,7 +550,27 @@ fn edge(
         acme,
         sni_routes: route::sni_routes(issues, &l.route, protocol),
         max_client_hello_bytes,
+        max_sessions,
     }
+}
+
+/// The keys a udp listener cannot have: it has no connections, handshakes or routes.
+fn udp_only_keys(issues: &mut Issues, l: &RawListener) {
+    let mut refuse = |at: Option<std::ops::Range<usize>>, key: &str| {
+        if let Some(at) = at {
+            issues.at(
+                at,
+                format!("`listener.{key}` does not apply to protocol = \"udp\" listeners: remove it (udp listeners take `max_sessions`)"),
+            );
+        }
+    };
+    refuse(l.accept_proxy.as_ref().map(span), "accept_proxy");
+    refuse(l.max_connections.as_ref().map(span), "max_connections");
+    refuse(
+        l.max_connections_per_ip.as_ref().map(span),
+        "max_connections_per_ip",
+    );
+    refuse(l.handshake_timeout.as_ref().map(span), "handshake_timeout");
 }
 
 /// `accept_proxy` and `trusted_proxies`: the PROXY header is read only from listed sources,
@@ -904,5 +987,66 @@ send_proxy = "v2"
         all.push(json(r#"{"listen": "0.0.0.0:82", "service": "w"}"#).unwrap());
         assert_eq!(clashes(&all), vec![Clash::Address(2), Clash::Name(3)]);
         assert_eq!(clashes(&file.listeners), vec![]);
+    }
+
+    #[test]
+    fn udp_listeners_and_their_limits() {
+        let c = parse(
+            "[[listener]]\nlisten = \"0.0.0.0:5683\"\nprotocol = \"udp\"\nservice = \"coap\"\nmax_sessions = 100\n\
+             [[listener]]\nlisten = \"0.0.0.0:5683\"\nservice = \"coap\"\n\
+             [[listener]]\nlisten = \"0.0.0.0:53\"\nprotocol = \"udp\"\nservice = \"dns\"\n\
+             [service.coap]\nbalance = \"maglev\"\nhash_key = \"source_addr\"\nudp_idle_timeout = \"5s\"\n\
+             [service.dns]\nudp_responses = 1\n",
+        )
+        .unwrap_or_else(|e| panic!("{e}"));
+        // A udp and a tcp listener share 0.0.0.0:5683; names default to PROTOCOL-PORT.
+        assert_eq!(c.listeners[0].protocol, Protocol::Udp);
+        assert_eq!(c.listeners[0].name, "udp-5683");
+        assert_eq!(c.listeners[0].edge.max_sessions, 100);
+        assert_eq!(c.listeners[1].name, "tcp-5683");
+        assert_eq!(c.listeners[2].edge.max_sessions, DEFAULT_MAX_SESSIONS);
+        let coap = c.service_settings(&ServiceName::new("coap").unwrap());
+        assert_eq!(coap.hash_key, crate::config::HashKey::SourceAddr);
+        assert_eq!(coap.udp_idle_timeout, Duration::from_secs(5));
+        assert!(!coap.health_configured);
+        let dns = c.service_settings(&ServiceName::new("dns").unwrap());
+        assert_eq!(dns.udp_responses, 1);
+        assert_eq!(dns.udp_idle_timeout, Duration::from_secs(60));
+        // Two udp listeners on one address clash; udp needs a service; tcp keys are refused.
+        let text = err(
+            "[[listener]]\nlisten = \"0.0.0.0:53\"\nprotocol = \"udp\"\nservice = \"a\"\n[[listener]]\nname = \"b\"\nlisten = \"0.0.0.0:53\"\nprotocol = \"udp\"\nservice = \"b\"\n",
+        );
+        assert!(
+            text.contains("t.toml:7:10:") && text.contains("two listeners bind"),
+            "{text}"
+        );
+        let text = err("[[listener]]\nlisten = \"0.0.0.0:53\"\nprotocol = \"udp\"\n");
+        assert!(text.contains("needs `service`"), "{text}");
+        let text = err(
+            "[[listener]]\nlisten = \"0.0.0.0:53\"\nprotocol = \"udp\"\nservice = \"a\"\nmax_connections = 5\n",
+        );
+        assert!(
+            text.contains("t.toml:5:19:") && text.contains("does not apply to protocol = \"udp\""),
+            "{text}"
+        );
+        let text =
+            err("[[listener]]\nlisten = \"0.0.0.0:80\"\nservice = \"a\"\nmax_sessions = 5\n");
+        assert!(text.contains("only for protocol = \"udp\""), "{text}");
+        let text = err(
+            "[[listener]]\nlisten = \"0.0.0.0:53\"\nprotocol = \"udp\"\nservice = \"a\"\nmax_sessions = 0\n",
+        );
+        assert!(
+            text.contains("t.toml:5:16:") && text.contains("1 to 10000000"),
+            "{text}"
+        );
+        let text = err("[service.a]\nudp_idle_timeout = \"0s\"\nudp_responses = -1\n");
+        assert!(
+            text.contains("t.toml:2:20:") && text.contains("t.toml:3:17:"),
+            "{text}"
+        );
+        // Published as JSON, the same.
+        let l = json(r#"{"listen": "0.0.0.0:5683", "protocol": "udp", "service": "coap", "max_sessions": 10}"#)
+            .unwrap_or_else(|e| panic!("{e}"));
+        assert_eq!((l.protocol, l.edge.max_sessions), (Protocol::Udp, 10));
     }
 }

@@ -46,7 +46,7 @@ use error::Issues;
 pub use error::{ConfigError, ConfigIssue};
 use file::{RawConfig, S};
 pub use http::HttpLimits;
-pub use listener::{Cidr, ListenerConfig, ListenerEdge, Protocol};
+pub use listener::{Cidr, ListenerConfig, ListenerEdge, Protocol, Transport};
 pub use log::{LogConfig, LogFormat};
 pub use names::{NameError, NodeName, ServiceName, TaskId};
 pub use node::{NodeConfig, hostname};

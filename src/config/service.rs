@@ -22,6 +22,8 @@ pub struct RawService {
     pub peek_timeout: Option<S<String>>,
     pub max_connect_bytes: Option<S<i64>>,
     pub send_proxy: Option<S<String>>,
+    pub udp_idle_timeout: Option<S<String>>,
+    pub udp_responses: Option<S<i64>>,
     pub health: Option<S<RawHealth>>,
 }
 
@@ -54,6 +56,8 @@ pub enum HashKey {
     MqttClientId,
     /// The client's IP address.
     SourceIp,
+    /// The client's IP address and port (udp listeners: one client socket, one task).
+    SourceAddr,
     /// An HTTP request header (lower-cased name).
     Header(String),
 }
@@ -133,7 +137,16 @@ pub struct ServiceSettings {
     pub max_connect_bytes: usize,
     /// A PROXY protocol header written to each upstream connection (tcp and tls listeners).
     pub send_proxy: Option<ProxyVersion>,
+    /// udp listeners: a session ends after this long without a datagram either way.
+    #[serde(with = "humantime_serde_compat")]
+    pub udp_idle_timeout: Duration,
+    /// udp listeners: a session ends after this many reply datagrams (0 = any number;
+    /// DNS: 1).
+    pub udp_responses: u32,
     pub health: HealthSettings,
+    /// Whether `[service.NAME.health]` is written: services reached only through udp
+    /// listeners are actively checked only then (no default TCP probe for them).
+    pub health_configured: bool,
 }
 
 impl Default for ServiceSettings {
@@ -148,7 +161,10 @@ impl Default for ServiceSettings {
             peek_timeout: Duration::from_secs(5),
             max_connect_bytes: 65536,
             send_proxy: None,
+            udp_idle_timeout: Duration::from_secs(60),
+            udp_responses: 0,
             health: HealthSettings::default(),
+            health_configured: false,
         }
     }
 }
@@ -237,7 +253,21 @@ fn settings(issues: &mut Issues, s: &RawService) -> ServiceSettings {
             "service.max_connect_bytes",
         ) as usize,
         send_proxy: send_proxy(issues, &s.send_proxy),
+        udp_idle_timeout: positive_duration(
+            issues,
+            &s.udp_idle_timeout,
+            def.udp_idle_timeout,
+            "service.udp_idle_timeout",
+        ),
+        udp_responses: int_in(
+            issues,
+            &s.udp_responses,
+            0,
+            0..=1_000_000,
+            "service.udp_responses",
+        ) as u32,
         health: health_settings(issues, s.health.as_ref()),
+        health_configured: s.health.is_some(),
     };
     if let Some(v) = &s.hash_key
         && settings.balance != Balance::Maglev
@@ -250,11 +280,12 @@ fn settings(issues: &mut Issues, s: &RawService) -> ServiceSettings {
     settings
 }
 
-/// `hash_key`: `mqtt_client_id`, `source_ip` or `header:NAME`.
+/// `hash_key`: `mqtt_client_id`, `source_ip`, `source_addr` or `header:NAME`.
 fn hash_key(issues: &mut Issues, v: &S<String>) -> Option<HashKey> {
     match v.get_ref().as_str() {
         "mqtt_client_id" => Some(HashKey::MqttClientId),
         "source_ip" => Some(HashKey::SourceIp),
+        "source_addr" => Some(HashKey::SourceAddr),
         h if h.starts_with("header:")
             && h.len() > 7
             && h[7..]
@@ -266,7 +297,7 @@ fn hash_key(issues: &mut Issues, v: &S<String>) -> Option<HashKey> {
         other => {
             issues.at(
                 span(v),
-                format!("`service.hash_key` = {other:?}: use \"mqtt_client_id\", \"source_ip\" or \"header:NAME\""),
+                format!("`service.hash_key` = {other:?}: use \"mqtt_client_id\", \"source_ip\", \"source_addr\" or \"header:NAME\""),
             );
             None
         }

@@ -11,7 +11,8 @@
 //!   others are `conflict`.
 //!
 //! Two addresses are "the same" when their ports are equal and their IPs are equal or one of
-//! them is a wildcard (the kernel would refuse to bind both). What each node then does
+//! them is a wildcard (the kernel would refuse to bind both), for listeners of one transport:
+//! a udp and a tcp listener never clash ([`clash`]). What each node then does
 //! (TOML listeners shadow, the `published_ports` allowlist, bind failures) is the app's part.
 
 use std::collections::BTreeMap;
@@ -124,7 +125,7 @@ pub fn node_plan(
             }
             Decision::Bind => match toml
                 .iter()
-                .find(|t| t.name == p.config.name || overlaps(t.listen, p.config.listen))
+                .find(|t| t.name == p.config.name || clash(t, &p.config))
             {
                 Some(t) => NodeDecision::Shadowed { by: t.name.clone() },
                 None => NodeDecision::Bind,
@@ -139,7 +140,12 @@ pub fn node_plan(
     plan
 }
 
-/// Whether two listen addresses cannot both be bound.
+/// Whether two listeners cannot both be bound: same transport, overlapping addresses.
+pub fn clash(a: &ListenerConfig, b: &ListenerConfig) -> bool {
+    a.protocol.transport() == b.protocol.transport() && overlaps(a.listen, b.listen)
+}
+
+/// Whether two listen addresses cannot both be bound (by one transport).
 pub fn overlaps(a: SocketAddr, b: SocketAddr) -> bool {
     a.port() == b.port() && (a.ip() == b.ip() || a.ip().is_unspecified() || b.ip().is_unspecified())
 }
@@ -203,9 +209,9 @@ pub fn published(table: &RoutingTable) -> Vec<Published> {
         (a.source != Source::Etcd, &a.config.name).cmp(&(b.source != Source::Etcd, &b.config.name))
     });
     for i in 0..all.len() {
-        let holder = all[..i].iter().find(|h| {
-            h.decision == Decision::Bind && overlaps(h.config.listen, all[i].config.listen)
-        });
+        let holder = all[..i]
+            .iter()
+            .find(|h| h.decision == Decision::Bind && clash(&h.config, &all[i].config));
         if let Some(h) = holder {
             let by = h.config.name.clone();
             all[i].decision = if h.source == Source::Etcd && all[i].source == Source::Tasks {

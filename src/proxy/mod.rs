@@ -11,6 +11,7 @@ pub mod socket;
 pub mod splice;
 pub mod tcp;
 pub mod tls;
+pub mod udp;
 pub mod upstream;
 
 use std::sync::Arc;

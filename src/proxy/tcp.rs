@@ -113,6 +113,9 @@ async fn route_hash(
     if settings.balance != Balance::Maglev {
         return Some(None);
     }
+    if settings.hash_key == HashKey::SourceAddr {
+        return Some(Some(crate::balance::addr_hash(peer)));
+    }
     if settings.hash_key != HashKey::MqttClientId {
         // source_ip (header keys have no meaning on a tcp listener: the peer IP too).
         return Some(Some(ip_hash(peer.ip())));

@@ -201,6 +201,18 @@ impl Inherited {
         out
     }
 
+    /// Every udp listener socket, by configured address.
+    pub fn take_udp_listeners(&mut self) -> BTreeMap<SocketAddr, std::net::UdpSocket> {
+        let mut out = BTreeMap::new();
+        while let Some((info, fd)) = self.take(|s| s.kind == Kind::Udp && s.addr.is_some()) {
+            let addr = info.addr.expect("picked with an address");
+            if let Some(s) = checked(&info, fd, socket2::Type::DGRAM) {
+                out.insert(addr, s.into());
+            }
+        }
+        out
+    }
+
     /// The upgrade socket, when it is at `path`.
     pub fn take_upgrade(&mut self, path: &Path) -> Option<std::os::unix::net::UnixListener> {
         let (_, fd) = self.take(|s| s.kind == Kind::Upgrade && s.path.as_deref() == Some(path))?;

@@ -27,6 +27,21 @@ pub fn bind(addr: SocketAddr) -> io::Result<TcpListener> {
     TcpListener::from_std(socket.into())
 }
 
+/// Binds a udp listener's socket. No SO_REUSEADDR (on UDP it would let a second socket
+/// share the port and take datagrams); larger buffers (best effort, the kernel caps them)
+/// so bursts are not dropped while the loop is busy.
+pub fn bind_udp(addr: SocketAddr) -> io::Result<std::net::UdpSocket> {
+    let socket = Socket::new(Domain::for_address(addr), Type::DGRAM, Some(Protocol::UDP))?;
+    if addr.is_ipv6() {
+        let _ = socket.set_only_v6(false);
+    }
+    let _ = socket.set_recv_buffer_size(4 << 20);
+    let _ = socket.set_send_buffer_size(4 << 20);
+    socket.set_nonblocking(true)?;
+    socket.bind(&addr.into())?;
+    Ok(socket.into())
+}
+
 /// Opens one TCP connection with `timeout`, TCP_NODELAY and keepalive set.
 pub async fn dial(addr: SocketAddr, timeout: std::time::Duration) -> io::Result<TcpStream> {
     let socket = if addr.is_ipv4() {

@@ -89,10 +89,10 @@ fn each_error_path_is_positioned_and_explained() {
         "needs `service`",
     );
     one_error(
-        "[[listener]]\nlisten = \"127.0.0.1:1\"\nservice = \"w\"\nprotocol = \"udp\"\n",
+        "[[listener]]\nlisten = \"127.0.0.1:1\"\nservice = \"w\"\nprotocol = \"sctp\"\n",
         4,
         12,
-        "\"tcp\", \"http\"",
+        "\"tls\", \"udp\"",
     );
     one_error(
         "[[listener]]\nlisten = \"127.0.0.1:1\"\nservice = \"w\"\n[[listener]]\nlisten = \"127.0.0.1:1\"\nservice = \"v\"\n",

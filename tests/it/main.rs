@@ -43,5 +43,6 @@ mod publish;
 mod status_page;
 mod tcp_proxy;
 mod tls;
+mod udp;
 mod upgrade;
 mod upgrade_docker;

@@ -168,7 +168,7 @@ fn publish_and_node_update_refuse_bad_input_in_one_line() {
     let err = cli_fails(&["publish", "add", "web", "0", "--etcd", &ep]);
     assert!(err.contains("PORT[/PROTOCOL]"), "{err}");
     let err = cli_fails(&["publish", "add", "web", "80/sctp", "--etcd", &ep]);
-    assert!(err.contains("tcp, http or tls"), "{err}");
+    assert!(err.contains("tcp, http, tls or udp"), "{err}");
     let err = cli_fails(&[
         "publish", "add", "web", "80", "--listen", "nowhere", "--etcd", &ep,
     ]);

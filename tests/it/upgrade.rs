@@ -4,10 +4,8 @@
 //! no MQTT message, leaves the open MQTT connections with the old process until they close,
 //! sends new ones to the new process, and no etcd watcher sees a key of the node deleted. A
 //! new process that fails (broken config, killed before it is ready) leaves the old one
-//! serving; upgrades chain; a second upgrade while the old process drains is refused.
-//!
-//! (UDP listeners are not on this branch yet; the DNS responder's UDP socket stands for UDP
-//! here.)
+//! serving; upgrades chain; a second upgrade while the old process drains is refused. A udp
+//! listener keeps answering across an upgrade (its socket is handed over).
 
 use std::collections::{BTreeMap, BTreeSet};
 use std::fs::OpenOptions;
@@ -1145,5 +1143,87 @@ fn changed_and_removed_listeners_and_published_ones() {
     assert!(old.is_running());
     held.clear();
     assert_eq!(old.wait_exit(WAIT).and_then(|s| s.code()), Some(0));
+    assert_eq!(new.terminate().code(), Some(0));
+}
+
+/// One echo exchange of `id` through `target`, sent again every 100 ms for up to 2 s.
+fn udp_echo(s: &UdpSocket, target: SocketAddr, id: u32) -> bool {
+    let deadline = Instant::now() + Duration::from_secs(2);
+    let mut buf = [0u8; 16];
+    while Instant::now() < deadline {
+        if s.send_to(&id.to_be_bytes(), target).is_err() {
+            return false;
+        }
+        s.set_read_timeout(Some(Duration::from_millis(100)))
+            .unwrap();
+        while let Ok((n, _)) = s.recv_from(&mut buf) {
+            if buf[..n] == id.to_be_bytes() {
+                return true;
+            }
+        }
+    }
+    false
+}
+
+#[test]
+fn a_udp_listener_keeps_answering_across_an_upgrade() {
+    let etcd = Etcd::start();
+    let echo = crate::support::UdpEcho::start(crate::support::UdpMode::Echo);
+    let ports = Ports::new();
+    let udp = free_addr();
+    let toml = format!(
+        "[node]\nname = \"{NODE}\"\n[discovery]\nendpoints = [\"{}\"]\nprefix = \"{P}\"\nnode_ttl = \"2s\"\n\
+         [admin]\nlisten = \"{}\"\nupgrade_socket = \"upgrade.sock\"\n\
+         [[listener]]\nname = \"u\"\nlisten = \"{udp}\"\nprotocol = \"udp\"\nservice = \"echo\"\n\
+         [[task]]\nservice = \"echo\"\naddr = \"{}\"\nid = \"echo-1\"\n",
+        etcd.endpoint(),
+        ports.admin,
+        echo.addr()
+    );
+    let mut old = Daemon::start(&toml);
+    old.wait_ready();
+    // Clients send all along: every exchange is answered (datagrams in flight during the
+    // switch are sent again, as UDP clients do).
+    let stop = Arc::new(AtomicBool::new(false));
+    let (answered, lost) = (Arc::new(AtomicUsize::new(0)), Arc::new(AtomicUsize::new(0)));
+    let clients: Vec<_> = (0..4u32)
+        .map(|c| {
+            let (stop, answered, lost) = (stop.clone(), answered.clone(), lost.clone());
+            thread::spawn(move || {
+                let s = UdpSocket::bind("127.0.0.1:0").unwrap();
+                let mut id = c << 24;
+                while !stop.load(Ordering::Relaxed) {
+                    id += 1;
+                    if udp_echo(&s, udp, id) {
+                        answered.fetch_add(1, Ordering::Relaxed);
+                    } else {
+                        lost.fetch_add(1, Ordering::Relaxed);
+                    }
+                    thread::sleep(Duration::from_millis(20));
+                }
+            })
+        })
+        .collect();
+    eventually(WAIT, "clients answered", || {
+        answered.load(Ordering::Relaxed) > 20
+    });
+    let mut new = Upgrader::start(old.config_path());
+    new.wait_taken_over();
+    assert_eq!(old.wait_exit(WAIT).and_then(|s| s.code()), Some(0));
+    // The old process is gone: answers now come from the new one, on the same socket.
+    let before = answered.load(Ordering::Relaxed);
+    eventually(WAIT, "answers after the old process exited", || {
+        answered.load(Ordering::Relaxed) > before + 20
+    });
+    stop.store(true, Ordering::Relaxed);
+    for c in clients {
+        c.join().unwrap();
+    }
+    assert_eq!(
+        lost.load(Ordering::Relaxed),
+        0,
+        "an exchange went unanswered"
+    );
+    assert!(!new.log().contains("cannot bind"), "{}", new.log());
     assert_eq!(new.terminate().code(), Some(0));
 }

@@ -135,6 +135,7 @@ pub fn hash_of<'h>(
                 .map(crate::balance::key_hash)
                 .unwrap_or_else(|| crate::balance::ip_hash(peer.ip())),
         ),
+        (Balance::Maglev, HashKey::SourceAddr) => Some(crate::balance::addr_hash(peer)),
         (Balance::Maglev, _) => Some(crate::balance::ip_hash(peer.ip())),
         _ => None,
     }

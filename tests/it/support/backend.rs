@@ -317,3 +317,90 @@ pub fn echo_roundtrip(addr: SocketAddr, payload: &[u8]) -> io::Result<(String, V
     written?;
     Ok((name, echoed))
 }
+
+/// How a [`UdpEcho`] answers.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum UdpMode {
+    /// Every datagram is sent back unchanged (zero-length ones too).
+    Echo,
+    /// Nothing is ever sent back (a task that never answers).
+    Silent,
+}
+
+#[derive(Default)]
+struct UdpShared {
+    stop: AtomicBool,
+    received: AtomicUsize,
+    /// Source addresses seen (routemesh's session sockets), in order of first datagram.
+    peers: Mutex<Vec<SocketAddr>>,
+}
+
+/// A UDP backend on 127.0.0.1 (std thread): counts datagrams, remembers their sources, and
+/// echoes them (or not, [`UdpMode::Silent`]).
+pub struct UdpEcho {
+    addr: SocketAddr,
+    shared: Arc<UdpShared>,
+    thread: Option<JoinHandle<()>>,
+}
+
+impl UdpEcho {
+    pub fn start(mode: UdpMode) -> UdpEcho {
+        let socket = std::net::UdpSocket::bind((Ipv4Addr::LOCALHOST, 0))
+            .unwrap_or_else(|e| panic!("udp backend: bind 127.0.0.1:0: {e}"));
+        socket
+            .set_read_timeout(Some(Duration::from_millis(100)))
+            .expect("udp backend: read timeout");
+        let addr = socket.local_addr().expect("udp backend local_addr");
+        let shared = Arc::new(UdpShared::default());
+        let sh = shared.clone();
+        let thread = thread::Builder::new()
+            .name("udp-backend".into())
+            .spawn(move || {
+                let mut buf = vec![0u8; 65536];
+                while !sh.stop.load(Ordering::Relaxed) {
+                    let Ok((n, from)) = socket.recv_from(&mut buf) else {
+                        continue;
+                    };
+                    sh.received.fetch_add(1, Ordering::Relaxed);
+                    {
+                        let mut peers = sh.peers.lock().unwrap();
+                        if !peers.contains(&from) {
+                            peers.push(from);
+                        }
+                    }
+                    if mode == UdpMode::Echo {
+                        let _ = socket.send_to(&buf[..n], from);
+                    }
+                }
+            })
+            .expect("spawn udp backend");
+        UdpEcho {
+            addr,
+            shared,
+            thread: Some(thread),
+        }
+    }
+
+    pub fn addr(&self) -> SocketAddr {
+        self.addr
+    }
+
+    /// Datagrams received so far.
+    pub fn received(&self) -> usize {
+        self.shared.received.load(Ordering::Relaxed)
+    }
+
+    /// The sources of the datagrams received so far.
+    pub fn peers(&self) -> Vec<SocketAddr> {
+        self.shared.peers.lock().unwrap().clone()
+    }
+}
+
+impl Drop for UdpEcho {
+    fn drop(&mut self) {
+        self.shared.stop.store(true, Ordering::Relaxed);
+        if let Some(t) = self.thread.take() {
+            let _ = t.join();
+        }
+    }
+}

@@ -85,7 +85,7 @@ impl Config {
 pub struct Listener(Table);
 
 impl Listener {
-    /// A listener of `protocol` ("tcp", "http", "tls") on `listen`, no default service.
+    /// A listener of `protocol` ("tcp", "http", "tls", "udp") on `listen`, no default service.
     pub fn new(listen: SocketAddr, protocol: &str) -> Listener {
         let mut t = Table::new();
         t.insert("listen".into(), listen.to_string().into());
@@ -106,6 +106,11 @@ impl Listener {
     /// A TLS passthrough listener whose default service is `service`.
     pub fn tls(listen: SocketAddr, service: &str) -> Listener {
         Listener::new(listen, "tls").set("service", service)
+    }
+
+    /// A UDP listener forwarding datagrams to `service`.
+    pub fn udp(listen: SocketAddr, service: &str) -> Listener {
+        Listener::new(listen, "udp").set("service", service)
     }
 
     /// `name = "…"` (the metrics' `listener` label).

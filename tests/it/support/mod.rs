@@ -9,6 +9,7 @@
 //! - `etcd`, `pki`: etcd members (plain, TLS, auth, clusters) and etcdctl; a test CA
 //! - `backend`, `nginx`, `mosquitto`, `tls`: the tasks a daemon routes to (and curl over TLS)
 //! - `pebble`: the ACME test CA, a test DNS server for its validation, a verifying TLS client
+//! - `coap`, `dnsmasq`: the UDP tasks (libcoap's server and client, dnsmasq and dig)
 //! - `docker`: the local engine and the test images; `lab`: the network-namespace cluster
 //! - `browser`: headless Chromium over the DevTools protocol (the status page)
 //!
@@ -16,8 +17,10 @@
 
 pub mod backend;
 pub mod browser;
+pub mod coap;
 pub mod config;
 pub mod daemon;
+pub mod dnsmasq;
 pub mod docker;
 pub mod etcd;
 pub mod http;
@@ -32,7 +35,9 @@ pub mod process;
 pub mod tls;
 pub mod wait;
 
-pub use backend::{Blackhole, TcpBackend, connect_and_greet, dead_addr, echo_roundtrip, hello};
+pub use backend::{
+    Blackhole, TcpBackend, UdpEcho, UdpMode, connect_and_greet, dead_addr, echo_roundtrip, hello,
+};
 pub use config::{Config, Listener, Task};
 pub use daemon::{Daemon, cli, cli_fails, cli_ok};
 pub use etcd::{Etcd, EtcdCluster, Etcdctl};

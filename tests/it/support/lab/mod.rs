@@ -65,6 +65,9 @@ pub const NODE_TTL: Duration = Duration::from_secs(2);
 pub const DNS_PORT: u16 = 53;
 /// The zone those responders answer for.
 pub const DNS_ZONE: &str = "mesh.lab";
+/// Port of the `coap` udp listener on every node (0.0.0.0; daemons started with
+/// `Shape::udp`).
+pub const COAP_PORT: u16 = 5683;
 
 /// What a lab daemon's config holds besides its node, etcd and admin settings.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -74,6 +77,9 @@ pub struct Shape {
     pub toml_listeners: bool,
     /// A DNS responder for [`DNS_ZONE`] on `NODEIP:53`.
     pub dns: bool,
+    /// A `coap` udp listener on 0.0.0.0:[`COAP_PORT`] for service `coap`, balanced by
+    /// Maglev on `source_ip`.
+    pub udp: bool,
 }
 
 impl Default for Shape {
@@ -81,6 +87,7 @@ impl Default for Shape {
         Shape {
             toml_listeners: true,
             dns: false,
+            udp: false,
         }
     }
 }
@@ -263,6 +270,81 @@ impl Lab {
     /// Node `i`'s published `mqtt` address (NODEIP:1883).
     pub fn mqtt(&self, i: usize) -> SocketAddr {
         SocketAddr::from((self.ip(i), MQTT_PORT))
+    }
+
+    /// Node `i`'s `coap` udp listener (NODEIP:5683).
+    pub fn coap(&self, i: usize) -> SocketAddr {
+        SocketAddr::from((self.ip(i), COAP_PORT))
+    }
+
+    /// The test process's own address on the lab's switch.
+    pub fn root_ip(&self) -> Ipv4Addr {
+        Ipv4Addr::new(10, self.subnet.0, self.subnet.1, 254)
+    }
+
+    /// The lab's IPv6 prefix (`fd00:A:B::/64`), host part `host`.
+    fn ipv6(&self, host: u16) -> std::net::Ipv6Addr {
+        std::net::Ipv6Addr::new(
+            0xfd00,
+            self.subnet.0.into(),
+            self.subnet.1.into(),
+            0,
+            0,
+            0,
+            0,
+            host,
+        )
+    }
+
+    /// Adds `10.A.B.host/24` to node `i`'s eth0 (a second address); returns it.
+    pub fn add_address(&self, i: usize, host: u8) -> Ipv4Addr {
+        let ip = Ipv4Addr::new(10, self.subnet.0, self.subnet.1, host);
+        ip_ok(&[
+            "-n",
+            &self.node(i).ns,
+            "addr",
+            "add",
+            &format!("{ip}/24"),
+            "dev",
+            "eth0",
+        ]);
+        ip
+    }
+
+    /// Gives the root veth `fd00:A:B::fe/64` (once) and node `i` two addresses of that
+    /// prefix (`::i` and `::10i`, no duplicate detection); returns node `i`'s two.
+    pub fn add_ipv6(&self, i: usize) -> (std::net::Ipv6Addr, std::net::Ipv6Addr) {
+        let root = self.root_ipv6();
+        let have = ip(&["-6", "addr", "show", "dev", &self.root_veth]).unwrap_or_default();
+        if !have.contains(&root.to_string()) {
+            ip_ok(&[
+                "addr",
+                "add",
+                &format!("{root}/64"),
+                "dev",
+                &self.root_veth,
+                "nodad",
+            ]);
+        }
+        let (a, b) = (self.ipv6(i as u16), self.ipv6(0x100 + i as u16));
+        for addr in [a, b] {
+            ip_ok(&[
+                "-n",
+                &self.node(i).ns,
+                "addr",
+                "add",
+                &format!("{addr}/64"),
+                "dev",
+                "eth0",
+                "nodad",
+            ]);
+        }
+        (a, b)
+    }
+
+    /// The test process's IPv6 address on the switch (see [`Lab::add_ipv6`]).
+    pub fn root_ipv6(&self) -> std::net::Ipv6Addr {
+        self.ipv6(0xfe)
     }
 
     /// Node `i`'s admin address (NODEIP:9901).

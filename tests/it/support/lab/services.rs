@@ -6,7 +6,7 @@ use std::path::Path;
 use std::process::{Command, Output};
 use std::time::{Duration, Instant};
 
-use super::{ADMIN_PORT, DNS_PORT, DNS_ZONE, Lab, MQTT_PORT, NODE_TTL, Shape, WEB_PORT};
+use super::{ADMIN_PORT, COAP_PORT, DNS_PORT, DNS_ZONE, Lab, MQTT_PORT, NODE_TTL, Shape, WEB_PORT};
 use crate::support::config::{Config, Listener, Task};
 use crate::support::etcd::{self, CtlTarget, Etcdctl, Member, member_args};
 use crate::support::http;
@@ -164,6 +164,12 @@ impl Lab {
                 .set("dns.listen", format!("{}:{DNS_PORT}", node.ip))
                 .set("dns.zone", DNS_ZONE)
                 .set("dns.ttl", "1s");
+        }
+        if shape.udp {
+            c = c
+                .listener(Listener::udp(any(COAP_PORT), "coap").name("coap"))
+                .set("service.coap.balance", "maglev")
+                .set("service.coap.hash_key", "source_ip");
         }
         c.set("service.web.connect_timeout", "300ms")
             .tasks(tasks.iter().cloned())

@@ -7,7 +7,7 @@ use std::path::PathBuf;
 use std::time::Duration;
 
 use super::Lab;
-use crate::support::{mosquitto, nginx, process::read_log, wait::eventually};
+use crate::support::{coap, mosquitto, nginx, process::read_log, wait::eventually};
 
 /// Size of the body of an nginx replica's `GET /slow`.
 pub const SLOW_BYTES: usize = 64 * 1024;
@@ -119,5 +119,50 @@ impl Lab {
     /// The broker log of node `i`'s mosquitto.
     pub fn mosquitto_log(&self, i: usize) -> String {
         read_log(&self.node(i).dir.join("mosquitto").join("broker.log"))
+    }
+
+    /// Start a CoAP server (libcoap's `coap-server-notls`) on node `i`'s address and name it
+    /// `name` (`GET /who` answers it). The process is named `coap-<name>`.
+    pub fn start_coap(&mut self, i: usize, name: &str) -> SocketAddr {
+        let port = self.next_port(i);
+        let addr = SocketAddr::from((self.ip(i), port));
+        let proc_name = format!("coap-{name}");
+        self.spawn_in(
+            i,
+            &proc_name,
+            &coap::server_bin(),
+            &coap::server_args(addr),
+            &[],
+        );
+        coap::name_server(addr, name, &mut || self.check_alive(i, &proc_name));
+        addr
+    }
+
+    /// `GET coap://target/path` with the real client, run in node `from`'s namespace (`None`:
+    /// the test's own): the payload, or `None`.
+    pub fn coap_get_from(
+        &self,
+        from: Option<usize>,
+        target: SocketAddr,
+        path: &str,
+    ) -> Option<String> {
+        let mut cmd = std::process::Command::new(super::netns::ip_bin());
+        let client = coap::client_bin();
+        let uri = coap::uri(target, path);
+        let args = ["-m", "get", "-B", "2", uri.as_str()];
+        match from {
+            Some(i) => {
+                cmd.args(["netns", "exec", &self.node(i).ns])
+                    .arg(&client)
+                    .args(args);
+            }
+            None => {
+                cmd = std::process::Command::new(&client);
+                cmd.args(args);
+            }
+        }
+        let out =
+            crate::support::process::run_bounded(&mut cmd, None, Duration::from_secs(10)).ok()?;
+        coap::payload_of(&out.stdout)
     }
 }
