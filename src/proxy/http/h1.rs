@@ -48,6 +48,7 @@ use crate::protocol::http1::response::ResponseRules;
 use crate::protocol::http1::{BodyError, BodyReader, Framing, Version};
 use crate::proxy::ListenerCtx;
 use crate::proxy::socket::{read_some, write_all};
+use crate::proxy::tcp::HalfClose;
 use crate::proxy::upstream::{Attempts, ClosedEarly, Connected};
 use crate::snapshot::{Service, Task};
 
@@ -521,7 +522,15 @@ impl H1<'_> {
             );
             if ok {
                 self.buf.clear();
-                self.client.tunnel(&mut up, &meters.rx, &meters.tx).await;
+                let hc = HalfClose {
+                    timeout: svc.settings.half_close_timeout,
+                    metrics: &ctx.metrics,
+                    listener: &ctx.name,
+                    service: name,
+                };
+                self.client
+                    .tunnel(&mut up, &meters.rx, &meters.tx, &hc)
+                    .await;
             }
             drop(in_flight);
             return Next::Close;
