@@ -21,6 +21,7 @@ use prometheus::IntCounter;
 use tokio::io::{AsyncRead, AsyncReadExt, AsyncWrite, AsyncWriteExt};
 use tokio::net::TcpStream;
 
+use super::buffers;
 use super::socket::{try_read_some, write_all};
 use super::splice;
 use super::upstream::{self, ConnectError};
@@ -32,7 +33,6 @@ use crate::protocol::mqtt::{self, Parse};
 use crate::ratelimit::LogLimiter;
 use crate::snapshot::Service;
 
-const BUF_SIZE: usize = 16 * 1024;
 /// Buffer per direction of a TLS tunnel (a TLS record is at most 16 KiB of plaintext).
 const TLS_BUF_SIZE: usize = 16 * 1024;
 /// Bytes a direction copies through the buffer before switching to splice(2).
@@ -58,10 +58,13 @@ pub async fn handle(ctx: Arc<ListenerCtx>, client: TcpStream, peer: SocketAddr) 
     let mut first = Vec::new();
     let up = match service {
         Some(svc) => {
-            let Some(hash) = route_hash(&ctx, &svc, &client, peer, &mut first).await else {
+            let routed = Box::pin(route_hash(&ctx, &svc, &client, peer, &mut first)).await;
+            let Some(hash) = routed else {
                 return; // bad or missing first packet: counted; no upstream was opened
             };
-            upstream::connect(&svc, &ctx.metrics, hash).await
+            // Boxed: the connect's state lives only while connecting, not in every
+            // connection's future for its whole life.
+            Box::pin(upstream::connect(&svc, &ctx.metrics, hash)).await
         }
         None => {
             ctx.metrics
@@ -105,6 +108,7 @@ pub async fn handle(ctx: Arc<ListenerCtx>, client: TcpStream, peer: SocketAddr) 
         }
         rx.inc_by(first.len() as u64);
     }
+    drop(first); // the CONNECT's bytes are gone: keep no buffer while the connection idles
     let hc = HalfClose {
         timeout: half_close_timeout,
         metrics: &ctx.metrics,
@@ -171,17 +175,16 @@ async fn route_hash(
     None
 }
 
-/// Reads what is available into `buf`, never growing it past `cap`; 0 = EOF.
+/// Reads what is available into `buf`, never growing it past `cap`; 0 = EOF. Room is made
+/// in `buf` itself once data is there (no chunk on the connection's future).
 async fn read_some(from: &TcpStream, buf: &mut Vec<u8>, cap: usize) -> io::Result<usize> {
-    let mut chunk = [0u8; 4096];
-    let want = chunk.len().min(cap - buf.len());
+    let want = 4096.min(cap - buf.len());
     loop {
         from.readable().await?;
-        match from.try_read(&mut chunk[..want]) {
-            Ok(n) => {
-                buf.extend_from_slice(&chunk[..n]);
-                return Ok(n);
-            }
+        buf.reserve(want);
+        let mut limited = bytes::BufMut::limit(&mut *buf, want);
+        match from.try_read_buf(&mut limited) {
+            Ok(n) => return Ok(n),
             Err(e) if e.kind() == io::ErrorKind::WouldBlock => continue,
             Err(e) => return Err(e),
         }
@@ -364,17 +367,33 @@ async fn pipe(
     ended: &AtomicBool,
     progress: &AtomicU64,
 ) -> io::Result<()> {
+    let mut buf = BytesMut::new();
+    let r = copy_or_splice(from, to, counter, ended, progress, &mut buf).await;
+    buffers::give_read(&mut buf);
+    r
+}
+
+/// [`pipe`]'s loop; `buf` is the pooled buffer it holds while data flows.
+async fn copy_or_splice(
+    from: &TcpStream,
+    to: &TcpStream,
+    counter: &IntCounter,
+    ended: &AtomicBool,
+    progress: &AtomicU64,
+    buf: &mut BytesMut,
+) -> io::Result<()> {
     let mut moved: usize = 0;
     let mut splice_ok = splice::available();
-    let mut buf = BytesMut::new();
     loop {
         if splice_ok && moved >= SPLICE_AFTER {
-            buf = BytesMut::new();
+            buffers::give_read(buf);
             let on_bytes = |n| {
                 counter.inc_by(n);
                 progress.fetch_add(n, Ordering::Relaxed);
             };
-            match splice::forward(from, to, &on_bytes).await? {
+            // Boxed: a bulk flow's state is allocated while it flows, not held by every
+            // idle connection's future.
+            match Box::pin(splice::forward(from, to, &on_bytes)).await? {
                 splice::Forwarded::Eof => {
                     half_close(to, ended);
                     return Ok(());
@@ -383,15 +402,15 @@ async fn pipe(
             }
         }
         if buf.capacity() == 0 {
-            // Wait for data before taking a buffer.
+            // Wait for data before taking a buffer from the worker's pool.
             from.readable().await?;
-            buf.reserve(BUF_SIZE);
+            buffers::take_read(buf);
         }
         let offered = buf.capacity();
-        let n = match try_read_some(from, &mut buf) {
+        let n = match try_read_some(from, buf) {
             Some(r) => r?,
             None => {
-                buf = BytesMut::new();
+                buffers::give_read(buf);
                 continue;
             }
         };
@@ -403,11 +422,10 @@ async fn pipe(
         counter.inc_by(n as u64);
         progress.fetch_add(n as u64, Ordering::Relaxed);
         moved += n;
+        buf.clear();
         if n < offered {
             // Drained: give the buffer back while the connection waits.
-            buf = BytesMut::new();
-        } else {
-            buf.clear();
+            buffers::give_read(buf);
         }
     }
 }
