@@ -842,7 +842,12 @@ fn half_closed_upgrade_is_closed_after_half_close_timeout_on_both_transports() {
         match t.sock.read(&mut buf) {
             Ok(0) => break true,
             Ok(_) => continue,
-            Err(e) => break !matches!(e.kind(), ErrorKind::WouldBlock | ErrorKind::TimedOut),
+            Err(e) => {
+                break !matches!(
+                    e.kind(),
+                    std::io::ErrorKind::WouldBlock | std::io::ErrorKind::TimedOut
+                );
+            }
         }
     };
     assert!(closed, "the proxy closed the TLS client's side");
