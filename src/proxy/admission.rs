@@ -129,7 +129,11 @@ impl Admission {
             }
             let deadline = Instant::now() + self.edge.handshake_timeout;
             // Boxed: the header read's state exists only while it runs.
-            match Box::pin(read_proxy_header(&mut stream, deadline)).await {
+            let header = {
+                let reading = Box::pin(read_proxy_header(&mut stream, deadline));
+                reading.await
+            };
+            match header {
                 Ok(Header::Proxied { src, .. }) => client = proxy_protocol::unmap(src),
                 Ok(Header::Local) => {}
                 Err(reason) => {

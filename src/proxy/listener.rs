@@ -36,6 +36,13 @@ static ACCEPT_ERROR_LOG: LogLimiter = LogLimiter::new(1000);
 /// Most connections accepted per turn of a listener's loop before it yields.
 pub const ACCEPT_BATCH: usize = 64;
 
+/// Logs once per process (at debug) how many bytes a connection's future takes: the bulk
+/// of what an idle connection costs.
+fn log_future_size(bytes: usize) {
+    static ONCE: std::sync::Once = std::sync::Once::new();
+    ONCE.call_once(|| tracing::debug!(bytes, "connection future size"));
+}
+
 /// One accept that never waits: `None` when the queue is empty (the listener's readiness is
 /// cleared and its waker registered, as a pending accept does).
 async fn try_accept(listener: &TcpListener) -> Option<io::Result<(TcpStream, SocketAddr)>> {
@@ -83,7 +90,10 @@ pub async fn accept_loop<F, Fut>(
         match accepted {
             Ok((stream, peer)) => {
                 backoff = Duration::from_millis(10);
-                let fut = handle(stream, peer);
+                // Boxed at its exact size: moving it into the task below would otherwise
+                // store it twice in the task (a future moved into another is not overlaid).
+                let fut = Box::pin(handle(stream, peer));
+                log_future_size(std::mem::size_of_val(&*fut));
                 let hard_stop = conns.hard_stop.clone();
                 conns.tracker.spawn(async move {
                     tokio::select! {

@@ -58,13 +58,17 @@ pub async fn handle(ctx: Arc<ListenerCtx>, client: TcpStream, peer: SocketAddr) 
     let mut first = Vec::new();
     let up = match service {
         Some(svc) => {
-            let routed = Box::pin(route_hash(&ctx, &svc, &client, peer, &mut first)).await;
+            // Boxed in a statement of its own (a temporary lives to the end of its
+            // statement, across the await, in the connection's future).
+            let routing = Box::pin(route_hash(&ctx, &svc, &client, peer, &mut first));
+            let routed = routing.await;
             let Some(hash) = routed else {
                 return; // bad or missing first packet: counted; no upstream was opened
             };
             // Boxed: the connect's state lives only while connecting, not in every
             // connection's future for its whole life.
-            Box::pin(upstream::connect(&svc, &ctx.metrics, hash)).await
+            let connecting = Box::pin(upstream::connect(&svc, &ctx.metrics, hash));
+            connecting.await
         }
         None => {
             ctx.metrics
@@ -281,9 +285,12 @@ pub async fn splice_streams(
     // and close sends the FIN itself (one system call less per connection).
     let ended = AtomicBool::new(false);
     let moved = AtomicU64::new(0);
-    let ab = pipe(a, b, a_to_b, &ended, &moved);
-    let ba = pipe(b, a, b_to_a, &ended, &moved);
-    match both_ways(ab, ba, &moved, hc.timeout).await {
+    // Each direction boxed at its size: both_ways pins what it is given, and a future moved
+    // into another one is stored again, not overlaid.
+    let ab = Box::pin(pipe(a, b, a_to_b, &ended, &moved));
+    let ba = Box::pin(pipe(b, a, b_to_a, &ended, &moved));
+    let copying = both_ways(ab, ba, &moved, hc.timeout);
+    match copying.await {
         End::Closed => {}
         End::Failed => {
             reset_on_close(a);
@@ -393,7 +400,8 @@ async fn copy_or_splice(
             };
             // Boxed: a bulk flow's state is allocated while it flows, not held by every
             // idle connection's future.
-            match Box::pin(splice::forward(from, to, &on_bytes)).await? {
+            let forwarding = Box::pin(splice::forward(from, to, &on_bytes));
+            match forwarding.await? {
                 splice::Forwarded::Eof => {
                     half_close(to, ended);
                     return Ok(());

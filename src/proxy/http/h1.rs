@@ -259,7 +259,11 @@ impl H1<'_> {
             buffers::take_write(&mut self.resp);
             // Boxed: an exchange's state lives while it runs, not in every idle
             // connection's future.
-            match Box::pin(self.exchange(req, started)).await {
+            let next = {
+                let exchanging = Box::pin(self.exchange(req, started));
+                exchanging.await
+            };
+            match next {
                 Next::Keep if !ctx.drain.is_cancelled() => {}
                 Next::Keep => return Next::Close,
                 other => return other,
