@@ -1,7 +1,9 @@
 //! The L4 proxy: connect the client to a live task, then copy bytes both ways until both sides
 //! have closed. Half-close is preserved (EOF from one side becomes a write shutdown towards the
-//! other); an abort (reset) on one side resets the other. Buffers are allocated only once a
-//! side has data, so idle connections cost little memory.
+//! other), bounded by the service's `half_close_timeout` ([`HalfClose`]); an abort (reset) on
+//! one side resets the other. A read buffer is taken from the worker's pool only once a side
+//! has data and given back when it is drained, and every phase's state is boxed only while
+//! it runs, so an idle connection holds its sockets and a small future, nothing more.
 //!
 //! A service with `balance = "maglev"` is routed by a key hash: the peer IP, or for
 //! `hash_key = "mqtt_client_id"` the client id of the MQTT CONNECT, read (not forwarded) before
