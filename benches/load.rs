@@ -6,7 +6,10 @@
 //! proxy (`worker_processes N`, upstream keep-alive). Then, per thread count:
 //!
 //! 1. idle connections: RSS (VmRSS) of routemesh and of HAProxy, freshly started, before and
-//!    while holding `LOAD_IDLE` (5,000) idle TCP connections through their tcp listener;
+//!    while holding `LOAD_IDLE` (9,000) idle TCP connections through their tcp listener;
+//!    then idle HTTP/1.1 keep-alive clients (one GET answered, then silence) on a second
+//!    fresh routemesh's http listener and on HAProxy's http frontend (the same HAProxy process
+//!    as the TCP row, after those connections closed);
 //! 2. keep-alive rounds: wrk against direct, routemesh http, routemesh tcp, HAProxy http,
 //!    HAProxy tcp, nginx proxy, alternating target each round; req/s, p50/p99 latency, CPU
 //!    seconds per request of the proxy's processes (utime+stime from /proc, children included);
@@ -29,7 +32,8 @@
 //! Run (release build; ~8 minutes with the defaults):
 //!     cargo bench --bench load
 //! Knobs (environment): LOAD_ROUND_SECS=5 LOAD_ROUNDS=3 LOAD_THREADS=1,2 LOAD_CONNECTIONS=64
-//!     LOAD_IDLE=5000 LOAD_BACKEND_WORKERS=1 LOAD_STREAM_MIB=100 LOAD_PAGES=10. A quick check
+//!     LOAD_IDLE=9000 LOAD_BACKEND_WORKERS=1 LOAD_STREAM_MIB=100 LOAD_PAGES=10
+//!     LOAD_ONLY_IDLE=1 (the idle rows only). A quick check
 //!     that everything works:
 //!     LOAD_ROUND_SECS=1 LOAD_ROUNDS=1 LOAD_IDLE=500 cargo bench --bench load
 
@@ -72,6 +76,8 @@ struct Opts {
     stream_mib: usize,
     /// Status pages open during the status-page rounds.
     pages: usize,
+    /// Only the idle-connection rows.
+    only_idle: bool,
 }
 
 impl Opts {
@@ -81,10 +87,11 @@ impl Opts {
             rounds: env_or("LOAD_ROUNDS", 3),
             threads: env_threads("LOAD_THREADS", "1,2"),
             connections: env_or("LOAD_CONNECTIONS", 64),
-            idle: env_or("LOAD_IDLE", 5000),
+            idle: env_or("LOAD_IDLE", 9000),
             backend_workers: env_or("LOAD_BACKEND_WORKERS", 1),
             stream_mib: env_or("LOAD_STREAM_MIB", 100),
             pages: env_or("LOAD_PAGES", 10),
+            only_idle: env_or("LOAD_ONLY_IDLE", 0) == 1,
         }
     }
 }
@@ -660,18 +667,62 @@ fn ratios(report: &mut String, s: &BTreeMap<Target, Samples>, rm: Target, ha: Ta
     );
 }
 
-/// Opens `n` idle connections to `addr` and returns RSS growth of `pid` per connection.
-fn idle_rss_per_conn(pid: u32, addr: SocketAddr, n: usize) -> Result<(f64, u64, u64), String> {
+/// One keep-alive GET on `s`, its response read whole (the backend's fixed answer has a
+/// Content-Length); the connection stays open.
+fn keepalive_get(s: &mut TcpStream) -> Result<(), String> {
+    s.set_read_timeout(Some(Duration::from_secs(5)))
+        .map_err(|e| e.to_string())?;
+    s.write_all(b"GET / HTTP/1.1\r\nHost: bench\r\n\r\n")
+        .map_err(|e| e.to_string())?;
+    let mut got = Vec::new();
+    let mut buf = [0u8; 4096];
+    loop {
+        let n = s.read(&mut buf).map_err(|e| e.to_string())?;
+        if n == 0 {
+            return Err("closed before the response's end".into());
+        }
+        got.extend_from_slice(&buf[..n]);
+        let Some(end) = got.windows(4).position(|w| w == b"\r\n\r\n") else {
+            continue;
+        };
+        let head = String::from_utf8_lossy(&got[..end]).to_ascii_lowercase();
+        let len = head
+            .lines()
+            .find_map(|l| l.strip_prefix("content-length:"))
+            .and_then(|v| v.trim().parse::<usize>().ok())
+            .ok_or("no content-length")?;
+        if got.len() >= end + 4 + len {
+            return Ok(());
+        }
+    }
+}
+
+/// Opens `n` idle connections to `addr` (each after one keep-alive GET when `http`) and
+/// returns RSS growth of `pid` per connection.
+fn idle_rss_per_conn(
+    pid: u32,
+    addr: SocketAddr,
+    n: usize,
+    http: bool,
+) -> Result<(f64, u64, u64), String> {
     // Warm the accept path so one-time allocations do not count.
     for _ in 0..20 {
-        drop(TcpStream::connect(addr).map_err(|e| e.to_string())?);
+        let mut s = TcpStream::connect(addr).map_err(|e| e.to_string())?;
+        if http {
+            keepalive_get(&mut s)?;
+        }
     }
     thread::sleep(Duration::from_millis(500));
     let before = rss_bytes(pid);
     let mut conns = Vec::with_capacity(n);
     for i in 0..n {
         match TcpStream::connect_timeout(&addr, Duration::from_secs(2)) {
-            Ok(s) => conns.push(s),
+            Ok(mut s) => {
+                if http {
+                    keepalive_get(&mut s).map_err(|e| format!("request {i} of {n}: {e}"))?;
+                }
+                conns.push(s)
+            }
             Err(e) => return Err(format!("connection {i} of {n}: {e}")),
         }
     }
@@ -913,11 +964,12 @@ fn main() {
             opts.idle
         );
         let mut idle = BTreeMap::new();
+        let mut idle_http = BTreeMap::new();
         for (t, pid, port) in [
             (Target::RoutemeshTcp, routemesh.pid(), rm_ports.tcp),
             (Target::HaproxyTcp, haproxy.pid(), ha_ports.tcp),
         ] {
-            match idle_rss_per_conn(pid, loopback(port), opts.idle) {
+            match idle_rss_per_conn(pid, loopback(port), opts.idle, false) {
                 Ok((per, before, after)) => {
                     let _ = writeln!(
                         report,
@@ -934,6 +986,47 @@ fn main() {
                     let _ = writeln!(report, "  {:<16} failed: {e}", t.label());
                 }
             }
+        }
+        let _ = writeln!(
+            report,
+            "RSS holding {} idle HTTP/1.1 keep-alive clients (one GET each, answered; with the \
+             pooled task connections; routemesh: a second fresh daemon, HAProxy: the same \
+             process after the TCP row)",
+            opts.idle
+        );
+        let fresh_ports = RoutemeshPorts {
+            http: free_port(),
+            tcp: free_port(),
+            iperf: free_port(),
+            https: free_port(),
+        };
+        let fresh = start_routemesh(&fresh_ports, backend_port, iperf_port, n, &cert);
+        for (t, pid, port) in [
+            (Target::RoutemeshHttp, fresh.pid(), fresh_ports.http),
+            (Target::HaproxyHttp, haproxy.pid(), ha_ports.http),
+        ] {
+            match idle_rss_per_conn(pid, loopback(port), opts.idle, true) {
+                Ok((per, before, after)) => {
+                    let _ = writeln!(
+                        report,
+                        "  {:<16} {:>8.0} bytes/conn ({:.1} KiB; RSS {:.1} → {:.1} MiB)",
+                        t.label(),
+                        per,
+                        per / 1024.0,
+                        before as f64 / 1048576.0,
+                        after as f64 / 1048576.0
+                    );
+                    idle_http.insert(t, per);
+                }
+                Err(e) => {
+                    let _ = writeln!(report, "  {:<16} failed: {e}", t.label());
+                }
+            }
+        }
+        drop(fresh);
+        if opts.only_idle {
+            eprintln!("{report}");
+            continue;
         }
 
         let setup = Setup {
@@ -1091,6 +1184,11 @@ fn main() {
             med(&ka, Target::RoutemeshTcp, |x| &x.rps) / med(&ka, Target::HaproxyTcp, |x| &x.rps);
         let bulk_x = bulk_rm / bulk_ha;
         let idle_kib = idle.get(&Target::RoutemeshTcp).copied().unwrap_or(f64::NAN) / 1024.0;
+        let idle_http_kib = idle_http
+            .get(&Target::RoutemeshHttp)
+            .copied()
+            .unwrap_or(f64::NAN)
+            / 1024.0;
         let https_x = med(&ka, Target::RoutemeshHttps, |x| &x.rps)
             / med(&ka, Target::HaproxyHttps, |x| &x.rps);
         let https_cpu = med(&ka, Target::RoutemeshHttps, |x| &x.cpu_us_per_req)
@@ -1131,8 +1229,13 @@ fn main() {
         );
         let _ = writeln!(
             summary,
-            "  idle  ≤ 12 KiB RSS per connection:            {idle_kib:.1} KiB → {}",
-            verdict(idle_kib <= 12.0)
+            "  idle  ≤ 3 KiB RSS per TCP connection:         {idle_kib:.1} KiB → {}  (issue 16)",
+            verdict(idle_kib <= 3.0)
+        );
+        let _ = writeln!(
+            summary,
+            "  idle  ≤ 3 KiB RSS per HTTP keep-alive client:  {idle_http_kib:.1} KiB → {}  (issue 16)",
+            verdict(idle_http_kib <= 3.0)
         );
         let _ = writeln!(summary, "  (issue 20)");
         let _ = writeln!(

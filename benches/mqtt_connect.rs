@@ -23,6 +23,13 @@
 //! with the same id must find its session, i.e. reach the same broker) proves that both really
 //! hash on the client id instead of falling back to round robin.
 //!
+//! The reconnect storm (issue 16), per thread count, on a fresh routemesh and a fresh HAProxy
+//! each: `MQTT_BENCH_STORM` (9,000) clients connect at once (one tokio task each, in this
+//! process) and stay connected after their CONNACK; printed: the time from the first SYN to
+//! the last CONNACK, failed connects, p50/p99 connect → CONNACK, the proxy's RSS growth per
+//! idle connection once all are up, then, after every client has closed, its RSS each second
+//! for 30 s and when it came back within 20 % of the pre-storm figure.
+//!
 //! Everything runs on 127.0.0.1, is bounded in time, and every process it starts is stopped
 //! by PID when it ends (or panics).
 //!
@@ -30,7 +37,9 @@
 //!     cargo bench --bench mqtt_connect
 //! Knobs (environment): MQTT_BENCH_SECS=5 (per round) MQTT_BENCH_ROUNDS=3
 //!     MQTT_BENCH_THREADS=1,2 MQTT_BENCH_CLIENTS=32 (client threads per proxy thread).
-//!     A quick check that everything works: MQTT_BENCH_SECS=1 MQTT_BENCH_ROUNDS=1
+//!     MQTT_BENCH_STORM=9000 (storm clients; 0: no storm) MQTT_BENCH_STORM_ONLY=1 (skip the
+//!     rate rounds). A quick check that everything works: MQTT_BENCH_SECS=1
+//!     MQTT_BENCH_ROUNDS=1 MQTT_BENCH_STORM=500
 
 // The integration tests' harness; a bench uses a slice of it, the rest is unused here.
 #[allow(dead_code, unused_imports)]
@@ -66,6 +75,10 @@ struct Opts {
     rounds: usize,
     threads: Vec<usize>,
     clients_per_thread: usize,
+    /// Clients of the reconnect storm (0: none).
+    storm: usize,
+    /// Only the storm, not the rate rounds.
+    storm_only: bool,
 }
 
 impl Opts {
@@ -75,6 +88,8 @@ impl Opts {
             rounds: env_or("MQTT_BENCH_ROUNDS", 3),
             threads: env_threads("MQTT_BENCH_THREADS", "1,2"),
             clients_per_thread: env_or("MQTT_BENCH_CLIENTS", 32),
+            storm: env_or("MQTT_BENCH_STORM", 9000),
+            storm_only: env_or("MQTT_BENCH_STORM_ONLY", 0) == 1,
         }
     }
 }
@@ -150,14 +165,20 @@ fn start_broker(dir: &Path, i: usize) -> (Proc, SocketAddr) {
     (p, addr)
 }
 
-fn start_haproxy(dir: &Path, port: u16, brokers: &[SocketAddr], threads: usize) -> Proc {
+fn start_haproxy(
+    dir: &Path,
+    port: u16,
+    brokers: &[SocketAddr],
+    threads: usize,
+    maxconn: usize,
+) -> Proc {
     let servers: String = brokers
         .iter()
         .enumerate()
         .map(|(i, b)| format!("  server b{i} {b}\n"))
         .collect();
     let conf = format!(
-        "global\n  nbthread {threads}\n  maxconn 8000\n\n\
+        "global\n  nbthread {threads}\n  maxconn {maxconn}\n\n\
          defaults\n  mode tcp\n  timeout connect 1s\n  timeout client 60s\n  timeout server 60s\n\n\
          frontend fe_mqtt\n  bind 127.0.0.1:{port}\n  tcp-request inspect-delay 5s\n  \
          tcp-request content reject unless {{ req.payload(0,0),mqtt_is_valid }}\n  \
@@ -189,6 +210,16 @@ fn start_haproxy(dir: &Path, port: u16, brokers: &[SocketAddr], threads: usize) 
 }
 
 fn start_routemesh(port: u16, brokers: &[SocketAddr], threads: usize) -> Daemon {
+    start_routemesh_with(port, brokers, threads, &[])
+}
+
+/// [`start_routemesh`] with more environment (`ROUTEMESH_NO_TRIM=1`).
+fn start_routemesh_with(
+    port: u16,
+    brokers: &[SocketAddr],
+    threads: usize,
+    env: &[(&str, &str)],
+) -> Daemon {
     let tasks: String = brokers
         .iter()
         .map(|b| format!("[[task]]\nservice = \"mqtt\"\naddr = \"{b}\"\n\n"))
@@ -224,7 +255,9 @@ level = "warn"
 worker_threads = {threads}
 "#
     );
-    let mut d = Daemon::start_with_env(&toml, &[("RUST_LOG", "warn")]);
+    let mut all = vec![("RUST_LOG", "warn")];
+    all.extend_from_slice(env);
+    let mut d = Daemon::start_with_env(&toml, &all);
     d.wait_ready();
     d
 }
@@ -426,6 +459,214 @@ struct Samples {
     errors: u64,
 }
 
+// ---------------------------------------------------------------------------------------------
+// The reconnect storm
+
+/// VmRSS of `pid` in bytes.
+fn rss_bytes(pid: u32) -> u64 {
+    let status = std::fs::read_to_string(format!("/proc/{pid}/status")).unwrap_or_default();
+    status
+        .lines()
+        .find_map(|l| l.strip_prefix("VmRSS:"))
+        .and_then(|v| v.trim().trim_end_matches("kB").trim().parse::<u64>().ok())
+        .map(|kb| kb * 1024)
+        .unwrap_or(0)
+}
+
+struct StormResult {
+    /// First SYN → last CONNACK.
+    total: Duration,
+    ok: usize,
+    failures: usize,
+    first_error: Option<String>,
+    /// Sorted connect → CONNACK latencies.
+    latencies_us: Vec<u32>,
+    rss_before: u64,
+    /// All clients connected and idle.
+    rss_held: u64,
+    /// RSS each second after the clients closed, for 30 s.
+    rss_after: Vec<u64>,
+}
+
+impl StormResult {
+    /// Seconds after the close until RSS was within 20 % of the pre-storm figure.
+    fn back_within(&self) -> Option<usize> {
+        let bound = self.rss_before as f64 * 1.2;
+        self.rss_after.iter().position(|&r| r as f64 <= bound)
+    }
+}
+
+/// One MQTT client of the storm: connect, CONNECT (clean session), CONNACK; the open stream.
+async fn storm_client(addr: SocketAddr, id: String) -> io::Result<tokio::net::TcpStream> {
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+    let mut s = tokio::net::TcpStream::connect(addr).await?;
+    s.set_nodelay(true)?;
+    s.write_all(&connect_packet(id.as_bytes(), true)).await?;
+    let mut ack = [0u8; 4];
+    s.read_exact(&mut ack).await?;
+    if ack[0] != 0x20 || ack[1] != 0x02 || ack[3] != 0 {
+        return Err(io::Error::other(format!("bad CONNACK {ack:02x?}")));
+    }
+    Ok(s)
+}
+
+/// `n` clients at once through `proxy` (process `pid`), held until all are through, then
+/// closed; RSS before, while held, and for 30 s after.
+fn storm(proxy: SocketAddr, pid: u32, n: usize, tag: &str) -> StormResult {
+    thread::sleep(Duration::from_millis(500));
+    let rss_before = rss_bytes(pid);
+    let rt = tokio::runtime::Builder::new_current_thread()
+        .enable_all()
+        .build()
+        .expect("tokio runtime");
+    let mut r = rt.block_on(async {
+        let start = tokio::time::Instant::now();
+        let tasks: Vec<_> = (0..n)
+            .map(|i| {
+                let id = format!("storm-{tag}-{i}");
+                tokio::spawn(async move {
+                    let t0 = tokio::time::Instant::now();
+                    let r = tokio::time::timeout(Duration::from_secs(30), storm_client(proxy, id))
+                        .await
+                        .unwrap_or_else(|_| Err(io::Error::other("no CONNACK within 30 s")));
+                    (t0.elapsed(), tokio::time::Instant::now(), r)
+                })
+            })
+            .collect();
+        let mut last = start;
+        let mut held = Vec::with_capacity(n);
+        let mut r = StormResult {
+            total: Duration::ZERO,
+            ok: 0,
+            failures: 0,
+            first_error: None,
+            latencies_us: Vec::with_capacity(n),
+            rss_before,
+            rss_held: 0,
+            rss_after: Vec::new(),
+        };
+        for t in tasks {
+            let (latency, done, result) = t.await.expect("storm client panicked");
+            match result {
+                Ok(s) => {
+                    r.ok += 1;
+                    last = last.max(done);
+                    r.latencies_us
+                        .push(latency.as_micros().min(u32::MAX as u128) as u32);
+                    held.push(s);
+                }
+                Err(e) => {
+                    r.failures += 1;
+                    r.first_error.get_or_insert_with(|| e.to_string());
+                }
+            }
+        }
+        r.total = last - start;
+        // Every connection idle now: let the proxy settle, then read its RSS.
+        tokio::time::sleep(Duration::from_secs(2)).await;
+        r.rss_held = rss_bytes(pid);
+        drop(held);
+        r
+    });
+    r.latencies_us.sort_unstable();
+    for _ in 0..30 {
+        thread::sleep(Duration::from_secs(1));
+        r.rss_after.push(rss_bytes(pid));
+    }
+    r
+}
+
+fn mib(b: u64) -> f64 {
+    b as f64 / 1048576.0
+}
+
+/// The storm through a fresh routemesh and a fresh HAProxy at `threads`; a report section.
+fn storm_section(
+    dir: &Path,
+    brokers: &[SocketAddr],
+    threads: usize,
+    n: usize,
+    report: &mut String,
+) {
+    let _ = writeln!(
+        report,
+        "\n=== reconnect storm, {threads} thread(s): {n} MQTT clients at once (clean session, \
+         distinct ids), held after CONNACK, then closed; fresh proxies ==="
+    );
+    let mut results = Vec::new();
+    // routemesh as shipped, routemesh with its allocator trimming off (what the trimming
+    // gives back), HAProxy.
+    for (label, which) in [("routemesh", 0), ("rm no trim", 1), ("HAProxy", 2)] {
+        let port = free_port();
+        let addr = loopback(port);
+        let tag = format!("s{which}t{threads}");
+        // Each proxy alive only for its own storm (its memory is what is measured).
+        let (r, check) = match which {
+            0 | 1 => {
+                let env: &[(&str, &str)] = if which == 1 {
+                    &[("ROUTEMESH_NO_TRIM", "1")]
+                } else {
+                    &[]
+                };
+                let d = start_routemesh_with(port, brokers, threads, env);
+                let check = affinity_check(addr, brokers, &tag, 12);
+                (storm(addr, d.pid(), n, &tag), check)
+            }
+            _ => {
+                let p = start_haproxy(dir, port, brokers, threads, n + 500);
+                let check = affinity_check(addr, brokers, &tag, 12);
+                (storm(addr, p.pid(), n, &tag), check)
+            }
+        };
+        let per_conn = r.rss_held.saturating_sub(r.rss_before) as f64 / r.ok.max(1) as f64;
+        eprintln!("  storm {label} done: {:.2} s", r.total.as_secs_f64());
+        let _ = writeln!(report, "  {:<10} affinity: {check}", label);
+        let _ = writeln!(
+            report,
+            "  {:<10} first SYN → last CONNACK {:.2} s, {} ok, {} failed{}, p50 {}, p99 {}",
+            label,
+            r.total.as_secs_f64(),
+            r.ok,
+            r.failures,
+            r.first_error
+                .as_ref()
+                .map(|e| format!(" (first: {e})"))
+                .unwrap_or_default(),
+            fmt_us(percentile(&r.latencies_us, 0.50)),
+            fmt_us(percentile(&r.latencies_us, 0.99)),
+        );
+        let after = |s: usize| r.rss_after.get(s - 1).copied().unwrap_or(0);
+        let _ = writeln!(
+            report,
+            "  {:<10} RSS {:.1} MiB before, {:.1} MiB held ({:.2} KiB per idle connection), \
+             after close {:.1} / {:.1} / {:.1} MiB at 1 / 10 / 30 s; within 20 % of before: {}",
+            label,
+            mib(r.rss_before),
+            mib(r.rss_held),
+            per_conn / 1024.0,
+            mib(after(1)),
+            mib(after(10)),
+            mib(after(30)),
+            match r.back_within() {
+                Some(s) => format!("after {} s", s + 1),
+                None => "NOT within 30 s".into(),
+            }
+        );
+        results.push((r, per_conn));
+    }
+    let (rm, ha) = (&results[0], &results[2]);
+    let _ = writeln!(
+        report,
+        "  routemesh/HAProxy: storm time {} (target ≤ 0.8×), p99 {}, RSS per idle connection {}",
+        ratio(rm.0.total.as_secs_f64(), ha.0.total.as_secs_f64()),
+        ratio(
+            percentile(&rm.0.latencies_us, 0.99),
+            percentile(&ha.0.latencies_us, 0.99)
+        ),
+        ratio(rm.1, ha.1),
+    );
+}
+
 fn haproxy_version() -> String {
     Command::new(haproxy_bin())
         .arg("-v")
@@ -464,11 +705,18 @@ fn main() {
     }
 
     for &n in &opts.threads {
+        if opts.storm > 0 {
+            storm_section(dir.path(), &broker_addrs, n, opts.storm, &mut report);
+            eprintln!("{report}");
+        }
+        if opts.storm_only {
+            continue;
+        }
         let clients = opts.clients_per_thread * n;
         let rm_port = free_port();
         let ha_port = free_port();
         let routemesh = start_routemesh(rm_port, &broker_addrs, n);
-        let haproxy = start_haproxy(dir.path(), ha_port, &broker_addrs, n);
+        let haproxy = start_haproxy(dir.path(), ha_port, &broker_addrs, n, 8000);
         let rm_addr = loopback(rm_port);
         let ha_addr = loopback(ha_port);
 

@@ -335,6 +335,8 @@ pub async fn run(
             discovery_stop.clone(),
         )));
     }
+    // Memory a connection storm took goes back once it is freed (one process-wide timer).
+    tokio::spawn(crate::util::trim::run());
     let health_stop = CancellationToken::new();
     background.push(tokio::spawn(crate::health::run(
         snapshot.clone(),

@@ -43,6 +43,9 @@ pub struct Metrics {
     pub health_checks_total: IntCounterVec,
     /// First packets of MQTT client-id routed listeners refused before any upstream connect.
     pub mqtt_connect_errors_total: IntCounterVec,
+    /// Proxied connections closed because, after one side's FIN, the other direction stayed
+    /// silent and open for the service's `half_close_timeout` (src/proxy/tcp.rs).
+    pub half_close_timeouts_total: IntCounterVec,
     /// DNS queries answered (or dropped) by the `[dns]` responder (src/dns/).
     pub dns_queries_total: IntCounterVec,
     /// UDP sessions open now, per udp listener (src/proxy/udp/).
@@ -248,6 +251,12 @@ impl Metrics {
                 "routemesh_mqtt_connect_errors_total",
                 "MQTT first packets refused (connection closed, no upstream opened), by reason.",
                 &["service", "reason"],
+            )?,
+            half_close_timeouts_total: f.labelled(
+                IntCounterVec::new,
+                "routemesh_half_close_timeouts_total",
+                "Half-closed connections closed after half_close_timeout without the other side's FIN.",
+                lc,
             )?,
             docker_up: f.single(
                 IntGauge::new,

@@ -704,9 +704,14 @@ impl Accept {
         listener::accept_loop(self.name, socket, self.stop, self.conns, move |s, peer| {
             let (admission, handler) = (admission.clone(), handler.clone());
             async move {
-                if let Some((s, peer, _permit)) = admission.admit(s, peer).await {
-                    handler(s, peer).await
-                }
+                // Boxed, and in statements of their own: a temporary awaited inside an
+                // `if let` or a larger expression keeps its room in the connection's future
+                // for as long as the connection lives.
+                let admitting = Box::pin(admission.admit(s, peer));
+                let Some((s, peer, _permit)) = admitting.await else {
+                    return;
+                };
+                handler(s, peer).await
             }
         })
         .await

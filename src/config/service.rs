@@ -24,6 +24,7 @@ pub struct RawService {
     pub send_proxy: Option<S<String>>,
     pub udp_idle_timeout: Option<S<String>>,
     pub udp_responses: Option<S<i64>>,
+    pub half_close_timeout: Option<S<String>>,
     pub health: Option<S<RawHealth>>,
 }
 
@@ -143,6 +144,11 @@ pub struct ServiceSettings {
     /// udp listeners: a session ends after this many reply datagrams (0 = any number;
     /// DNS: 1).
     pub udp_responses: u32,
+    /// After one side of a proxied connection (tcp, tls passthrough, HTTP upgrade) sent its
+    /// FIN: how long the other direction may stay silent without closing before both sides
+    /// are closed (HAProxy's `timeout client-fin` / `server-fin`). Read by `proxy::tcp`.
+    #[serde(with = "humantime_serde_compat")]
+    pub half_close_timeout: Duration,
     pub health: HealthSettings,
     /// Whether `[service.NAME.health]` is written: services reached only through udp
     /// listeners are actively checked only then (no default TCP probe for them).
@@ -163,6 +169,7 @@ impl Default for ServiceSettings {
             send_proxy: None,
             udp_idle_timeout: Duration::from_secs(60),
             udp_responses: 0,
+            half_close_timeout: Duration::from_secs(60),
             health: HealthSettings::default(),
             health_configured: false,
         }
@@ -266,6 +273,12 @@ fn settings(issues: &mut Issues, s: &RawService) -> ServiceSettings {
             0..=1_000_000,
             "service.udp_responses",
         ) as u32,
+        half_close_timeout: positive_duration(
+            issues,
+            &s.half_close_timeout,
+            def.half_close_timeout,
+            "service.half_close_timeout",
+        ),
         health: health_settings(issues, s.health.as_ref()),
         health_configured: s.health.is_some(),
     };

@@ -128,7 +128,12 @@ impl Admission {
                 return None;
             }
             let deadline = Instant::now() + self.edge.handshake_timeout;
-            match read_proxy_header(&mut stream, deadline).await {
+            // Boxed: the header read's state exists only while it runs.
+            let header = {
+                let reading = Box::pin(read_proxy_header(&mut stream, deadline));
+                reading.await
+            };
+            match header {
                 Ok(Header::Proxied { src, .. }) => client = proxy_protocol::unmap(src),
                 Ok(Header::Local) => {}
                 Err(reason) => {
@@ -181,7 +186,8 @@ impl Admission {
             stream.shutdown().await?;
             // Read what the client sent so that closing sends FIN, not RST (an RST could
             // destroy the 503 before the client read it).
-            let mut sink = [0u8; 4096];
+            // On the heap: an array here would sit in every connection's future.
+            let mut sink = vec![0u8; 4096];
             let mut total = 0;
             while total < 64 * 1024 {
                 match stream.read(&mut sink).await? {

@@ -5,6 +5,7 @@
 //! task's shared atomic state). Owns no config parsing and no discovery.
 
 pub mod admission;
+pub mod buffers;
 pub mod http;
 pub mod listener;
 pub mod socket;

@@ -17,17 +17,24 @@ use tokio::io::Interest;
 use tokio::net::TcpStream;
 use tokio::time::Instant;
 
+use super::buffers;
+
 /// Spare room below which a read buffer grows before reading.
 const MIN_SPARE: usize = 2048;
 
 /// Waits until `s` has data, then reads what is there into `buf`'s spare room (grown by
 /// `grow` when nearly full; nothing is zeroed). `Ok(0)`: end of stream.
+///
+/// The room is made only once the socket is readable, so a connection waiting with an empty
+/// (released) buffer holds no memory for it while idle.
 pub async fn read_some(s: &TcpStream, buf: &mut BytesMut, grow: usize) -> io::Result<usize> {
-    if buf.capacity() - buf.len() < MIN_SPARE {
-        buf.reserve(grow.max(MIN_SPARE));
-    }
     loop {
         s.readable().await?;
+        if buf.capacity() == 0 && grow <= buffers::READ_SIZE {
+            buffers::take_read(buf);
+        } else if buf.capacity() - buf.len() < MIN_SPARE {
+            buf.reserve(grow.max(MIN_SPARE));
+        }
         if let Some(r) = try_read_some(s, buf) {
             return r;
         }

@@ -1,33 +1,42 @@
 //! The L4 proxy: connect the client to a live task, then copy bytes both ways until both sides
 //! have closed. Half-close is preserved (EOF from one side becomes a write shutdown towards the
-//! other); an abort (reset) on one side resets the other. Buffers are allocated only once a
-//! side has data, so idle connections cost little memory.
+//! other), bounded by the service's `half_close_timeout` ([`HalfClose`]); an abort (reset) on
+//! one side resets the other. A read buffer is taken from the worker's pool only once a side
+//! has data and given back when it is drained, and every phase's state is boxed only while
+//! it runs, so an idle connection holds its sockets and a small future, nothing more.
 //!
 //! A service with `balance = "maglev"` is routed by a key hash: the peer IP, or for
 //! `hash_key = "mqtt_client_id"` the client id of the MQTT CONNECT, read (not forwarded) before
 //! any upstream is opened, then sent on ahead of the splice. There is no idle timeout here, so
 //! an idle MQTT connection is never cut; one added later must be ≥ 1.5 × the CONNECT keep-alive.
 
+use std::future::Future;
 use std::io;
 use std::net::{Shutdown, SocketAddr};
+use std::pin::Pin;
 use std::sync::Arc;
-use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
+use std::time::Duration;
 
 use bytes::BytesMut;
 use prometheus::IntCounter;
+use tokio::io::{AsyncRead, AsyncReadExt, AsyncWrite, AsyncWriteExt};
 use tokio::net::TcpStream;
 
+use super::buffers;
 use super::socket::{try_read_some, write_all};
 use super::splice;
 use super::upstream::{self, ConnectError};
 use super::{ListenerCtx, OpenConnection};
 use crate::balance::{ip_hash, key_hash};
 use crate::config::{Balance, HashKey};
+use crate::metrics::Metrics;
 use crate::protocol::mqtt::{self, Parse};
 use crate::ratelimit::LogLimiter;
 use crate::snapshot::Service;
 
-const BUF_SIZE: usize = 16 * 1024;
+/// Buffer per direction of a TLS tunnel (a TLS record is at most 16 KiB of plaintext).
+const TLS_BUF_SIZE: usize = 16 * 1024;
 /// Bytes a direction copies through the buffer before switching to splice(2).
 const SPLICE_AFTER: usize = 64 * 1024;
 
@@ -45,13 +54,23 @@ pub async fn handle(ctx: Arc<ListenerCtx>, client: TcpStream, peer: SocketAddr) 
     // Load the snapshot, keep only the service, drop the guard before any await.
     let service = ctx.snapshot.load().service(&name);
     let send_proxy = service.as_ref().and_then(|s| s.settings.send_proxy);
+    let half_close_timeout = service
+        .as_ref()
+        .map_or(Duration::from_secs(60), |s| s.settings.half_close_timeout);
     let mut first = Vec::new();
     let up = match service {
         Some(svc) => {
-            let Some(hash) = route_hash(&ctx, &svc, &client, peer, &mut first).await else {
+            // Boxed in a statement of its own (a temporary lives to the end of its
+            // statement, across the await, in the connection's future).
+            let routing = Box::pin(route_hash(&ctx, &svc, &client, peer, &mut first));
+            let routed = routing.await;
+            let Some(hash) = routed else {
                 return; // bad or missing first packet: counted; no upstream was opened
             };
-            upstream::connect(&svc, &ctx.metrics, hash).await
+            // Boxed: the connect's state lives only while connecting, not in every
+            // connection's future for its whole life.
+            let connecting = Box::pin(upstream::connect(&svc, &ctx.metrics, hash));
+            connecting.await
         }
         None => {
             ctx.metrics
@@ -95,7 +114,14 @@ pub async fn handle(ctx: Arc<ListenerCtx>, client: TcpStream, peer: SocketAddr) 
         }
         rx.inc_by(first.len() as u64);
     }
-    splice_streams(&client, &up.stream, &rx, &tx).await;
+    drop(first); // the CONNECT's bytes are gone: keep no buffer while the connection idles
+    let hc = HalfClose {
+        timeout: half_close_timeout,
+        metrics: &ctx.metrics,
+        listener: &ctx.name,
+        service: name.as_str(),
+    };
+    splice_streams(&client, &up.stream, &rx, &tx, &hc).await;
 }
 
 /// The key hash this connection is routed by (`None`: the service does not hash). For
@@ -155,49 +181,172 @@ async fn route_hash(
     None
 }
 
-/// Reads what is available into `buf`, never growing it past `cap`; 0 = EOF.
+/// Reads what is available into `buf`, never growing it past `cap`; 0 = EOF. Room is made
+/// in `buf` itself once data is there (no chunk on the connection's future).
 async fn read_some(from: &TcpStream, buf: &mut Vec<u8>, cap: usize) -> io::Result<usize> {
-    let mut chunk = [0u8; 4096];
-    let want = chunk.len().min(cap - buf.len());
+    let want = 4096.min(cap - buf.len());
     loop {
         from.readable().await?;
-        match from.try_read(&mut chunk[..want]) {
-            Ok(n) => {
-                buf.extend_from_slice(&chunk[..n]);
-                return Ok(n);
-            }
+        buf.reserve(want);
+        let mut limited = bytes::BufMut::limit(&mut *buf, want);
+        match from.try_read_buf(&mut limited) {
+            Ok(n) => return Ok(n),
             Err(e) if e.kind() == io::ErrorKind::WouldBlock => continue,
             Err(e) => return Err(e),
         }
     }
 }
 
+/// What bounds a half-closed connection: once one direction has ended (the FIN was passed
+/// on), the other must end, or at least move a byte, within `timeout`, or both sides close
+/// and the close is counted in `routemesh_half_close_timeouts_total{listener,service}`.
+/// Until a FIN there is no timer at all: an idle connection costs no wake-up.
+pub struct HalfClose<'a> {
+    /// `[service.NAME] half_close_timeout`.
+    pub timeout: Duration,
+    pub metrics: &'a Metrics,
+    pub listener: &'a str,
+    pub service: &'a str,
+}
+
+impl HalfClose<'_> {
+    fn expired(&self) {
+        self.metrics
+            .half_close_timeouts_total
+            .with_label_values(&[self.listener, self.service])
+            .inc();
+        tracing::debug!(listener = self.listener, service = self.service, timeout = ?self.timeout, "closing half-closed connection");
+    }
+}
+
+/// How a two-way copy ended.
+#[derive(Debug, PartialEq, Eq)]
+enum End {
+    /// Both directions reached EOF.
+    Closed,
+    /// A read or write failed in either direction.
+    Failed,
+    /// One direction ended and the other stayed silent for `half_close_timeout`.
+    HalfCloseExpired,
+}
+
+/// Runs both directions of a copy until both end, one fails, or the half-close timer runs out.
+async fn both_ways<F1, F2>(ab: F1, ba: F2, moved: &AtomicU64, timeout: Duration) -> End
+where
+    F1: Future<Output = io::Result<()>>,
+    F2: Future<Output = io::Result<()>>,
+{
+    tokio::pin!(ab, ba);
+    let (ab_first, r) = tokio::select! {
+        r = &mut ab => (true, r),
+        r = &mut ba => (false, r),
+    };
+    if r.is_err() {
+        return End::Failed;
+    }
+    if ab_first {
+        half_closed(ba, moved, timeout).await
+    } else {
+        half_closed(ab, moved, timeout).await
+    }
+}
+
+/// Waits for the direction still open after the other's EOF, re-arming the timer as long as
+/// bytes move (either way) within each `timeout`.
+async fn half_closed<F>(mut rest: Pin<&mut F>, moved: &AtomicU64, timeout: Duration) -> End
+where
+    F: Future<Output = io::Result<()>>,
+{
+    let mut seen = moved.load(Ordering::Relaxed);
+    loop {
+        tokio::select! {
+            r = rest.as_mut() => return if r.is_ok() { End::Closed } else { End::Failed },
+            _ = tokio::time::sleep(timeout) => {
+                let now = moved.load(Ordering::Relaxed);
+                if now == seen {
+                    return End::HalfCloseExpired;
+                }
+                seen = now;
+            }
+        }
+    }
+}
+
 /// Copies both ways until both directions reach EOF; on an error in either direction, resets
-/// both connections (SO_LINGER 0) so the abort propagates. The caller drops (closes) both
-/// right after.
+/// both connections (SO_LINGER 0) so the abort propagates; after one side's FIN, closes both
+/// when the other neither ends nor moves a byte within `hc.timeout`. The caller drops
+/// (closes) both right after.
 pub async fn splice_streams(
     a: &TcpStream,
     b: &TcpStream,
     a_to_b: &IntCounter,
     b_to_a: &IntCounter,
+    hc: &HalfClose<'_>,
 ) {
     // The direction that ends last skips its write shutdown: both sockets close right after,
     // and close sends the FIN itself (one system call less per connection).
     let ended = AtomicBool::new(false);
-    let ab = pipe(a, b, a_to_b, &ended);
-    let ba = pipe(b, a, b_to_a, &ended);
-    tokio::pin!(ab, ba);
-    let (mut ab_done, mut ba_done) = (false, false);
-    while !(ab_done && ba_done) {
-        let r = tokio::select! {
-            r = &mut ab, if !ab_done => { ab_done = true; r }
-            r = &mut ba, if !ba_done => { ba_done = true; r }
-        };
-        if r.is_err() {
+    let moved = AtomicU64::new(0);
+    // Each direction boxed at its size: both_ways pins what it is given, and a future moved
+    // into another one is stored again, not overlaid.
+    let ab = Box::pin(pipe(a, b, a_to_b, &ended, &moved));
+    let ba = Box::pin(pipe(b, a, b_to_a, &ended, &moved));
+    let copying = both_ways(ab, ba, &moved, hc.timeout);
+    match copying.await {
+        End::Closed => {}
+        End::Failed => {
             reset_on_close(a);
             reset_on_close(b);
-            return;
         }
+        End::HalfCloseExpired => hc.expired(),
+    }
+}
+
+/// [`splice_streams`] for streams that are not plain sockets (a TLS-terminated client after
+/// an HTTP upgrade): a buffered copy each way, with the same half-close and error rules.
+/// Returns bytes moved (a → b, b → a).
+pub async fn copy_streams<A, B>(a: &mut A, b: &mut B, hc: &HalfClose<'_>) -> (u64, u64)
+where
+    A: AsyncRead + AsyncWrite + Unpin,
+    B: AsyncRead + AsyncWrite + Unpin,
+{
+    let moved = AtomicU64::new(0);
+    let (a_to_b, b_to_a) = (AtomicU64::new(0), AtomicU64::new(0));
+    let (mut ar, mut aw) = tokio::io::split(a);
+    let (mut br, mut bw) = tokio::io::split(b);
+    let ab = copy_one(&mut ar, &mut bw, &a_to_b, &moved);
+    let ba = copy_one(&mut br, &mut aw, &b_to_a, &moved);
+    let end = both_ways(ab, ba, &moved, hc.timeout).await;
+    if end == End::HalfCloseExpired {
+        hc.expired();
+    }
+    (
+        a_to_b.load(Ordering::Relaxed),
+        b_to_a.load(Ordering::Relaxed),
+    )
+}
+
+/// Copies `from` → `to` until EOF, then shuts down `to`'s write side.
+async fn copy_one<R, W>(
+    from: &mut R,
+    to: &mut W,
+    count: &AtomicU64,
+    moved: &AtomicU64,
+) -> io::Result<()>
+where
+    R: AsyncRead + Unpin,
+    W: AsyncWrite + Unpin,
+{
+    let mut buf = vec![0u8; TLS_BUF_SIZE];
+    loop {
+        let n = from.read(&mut buf).await?;
+        if n == 0 {
+            return to.shutdown().await;
+        }
+        to.write_all(&buf[..n]).await?;
+        to.flush().await?;
+        count.fetch_add(n as u64, Ordering::Relaxed);
+        moved.fetch_add(n as u64, Ordering::Relaxed);
     }
 }
 
@@ -225,14 +374,36 @@ async fn pipe(
     to: &TcpStream,
     counter: &IntCounter,
     ended: &AtomicBool,
+    progress: &AtomicU64,
+) -> io::Result<()> {
+    let mut buf = BytesMut::new();
+    let r = copy_or_splice(from, to, counter, ended, progress, &mut buf).await;
+    buffers::give_read(&mut buf);
+    r
+}
+
+/// [`pipe`]'s loop; `buf` is the pooled buffer it holds while data flows.
+async fn copy_or_splice(
+    from: &TcpStream,
+    to: &TcpStream,
+    counter: &IntCounter,
+    ended: &AtomicBool,
+    progress: &AtomicU64,
+    buf: &mut BytesMut,
 ) -> io::Result<()> {
     let mut moved: usize = 0;
     let mut splice_ok = splice::available();
-    let mut buf = BytesMut::new();
     loop {
         if splice_ok && moved >= SPLICE_AFTER {
-            buf = BytesMut::new();
-            match splice::forward(from, to, &|n| counter.inc_by(n)).await? {
+            buffers::give_read(buf);
+            let on_bytes = |n| {
+                counter.inc_by(n);
+                progress.fetch_add(n, Ordering::Relaxed);
+            };
+            // Boxed: a bulk flow's state is allocated while it flows, not held by every
+            // idle connection's future.
+            let forwarding = Box::pin(splice::forward(from, to, &on_bytes));
+            match forwarding.await? {
                 splice::Forwarded::Eof => {
                     half_close(to, ended);
                     return Ok(());
@@ -241,15 +412,15 @@ async fn pipe(
             }
         }
         if buf.capacity() == 0 {
-            // Wait for data before taking a buffer.
+            // Wait for data before taking a buffer from the worker's pool.
             from.readable().await?;
-            buf.reserve(BUF_SIZE);
+            buffers::take_read(buf);
         }
         let offered = buf.capacity();
-        let n = match try_read_some(from, &mut buf) {
+        let n = match try_read_some(from, buf) {
             Some(r) => r?,
             None => {
-                buf = BytesMut::new();
+                buffers::give_read(buf);
                 continue;
             }
         };
@@ -259,12 +430,12 @@ async fn pipe(
         }
         write_all(to, &buf[..n]).await.map_err(|(_, e)| e)?;
         counter.inc_by(n as u64);
+        progress.fetch_add(n as u64, Ordering::Relaxed);
         moved += n;
+        buf.clear();
         if n < offered {
             // Drained: give the buffer back while the connection waits.
-            buf = BytesMut::new();
-        } else {
-            buf.clear();
+            buffers::give_read(buf);
         }
     }
 }

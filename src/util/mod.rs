@@ -4,6 +4,7 @@
 //! - `backoff` `Backoff`, exponential retry pacing with jitter (etcd, lease, Docker)
 //! - `net`     `bind` (listening sockets), `dial` (connects), TCP keepalive, fd exhaustion
 //! - `notify`  systemd's readiness protocol (`sd_notify`: READY=1, STOPPING=1, MAINPID)
+//! - `trim`    gives the allocator's free memory back to the kernel after a storm
 //!
 //! Owns no state of the project and knows nothing of config, routing or protocols.
 
@@ -11,3 +12,4 @@ pub mod backoff;
 pub mod clock;
 pub mod net;
 pub mod notify;
+pub mod trim;

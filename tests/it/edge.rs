@@ -234,6 +234,78 @@ fn max_connections_closes_the_excess_and_recovers() {
 }
 
 #[test]
+fn connection_storm_on_one_listener_neither_stalls_another_nor_breaks_max_connections() {
+    const STORM: usize = 2_000;
+    const THREADS: usize = 4;
+    const LIMIT: usize = 100;
+    let backend = TcpBackend::start("b");
+    let (storm, calm) = (free_addr(), free_addr());
+    // One worker thread: every listener and connection shares it, the case a storm hurts most.
+    let d = Config::static_tasks()
+        .set("runtime.worker_threads", 1)
+        .listener(
+            Listener::tcp(storm, "web")
+                .name("storm")
+                .set("max_connections", LIMIT as i64),
+        )
+        .listener(Listener::tcp(calm, "web").name("calm"))
+        .task(Task::new("web", backend.addr()))
+        .start();
+    let done = std::sync::Arc::new(std::sync::atomic::AtomicBool::new(false));
+    let stormers: Vec<_> = (0..THREADS)
+        .map(|_| {
+            let done = done.clone();
+            thread::spawn(move || {
+                // Held until the end, so the listener stays at its limit and refuses the rest.
+                let mut held = Vec::new();
+                for _ in 0..STORM / THREADS {
+                    match TcpStream::connect_timeout(&storm, Duration::from_secs(10)) {
+                        Ok(s) => held.push(s),
+                        Err(e) => panic!("storm connect failed: {e}"),
+                    }
+                }
+                while !done.load(std::sync::atomic::Ordering::Relaxed) {
+                    thread::sleep(Duration::from_millis(20));
+                }
+                held.len()
+            })
+        })
+        .collect();
+    // While the storm runs, the other listener keeps answering (a generous bound: this checks
+    // that it is not starved, not how fast it is).
+    let started = std::time::Instant::now();
+    let mut served = 0;
+    while d.rejected("storm", "max_connections") as usize != STORM - LIMIT {
+        assert!(
+            started.elapsed() < Duration::from_secs(60),
+            "the storm was not absorbed within 60 s"
+        );
+        let t = std::time::Instant::now();
+        let (_, name) = connect_and_greet(calm).expect("the calm listener answers in a storm");
+        assert_eq!(name, "b");
+        assert!(
+            t.elapsed() < Duration::from_secs(5),
+            "the calm listener took {:?} during the storm",
+            t.elapsed()
+        );
+        served += 1;
+    }
+    assert!(served > 0, "the calm listener was tried during the storm");
+    assert_eq!(
+        d.metric("routemesh_active_connections{listener=\"storm\",service=\"web\"}"),
+        Some(LIMIT as f64),
+        "the limit held"
+    );
+    done.store(true, std::sync::atomic::Ordering::Relaxed);
+    let held: usize = stormers.into_iter().map(|t| t.join().unwrap()).sum();
+    assert_eq!(
+        held, STORM,
+        "every storm client was accepted (then kept or closed)"
+    );
+    assert_eq!(hello(calm).unwrap(), "b");
+}
+
+#[test]
 fn max_connections_per_ip_uses_the_proxy_protocol_address() {
     let backend = TcpBackend::start("b");
     let listen = free_addr();

@@ -758,3 +758,100 @@ fn upgrades_switch_then_bytes_go_both_ways_on_both_transports() {
     let (mut t, _) = tls_connect(tls, &client_config(&pki.ca(), &[b"http/1.1"]));
     run(&mut t, "tls");
 }
+
+/// An upgrade task that answers 101, reads until the client's EOF, tells `saw_eof`, and then
+/// never closes its side.
+fn upgrade_that_never_closes(saw_eof: std::sync::mpsc::Sender<()>) -> SocketAddr {
+    let l = TcpListener::bind("127.0.0.1:0").unwrap();
+    let addr = l.local_addr().unwrap();
+    thread::spawn(move || {
+        let mut kept = Vec::new();
+        for s in l.incoming() {
+            let Ok(mut s) = s else { return };
+            if read_request(&mut s).is_none() {
+                continue;
+            }
+            let _ = s.write_all(
+                b"HTTP/1.1 101 Switching Protocols\r\nUpgrade: echo\r\nConnection: Upgrade\r\n\r\n",
+            );
+            let mut buf = [0u8; 4096];
+            while matches!(s.read(&mut buf), Ok(n) if n > 0) {}
+            let _ = saw_eof.send(());
+            kept.push(s); // held open until the test process ends
+        }
+    });
+    addr
+}
+
+#[test]
+fn half_closed_upgrade_is_closed_after_half_close_timeout_on_both_transports() {
+    let pki = pki();
+    let (plain, tls) = (free_addr(), free_addr());
+    let (eof_tx, eof_rx) = std::sync::mpsc::channel();
+    let extra = format!(
+        "{}[service.web]\nhalf_close_timeout = \"1s\"\n",
+        task("web", "web-0", upgrade_that_never_closes(eof_tx))
+    );
+    let d = daemon(plain, tls, &pki, "", &extra);
+    let head = format!(
+        "GET /chat HTTP/1.1\r\nHost: {NAME}\r\nUpgrade: echo\r\nConnection: Upgrade\r\n\r\n"
+    );
+    let timeouts = |listener: &str| {
+        d.metric(&format!(
+            "routemesh_half_close_timeouts_total{{listener=\"{listener}\",service=\"web\"}}"
+        ))
+        .unwrap_or(0.0)
+    };
+
+    // Plain TCP (splice path): the client's FIN reaches the task, which never closes.
+    let mut p = TcpStream::connect(plain).unwrap();
+    p.set_read_timeout(Some(Duration::from_secs(20))).unwrap();
+    p.write_all(head.as_bytes()).unwrap();
+    let resp = read_until(&mut p, b"\r\n\r\n");
+    assert!(text(&resp).starts_with("HTTP/1.1 101"), "{}", text(&resp));
+    p.shutdown(std::net::Shutdown::Write).unwrap();
+    eof_rx
+        .recv_timeout(Duration::from_secs(10))
+        .expect("the task sees the client's FIN");
+    let mut buf = [0u8; 16];
+    assert!(
+        matches!(p.read(&mut buf), Ok(0) | Err(_)),
+        "the proxy closed the client's side"
+    );
+    eventually(Duration::from_secs(10), "plain counted", || {
+        timeouts("plain") == 1.0
+    });
+
+    // TLS terminated (the buffered copy): close_notify, then the FIN.
+    let (mut t, _) = tls_connect(tls, &client_config(&pki.ca(), &[b"http/1.1"]));
+    t.sock
+        .set_read_timeout(Some(Duration::from_secs(20)))
+        .unwrap();
+    t.write_all(head.as_bytes()).unwrap();
+    t.flush().unwrap();
+    let resp = read_until(&mut t, b"\r\n\r\n");
+    assert!(text(&resp).starts_with("HTTP/1.1 101"), "{}", text(&resp));
+    t.conn.send_close_notify();
+    t.conn.complete_io(&mut t.sock).unwrap();
+    t.sock.shutdown(std::net::Shutdown::Write).unwrap();
+    eof_rx
+        .recv_timeout(Duration::from_secs(10))
+        .expect("the task sees the TLS client's end");
+    // Its close_notify may come first; then the end.
+    let closed = loop {
+        match t.sock.read(&mut buf) {
+            Ok(0) => break true,
+            Ok(_) => continue,
+            Err(e) => {
+                break !matches!(
+                    e.kind(),
+                    std::io::ErrorKind::WouldBlock | std::io::ErrorKind::TimedOut
+                );
+            }
+        }
+    };
+    assert!(closed, "the proxy closed the TLS client's side");
+    eventually(Duration::from_secs(10), "tls counted", || {
+        timeouts("tls") == 1.0
+    });
+}

@@ -6,8 +6,8 @@ use std::net::{Shutdown, SocketAddr, TcpListener, TcpStream};
 use std::time::{Duration, Instant};
 
 use crate::support::{
-    Blackhole, Config, Listener, Task, TcpBackend, connect_and_greet, dead_addr, eventually,
-    free_addr, hello,
+    Blackhole, Config, Daemon, Listener, Task, TcpBackend, connect_and_greet, dead_addr,
+    eventually, free_addr, hello, holds_for,
 };
 
 /// Node `n1`: a TCP listener on `listen` for service `echo`, whose static tasks `t0`, `t1`, …
@@ -217,4 +217,171 @@ fn sigterm_drains_open_connections_then_exits_zero() {
     let mut buf = [0u8; 4];
     assert!(matches!(open.read(&mut buf), Ok(0) | Err(_)));
     assert!(TcpStream::connect(listen).is_err(), "no longer accepting");
+}
+
+/// A listener named `hc` for service `echo` whose one task is `upstream` (a socket the test
+/// holds), with `half_close_timeout = timeout`.
+fn half_close_config(listen: SocketAddr, upstream: SocketAddr, timeout: &str) -> Daemon {
+    Config::static_tasks()
+        .node("n1")
+        .listener(Listener::tcp(listen, "echo").name("hc"))
+        .task(Task::new("echo", upstream).id("t0"))
+        .set("service.echo.half_close_timeout", timeout)
+        .start()
+}
+
+fn half_close_timeouts(d: &Daemon) -> u64 {
+    d.metric("routemesh_half_close_timeouts_total{listener=\"hc\",service=\"echo\"}")
+        .unwrap_or(0.0) as u64
+}
+
+fn active(d: &Daemon) -> u64 {
+    d.metric("routemesh_active_connections{listener=\"hc\",service=\"echo\"}")
+        .unwrap_or(0.0) as u64
+}
+
+/// Whether the peer of `s` has closed its socket entirely: a write is answered by a reset,
+/// so a second write fails.
+fn peer_closed(s: &TcpStream) -> bool {
+    let mut s = s;
+    s.write_all(b"?").and_then(|_| s.flush()).is_err()
+}
+
+#[test]
+fn half_close_timeout_closes_both_sides_when_the_task_never_closes() {
+    let upstream = TcpListener::bind("127.0.0.1:0").unwrap();
+    let listen = free_addr();
+    let d = half_close_config(listen, upstream.local_addr().unwrap(), "1s");
+    let mut client = TcpStream::connect(listen).unwrap();
+    client.write_all(b"ping").unwrap();
+    let (mut task, _) = upstream.accept().unwrap();
+    task.set_read_timeout(Some(Duration::from_secs(10)))
+        .unwrap();
+    let mut got = Vec::new();
+    // The client's FIN: the task sees EOF after the bytes, then never closes its side.
+    client.shutdown(Shutdown::Write).unwrap();
+    let fin = Instant::now();
+    task.read_to_end(&mut got).expect("the task sees the FIN");
+    assert_eq!(got, b"ping");
+
+    // The proxy closes the client's side after the timeout (EOF, not a hang)...
+    client
+        .set_read_timeout(Some(Duration::from_secs(20)))
+        .unwrap();
+    let mut buf = [0u8; 8];
+    assert!(
+        matches!(client.read(&mut buf), Ok(0) | Err(_)),
+        "the client's side is closed"
+    );
+    assert!(
+        fin.elapsed() >= Duration::from_millis(900),
+        "closed after {:?}, before half_close_timeout",
+        fin.elapsed()
+    );
+    // ... and the task's: its writes are refused, and the connection is gone from the proxy.
+    eventually(Duration::from_secs(10), "the task's side is closed", || {
+        peer_closed(&task)
+    });
+    eventually(
+        Duration::from_secs(10),
+        "counted and no longer open",
+        || half_close_timeouts(&d) == 1 && active(&d) == 0,
+    );
+}
+
+#[test]
+fn half_close_timeout_closes_both_sides_when_the_client_never_closes() {
+    let upstream = TcpListener::bind("127.0.0.1:0").unwrap();
+    let listen = free_addr();
+    let d = half_close_config(listen, upstream.local_addr().unwrap(), "1s");
+    let mut client = TcpStream::connect(listen).unwrap();
+    let (mut task, _) = upstream.accept().unwrap();
+    // The task answers and closes its write side; the client reads it all and stays.
+    task.write_all(b"bye").unwrap();
+    task.shutdown(Shutdown::Write).unwrap();
+    client
+        .set_read_timeout(Some(Duration::from_secs(10)))
+        .unwrap();
+    let mut got = Vec::new();
+    client
+        .read_to_end(&mut got)
+        .expect("the client sees the FIN");
+    assert_eq!(got, b"bye");
+    task.set_read_timeout(Some(Duration::from_secs(20)))
+        .unwrap();
+    let mut buf = [0u8; 8];
+    assert!(
+        matches!(task.read(&mut buf), Ok(0) | Err(_)),
+        "the task's side is closed"
+    );
+    eventually(
+        Duration::from_secs(10),
+        "the client's side is closed",
+        || peer_closed(&client),
+    );
+    eventually(
+        Duration::from_secs(10),
+        "counted and no longer open",
+        || half_close_timeouts(&d) == 1 && active(&d) == 0,
+    );
+}
+
+#[test]
+fn half_closed_connection_that_still_moves_bytes_is_not_cut() {
+    let upstream = TcpListener::bind("127.0.0.1:0").unwrap();
+    let listen = free_addr();
+    let d = half_close_config(listen, upstream.local_addr().unwrap(), "1s");
+    let mut client = TcpStream::connect(listen).unwrap();
+    client.write_all(b"get").unwrap();
+    client.shutdown(Shutdown::Write).unwrap();
+    let (mut task, _) = upstream.accept().unwrap();
+    let mut got = Vec::new();
+    task.read_to_end(&mut got).unwrap();
+    assert_eq!(got, b"get");
+    // A slow answer after the client's FIN: a byte every 300 ms for 3 s, then the end.
+    let writer = std::thread::spawn(move || {
+        for _ in 0..10 {
+            task.write_all(b"x").unwrap();
+            std::thread::sleep(Duration::from_millis(300));
+        }
+        // dropping `task` closes it
+    });
+    client
+        .set_read_timeout(Some(Duration::from_secs(20)))
+        .unwrap();
+    let mut answer = Vec::new();
+    client.read_to_end(&mut answer).unwrap();
+    writer.join().unwrap();
+    assert_eq!(answer, b"xxxxxxxxxx", "the whole slow answer arrived");
+    assert_eq!(half_close_timeouts(&d), 0);
+}
+
+#[test]
+fn idle_connection_without_fin_is_never_cut_by_half_close_timeout() {
+    let upstream = TcpListener::bind("127.0.0.1:0").unwrap();
+    let listen = free_addr();
+    let d = half_close_config(listen, upstream.local_addr().unwrap(), "500ms");
+    let mut client = TcpStream::connect(listen).unwrap();
+    client.write_all(b"a").unwrap();
+    let (mut task, _) = upstream.accept().unwrap();
+    let mut buf = [0u8; 8];
+    task.read_exact(&mut buf[..1]).unwrap();
+    // Idle for four times the timeout, both sides open.
+    holds_for(
+        Duration::from_secs(2),
+        "the idle connection stays open",
+        || active(&d) == 1,
+    );
+    client.write_all(b"b").unwrap();
+    task.set_read_timeout(Some(Duration::from_secs(10)))
+        .unwrap();
+    task.read_exact(&mut buf[..1]).unwrap();
+    assert_eq!(&buf[..1], b"b");
+    task.write_all(b"c").unwrap();
+    client
+        .set_read_timeout(Some(Duration::from_secs(10)))
+        .unwrap();
+    client.read_exact(&mut buf[..1]).unwrap();
+    assert_eq!(&buf[..1], b"c");
+    assert_eq!(half_close_timeouts(&d), 0);
 }

@@ -13,6 +13,7 @@ use tokio::net::TcpStream;
 use tokio_rustls::server::TlsStream;
 
 use crate::proxy::socket;
+use crate::proxy::tcp::HalfClose;
 
 /// After a refusal the proxy reads and drops what the client still sends, so that closing
 /// sends FIN, not RST (an RST could destroy the answer before the client read it): at
@@ -36,7 +37,9 @@ impl Client {
         match self {
             Client::Tcp(s) => socket::read_some(s, buf, grow).await,
             Client::Tls(s) => {
-                if buf.capacity() - buf.len() < 2048 {
+                if buf.capacity() == 0 && grow <= crate::proxy::buffers::READ_SIZE {
+                    crate::proxy::buffers::take_read(buf);
+                } else if buf.capacity() - buf.len() < 2048 {
                     buf.reserve(grow.max(2048));
                 }
                 s.read_buf(buf).await
@@ -88,18 +91,22 @@ impl Client {
         }
     }
 
-    /// After a 101: bytes both ways until both sides end (splice(2) for plain TCP).
-    /// Returns bytes (to the task, to the client) for TLS; the TCP splice counts itself.
-    pub async fn tunnel(&mut self, up: &mut TcpStream, rx: &IntCounter, tx: &IntCounter) {
+    /// After a 101: bytes both ways until both sides end (splice(2) for plain TCP), or
+    /// until `hc` closes a half-closed tunnel.
+    pub async fn tunnel(
+        &mut self,
+        up: &mut TcpStream,
+        rx: &IntCounter,
+        tx: &IntCounter,
+        hc: &HalfClose<'_>,
+    ) {
         match self {
-            Client::Tcp(s) => crate::proxy::tcp::splice_streams(s, up, rx, tx).await,
+            Client::Tcp(s) => crate::proxy::tcp::splice_streams(s, up, rx, tx, hc).await,
             Client::Tls(s) => {
-                if let Ok((to_task, to_client)) =
-                    tokio::io::copy_bidirectional(s.as_mut(), up).await
-                {
-                    rx.inc_by(to_task);
-                    tx.inc_by(to_client);
-                }
+                let (to_task, to_client) =
+                    crate::proxy::tcp::copy_streams(s.as_mut(), up, hc).await;
+                rx.inc_by(to_task);
+                tx.inc_by(to_client);
             }
         }
     }

@@ -47,7 +47,9 @@ use crate::protocol::http1::request::{self, Limits};
 use crate::protocol::http1::response::ResponseRules;
 use crate::protocol::http1::{BodyError, BodyReader, Framing, Version};
 use crate::proxy::ListenerCtx;
+use crate::proxy::buffers;
 use crate::proxy::socket::{read_some, write_all};
+use crate::proxy::tcp::HalfClose;
 use crate::proxy::upstream::{Attempts, ClosedEarly, Connected};
 use crate::snapshot::{Service, Task};
 
@@ -139,8 +141,9 @@ pub async fn serve(
         client,
         hop,
         buf,
-        out: Vec::with_capacity(1024),
-        resp: Vec::with_capacity(1024),
+        // Taken from the worker's pool per request (buffers.rs), none while idle.
+        out: Vec::new(),
+        resp: Vec::new(),
         rbuf: BytesMut::new(),
         held: None,
         meters: None,
@@ -200,6 +203,10 @@ impl H1<'_> {
                     None => (Instant::now() + ctx.http.idle_timeout, false),
                 };
                 let empty = self.buf.is_empty();
+                if empty {
+                    // Between requests: hold no buffer while the client idles.
+                    self.release_buffers();
+                }
                 let read = tokio::select! {
                     r = tokio::time::timeout_at(deadline, self.client.read_some(&mut self.buf, HEAD_CHUNK)) => r,
                     // Draining: a connection between requests has nothing to finish.
@@ -232,6 +239,7 @@ impl H1<'_> {
                         heap = request::storage(limits.max_headers);
                         &mut heap
                     };
+                buffers::take_write(&mut self.out);
                 match request::parse(&self.buf, &limits, storage) {
                     Ok(Some(head)) => Ok(prepare(ctx, &self.hop, &head, &mut self.out)),
                     Ok(None) => Err(None),
@@ -248,13 +256,28 @@ impl H1<'_> {
                 Err(Some(e)) => return self.refuse(e, started).await,
             };
             scanned = 0;
-            match self.exchange(req, started).await {
+            buffers::take_write(&mut self.resp);
+            // Boxed: an exchange's state lives while it runs, not in every idle
+            // connection's future.
+            let next = {
+                let exchanging = Box::pin(self.exchange(req, started));
+                exchanging.await
+            };
+            match next {
                 Next::Keep if !ctx.drain.is_cancelled() => {}
                 Next::Keep => return Next::Close,
                 other => return other,
             }
             head_started = (!self.buf.is_empty()).then(Instant::now);
         }
+    }
+
+    /// Gives the connection's empty buffers back to the worker's pool.
+    fn release_buffers(&mut self) {
+        buffers::give_read(&mut self.buf);
+        buffers::give_read(&mut self.rbuf);
+        buffers::give_write(&mut self.out);
+        buffers::give_write(&mut self.resp);
     }
 
     /// Answers a refused head and closes: the connection's framing is lost.
@@ -521,7 +544,15 @@ impl H1<'_> {
             );
             if ok {
                 self.buf.clear();
-                self.client.tunnel(&mut up, &meters.rx, &meters.tx).await;
+                let hc = HalfClose {
+                    timeout: svc.settings.half_close_timeout,
+                    metrics: &ctx.metrics,
+                    listener: &ctx.name,
+                    service: name,
+                };
+                self.client
+                    .tunnel(&mut up, &meters.rx, &meters.tx, &hc)
+                    .await;
             }
             drop(in_flight);
             return Next::Close;
