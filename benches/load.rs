@@ -699,6 +699,36 @@ fn keepalive_get(s: &mut TcpStream) -> Result<(), String> {
 
 /// Opens `n` idle connections to `addr` (each after one keep-alive GET when `http`) and
 /// returns RSS growth of `pid` per connection.
+/// One idle row of the report: `n` idle connections (`http`: each after one answered GET)
+/// to `port` of process `pid`; its RSS per connection.
+fn idle_row(
+    report: &mut String,
+    t: Target,
+    pid: u32,
+    port: u16,
+    n: usize,
+    http: bool,
+) -> Option<f64> {
+    match idle_rss_per_conn(pid, loopback(port), n, http) {
+        Ok((per, before, after)) => {
+            let _ = writeln!(
+                report,
+                "  {:<16} {:>8.0} bytes/conn ({:.1} KiB; RSS {:.1} → {:.1} MiB)",
+                t.label(),
+                per,
+                per / 1024.0,
+                before as f64 / 1048576.0,
+                after as f64 / 1048576.0
+            );
+            Some(per)
+        }
+        Err(e) => {
+            let _ = writeln!(report, "  {:<16} failed: {e}", t.label());
+            None
+        }
+    }
+}
+
 fn idle_rss_per_conn(
     pid: u32,
     addr: SocketAddr,
@@ -969,22 +999,8 @@ fn main() {
             (Target::RoutemeshTcp, routemesh.pid(), rm_ports.tcp),
             (Target::HaproxyTcp, haproxy.pid(), ha_ports.tcp),
         ] {
-            match idle_rss_per_conn(pid, loopback(port), opts.idle, false) {
-                Ok((per, before, after)) => {
-                    let _ = writeln!(
-                        report,
-                        "  {:<16} {:>8.0} bytes/conn ({:.1} KiB; RSS {:.1} → {:.1} MiB)",
-                        t.label(),
-                        per,
-                        per / 1024.0,
-                        before as f64 / 1048576.0,
-                        after as f64 / 1048576.0
-                    );
-                    idle.insert(t, per);
-                }
-                Err(e) => {
-                    let _ = writeln!(report, "  {:<16} failed: {e}", t.label());
-                }
+            if let Some(per) = idle_row(&mut report, t, pid, port, opts.idle, false) {
+                idle.insert(t, per);
             }
         }
         let _ = writeln!(
@@ -1005,22 +1021,8 @@ fn main() {
             (Target::RoutemeshHttp, fresh.pid(), fresh_ports.http),
             (Target::HaproxyHttp, haproxy.pid(), ha_ports.http),
         ] {
-            match idle_rss_per_conn(pid, loopback(port), opts.idle, true) {
-                Ok((per, before, after)) => {
-                    let _ = writeln!(
-                        report,
-                        "  {:<16} {:>8.0} bytes/conn ({:.1} KiB; RSS {:.1} → {:.1} MiB)",
-                        t.label(),
-                        per,
-                        per / 1024.0,
-                        before as f64 / 1048576.0,
-                        after as f64 / 1048576.0
-                    );
-                    idle_http.insert(t, per);
-                }
-                Err(e) => {
-                    let _ = writeln!(report, "  {:<16} failed: {e}", t.label());
-                }
+            if let Some(per) = idle_row(&mut report, t, pid, port, opts.idle, true) {
+                idle_http.insert(t, per);
             }
         }
         drop(fresh);
