@@ -669,18 +669,9 @@ fn bind_reason(e: &std::io::Error) -> String {
 /// A listener as the node's records report it.
 pub fn record_of(l: &ListenerConfig, source: Option<Source>, state: String) -> PublishedListener {
     PublishedListener {
-        name: l.name.clone(),
-        port: l.listen.port(),
-        protocol: l.protocol.as_str().to_string(),
-        // The default service; "" for an http/tls listener without one (DNS SRV answers
-        // `_SERVICE._tcp` from this field, so such listeners get none).
-        service: l
-            .service
-            .as_ref()
-            .map(|s| s.to_string())
-            .unwrap_or_default(),
         state,
         source: source.map(Source::as_str).unwrap_or("config").to_string(),
+        ..PublishedListener::from_config(l)
     }
 }
 

@@ -191,22 +191,24 @@ impl Inherited {
 
     /// Every TCP listener socket, by configured address.
     pub fn take_listeners(&mut self) -> BTreeMap<SocketAddr, std::net::TcpListener> {
-        let mut out = BTreeMap::new();
-        while let Some((info, fd)) = self.take(|s| s.kind == Kind::Listener && s.addr.is_some()) {
-            let addr = info.addr.expect("picked with an address");
-            if let Some(s) = checked(&info, fd, socket2::Type::STREAM) {
-                out.insert(addr, s.into());
-            }
-        }
-        out
+        self.take_all(Kind::Listener, socket2::Type::STREAM)
     }
 
     /// Every udp listener socket, by configured address.
     pub fn take_udp_listeners(&mut self) -> BTreeMap<SocketAddr, std::net::UdpSocket> {
+        self.take_all(Kind::Udp, socket2::Type::DGRAM)
+    }
+
+    /// Every socket of `kind` that has an address and is of type `ty`, by that address.
+    fn take_all<S: From<socket2::Socket>>(
+        &mut self,
+        kind: Kind,
+        ty: socket2::Type,
+    ) -> BTreeMap<SocketAddr, S> {
         let mut out = BTreeMap::new();
-        while let Some((info, fd)) = self.take(|s| s.kind == Kind::Udp && s.addr.is_some()) {
+        while let Some((info, fd)) = self.take(|s| s.kind == kind && s.addr.is_some()) {
             let addr = info.addr.expect("picked with an address");
-            if let Some(s) = checked(&info, fd, socket2::Type::DGRAM) {
+            if let Some(s) = checked(&info, fd, ty) {
                 out.insert(addr, s.into());
             }
         }
