@@ -44,7 +44,7 @@ mod support;
 
 #[path = "common/proc.rs"]
 mod proc_;
-use proc_::{Proc, children, cpu_secs, proc_stat};
+use proc_::{Proc, children, cpu_secs, proc_stat, rss_bytes};
 #[path = "common/stats.rs"]
 mod stats;
 use stats::{env_or, env_threads, fmt_cpu_us, fmt_us, median, ratio};
@@ -102,17 +102,6 @@ fn tool(name: &str) -> PathBuf {
             "{name} not found: `apt-get install -y nginx haproxy wrk iperf3 nghttp2-client openssl` (Debian)"
         )
     })
-}
-
-/// VmRSS of `pid` in bytes.
-fn rss_bytes(pid: u32) -> u64 {
-    let status = std::fs::read_to_string(format!("/proc/{pid}/status")).unwrap_or_default();
-    status
-        .lines()
-        .find_map(|l| l.strip_prefix("VmRSS:"))
-        .and_then(|v| v.trim().trim_end_matches("kB").trim().parse::<u64>().ok())
-        .map(|kb| kb * 1024)
-        .unwrap_or(0)
 }
 
 fn is_root() -> bool {

@@ -48,7 +48,7 @@ mod support;
 
 #[path = "common/proc.rs"]
 mod proc_;
-use proc_::{Proc, cpu_secs};
+use proc_::{Proc, cpu_secs, rss_bytes};
 #[path = "common/stats.rs"]
 mod stats;
 use stats::{env_or, env_threads, fmt_cpu_us, fmt_us, median, ratio};
@@ -461,17 +461,6 @@ struct Samples {
 
 // ---------------------------------------------------------------------------------------------
 // The reconnect storm
-
-/// VmRSS of `pid` in bytes.
-fn rss_bytes(pid: u32) -> u64 {
-    let status = std::fs::read_to_string(format!("/proc/{pid}/status")).unwrap_or_default();
-    status
-        .lines()
-        .find_map(|l| l.strip_prefix("VmRSS:"))
-        .and_then(|v| v.trim().trim_end_matches("kB").trim().parse::<u64>().ok())
-        .map(|kb| kb * 1024)
-        .unwrap_or(0)
-}
 
 struct StormResult {
     /// First SYN → last CONNACK.

@@ -49,6 +49,18 @@ pub fn proc_stat(pid: u32) -> Option<(u32, u64)> {
     ))
 }
 
+/// VmRSS of `pid` in bytes (0 when it cannot be read).
+#[allow(dead_code)] // not every bench reads memory
+pub fn rss_bytes(pid: u32) -> u64 {
+    let status = std::fs::read_to_string(format!("/proc/{pid}/status")).unwrap_or_default();
+    status
+        .lines()
+        .find_map(|l| l.strip_prefix("VmRSS:"))
+        .and_then(|v| v.trim().trim_end_matches("kB").trim().parse::<u64>().ok())
+        .map(|kb| kb * 1024)
+        .unwrap_or(0)
+}
+
 /// Direct children of `pid` (nginx workers).
 pub fn children(pid: u32) -> Vec<u32> {
     let mut out = Vec::new();
