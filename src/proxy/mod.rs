@@ -16,6 +16,7 @@ pub mod udp;
 pub mod upstream;
 
 use std::sync::Arc;
+use std::time::Duration;
 
 use crate::config::{HttpLimits, RouteConfig, ServiceName};
 use crate::metrics::Metrics;
@@ -51,7 +52,19 @@ impl ListenerCtx {
     pub fn service_label(&self) -> &str {
         self.service.as_ref().map(|s| s.as_str()).unwrap_or("")
     }
+
+    /// Resolves [`FIRST_BYTES_GRACE`] after the drain began: what a connection that has sent
+    /// nothing yet waits on before it closes. One accepted just before the drain most likely
+    /// has its first bytes on the way, and closing it with them unread would reset it.
+    pub async fn drain_grace_over(&self) {
+        self.drain.cancelled().await;
+        tokio::time::sleep(FIRST_BYTES_GRACE).await;
+    }
 }
+
+/// How long a draining process still waits for the first bytes (a ClientHello, a request)
+/// of a connection that has sent nothing yet.
+pub const FIRST_BYTES_GRACE: Duration = Duration::from_millis(500);
 
 /// One open downstream connection: counted in `connections_total` when opened and in
 /// `active_connections` for as long as the guard lives.

@@ -288,8 +288,9 @@ pub async fn terminate(
     };
     let bounded = tokio::select! {
         r = tokio::time::timeout(ctx.edge.handshake_timeout, handshake) => r,
-        // Draining: no request has started on this connection yet.
-        _ = ctx.drain.cancelled() => return,
+        // Draining: no request has started on this connection yet; one accepted just before
+        // the drain began gets a grace for its handshake.
+        _ = ctx.drain_grace_over() => return,
     };
     let stream = match bounded {
         Err(_) => {

@@ -5,7 +5,8 @@
 //! sends new ones to the new process, and no etcd watcher sees a key of the node deleted. A
 //! new process that fails (broken config, killed before it is ready) leaves the old one
 //! serving; upgrades chain; a second upgrade while the old process drains is refused. A udp
-//! listener keeps answering across an upgrade (its socket is handed over).
+//! listener keeps answering across an upgrade (its socket is handed over). Clients connecting
+//! in a tight loop across hand-overs, hesitating before their first bytes, are all answered.
 
 use std::collections::{BTreeMap, BTreeSet};
 use std::fs::OpenOptions;
@@ -1226,4 +1227,126 @@ fn a_udp_listener_keeps_answering_across_an_upgrade() {
     );
     assert!(!new.log().contains("cannot bind"), "{}", new.log());
     assert_eq!(new.terminate().code(), Some(0));
+}
+
+// ---- connections opened right at the hand-over ------------------------------------------------
+
+/// How long a client of the hand-over test waits between connecting and sending its first
+/// bytes: 0 to 15 ms in turn, so some are accepted by the old process just before it stops
+/// accepting and send their request only after.
+fn hesitation(turn: &AtomicUsize) -> Duration {
+    Duration::from_millis(5 * (turn.fetch_add(1, Ordering::Relaxed) % 4) as u64)
+}
+
+/// A GET with `Connection: close` on a fresh connection, after `wait`: 200 from nginx.
+fn hesitant_get<S: Read + Write>(mut s: S, wait: Duration) -> Result<(), String> {
+    thread::sleep(wait);
+    s.write_all(b"GET / HTTP/1.1\r\nHost: web\r\nConnection: close\r\n\r\n")
+        .and_then(|()| s.flush())
+        .map_err(|e| format!("write after {wait:?}: {e}"))?;
+    let mut raw = Vec::new();
+    s.read_to_end(&mut raw)
+        .map_err(|e| format!("read after {wait:?}: {e}"))?;
+    let text = String::from_utf8_lossy(&raw);
+    if text.starts_with("HTTP/1.1 200") && text.contains("name=web") {
+        Ok(())
+    } else {
+        Err(format!(
+            "after {wait:?}: {:?}",
+            text.lines().next().unwrap_or("nothing")
+        ))
+    }
+}
+
+/// Clients connecting in a tight loop across two hand-overs, each hesitating up to 15 ms
+/// before its first bytes (plain HTTP, HTTPS with the handshake after the hesitation, MQTT
+/// CONNECT through a Maglev client-id listener): not one is refused, reset or left unanswered —
+/// a connection the old process accepted just before it stopped is served to its end.
+#[test]
+fn connections_opened_at_the_hand_over_are_all_answered() {
+    let etcd = Etcd::start();
+    let nginx = Nginx::start("web");
+    let broker = Mosquitto::start("b0");
+    let ports = Ports::new();
+    let pki = crate::support::pki::Pki::new();
+    let (cert, key) = pki.issue("web", "web.test", &["DNS:web.test"]);
+    let https = free_addr();
+    let toml = format!(
+        "{}\n[[listener]]\nname = \"https\"\nlisten = \"{https}\"\nprotocol = \"http\"\nservice = \"web\"\ntls = {{ cert = \"{}\", key = \"{}\" }}\n",
+        config(&etcd, &ports, nginx.addr(), &[broker.addr()], ""),
+        cert.display(),
+        key.display()
+    );
+    let mut old = Daemon::start(&toml);
+    old.wait_ready();
+
+    let web = ports.web;
+    let turn = Arc::new(AtomicUsize::new(0));
+    let t = turn.clone();
+    let plain = Load::start(2, Duration::ZERO, move || {
+        let s = TcpStream::connect_timeout(&web, IO_TIMEOUT).map_err(|e| e.to_string())?;
+        s.set_read_timeout(Some(IO_TIMEOUT)).unwrap();
+        hesitant_get(s, hesitation(&t))
+    });
+    let tls = Arc::new(crate::support::tls::client_config(
+        &pki.ca(),
+        &[b"http/1.1"],
+    ));
+    let t = turn.clone();
+    let secure = Load::start(1, Duration::ZERO, move || {
+        let tcp = TcpStream::connect_timeout(&https, IO_TIMEOUT).map_err(|e| e.to_string())?;
+        tcp.set_read_timeout(Some(IO_TIMEOUT)).unwrap();
+        let name = tokio_rustls::rustls::pki_types::ServerName::try_from("web.test").unwrap();
+        let conn = tokio_rustls::rustls::ClientConnection::new(tls.clone(), name).unwrap();
+        hesitant_get(
+            tokio_rustls::rustls::StreamOwned::new(conn, tcp),
+            hesitation(&t),
+        )
+    });
+    let mqtt = ports.mqtt;
+    let t = turn.clone();
+    let devices = Load::start(1, Duration::ZERO, move || {
+        thread::sleep(hesitation(&t));
+        let n = t.load(Ordering::Relaxed);
+        let mut s = mqtt_connect(mqtt, &format!("storm-{n}")).map_err(|e| e.to_string())?;
+        // DISCONNECT, then the device goes.
+        s.write_all(&[0xe0, 0]).map_err(|e| e.to_string())
+    });
+
+    thread::sleep(Duration::from_secs(1));
+    let mut second = Upgrader::start(old.config_path());
+    second.wait_taken_over();
+    thread::sleep(Duration::from_millis(500));
+    let status = old
+        .wait_exit(WAIT)
+        .expect("the old process drains and exits");
+    assert_eq!(status.code(), Some(0), "old log:\n{}", old.log_tail(30));
+    eventually(WAIT, "the previous process's exit noticed", || {
+        second.log().contains("the previous process has exited")
+    });
+    let mut third = Upgrader::start(old.config_path());
+    third.wait_taken_over();
+    thread::sleep(Duration::from_millis(500));
+    assert_eq!(second.wait_exit(WAIT).code(), Some(0), "{}", second.log());
+
+    let (plain_ok, plain_failed) = plain.stop();
+    let (secure_ok, secure_failed) = secure.stop();
+    let (devices_ok, devices_failed) = devices.stop();
+    eprintln!(
+        "[hand-over] {plain_ok} HTTP, {secure_ok} HTTPS, {devices_ok} MQTT connections across two upgrades"
+    );
+    for (kind, failed) in [
+        ("HTTP", &plain_failed),
+        ("HTTPS", &secure_failed),
+        ("MQTT", &devices_failed),
+    ] {
+        assert!(
+            failed.is_empty(),
+            "{} {kind} connections failed: {:?}",
+            failed.len(),
+            &failed[..failed.len().min(10)]
+        );
+    }
+    assert!(plain_ok > 200 && secure_ok > 50 && devices_ok > 50);
+    assert_eq!(third.terminate().code(), Some(0));
 }

@@ -65,10 +65,6 @@ const STACK_FIELDS: usize = 128;
 
 const CONTINUE: &[u8] = b"HTTP/1.1 100 Continue\r\n\r\n";
 
-/// How long a draining process still waits for the first request of a connection that has
-/// sent nothing yet (its request may be in flight) before closing it.
-const FIRST_REQUEST_GRACE: std::time::Duration = std::time::Duration::from_millis(500);
-
 /// How a connection goes on after a request.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 enum Next {
@@ -215,12 +211,8 @@ impl H1<'_> {
                     r = tokio::time::timeout_at(deadline, self.client.read_some(&mut self.buf, HEAD_CHUNK)) => r,
                     // Draining: a connection between requests has nothing to finish.
                     _ = ctx.drain.cancelled(), if empty && !partial => return Next::Close,
-                    // One accepted just before the drain began most likely has its first
-                    // request on the way: closing with it unread would reset it.
-                    _ = async {
-                        ctx.drain.cancelled().await;
-                        tokio::time::sleep(FIRST_REQUEST_GRACE).await;
-                    }, if empty && partial => return Next::Close,
+                    // One waiting for its first request gets a grace (it may be on the way).
+                    _ = ctx.drain_grace_over(), if empty && partial => return Next::Close,
                 };
                 match read {
                     Err(_) if partial && !self.buf.is_empty() => {

@@ -84,7 +84,7 @@ async fn serve(
 }
 
 /// Reads until the HTTP/2 preface matches or cannot match: the bytes read, and whether the
-/// connection speaks HTTP/2. `None`: the client left (or the daemon drains) before a byte.
+/// connection speaks HTTP/2. `None`: the client left (or the daemon drained) before a byte.
 async fn preface(
     ctx: &ListenerCtx,
     client: &mut Client,
@@ -101,8 +101,8 @@ async fn preface(
         }
         let read = tokio::select! {
             r = tokio::time::timeout_at(deadline, client.read_some(&mut initial, 4096)) => r,
-            // Draining: a connection that has not sent a byte has nothing to finish.
-            _ = ctx.drain.cancelled(), if initial.is_empty() => return None,
+            // Draining: a connection that has not sent a byte yet gets a grace for it.
+            _ = ctx.drain_grace_over(), if initial.is_empty() => return None,
         };
         match read {
             // Out of time: the HTTP/1 engine answers 408 for a partial head, or closes.
