@@ -2,8 +2,10 @@
 //! have closed. Half-close is preserved (EOF from one side becomes a write shutdown towards the
 //! other), bounded by the service's `half_close_timeout` ([`HalfClose`]); an abort (reset) on
 //! one side resets the other. A read buffer is taken from the worker's pool only once a side
-//! has data and given back when it is drained, and every phase's state is boxed only while
-//! it runs, so an idle connection holds its sockets and a small future, nothing more.
+//! has data and given back when it is drained; both directions of the copy are one future
+//! polled by hand ([`Relay`], a few dozen bytes a direction), and every other phase's state
+//! (routing, connect, a bulk flow's splice) is boxed only while it runs, so an idle
+//! connection holds its sockets and a small future, nothing more.
 //!
 //! A service with `balance = "maglev"` is routed by a key hash: the peer IP, or for
 //! `hash_key = "mqtt_client_id"` the client id of the MQTT CONNECT, read (not forwarded) before
@@ -15,7 +17,8 @@ use std::io;
 use std::net::{Shutdown, SocketAddr};
 use std::pin::Pin;
 use std::sync::Arc;
-use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::task::{Context, Poll, ready};
 use std::time::Duration;
 
 use bytes::BytesMut;
@@ -283,22 +286,221 @@ pub async fn splice_streams(
     b_to_a: &IntCounter,
     hc: &HalfClose<'_>,
 ) {
-    // The direction that ends last skips its write shutdown: both sockets close right after,
-    // and close sends the FIN itself (one system call less per connection).
-    let ended = AtomicBool::new(false);
     let moved = AtomicU64::new(0);
-    // Each direction boxed at its size: both_ways pins what it is given, and a future moved
-    // into another one is stored again, not overlaid.
-    let ab = Box::pin(pipe(a, b, a_to_b, &ended, &moved));
-    let ba = Box::pin(pipe(b, a, b_to_a, &ended, &moved));
-    let copying = both_ways(ab, ba, &moved, hc.timeout);
-    match copying.await {
+    let relay = Relay {
+        a,
+        b,
+        a_to_b,
+        b_to_a,
+        moved: &moved,
+        ab: Direction::new(),
+        ba: Direction::new(),
+        ended: false,
+        timeout: hc.timeout,
+        half_closed: None,
+    };
+    match relay.await {
         End::Closed => {}
         End::Failed => {
             reset_on_close(a);
             reset_on_close(b);
         }
         End::HalfCloseExpired => hc.expired(),
+    }
+}
+
+/// The two-way copy of [`splice_streams`] as one future polled by hand: both directions'
+/// state sits in it side by side (a few dozen bytes each), instead of a future per
+/// direction, so an idle connection holds no more than its sockets and this.
+struct Relay<'a> {
+    a: &'a TcpStream,
+    b: &'a TcpStream,
+    a_to_b: &'a IntCounter,
+    b_to_a: &'a IntCounter,
+    /// Bytes moved either way: what the half-close timer watches.
+    moved: &'a AtomicU64,
+    ab: Direction<'a>,
+    ba: Direction<'a>,
+    /// One direction has passed its EOF on: the last one skips its write shutdown, as both
+    /// sockets close right after and close sends the FIN itself (one system call less).
+    ended: bool,
+    timeout: Duration,
+    /// After the first EOF: the timer and the `moved` count it was armed at.
+    half_closed: Option<(Pin<Box<tokio::time::Sleep>>, u64)>,
+}
+
+/// A bulk flow's splice(2) forwarding, boxed: allocated while it flows, not held by every
+/// idle connection.
+type Splicing<'a> = Pin<Box<dyn Future<Output = io::Result<splice::Forwarded>> + Send + 'a>>;
+
+/// Where one direction of a [`Relay`] is.
+enum Stage<'a> {
+    /// Through `buf`: a buffer from the worker's pool while bytes are in flight, none while
+    /// the source is drained.
+    Copy,
+    Splice(Splicing<'a>),
+    /// EOF passed on.
+    Done,
+}
+
+/// One direction of a [`Relay`].
+struct Direction<'a> {
+    stage: Stage<'a>,
+    /// Bytes read and not yet all written: `buf[written..]` is still to go.
+    buf: BytesMut,
+    written: usize,
+    /// The last read left the source drained: the buffer goes back once written.
+    drained: bool,
+    /// Bytes copied through the buffer: past `SPLICE_AFTER` the direction splices.
+    copied: usize,
+    splice_ok: bool,
+}
+
+impl Direction<'_> {
+    fn new() -> Self {
+        Direction {
+            stage: Stage::Copy,
+            buf: BytesMut::new(),
+            written: 0,
+            drained: false,
+            copied: 0,
+            splice_ok: splice::available(),
+        }
+    }
+
+    fn done(&self) -> bool {
+        matches!(self.stage, Stage::Done)
+    }
+}
+
+impl Drop for Direction<'_> {
+    fn drop(&mut self) {
+        buffers::give_read(&mut self.buf);
+    }
+}
+
+impl<'a> Direction<'a> {
+    /// Moves bytes `from` → `to` until EOF (then shuts down `to`'s write side, unless the other
+    /// direction ended first) or an error; `Pending` while neither side is ready.
+    fn poll(
+        &mut self,
+        cx: &mut Context<'_>,
+        from: &'a TcpStream,
+        to: &'a TcpStream,
+        counter: &'a IntCounter,
+        moved: &'a AtomicU64,
+        ended: &mut bool,
+    ) -> Poll<io::Result<()>> {
+        loop {
+            match &mut self.stage {
+                Stage::Done => return Poll::Ready(Ok(())),
+                Stage::Splice(forwarding) => match ready!(forwarding.as_mut().poll(cx)) {
+                    Ok(splice::Forwarded::Eof) => {
+                        self.stage = Stage::Done;
+                        pass_eof(to, ended);
+                    }
+                    Ok(splice::Forwarded::NoPipe) => {
+                        self.splice_ok = false;
+                        self.stage = Stage::Copy;
+                    }
+                    Err(e) => return Poll::Ready(Err(e)),
+                },
+                Stage::Copy if self.written < self.buf.len() => {
+                    match to.try_write(&self.buf[self.written..]) {
+                        Ok(0) => return Poll::Ready(Err(io::ErrorKind::WriteZero.into())),
+                        Ok(n) => self.written += n,
+                        Err(e) if e.kind() == io::ErrorKind::WouldBlock => {
+                            ready!(to.poll_write_ready(cx))?;
+                            continue;
+                        }
+                        Err(e) => return Poll::Ready(Err(e)),
+                    }
+                    if self.written == self.buf.len() {
+                        let n = self.buf.len();
+                        counter.inc_by(n as u64);
+                        moved.fetch_add(n as u64, Ordering::Relaxed);
+                        self.copied += n;
+                        self.buf.clear();
+                        self.written = 0;
+                        if self.drained {
+                            // Drained: give the buffer back while the connection waits.
+                            buffers::give_read(&mut self.buf);
+                        }
+                    }
+                }
+                Stage::Copy if self.splice_ok && self.copied >= SPLICE_AFTER => {
+                    buffers::give_read(&mut self.buf);
+                    self.stage = Stage::Splice(Box::pin(async move {
+                        let on_bytes = |n| {
+                            counter.inc_by(n);
+                            moved.fetch_add(n, Ordering::Relaxed);
+                        };
+                        splice::forward(from, to, &on_bytes).await
+                    }));
+                }
+                Stage::Copy => {
+                    // Wait for data before taking a buffer from the worker's pool.
+                    ready!(from.poll_read_ready(cx))?;
+                    if self.buf.capacity() == 0 {
+                        buffers::take_read(&mut self.buf);
+                    }
+                    let offered = self.buf.capacity();
+                    match try_read_some(from, &mut self.buf) {
+                        // Nothing after all (readiness cleared): wait again.
+                        None => buffers::give_read(&mut self.buf),
+                        Some(Ok(0)) => {
+                            buffers::give_read(&mut self.buf);
+                            self.stage = Stage::Done;
+                            pass_eof(to, ended);
+                        }
+                        Some(Ok(n)) => self.drained = n < offered,
+                        Some(Err(e)) => return Poll::Ready(Err(e)),
+                    }
+                }
+            }
+        }
+    }
+}
+
+impl Future for Relay<'_> {
+    type Output = End;
+
+    fn poll(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<End> {
+        let r = self.get_mut();
+        if let Poll::Ready(Err(_)) = r.ab.poll(cx, r.a, r.b, r.a_to_b, r.moved, &mut r.ended) {
+            return Poll::Ready(End::Failed);
+        }
+        if let Poll::Ready(Err(_)) = r.ba.poll(cx, r.b, r.a, r.b_to_a, r.moved, &mut r.ended) {
+            return Poll::Ready(End::Failed);
+        }
+        match (r.ab.done(), r.ba.done()) {
+            (true, true) => return Poll::Ready(End::Closed),
+            (false, false) => return Poll::Pending,
+            _ => {}
+        }
+        // Half-closed: the open direction must end, or move a byte, within each `timeout`.
+        let (timeout, moved) = (r.timeout, r.moved);
+        let (timer, seen) = r.half_closed.get_or_insert_with(|| {
+            let seen = moved.load(Ordering::Relaxed);
+            (Box::pin(tokio::time::sleep(timeout)), seen)
+        });
+        while timer.as_mut().poll(cx).is_ready() {
+            let now = moved.load(Ordering::Relaxed);
+            if now == *seen {
+                return Poll::Ready(End::HalfCloseExpired);
+            }
+            *seen = now;
+            timer.as_mut().reset(tokio::time::Instant::now() + timeout);
+        }
+        Poll::Pending
+    }
+}
+
+/// Passes an EOF on: shuts down `to`'s write side, unless the other direction has ended too
+/// (then closing both, just after, sends the FIN).
+fn pass_eof(to: &TcpStream, ended: &mut bool) {
+    if !std::mem::replace(ended, true) {
+        let _ = socket2::SockRef::from(to).shutdown(Shutdown::Write);
     }
 }
 
@@ -350,92 +552,7 @@ where
     }
 }
 
-/// Passes an EOF on: shuts down `to`'s write side, unless the other direction has ended too
-/// (then closing both, just after, sends the FIN).
-fn half_close(to: &TcpStream, ended: &AtomicBool) {
-    if !ended.swap(true, Ordering::Relaxed) {
-        let _ = socket2::SockRef::from(to).shutdown(Shutdown::Write);
-    }
-}
-
 /// SO_LINGER 0: closing sends RST instead of FIN (non-blocking with a zero timeout).
 pub fn reset_on_close(s: &TcpStream) {
     let _ = socket2::SockRef::from(s).set_linger(Some(std::time::Duration::ZERO));
-}
-
-/// Copies `from` → `to` until EOF, then shuts down `to`'s write side.
-///
-/// The first `SPLICE_AFTER` bytes go through a small buffer that exists only while data is
-/// flowing (released whenever the source is drained), so short connections create no pipe
-/// and idle ones hold no buffer. Past that, bulk flows move with splice(2) (no user-space
-/// copy); if no pipe can be made, the buffered copy simply goes on.
-async fn pipe(
-    from: &TcpStream,
-    to: &TcpStream,
-    counter: &IntCounter,
-    ended: &AtomicBool,
-    progress: &AtomicU64,
-) -> io::Result<()> {
-    let mut buf = BytesMut::new();
-    let r = copy_or_splice(from, to, counter, ended, progress, &mut buf).await;
-    buffers::give_read(&mut buf);
-    r
-}
-
-/// [`pipe`]'s loop; `buf` is the pooled buffer it holds while data flows.
-async fn copy_or_splice(
-    from: &TcpStream,
-    to: &TcpStream,
-    counter: &IntCounter,
-    ended: &AtomicBool,
-    progress: &AtomicU64,
-    buf: &mut BytesMut,
-) -> io::Result<()> {
-    let mut moved: usize = 0;
-    let mut splice_ok = splice::available();
-    loop {
-        if splice_ok && moved >= SPLICE_AFTER {
-            buffers::give_read(buf);
-            let on_bytes = |n| {
-                counter.inc_by(n);
-                progress.fetch_add(n, Ordering::Relaxed);
-            };
-            // Boxed: a bulk flow's state is allocated while it flows, not held by every
-            // idle connection's future.
-            let forwarding = Box::pin(splice::forward(from, to, &on_bytes));
-            match forwarding.await? {
-                splice::Forwarded::Eof => {
-                    half_close(to, ended);
-                    return Ok(());
-                }
-                splice::Forwarded::NoPipe => splice_ok = false,
-            }
-        }
-        if buf.capacity() == 0 {
-            // Wait for data before taking a buffer from the worker's pool.
-            from.readable().await?;
-            buffers::take_read(buf);
-        }
-        let offered = buf.capacity();
-        let n = match try_read_some(from, buf) {
-            Some(r) => r?,
-            None => {
-                buffers::give_read(buf);
-                continue;
-            }
-        };
-        if n == 0 {
-            half_close(to, ended);
-            return Ok(());
-        }
-        write_all(to, &buf[..n]).await.map_err(|(_, e)| e)?;
-        counter.inc_by(n as u64);
-        progress.fetch_add(n as u64, Ordering::Relaxed);
-        moved += n;
-        buf.clear();
-        if n < offered {
-            // Drained: give the buffer back while the connection waits.
-            buffers::give_read(buf);
-        }
-    }
 }
