@@ -42,6 +42,8 @@ use crate::snapshot::Service;
 const TLS_BUF_SIZE: usize = 16 * 1024;
 /// Bytes a direction copies through the buffer before switching to splice(2).
 const SPLICE_AFTER: usize = 64 * 1024;
+/// The first read of a CONNECT that routes the connection (`mqtt_client_id`).
+const FIRST_READ: usize = 256;
 
 static NO_TASK_LOG: LogLimiter = LogLimiter::new(1000);
 static BAD_CONNECT_LOG: LogLimiter = LogLimiter::new(1000);
@@ -185,9 +187,11 @@ async fn route_hash(
 }
 
 /// Reads what is available into `buf`, never growing it past `cap`; 0 = EOF. Room is made
-/// in `buf` itself once data is there (no chunk on the connection's future).
+/// in `buf` itself once data is there (no chunk on the connection's future), little at first
+/// (a CONNECT is a few dozen bytes: a reconnect storm of thousands holds little at once),
+/// doubling while a packet is larger.
 async fn read_some(from: &TcpStream, buf: &mut Vec<u8>, cap: usize) -> io::Result<usize> {
-    let want = 4096.min(cap - buf.len());
+    let want = buf.len().clamp(FIRST_READ, 4096).min(cap - buf.len());
     loop {
         from.readable().await?;
         buf.reserve(want);

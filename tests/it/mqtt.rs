@@ -374,6 +374,36 @@ fn expect_closed(listen: SocketAddr, bytes: &[u8], within: Duration) -> Duration
     t0.elapsed()
 }
 
+/// A CONNECT larger than the first read (256 bytes) and than a read chunk (4 KiB): a 6,000-byte
+/// client id, whole and in two pieces, is read to its end and routed.
+#[test]
+fn a_large_connect_is_read_whole_and_routed() {
+    let broker = Mosquitto::start("large");
+    let listen = free_addr();
+    let d = mqtt_config(Config::static_tasks().node("n1"), listen, 65536)
+        .task(Task::new("mqtt", broker.addr()).id("broker-0"))
+        .start();
+    let id = format!("large-{}", "x".repeat(6000));
+    for split in [None, Some(300)] {
+        let mut s = dial(listen);
+        let pkt = connect_packet(id.as_bytes());
+        match split {
+            None => s.write_all(&pkt).unwrap(),
+            Some(at) => {
+                s.write_all(&pkt[..at]).unwrap();
+                // Shaped input: the rest arrives as a read of its own.
+                std::thread::sleep(Duration::from_millis(50));
+                s.write_all(&pkt[at..]).unwrap();
+            }
+        }
+        let mut ack = [0u8; 4];
+        s.read_exact(&mut ack)
+            .unwrap_or_else(|e| panic!("CONNACK (split {split:?}): {e}"));
+        assert_eq!(ack, [0x20, 2, 0, 0], "split {split:?}");
+    }
+    assert_eq!(d.metric_sum("routemesh_mqtt_connect_errors_total"), 0.0);
+}
+
 #[test]
 fn bad_first_packets_are_closed_counted_and_never_reach_a_broker() {
     let broker = Mosquitto::start("bad");
