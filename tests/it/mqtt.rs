@@ -10,6 +10,7 @@ use std::net::{SocketAddr, TcpStream};
 use std::process::{Command, Output};
 use std::time::{Duration, Instant};
 
+use crate::support::daemon::service_tasks;
 use crate::support::mosquitto::{Mosquitto, mosquitto_bin};
 use crate::support::mqtt_wire::{self, CONNACK_ACCEPTED, DISCONNECT};
 use crate::support::process::run_bounded;
@@ -111,15 +112,7 @@ impl Cluster {
     fn wait_tasks(&self, n: usize) {
         for d in &self.daemons {
             eventually(WAIT, &format!("{n} mqtt tasks in /routes"), || {
-                let routes = d.routes();
-                routes["services"]
-                    .as_array()
-                    .into_iter()
-                    .flatten()
-                    .filter(|s| s["name"] == "mqtt")
-                    .map(|s| s["tasks"].as_array().map_or(0, |t| t.len()))
-                    .sum::<usize>()
-                    == n
+                service_tasks(&d.routes(), "mqtt").len() == n
             });
         }
     }
