@@ -477,13 +477,8 @@ impl H1<'_> {
     /// Sends the request in `out` (and the rest of a streaming body) to an HTTP/1.1 task,
     /// then relays the response.
     async fn forward_h1(&mut self, req: &Req, forward: Forward<'_>) -> Next {
-        let Forward {
-            svc,
-            meters,
-            mut body,
-            complete,
-            started,
-        } = forward;
+        let Forward { svc, meters, .. } = forward;
+        let (mut body, complete, started) = (forward.body, forward.complete, forward.started);
         let ctx = self.ctx;
         let name = svc.name.as_str();
         let limit = ctx.http.max_body_bytes;
@@ -664,13 +659,8 @@ impl H1<'_> {
     /// Sends the request to an h2c task through hyper (body held, or pumped from the
     /// client as it arrives), then writes the response for this HTTP/1.x client.
     async fn forward_h2c(&mut self, req: &mut Req, forward: Forward<'_>) -> Next {
-        let Forward {
-            svc,
-            meters,
-            mut body,
-            complete,
-            started,
-        } = forward;
+        let Forward { svc, meters, .. } = forward;
+        let (mut body, complete, started) = (forward.body, forward.complete, forward.started);
         let ctx = self.ctx;
         let name = svc.name.as_str();
         let settings = &svc.settings;
