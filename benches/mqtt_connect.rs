@@ -54,7 +54,7 @@ mod daemon;
 #[path = "common/stats.rs"]
 mod stats;
 use stats::{
-    cores, env_or, env_threads, fmt_cpu_us, fmt_us, median, on_threads, percentile, ratio,
+    Samples, cores, env_or, env_threads, fmt_cpu_us, fmt_us, median, on_threads, percentile, ratio,
     round_order,
 };
 
@@ -399,15 +399,6 @@ fn run_round(addrs: &[SocketAddr], clients: usize, secs: u64, tag: &str) -> Roun
     r
 }
 
-#[derive(Default)]
-struct Samples {
-    rate: Vec<f64>,
-    p50: Vec<f64>,
-    p99: Vec<f64>,
-    cpu_us: Vec<f64>,
-    errors: u64,
-}
-
 // ---------------------------------------------------------------------------------------------
 // The reconnect storm
 
@@ -700,15 +691,10 @@ fn main() {
                 let cpu = pid.zip(cpu0).map(|(p, c0)| cpu_secs(p) - c0);
                 let s = &mut samples.iter_mut().find(|(x, _)| *x == t).expect("target").1;
                 let rate = r.conns as f64 / r.secs;
-                s.rate.push(rate);
-                s.p50.push(percentile(&r.latencies_us, 0.50));
-                s.p99.push(percentile(&r.latencies_us, 0.99));
-                s.errors += r.errors;
-                if let Some(c) = cpu
-                    && r.conns > 0
-                {
-                    s.cpu_us.push(c / r.conns as f64 * 1e6);
-                }
+                let cpu_us = cpu
+                    .filter(|_| r.conns > 0)
+                    .map(|c| c / r.conns as f64 * 1e6);
+                s.record(rate, &r.latencies_us, r.errors, cpu_us);
                 eprintln!(
                     "  [{n} thread(s)] round {}/{} {:<17} {:>8.0} conn/s  p99 {}  errors {}{}",
                     round + 1,
@@ -740,7 +726,7 @@ fn main() {
                 fmt_us(median(&s.p50)),
                 fmt_us(median(&s.p99)),
                 fmt_cpu_us(cpu),
-                s.errors
+                s.failed
             );
         }
         let get = |t: Target| &samples.iter().find(|(x, _)| *x == t).expect("target").1;

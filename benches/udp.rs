@@ -35,7 +35,7 @@ mod daemon;
 #[path = "common/stats.rs"]
 mod stats;
 use stats::{
-    cores, env_or, env_threads, fmt_cpu_us, fmt_us, median, on_threads, percentile, ratio,
+    Samples, cores, env_or, env_threads, fmt_cpu_us, fmt_us, median, on_threads, percentile, ratio,
     round_order,
 };
 
@@ -316,15 +316,6 @@ fn run_round(addr: SocketAddr, clients: usize, size: usize, secs: u64) -> RoundR
     r
 }
 
-#[derive(Default)]
-struct Samples {
-    rate: Vec<f64>,
-    p50: Vec<f64>,
-    p99: Vec<f64>,
-    cpu_us: Vec<f64>,
-    lost: u64,
-}
-
 fn nginx_version() -> String {
     Command::new(nginx_bin())
         .arg("-v")
@@ -380,13 +371,8 @@ fn main() {
                     let cpu = cpu_secs(pid) - cpu0;
                     let s = &mut samples.iter_mut().find(|(x, _)| *x == t).unwrap().1;
                     let rate = r.exchanges as f64 / r.secs;
-                    s.rate.push(rate);
-                    s.p50.push(percentile(&r.latencies_us, 0.50));
-                    s.p99.push(percentile(&r.latencies_us, 0.99));
-                    s.lost += r.lost;
-                    if r.exchanges > 0 {
-                        s.cpu_us.push(cpu / (2 * r.exchanges) as f64 * 1e6);
-                    }
+                    let cpu_us = (r.exchanges > 0).then(|| cpu / (2 * r.exchanges) as f64 * 1e6);
+                    s.record(rate, &r.latencies_us, r.lost, cpu_us);
                     eprintln!(
                         "  [{n} thread(s), {size} B] round {}/{} {:<24} {:>8.0} exchanges/s  p99 {}  lost {}",
                         round + 1,
@@ -413,7 +399,7 @@ fn main() {
                     fmt_us(median(&s.p50)),
                     fmt_us(median(&s.p99)),
                     fmt_cpu_us(median(&s.cpu_us)),
-                    s.lost
+                    s.failed
                 );
             }
             let get = |t: Target| &samples.iter().find(|(x, _)| *x == t).unwrap().1;

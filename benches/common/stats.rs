@@ -46,6 +46,34 @@ pub fn percentile(sorted: &[u32], p: f64) -> f64 {
     sorted[i] as f64
 }
 
+/// One target's figures, a value per round (medians are taken over them).
+#[allow(dead_code)] // the load bench keeps figures of its own
+#[derive(Default)]
+pub struct Samples {
+    /// Operations per second.
+    pub rate: Vec<f64>,
+    /// Latency percentiles, µs.
+    pub p50: Vec<f64>,
+    pub p99: Vec<f64>,
+    /// The proxy's CPU µs per operation (rounds with none measured add nothing).
+    pub cpu_us: Vec<f64>,
+    /// Failed operations (errors, losses), all rounds together.
+    pub failed: u64,
+}
+
+#[allow(dead_code)]
+impl Samples {
+    /// Records one round: its `rate`, its latencies `sorted_us`, its `failed` operations and
+    /// the proxy's CPU µs per operation when measured.
+    pub fn record(&mut self, rate: f64, sorted_us: &[u32], failed: u64, cpu_us: Option<f64>) {
+        self.rate.push(rate);
+        self.p50.push(percentile(sorted_us, 0.50));
+        self.p99.push(percentile(sorted_us, 0.99));
+        self.failed += failed;
+        self.cpu_us.extend(cpu_us);
+    }
+}
+
 /// The median of `v` (NaN when empty).
 pub fn median(v: &[f64]) -> f64 {
     if v.is_empty() {
