@@ -249,16 +249,7 @@ fn register_n2(lab: &mut Lab, replica: &mut usize) -> SocketAddr {
     *replica += 1;
     let name = format!("n2-r{replica}");
     let addr = lab.start_nginx(2, &[&name])[0];
-    lab.cli_ok(&[
-        "task",
-        "add",
-        "web",
-        &addr.to_string(),
-        "--node",
-        "n2",
-        "--id",
-        &name,
-    ]);
+    lab.add_task("web", addr, 2, &name);
     wait(EVENT_TIMEOUT, "n2's task routable on every node", || {
         (1..=3).all(|i| {
             lab.routable(i, "web")

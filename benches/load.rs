@@ -44,10 +44,12 @@ mod support;
 
 #[path = "common/proc.rs"]
 mod proc_;
-use proc_::{Proc, children, cpu_secs, proc_stat, rss_bytes};
+use proc_::{Proc, children, cpu_secs, loopback, proc_stat, rss_bytes};
+#[path = "common/daemon.rs"]
+mod daemon;
 #[path = "common/stats.rs"]
 mod stats;
-use stats::{env_or, env_threads, fmt_cpu_us, fmt_us, median, ratio};
+use stats::{cores, env_or, env_threads, fmt_cpu_us, fmt_us, median, ratio, round_order};
 
 use std::collections::BTreeMap;
 use std::fmt::Write as _;
@@ -142,8 +144,7 @@ impl Drop for Proc {
             }
             thread::sleep(Duration::from_millis(20));
         }
-        let _ = self.child.kill();
-        let _ = self.child.wait();
+        self.kill();
         // nginx workers outlive a killed master; they were ours, stop them too.
         for k in kids {
             if proc_stat(k).is_some() {
@@ -166,10 +167,6 @@ fn wait_port(addr: SocketAddr, what: &str, proc_: Option<&mut Proc>) {
         );
         thread::sleep(Duration::from_millis(20));
     }
-}
-
-fn loopback(port: u16) -> SocketAddr {
-    SocketAddr::from(([127, 0, 0, 1], port))
 }
 
 // ---------------------------------------------------------------------------------------------
@@ -289,16 +286,8 @@ fn start_routemesh(
     threads: usize,
     cert: &Cert,
 ) -> Daemon {
-    let toml = format!(
-        r#"
-[node]
-name = "bench"
-drain_timeout = "1s"
-
-[discovery]
-backend = "static"
-
-[[listener]]
+    let body = format!(
+        r#"[[listener]]
 name = "http"
 listen = "127.0.0.1:{http}"
 protocol = "http"
@@ -334,12 +323,6 @@ addr = "127.0.0.1:{backend}"
 [[task]]
 service = "iperf"
 addr = "127.0.0.1:{iperf}"
-
-[log]
-level = "warn"
-
-[runtime]
-worker_threads = {threads}
 "#,
         http = p.http,
         tcp = p.tcp,
@@ -348,9 +331,7 @@ worker_threads = {threads}
         cert = cert.cert.display(),
         key = cert.key.display(),
     );
-    let mut d = Daemon::start_with_env(&toml, &[("RUST_LOG", "warn")]);
-    d.wait_ready();
-    d
+    daemon::start(&body, threads, &[])
 }
 
 /// The certificate both proxies terminate TLS with (ECDSA P-256, self-signed).
@@ -572,11 +553,8 @@ fn run_rounds(
     for round in 0..opts.rounds {
         // Alternate the order too, so no target always runs right after the same one.
         // A new TLS connection per request measures handshakes, not the proxies: keep-alive only.
-        let mut order: Vec<Target> = TARGETS.into_iter().filter(|t| !close || !t.tls()).collect();
-        if round % 2 == 1 {
-            order.reverse();
-        }
-        for t in order {
+        let targets: Vec<Target> = TARGETS.into_iter().filter(|t| !close || !t.tls()).collect();
+        for t in round_order(&targets, round) {
             let port = setup.ports[&t];
             let pid = setup.pids.get(&t).copied();
             let cpu0 = pid.map(cpu_secs);
@@ -906,9 +884,7 @@ fn main() {
     let _ = writeln!(
         report,
         "routemesh load comparison on 127.0.0.1 — {} core(s), {}; backend: nginx with {} worker(s); wrk -t1",
-        thread::available_parallelism()
-            .map(|n| n.get())
-            .unwrap_or(0),
+        cores(),
         haproxy_version(),
         opts.backend_workers,
     );
@@ -1471,11 +1447,7 @@ fn h2load_rounds(
         let _ = h2load(scheme, port, 1); // warm-up
     }
     for round in 0..opts.rounds {
-        let mut order = targets.to_vec();
-        if round % 2 == 1 {
-            order.reverse();
-        }
-        for (name, scheme, port, pid) in order {
+        for (name, scheme, port, pid) in round_order(targets, round) {
             let c0 = cpu_secs(pid);
             match h2load(scheme, port, opts.round_secs) {
                 Ok((rps, done, failed)) => {

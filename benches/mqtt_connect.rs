@@ -48,10 +48,15 @@ mod support;
 
 #[path = "common/proc.rs"]
 mod proc_;
-use proc_::{Proc, cpu_secs, rss_bytes};
+use proc_::{Proc, cpu_secs, loopback, rss_bytes};
+#[path = "common/daemon.rs"]
+mod daemon;
 #[path = "common/stats.rs"]
 mod stats;
-use stats::{env_or, env_threads, fmt_cpu_us, fmt_us, median, ratio};
+use stats::{
+    Samples, cores, env_or, env_threads, fmt_cpu_us, fmt_us, median, on_threads, percentile, ratio,
+    round_order,
+};
 
 use std::fmt::Write as _;
 use std::io::{self, Read, Write};
@@ -63,6 +68,7 @@ use std::time::{Duration, Instant};
 
 use support::Daemon;
 use support::mosquitto::mosquitto_bin;
+use support::mqtt_wire;
 use support::net::free_port;
 use support::process::{run_bounded, tempdir};
 
@@ -92,10 +98,6 @@ impl Opts {
             storm_only: env_or("MQTT_BENCH_STORM_ONLY", 0) == 1,
         }
     }
-}
-
-fn loopback(port: u16) -> SocketAddr {
-    SocketAddr::from(([127, 0, 0, 1], port))
 }
 
 fn haproxy_bin() -> PathBuf {
@@ -134,8 +136,7 @@ impl Proc {
 
 impl Drop for Proc {
     fn drop(&mut self) {
-        let _ = self.child.kill();
-        let _ = self.child.wait();
+        self.kill();
     }
 }
 
@@ -224,16 +225,8 @@ fn start_routemesh_with(
         .iter()
         .map(|b| format!("[[task]]\nservice = \"mqtt\"\naddr = \"{b}\"\n\n"))
         .collect();
-    let toml = format!(
-        r#"
-[node]
-name = "bench"
-drain_timeout = "1s"
-
-[discovery]
-backend = "static"
-
-[[listener]]
+    let body = format!(
+        r#"[[listener]]
 name = "mqtt"
 listen = "127.0.0.1:{port}"
 protocol = "tcp"
@@ -248,18 +241,9 @@ connect_timeout = "1s"
 [service.mqtt.health]
 interval = "1h"
 
-{tasks}[log]
-level = "warn"
-
-[runtime]
-worker_threads = {threads}
-"#
+{tasks}"#
     );
-    let mut all = vec![("RUST_LOG", "warn")];
-    all.extend_from_slice(env);
-    let mut d = Daemon::start_with_env(&toml, &all);
-    d.wait_ready();
-    d
+    daemon::start(&body, threads, env)
 }
 
 // ---------------------------------------------------------------------------------------------
@@ -267,24 +251,7 @@ worker_threads = {threads}
 
 /// CONNECT, protocol level 4, keep-alive 60, with `client_id` and the clean-session flag.
 fn connect_packet(client_id: &[u8], clean: bool) -> Vec<u8> {
-    let mut body = Vec::with_capacity(12 + client_id.len());
-    body.extend_from_slice(&[0, 4]);
-    body.extend_from_slice(b"MQTT");
-    body.extend_from_slice(&[4, if clean { 0x02 } else { 0x00 }, 0, 60]);
-    body.extend_from_slice(&(client_id.len() as u16).to_be_bytes());
-    body.extend_from_slice(client_id);
-    let mut out = vec![0x10];
-    let mut n = body.len();
-    loop {
-        let b = (n % 128) as u8;
-        n /= 128;
-        out.push(if n > 0 { b | 0x80 } else { b });
-        if n == 0 {
-            break;
-        }
-    }
-    out.extend_from_slice(&body);
-    out
+    mqtt_wire::connect(client_id, clean, 60)
 }
 
 /// One MQTT session: connect, CONNECT, CONNACK (return code 0), DISCONNECT, wait for the
@@ -303,7 +270,7 @@ fn mqtt_session(addr: SocketAddr, client_id: &str, clean: bool) -> io::Result<(D
     if ack[0] != 0x20 || ack[1] != 0x02 || ack[3] != 0 {
         return Err(io::Error::other(format!("bad CONNACK {ack:02x?}")));
     }
-    s.write_all(&[0xe0, 0x00])?;
+    s.write_all(&mqtt_wire::DISCONNECT)?;
     let mut buf = [0u8; 64];
     loop {
         match s.read(&mut buf) {
@@ -385,42 +352,32 @@ struct RoundResult {
 fn run_round(addrs: &[SocketAddr], clients: usize, secs: u64, tag: &str) -> RoundResult {
     let start = Instant::now();
     let deadline = start + Duration::from_secs(secs);
-    let per_thread: Vec<(u64, u64, Option<String>, Vec<u32>)> = thread::scope(|s| {
-        let handles: Vec<_> = (0..clients)
-            .map(|t| {
-                let addr = addrs[t % addrs.len()];
-                s.spawn(move || {
-                    let mut ok = 0u64;
-                    let mut errors = 0u64;
-                    let mut first_error = None;
-                    let mut lat = Vec::with_capacity(4096);
-                    let mut seq = 0u64;
-                    while Instant::now() < deadline {
-                        let id = format!("{tag}-{t}-{seq}");
-                        seq += 1;
-                        match mqtt_session(addr, &id, true) {
-                            Ok((l, _)) => {
-                                ok += 1;
-                                lat.push(l.as_micros().min(u32::MAX as u128) as u32);
-                            }
-                            Err(e) => {
-                                errors += 1;
-                                if first_error.is_none() {
-                                    first_error = Some(format!("{addr}: {e}"));
-                                }
-                                // Do not spin on a refused port.
-                                thread::sleep(Duration::from_millis(10));
-                            }
-                        }
+    let per_thread: Vec<(u64, u64, Option<String>, Vec<u32>)> = on_threads(clients, |t| {
+        let addr = addrs[t % addrs.len()];
+        let mut ok = 0u64;
+        let mut errors = 0u64;
+        let mut first_error = None;
+        let mut lat = Vec::with_capacity(4096);
+        let mut seq = 0u64;
+        while Instant::now() < deadline {
+            let id = format!("{tag}-{t}-{seq}");
+            seq += 1;
+            match mqtt_session(addr, &id, true) {
+                Ok((l, _)) => {
+                    ok += 1;
+                    lat.push(l.as_micros().min(u32::MAX as u128) as u32);
+                }
+                Err(e) => {
+                    errors += 1;
+                    if first_error.is_none() {
+                        first_error = Some(format!("{addr}: {e}"));
                     }
-                    (ok, errors, first_error, lat)
-                })
-            })
-            .collect();
-        handles
-            .into_iter()
-            .map(|h| h.join().expect("client thread panicked"))
-            .collect()
+                    // Do not spin on a refused port.
+                    thread::sleep(Duration::from_millis(10));
+                }
+            }
+        }
+        (ok, errors, first_error, lat)
     });
     let secs = start.elapsed().as_secs_f64();
     let mut r = RoundResult {
@@ -440,23 +397,6 @@ fn run_round(addrs: &[SocketAddr], clients: usize, secs: u64, tag: &str) -> Roun
     }
     r.latencies_us.sort_unstable();
     r
-}
-
-fn percentile(sorted: &[u32], p: f64) -> f64 {
-    if sorted.is_empty() {
-        return f64::NAN;
-    }
-    let i = ((sorted.len() as f64 * p).ceil() as usize).clamp(1, sorted.len()) - 1;
-    sorted[i] as f64
-}
-
-#[derive(Default)]
-struct Samples {
-    rate: Vec<f64>,
-    p50: Vec<f64>,
-    p99: Vec<f64>,
-    cpu_us: Vec<f64>,
-    errors: u64,
 }
 
 // ---------------------------------------------------------------------------------------------
@@ -679,9 +619,7 @@ fn main() {
         report,
         "MQTT new connections/s on 127.0.0.1 — {} core(s), {}, {BROKERS} mosquitto brokers; \
          per connection: CONNECT (3.1.1, clean session, new client id) → CONNACK → DISCONNECT → close",
-        thread::available_parallelism()
-            .map(|n| n.get())
-            .unwrap_or(0),
+        cores(),
         haproxy_version(),
     );
 
@@ -741,11 +679,7 @@ fn main() {
         let mut samples: Vec<(Target, Samples)> =
             TARGETS.iter().map(|&t| (t, Samples::default())).collect();
         for round in 0..opts.rounds {
-            let mut order = TARGETS.to_vec();
-            if round % 2 == 1 {
-                order.reverse();
-            }
-            for t in order {
+            for t in round_order(&TARGETS, round) {
                 let (addrs, pid): (Vec<SocketAddr>, Option<u32>) = match t {
                     Target::Direct => (broker_addrs.clone(), None),
                     Target::Routemesh => (vec![rm_addr], Some(routemesh.pid())),
@@ -757,15 +691,10 @@ fn main() {
                 let cpu = pid.zip(cpu0).map(|(p, c0)| cpu_secs(p) - c0);
                 let s = &mut samples.iter_mut().find(|(x, _)| *x == t).expect("target").1;
                 let rate = r.conns as f64 / r.secs;
-                s.rate.push(rate);
-                s.p50.push(percentile(&r.latencies_us, 0.50));
-                s.p99.push(percentile(&r.latencies_us, 0.99));
-                s.errors += r.errors;
-                if let Some(c) = cpu
-                    && r.conns > 0
-                {
-                    s.cpu_us.push(c / r.conns as f64 * 1e6);
-                }
+                let cpu_us = cpu
+                    .filter(|_| r.conns > 0)
+                    .map(|c| c / r.conns as f64 * 1e6);
+                s.record(rate, &r.latencies_us, r.errors, cpu_us);
                 eprintln!(
                     "  [{n} thread(s)] round {}/{} {:<17} {:>8.0} conn/s  p99 {}  errors {}{}",
                     round + 1,
@@ -797,7 +726,7 @@ fn main() {
                 fmt_us(median(&s.p50)),
                 fmt_us(median(&s.p99)),
                 fmt_cpu_us(cpu),
-                s.errors
+                s.failed
             );
         }
         let get = |t: Target| &samples.iter().find(|(x, _)| *x == t).expect("target").1;

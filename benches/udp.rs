@@ -29,10 +29,15 @@ mod support;
 
 #[path = "common/proc.rs"]
 mod proc_;
-use proc_::{Proc, cpu_secs};
+use proc_::{Proc, cpu_secs, loopback};
+#[path = "common/daemon.rs"]
+mod daemon;
 #[path = "common/stats.rs"]
 mod stats;
-use stats::{env_or, env_threads, fmt_cpu_us, fmt_us, median, ratio};
+use stats::{
+    Samples, cores, env_or, env_threads, fmt_cpu_us, fmt_us, median, on_threads, percentile, ratio,
+    round_order,
+};
 
 use std::fmt::Write as _;
 use std::net::{SocketAddr, UdpSocket};
@@ -68,10 +73,6 @@ impl Opts {
             sizes: env_threads("UDP_BENCH_SIZES", "64,1024"),
         }
     }
-}
-
-fn loopback(port: u16) -> SocketAddr {
-    SocketAddr::from(([127, 0, 0, 1], port))
 }
 
 // ---------------------------------------------------------------------------------------------
@@ -126,8 +127,7 @@ impl Drop for Echo {
 
 impl Drop for Proc {
     fn drop(&mut self) {
-        let _ = self.child.kill();
-        let _ = self.child.wait();
+        self.kill();
     }
 }
 
@@ -202,16 +202,8 @@ fn start_nginx(dir: &Path, port: u16, echo: SocketAddr, workers: usize) -> Proc 
 }
 
 fn start_routemesh(port: u16, echo: SocketAddr, threads: usize, responses: u32) -> Daemon {
-    let toml = format!(
-        r#"
-[node]
-name = "bench"
-drain_timeout = "1s"
-
-[discovery]
-backend = "static"
-
-[[listener]]
+    let body = format!(
+        r#"[[listener]]
 name = "echo"
 listen = "127.0.0.1:{port}"
 protocol = "udp"
@@ -224,16 +216,9 @@ udp_idle_timeout = "30s"
 [[task]]
 service = "echo"
 addr = "{echo}"
-
-[log]
-level = "warn"
-
-[runtime]
-worker_threads = {threads}
 "#
     );
-    let mut d = Daemon::start_with_env(&toml, &[("RUST_LOG", "warn")]);
-    d.wait_ready();
+    let d = daemon::start(&body, threads, &[]);
     wait_answering(loopback(port), "routemesh", || {});
     d
 }
@@ -278,53 +263,43 @@ struct RoundResult {
 fn run_round(addr: SocketAddr, clients: usize, size: usize, secs: u64) -> RoundResult {
     let start = Instant::now();
     let deadline = start + Duration::from_secs(secs);
-    let per_thread: Vec<(u64, u64, Vec<u32>)> = thread::scope(|s| {
-        let handles: Vec<_> = (0..clients)
-            .map(|t| {
-                s.spawn(move || {
-                    let sock = UdpSocket::bind("127.0.0.1:0").unwrap();
-                    sock.connect(addr).unwrap();
-                    sock.set_read_timeout(Some(REPLY_TIMEOUT)).unwrap();
-                    let mut req = vec![t as u8; size.max(8)];
-                    req.truncate(size);
-                    let mut buf = vec![0u8; 65536];
-                    let (mut ok, mut lost) = (0u64, 0u64);
-                    let mut lat = Vec::with_capacity(8192);
-                    let mut seq = 0u64;
-                    while Instant::now() < deadline {
-                        seq += 1;
-                        if size >= 8 {
-                            req[..8].copy_from_slice(&seq.to_be_bytes());
-                        }
-                        let t0 = Instant::now();
-                        if sock.send(&req).is_err() {
-                            lost += 1;
-                            continue;
-                        }
-                        loop {
-                            match sock.recv(&mut buf) {
-                                // A late echo of an earlier (lost) one: skip it.
-                                Ok(n) if n == size && buf[..n.min(8)] != req[..n.min(8)] => {}
-                                Ok(_) => {
-                                    ok += 1;
-                                    lat.push(t0.elapsed().as_micros().min(u32::MAX as u128) as u32);
-                                    break;
-                                }
-                                Err(_) => {
-                                    lost += 1;
-                                    break;
-                                }
-                            }
-                        }
+    let per_thread: Vec<(u64, u64, Vec<u32>)> = on_threads(clients, |t| {
+        let sock = UdpSocket::bind("127.0.0.1:0").unwrap();
+        sock.connect(addr).unwrap();
+        sock.set_read_timeout(Some(REPLY_TIMEOUT)).unwrap();
+        let mut req = vec![t as u8; size.max(8)];
+        req.truncate(size);
+        let mut buf = vec![0u8; 65536];
+        let (mut ok, mut lost) = (0u64, 0u64);
+        let mut lat = Vec::with_capacity(8192);
+        let mut seq = 0u64;
+        while Instant::now() < deadline {
+            seq += 1;
+            if size >= 8 {
+                req[..8].copy_from_slice(&seq.to_be_bytes());
+            }
+            let t0 = Instant::now();
+            if sock.send(&req).is_err() {
+                lost += 1;
+                continue;
+            }
+            loop {
+                match sock.recv(&mut buf) {
+                    // A late echo of an earlier (lost) one: skip it.
+                    Ok(n) if n == size && buf[..n.min(8)] != req[..n.min(8)] => {}
+                    Ok(_) => {
+                        ok += 1;
+                        lat.push(t0.elapsed().as_micros().min(u32::MAX as u128) as u32);
+                        break;
                     }
-                    (ok, lost, lat)
-                })
-            })
-            .collect();
-        handles
-            .into_iter()
-            .map(|h| h.join().expect("client thread panicked"))
-            .collect()
+                    Err(_) => {
+                        lost += 1;
+                        break;
+                    }
+                }
+            }
+        }
+        (ok, lost, lat)
     });
     let mut r = RoundResult {
         exchanges: 0,
@@ -339,23 +314,6 @@ fn run_round(addr: SocketAddr, clients: usize, size: usize, secs: u64) -> RoundR
     }
     r.latencies_us.sort_unstable();
     r
-}
-
-fn percentile(sorted: &[u32], p: f64) -> f64 {
-    if sorted.is_empty() {
-        return f64::NAN;
-    }
-    let i = ((sorted.len() as f64 * p).ceil() as usize).clamp(1, sorted.len()) - 1;
-    sorted[i] as f64
-}
-
-#[derive(Default)]
-struct Samples {
-    rate: Vec<f64>,
-    p50: Vec<f64>,
-    p99: Vec<f64>,
-    cpu_us: Vec<f64>,
-    lost: u64,
 }
 
 fn nginx_version() -> String {
@@ -376,9 +334,7 @@ fn main() {
         report,
         "UDP request/response through a udp listener on 127.0.0.1 — {} core(s), {}, one UDP \
          echo backend (2 threads, this process); {} clients, each one datagram out, its echo back",
-        thread::available_parallelism()
-            .map(|n| n.get())
-            .unwrap_or(0),
+        cores(),
         nginx_version(),
         opts.clients,
     );
@@ -408,24 +364,15 @@ fn main() {
             let mut samples: Vec<(Target, Samples)> =
                 TARGETS.iter().map(|&t| (t, Samples::default())).collect();
             for round in 0..opts.rounds {
-                let mut order = TARGETS.to_vec();
-                if round % 2 == 1 {
-                    order.reverse();
-                }
-                for t in order {
+                for t in round_order(&TARGETS, round) {
                     let (addr, pid) = target(t);
                     let cpu0 = cpu_secs(pid);
                     let r = run_round(addr, opts.clients, size, opts.secs);
                     let cpu = cpu_secs(pid) - cpu0;
                     let s = &mut samples.iter_mut().find(|(x, _)| *x == t).unwrap().1;
                     let rate = r.exchanges as f64 / r.secs;
-                    s.rate.push(rate);
-                    s.p50.push(percentile(&r.latencies_us, 0.50));
-                    s.p99.push(percentile(&r.latencies_us, 0.99));
-                    s.lost += r.lost;
-                    if r.exchanges > 0 {
-                        s.cpu_us.push(cpu / (2 * r.exchanges) as f64 * 1e6);
-                    }
+                    let cpu_us = (r.exchanges > 0).then(|| cpu / (2 * r.exchanges) as f64 * 1e6);
+                    s.record(rate, &r.latencies_us, r.lost, cpu_us);
                     eprintln!(
                         "  [{n} thread(s), {size} B] round {}/{} {:<24} {:>8.0} exchanges/s  p99 {}  lost {}",
                         round + 1,
@@ -452,7 +399,7 @@ fn main() {
                     fmt_us(median(&s.p50)),
                     fmt_us(median(&s.p99)),
                     fmt_cpu_us(median(&s.cpu_us)),
-                    s.lost
+                    s.failed
                 );
             }
             let get = |t: Target| &samples.iter().find(|(x, _)| *x == t).unwrap().1;

@@ -1,6 +1,7 @@
 //! A child process a bench starts (backend, proxy, broker), with its log file. Each bench
 //! adds its own start checks and its own `Drop` (they stop their processes differently).
 
+use std::net::SocketAddr;
 use std::path::PathBuf;
 use std::process::{Child, Command, Stdio};
 
@@ -32,6 +33,17 @@ impl Proc {
     pub fn pid(&self) -> u32 {
         self.child.id()
     }
+
+    /// Kills it (SIGKILL) and reaps it.
+    pub fn kill(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+}
+
+/// `127.0.0.1:port`, where every process a bench starts listens.
+pub fn loopback(port: u16) -> SocketAddr {
+    SocketAddr::from(([127, 0, 0, 1], port))
 }
 
 // /proc readings (CPU time of the processes under test)

@@ -160,7 +160,13 @@ pub async fn run(task: AcmeTask, shutdown: CancellationToken) {
                 }
             }
             let c = client.as_mut().expect("connected above");
-            if let Err(e) = attempt(&task, c, &key, lease, w).await {
+            let at = Attempt {
+                task: &task,
+                key: &key,
+                lease,
+                w,
+            };
+            if let Err(e) = attempt(at, c).await {
                 tracing::warn!(certificate = %w.name, error = %e, "ACME: etcd failed during an order; retrying later");
                 client = None;
             }
@@ -168,15 +174,19 @@ pub async fn run(task: AcmeTask, shutdown: CancellationToken) {
     }
 }
 
+/// One attempt at certificate `w` under this node's `lease`.
+#[derive(Clone, Copy)]
+struct Attempt<'a> {
+    task: &'a AcmeTask,
+    key: &'a SealKey,
+    lease: i64,
+    w: &'a Wanted,
+}
+
 /// Takes the lock of `w`, orders if it is still due, records the outcome, releases.
 /// `Err` only for etcd failures around the order (the order's own failures are recorded).
-async fn attempt(
-    task: &AcmeTask,
-    client: &mut Client,
-    key: &SealKey,
-    lease: i64,
-    w: &Wanted,
-) -> Result<(), etcd_client::Error> {
+async fn attempt(at: Attempt<'_>, client: &mut Client) -> Result<(), etcd_client::Error> {
+    let Attempt { task, lease, w, .. } = at;
     let prefix = task.discovery.prefix.as_str();
     let lock = lock_key(prefix, &w.name);
     let node = task.node.as_str();
@@ -195,7 +205,7 @@ async fn attempt(
     if !took {
         return Ok(());
     }
-    let result = holding(task, client, key, lease, w).await;
+    let result = holding(at, client).await;
     // Release only our own lock (a lease that expired meanwhile may have let another in).
     let release = client
         .txn(
@@ -208,13 +218,13 @@ async fn attempt(
 }
 
 /// With the lock held: re-check against etcd, order, record.
-async fn holding(
-    task: &AcmeTask,
-    client: &mut Client,
-    key: &SealKey,
-    lease: i64,
-    w: &Wanted,
-) -> Result<(), etcd_client::Error> {
+async fn holding(at: Attempt<'_>, client: &mut Client) -> Result<(), etcd_client::Error> {
+    let Attempt {
+        task,
+        key,
+        lease,
+        w,
+    } = at;
     let prefix = task.discovery.prefix.as_str();
     let ck = cert_key(prefix, &w.name);
     let sk = status_key(prefix, &w.name);
@@ -268,23 +278,19 @@ async fn holding(
             .await?;
     }
     let now = unix_now();
-    match outcome {
+    let record = |state: &str, last_error, failures, retry_at| StatusRecord {
+        state: state.into(),
+        last_error,
+        failures,
+        retry_at,
+        node: task.node.to_string(),
+        at: now,
+    };
+    let (st, result) = match outcome {
         Ok(rec) => {
             tracing::info!(certificate = %w.name, not_after = rec.not_after, issuer = %rec.issuer, "ACME: certificate issued and stored");
             client.put(ck.as_str(), to_json(&rec), None).await?;
-            let st = StatusRecord {
-                state: "valid".into(),
-                last_error: None,
-                failures: 0,
-                retry_at: 0,
-                node: task.node.to_string(),
-                at: now,
-            };
-            client.put(sk.as_str(), to_json(&st), None).await?;
-            task.metrics
-                .acme_orders_total
-                .with_label_values(&["success"])
-                .inc();
+            (record("valid", None, 0, 0), "success")
         }
         Err(e) => {
             let failures = status
@@ -293,21 +299,18 @@ async fn holding(
                 + 1;
             let wait = schedule::backoff(failures);
             tracing::warn!(certificate = %w.name, error = %e, failures, retry_in = ?wait, "ACME: order failed; the current certificate (if any) keeps serving");
-            let st = StatusRecord {
-                state: "failed".into(),
-                last_error: Some(e.to_string()),
-                failures,
-                retry_at: now + wait.as_secs(),
-                node: task.node.to_string(),
-                at: now,
-            };
-            client.put(sk.as_str(), to_json(&st), None).await?;
-            task.metrics
-                .acme_orders_total
-                .with_label_values(&["error"])
-                .inc();
+            let retry_at = now + wait.as_secs();
+            (
+                record("failed", Some(e.to_string()), failures, retry_at),
+                "error",
+            )
         }
-    }
+    };
+    client.put(sk.as_str(), to_json(&st), None).await?;
+    task.metrics
+        .acme_orders_total
+        .with_label_values(&[result])
+        .inc();
     Ok(())
 }
 

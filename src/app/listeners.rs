@@ -482,18 +482,47 @@ impl Listeners {
         certs: Option<LoadedCerts>,
         conns: Option<Connections>,
     ) {
-        let key = key_of(&cfg);
-        let Bound::Tcp(tcp) = &socket else {
-            self.spawn_udp(cfg, source, socket, conns);
-            return;
-        };
-        let tcp = tcp.clone();
-        let conns = conns.unwrap_or_else(|| Connections {
-            tracker: self.conns.tracker.clone(),
-            drain: self.conns.drain.child_token(),
-            hard_stop: self.conns.hard_stop.child_token(),
-        });
+        let conns = conns.unwrap_or_else(|| self.conns.child());
         let stop = CancellationToken::new();
+        let (handle, tls) = match &socket {
+            Bound::Tcp(tcp) => {
+                let (handle, tls) = self.start_tcp(&cfg, tcp.clone(), config, certs, &conns, &stop);
+                tracing::info!(listener = %cfg.name, addr = %cfg.listen, protocol = cfg.protocol.as_str(), service = cfg.service.as_ref().map(|s| s.as_str()).unwrap_or("-"), source = source.map(Source::as_str).unwrap_or("config"), "listening");
+                (handle, tls)
+            }
+            Bound::Udp(udp) => {
+                let Some(handle) = self.start_udp(&cfg, udp.clone(), &conns, &stop) else {
+                    return;
+                };
+                tracing::info!(listener = %cfg.name, addr = %cfg.listen, protocol = "udp", service = cfg.service.as_ref().map(|s| s.as_str()).unwrap_or("-"), max_sessions = cfg.edge.max_sessions, source = source.map(Source::as_str).unwrap_or("config"), "listening");
+                (handle, None)
+            }
+        };
+        self.running.insert(
+            key_of(&cfg),
+            RunningListener {
+                config: cfg,
+                source,
+                stop,
+                socket,
+                handle,
+                tls,
+                conns,
+            },
+        );
+    }
+
+    /// A tcp, http or tls listener's accept loop on `tcp`, and its TLS terminator (http
+    /// listeners with `tls`).
+    fn start_tcp(
+        &self,
+        cfg: &ListenerConfig,
+        tcp: Arc<TcpListener>,
+        config: &Config,
+        certs: Option<LoadedCerts>,
+        conns: &Connections,
+        stop: &CancellationToken,
+    ) -> (JoinHandle<()>, Option<Arc<proxy::tls::Terminator>>) {
         // `tls.acme`: the certificate comes from the snapshot, read at each handshake.
         let acme = (!cfg.edge.acme.is_empty()).then(|| proxy::tls::AcmeCerts {
             snapshot: self.snapshot.clone(),
@@ -568,46 +597,25 @@ impl Listeners {
                         })
                         .await
                 }
-                // udp listeners run in `spawn_udp`.
+                // udp listeners run in `start_udp`.
                 (Protocol::Udp, _) => {}
             }
         });
-        tracing::info!(listener = %cfg.name, addr = %cfg.listen, protocol = cfg.protocol.as_str(), service = cfg.service.as_ref().map(|s| s.as_str()).unwrap_or("-"), source = source.map(Source::as_str).unwrap_or("config"), "listening");
-        self.running.insert(
-            key,
-            RunningListener {
-                config: cfg,
-                source,
-                stop,
-                socket,
-                handle,
-                tls,
-                conns,
-            },
-        );
+        (handle, tls)
     }
 
-    /// A udp listener's loop on `socket` (`Bound::Udp`).
-    fn spawn_udp(
-        &mut self,
-        cfg: ListenerConfig,
-        source: Option<Source>,
-        socket: Bound,
-        conns: Option<Connections>,
-    ) {
-        let Bound::Udp(udp) = &socket else {
-            return;
-        };
+    /// A udp listener's loop on `udp`; `None` without a service.
+    fn start_udp(
+        &self,
+        cfg: &ListenerConfig,
+        udp: Arc<UdpSocket>,
+        conns: &Connections,
+        stop: &CancellationToken,
+    ) -> Option<JoinHandle<()>> {
         let Some(service) = cfg.service.clone() else {
             // Validation requires a service on udp listeners.
-            return;
+            return None;
         };
-        let conns = conns.unwrap_or_else(|| Connections {
-            tracker: self.conns.tracker.clone(),
-            drain: self.conns.drain.child_token(),
-            hard_stop: self.conns.hard_stop.child_token(),
-        });
-        let stop = CancellationToken::new();
         let ctx = Arc::new(proxy::udp::UdpCtx {
             name: cfg.name.clone(),
             listen: cfg.listen,
@@ -616,10 +624,10 @@ impl Listeners {
             metrics: self.metrics.clone(),
             max_sessions: cfg.edge.max_sessions,
         });
-        let (udp, accepting, stopped) = (udp.clone(), self.accepting.clone(), stop.clone());
+        let (accepting, stopped) = (self.accepting.clone(), stop.clone());
         // Shutdown's hard stop ends the sessions too.
         let hard_stop = conns.hard_stop.clone();
-        let handle = tokio::spawn(async move {
+        Some(tokio::spawn(async move {
             tokio::select! {
                 _ = accepting.cancelled() => {}
                 _ = stopped.cancelled() => return,
@@ -629,20 +637,7 @@ impl Listeners {
                 // Dropping the loop ends its sessions.
                 _ = hard_stop.cancelled() => {}
             }
-        });
-        tracing::info!(listener = %cfg.name, addr = %cfg.listen, protocol = "udp", service = cfg.service.as_ref().map(|s| s.as_str()).unwrap_or("-"), max_sessions = cfg.edge.max_sessions, source = source.map(Source::as_str).unwrap_or("config"), "listening");
-        self.running.insert(
-            key_of(&cfg),
-            RunningListener {
-                config: cfg,
-                source,
-                stop,
-                socket,
-                handle,
-                tls: None,
-                conns,
-            },
-        );
+        }))
     }
 
     /// Stops every accept loop (shutdown); connections are drained by the caller.

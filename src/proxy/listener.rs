@@ -31,6 +31,17 @@ pub struct Connections {
     pub hard_stop: CancellationToken,
 }
 
+impl Connections {
+    /// Connections of their own (one listener's) that this set's drain and hard stop reach.
+    pub fn child(&self) -> Connections {
+        Connections {
+            tracker: self.tracker.clone(),
+            drain: self.drain.child_token(),
+            hard_stop: self.hard_stop.child_token(),
+        }
+    }
+}
+
 static ACCEPT_ERROR_LOG: LogLimiter = LogLimiter::new(1000);
 
 /// Most connections accepted per turn of a listener's loop before it yields.

@@ -657,6 +657,35 @@ pub fn adopt_file(path: &Path) -> Option<SocketFile> {
 mod tests {
     use super::*;
 
+    /// An upgrade socket in a temporary folder, served by [`serve`] until `stop`; what it
+    /// asks of the app arrives on `rx`.
+    struct Served {
+        path: PathBuf,
+        rx: mpsc::Receiver<Request>,
+        _file: SocketFile,
+        _dir: tempfile::TempDir,
+    }
+
+    fn served(stop: CancellationToken) -> Served {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("up.sock");
+        let (l, file) = bind(&path).unwrap();
+        l.set_nonblocking(true).unwrap();
+        let (tx, rx) = mpsc::channel(4);
+        tokio::spawn(serve(
+            UnixListener::from_std(l).unwrap(),
+            Arc::new(Gate::default()),
+            tx,
+            stop,
+        ));
+        Served {
+            path,
+            rx,
+            _file: file,
+            _dir: dir,
+        }
+    }
+
     #[test]
     fn bind_is_0600_replaces_stale_and_leaves_a_live_one() {
         let dir = tempfile::tempdir().unwrap();
@@ -679,19 +708,13 @@ mod tests {
 
     #[tokio::test]
     async fn a_second_upgrade_is_refused_while_one_is_in_progress() {
-        let dir = tempfile::tempdir().unwrap();
-        let path = dir.path().join("up.sock");
-        let (l, _file) = bind(&path).unwrap();
-        l.set_nonblocking(true).unwrap();
-        let gate = Arc::new(Gate::default());
-        let (tx, mut rx) = mpsc::channel(4);
         let stop = CancellationToken::new();
-        tokio::spawn(serve(
-            UnixListener::from_std(l).unwrap(),
-            gate.clone(),
-            tx,
-            stop.clone(),
-        ));
+        let Served {
+            path,
+            mut rx,
+            _file,
+            _dir,
+        } = served(stop.clone());
         // The app: offers one UDP socket.
         let udp = std::net::UdpSocket::bind("127.0.0.1:0").unwrap();
         let addr = udp.local_addr().unwrap();
@@ -739,18 +762,12 @@ mod tests {
 
     #[tokio::test]
     async fn an_aborted_upgrade_opens_the_gate_again() {
-        let dir = tempfile::tempdir().unwrap();
-        let path = dir.path().join("up.sock");
-        let (l, _file) = bind(&path).unwrap();
-        l.set_nonblocking(true).unwrap();
-        let gate = Arc::new(Gate::default());
-        let (tx, mut rx) = mpsc::channel(4);
-        tokio::spawn(serve(
-            UnixListener::from_std(l).unwrap(),
-            gate.clone(),
-            tx,
-            CancellationToken::new(),
-        ));
+        let Served {
+            path,
+            mut rx,
+            _file,
+            _dir,
+        } = served(CancellationToken::new());
         tokio::spawn(async move {
             while let Some(req) = rx.recv().await {
                 if let Request::Offer(reply) = req {

@@ -36,7 +36,7 @@ fn task_add_ps_ls_rm() {
         hello(listen).ok().as_deref() == Some("web-1")
     });
     // Derived id, attached to n1's lease.
-    let derived = cli_ok(&[
+    let add_on_n1 = [
         "task",
         "add",
         "web",
@@ -45,7 +45,8 @@ fn task_add_ps_ls_rm() {
         &ep,
         "--node",
         "n1",
-    ]);
+    ];
+    let derived = cli_ok(&add_on_n1);
     assert_eq!(derived.trim(), "n1-127-0-0-1-9");
 
     let ls = cli_ok(&["service", "ls", "--etcd", &ep]);
@@ -92,16 +93,8 @@ fn task_add_ps_ls_rm() {
     let nodes: serde_json::Value =
         serde_json::from_str(&cli_ok(&["node", "ls", "--etcd", &ep, "--json"])).unwrap();
     assert_eq!(nodes[0]["status"], "Down", "{nodes}");
-    let err = cli_fails(&[
-        "task",
-        "add",
-        "web",
-        "127.0.0.1:9",
-        "--etcd",
-        &ep,
-        "--node",
-        "n1",
-    ]);
+    // The same task on n1 again, now that n1 is down.
+    let err = cli_fails(&add_on_n1);
     assert!(err.contains("Down"), "{err}");
 
     assert_eq!(

@@ -175,10 +175,7 @@ fn s2_power_off_the_only_task_fails_fast_then_replacement_serves() {
     let down_at = load.elapsed();
 
     let rep = lab.start_nginx(3, &["n3-r1"]);
-    let rep_addr = rep[0].to_string();
-    lab.cli_ok(&[
-        "task", "add", "web", &rep_addr, "--node", "n3", "--id", "n3-r1",
-    ]);
+    lab.add_task("web", rep[0], 3, "n3-r1");
     let reg_at = load.elapsed();
     eventually(PROPAGATION, "n1 and n3 serve the replacement", || {
         [1, 3]
@@ -465,16 +462,7 @@ fn s6_losing_an_etcd_member_keeps_data_plane_and_discovery() {
         (a, ra[0], format!("n{a}-r1")),
         (b, rb[0], format!("n{b}-r1")),
     ] {
-        lab.cli_ok(&[
-            "task",
-            "add",
-            "web",
-            &addr.to_string(),
-            "--node",
-            &format!("n{node}"),
-            "--id",
-            &id,
-        ]);
+        lab.add_task("web", addr, node, &id);
     }
     wait_routable(&lab, &[a, b], "web", &[ra[0], rb[0]], PROPAGATION);
 
@@ -500,16 +488,7 @@ fn s6_losing_an_etcd_member_keeps_data_plane_and_discovery() {
         },
     );
     let added = Instant::now();
-    lab.cli_ok(&[
-        "task",
-        "add",
-        "web",
-        &ra[1].to_string(),
-        "--node",
-        &format!("n{a}"),
-        "--id",
-        &format!("n{a}-r2"),
-    ]);
+    lab.add_task("web", ra[1], a, &format!("n{a}-r2"));
     wait_routable(&lab, &[a, b], "web", &[ra[0], ra[1], rb[0]], PROPAGATION);
     let routable_after = added.elapsed();
     for &i in &[a, b] {
@@ -547,31 +526,13 @@ fn s7a_rolling_replacement_via_etcd_loses_nothing() {
         lab.start_daemon(i, &[]);
     }
     let old = lab.start_nginx(2, &["old"]);
-    lab.cli_ok(&[
-        "task",
-        "add",
-        "web",
-        &old[0].to_string(),
-        "--node",
-        "n2",
-        "--id",
-        "old",
-    ]);
+    lab.add_task("web", old[0], 2, "old");
     wait_routable(&lab, &[1, 2, 3], "web", &old, PROPAGATION);
 
     let load = load_via(&lab, &[1, 2, 3]);
     load.run_through(PHASE, PROPAGATION);
     let new = lab.start_nginx(3, &["new"]);
-    lab.cli_ok(&[
-        "task",
-        "add",
-        "web",
-        &new[0].to_string(),
-        "--node",
-        "n3",
-        "--id",
-        "new",
-    ]);
+    lab.add_task("web", new[0], 3, "new");
     wait_routable(&lab, &[1, 2, 3], "web", &[old[0], new[0]], PROPAGATION);
     eventually(PROPAGATION, "the new task serving the load", || {
         served(&load, "new")
@@ -608,16 +569,7 @@ fn s7b_rolling_replacement_by_node_drain_loses_nothing() {
     let load = load_via(&lab, &[1, 3]);
     load.run_through(PHASE, PROPAGATION);
     let new = lab.start_nginx(1, &["new"]);
-    lab.cli_ok(&[
-        "task",
-        "add",
-        "web",
-        &new[0].to_string(),
-        "--node",
-        "n1",
-        "--id",
-        "new",
-    ]);
+    lab.add_task("web", new[0], 1, "new");
     wait_routable(&lab, &[1, 3], "web", &[old[0], new[0]], PROPAGATION);
     eventually(PROPAGATION, "the new task serving the load", || {
         served(&load, "new")

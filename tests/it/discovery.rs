@@ -5,6 +5,7 @@ use std::collections::BTreeSet;
 use std::net::SocketAddr;
 use std::time::{Duration, Instant};
 
+use crate::support::daemon::service_tasks;
 use crate::support::{
     Config, Daemon, Etcd, EtcdCluster, Etcdctl, Listener, Task, TcpBackend, eventually, free_addr,
     hello,
@@ -25,6 +26,29 @@ fn etcd_config(node: &str, endpoints: &[String], listen: SocketAddr) -> Config {
         .set("service.echo.connect_timeout", "300ms")
 }
 
+/// Node n1 with one static task, `echo/w1` (a backend named "x"), ready.
+fn n1_with_task_w1(etcd: &Etcd) -> (Daemon, TcpBackend) {
+    let backend = TcpBackend::start("x");
+    let mut d = etcd_config("n1", &[etcd.endpoint()], free_addr())
+        .task(Task::new("echo", backend.addr()).id("w1"))
+        .start();
+    d.wait_ready();
+    (d, backend)
+}
+
+/// `d`'s `/routes` lists node `name` with `status`.
+fn assert_node_status(d: &Daemon, name: &str, status: &str) {
+    let nodes = d.routes()["nodes"].clone();
+    assert!(
+        nodes
+            .as_array()
+            .unwrap()
+            .iter()
+            .any(|n| n["name"] == name && n["status"] == status),
+        "{nodes}"
+    );
+}
+
 fn task_json(addr: SocketAddr) -> String {
     format!(r#"{{"addr":"{addr}"}}"#)
 }
@@ -35,13 +59,8 @@ fn seen(listen: SocketAddr, n: usize) -> BTreeSet<String> {
 }
 
 fn task_ids(d: &Daemon, service: &str) -> Vec<String> {
-    let routes = d.routes();
-    routes["services"]
-        .as_array()
-        .into_iter()
-        .flatten()
-        .filter(|s| s["name"] == service)
-        .flat_map(|s| s["tasks"].as_array().cloned().unwrap_or_default())
+    service_tasks(&d.routes(), service)
+        .iter()
         .map(|t| t["id"].as_str().unwrap_or_default().to_string())
         .collect()
 }
@@ -121,15 +140,7 @@ fn a_killed_node_takes_its_tasks_away_and_sigterm_revokes_at_once() {
     eventually(WAIT, "n2 routes to n1's task", || {
         hello(l2).ok().as_deref() == Some("on-n1")
     });
-    let nodes = n2.routes()["nodes"].clone();
-    assert!(
-        nodes
-            .as_array()
-            .unwrap()
-            .iter()
-            .any(|n| n["name"] == "n1" && n["status"] == "Ready"),
-        "{nodes}"
-    );
+    assert_node_status(&n2, "n1", "Ready");
     n1.kill();
     let killed = Instant::now();
     eventually(Duration::from_secs(8), "n1's task vanishes from n2", || {
@@ -138,15 +149,7 @@ fn a_killed_node_takes_its_tasks_away_and_sigterm_revokes_at_once() {
     let gone_after = killed.elapsed();
     // Lease TTL 2 s (+ etcd's expiry granularity): well under 5 s.
     assert!(gone_after < Duration::from_secs(5), "{gone_after:?}");
-    let nodes = n2.routes()["nodes"].clone();
-    assert!(
-        nodes
-            .as_array()
-            .unwrap()
-            .iter()
-            .any(|n| n["name"] == "n1" && n["status"] == "Down"),
-        "{nodes}"
-    );
+    assert_node_status(&n2, "n1", "Down");
 
     // A clean stop revokes the lease: tasks go at once, not after the TTL.
     let l3 = free_addr();
@@ -245,12 +248,7 @@ fn etcd_outage_keeps_traffic_flowing_and_resyncs() {
 #[test]
 fn a_lost_lease_is_registered_again_after_a_long_outage() {
     let mut etcd = Etcd::start();
-    let backend = TcpBackend::start("x");
-    let listen = free_addr();
-    let mut d = etcd_config("n1", &[etcd.endpoint()], listen)
-        .task(Task::new("echo", backend.addr()).id("w1"))
-        .start();
-    d.wait_ready();
+    let (d, _backend) = n1_with_task_w1(&etcd);
     eventually(WAIT, "task registered", || {
         etcd.get(&format!("{P}/tasks/echo/w1")).is_some()
     });
@@ -334,12 +332,7 @@ fn a_node_with_more_tasks_than_one_etcd_transaction_registers_them_all() {
 #[test]
 fn a_registration_deleted_by_hand_is_written_again() {
     let etcd = Etcd::start();
-    let backend = TcpBackend::start("x");
-    let listen = free_addr();
-    let mut d = etcd_config("n1", &[etcd.endpoint()], listen)
-        .task(Task::new("echo", backend.addr()).id("w1"))
-        .start();
-    d.wait_ready();
+    let (_d, _backend) = n1_with_task_w1(&etcd);
     let key = format!("{P}/tasks/echo/w1");
     eventually(WAIT, "task registered", || etcd.get(&key).is_some());
     etcd.del(&key);

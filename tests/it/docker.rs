@@ -25,8 +25,8 @@ use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
 use serde_json::Value;
 
 use crate::support::docker::{
-    DOCKER_TIMEOUT, NGINX_IMAGE, build_base, build_daemon, build_nginx, docker, docker_raw,
-    images_lock, prebuilt_dockerfile, require_engine, target_dir,
+    DAEMON_RUN_FLAGS, DOCKER_TIMEOUT, NGINX_IMAGE, build_base, build_daemon, build_nginx, docker,
+    docker_logs, docker_raw, images_lock, prebuilt_dockerfile, require_engine, target_dir,
 };
 use crate::support::http::try_get;
 use crate::support::load::{Load, Sample};
@@ -123,28 +123,22 @@ impl Lab {
             .map(|m| std::os::unix::fs::MetadataExt::gid(&m))
             .expect("/var/run/docker.sock exists");
         let cname = format!("{}-routemesh", self.name);
-        docker(&[
-            "run",
-            "-d",
-            "--name",
-            &cname,
-            "--label",
-            "routemesh-test=1",
-            "--network",
-            "host",
-            "--cap-drop",
-            "ALL",
-            "--cap-add",
-            "NET_BIND_SERVICE",
-            "--read-only",
+        let (gid, mount) = (
+            sock_gid.to_string(),
+            format!("{}:/etc/routemesh/routemesh.toml:ro", path.display()),
+        );
+        let mut args = vec!["run", "-d", "--name", &cname, "--label", "routemesh-test=1"];
+        args.extend_from_slice(DAEMON_RUN_FLAGS);
+        args.extend([
             "--group-add",
-            &sock_gid.to_string(),
+            &gid,
             "-v",
-            &format!("{}:/etc/routemesh/routemesh.toml:ro", path.display()),
+            &mount,
             "-v",
             "/var/run/docker.sock:/var/run/docker.sock:ro",
             image,
         ]);
+        docker(&args);
         self.daemon = Some(cname);
         let admin = self.admin;
         eventually(Duration::from_secs(20), "routemesh container ready", || {
@@ -156,12 +150,7 @@ impl Lab {
         let Some(d) = &self.daemon else {
             return String::new();
         };
-        let out = docker_raw(&["logs", "--tail", "200", d], DOCKER_TIMEOUT);
-        format!(
-            "{}{}",
-            String::from_utf8_lossy(&out.stdout),
-            String::from_utf8_lossy(&out.stderr)
-        )
+        docker_logs(d, Some(200))
     }
 
     /// Starts an nginx replica labelled for the lab's service on the lab network. (Every
@@ -200,15 +189,7 @@ impl Lab {
     /// request in that gap would get it ejected for a while).
     fn web(&self, suffix: &str, extra: &[&str]) -> String {
         let cname = self.start_web(suffix, extra);
-        let ip = docker(&[
-            "inspect",
-            "--format",
-            &format!(
-                "{{{{(index .NetworkSettings.Networks \"{}\").IPAddress}}}}",
-                self.network
-            ),
-            &cname,
-        ]);
+        let ip = self.ip_of(&cname);
         let addr: SocketAddr = format!("{ip}:8080")
             .parse()
             .unwrap_or_else(|_| panic!("{cname} has no IP on {}: {ip:?}", self.network));
@@ -216,6 +197,43 @@ impl Lab {
             try_get(addr, "/").is_ok_and(|(s, _)| s == 200)
         });
         cname
+    }
+
+    /// The IP address of `container` on the lab network.
+    fn ip_of(&self, container: &str) -> String {
+        docker(&[
+            "inspect",
+            "--format",
+            &format!(
+                "{{{{(index .NetworkSettings.Networks \"{}\").IPAddress}}}}",
+                self.network
+            ),
+            container,
+        ])
+    }
+
+    /// `routemesh service ARGS… --json` against the lab's etcd and prefix, parsed.
+    fn service_json(&self, args: &[&str]) -> Value {
+        let endpoint = self.etcd.endpoint();
+        let mut all = vec!["service"];
+        all.extend_from_slice(args);
+        all.extend(["--etcd", &endpoint, "--prefix", &self.prefix, "--json"]);
+        let out = cli(&all);
+        assert!(out.status.success(), "{}", output_text(&out));
+        serde_json::from_slice(&out.stdout).unwrap()
+    }
+
+    /// Ten GETs through the proxy, each answered 200 by replica `only`.
+    fn assert_all_answered_by(&self, only: &str) {
+        for _ in 0..10 {
+            let (status, body) = self.get().expect("GET through routemesh");
+            assert_eq!((status, body.trim()), (200, only));
+        }
+    }
+
+    /// The weight of task `id` is 0 (registered, not routable).
+    fn weight_zero(&self, id: &str) -> bool {
+        self.web_tasks().get(id).is_some_and(|(_, w)| *w == 0)
     }
 
     fn routes(&self) -> Value {
@@ -417,27 +435,8 @@ fn containerized_routemesh_routes_to_labelled_containers() {
         "answers: {seen:?}"
     );
     // The task record: container IP on the lab network, this node, weight 1.
-    let ps = cli(&[
-        "service",
-        "ps",
-        &lab.name,
-        "--etcd",
-        &lab.etcd.endpoint(),
-        "--prefix",
-        &lab.prefix,
-        "--json",
-    ]);
-    assert!(ps.status.success(), "{}", output_text(&ps));
-    let rows: Value = serde_json::from_slice(&ps.stdout).unwrap();
-    let ip_a = docker(&[
-        "inspect",
-        "--format",
-        &format!(
-            "{{{{(index .NetworkSettings.Networks \"{}\").IPAddress}}}}",
-            lab.network
-        ),
-        &a,
-    ]);
+    let rows = lab.service_json(&["ps", &lab.name]);
+    let ip_a = lab.ip_of(&a);
     let row_a = rows
         .as_array()
         .unwrap()
@@ -574,10 +573,7 @@ fn docker_kill_takes_the_task_out_at_once() {
         || !lab.web_tasks().contains_key(&a),
     );
     eprintln!("out {:?} after docker kill returned", t0.elapsed());
-    for _ in 0..10 {
-        let (status, body) = lab.get().expect("GET through routemesh");
-        assert_eq!((status, body.trim()), (200, b.as_str()));
-    }
+    lab.assert_all_answered_by(&b);
 }
 
 /// HEALTHCHECK: registered but not routable while `starting` or `unhealthy` (weight 0,
@@ -603,23 +599,14 @@ fn failing_healthcheck_takes_the_task_out() {
     eventually(
         Duration::from_secs(10),
         "starting container registered, not routable",
-        || lab.web_tasks().get(&h).is_some_and(|(_, w)| *w == 0),
+        || lab.weight_zero(&h),
     );
     lab.wait_routable(
         &[&b],
         Duration::from_secs(5),
         "only the plain replica routable",
     );
-    let ls = cli(&[
-        "service",
-        "ls",
-        "--etcd",
-        &lab.etcd.endpoint(),
-        "--prefix",
-        &lab.prefix,
-        "--json",
-    ]);
-    let ls: Value = serde_json::from_slice(&ls.stdout).unwrap();
+    let ls = lab.service_json(&["ls"]);
     let mine = ls
         .as_array()
         .unwrap()
@@ -640,19 +627,9 @@ fn failing_healthcheck_takes_the_task_out() {
     eventually(
         Duration::from_secs(10),
         "unhealthy container out of rotation",
-        || lab.web_tasks().get(&h).is_some_and(|(_, w)| *w == 0),
+        || lab.weight_zero(&h),
     );
-    let ps = cli(&[
-        "service",
-        "ps",
-        &lab.name,
-        "--etcd",
-        &lab.etcd.endpoint(),
-        "--prefix",
-        &lab.prefix,
-        "--json",
-    ]);
-    let rows: Value = serde_json::from_slice(&ps.stdout).unwrap();
+    let rows = lab.service_json(&["ps", &lab.name]);
     let row = rows
         .as_array()
         .unwrap()
@@ -660,10 +637,7 @@ fn failing_healthcheck_takes_the_task_out() {
         .find(|r| r["id"] == h.as_str())
         .unwrap();
     assert_eq!(row["weight"], 0, "{rows}");
-    for _ in 0..10 {
-        let (status, body) = lab.get().expect("GET through routemesh");
-        assert_eq!((status, body.trim()), (200, b.as_str()));
-    }
+    lab.assert_all_answered_by(&b);
 }
 
 /// A new labelled container is routable within 1 s of the engine's `start` event.

@@ -10,7 +10,10 @@ use std::sync::{Arc, Mutex};
 use std::thread;
 use std::time::{Duration, Instant};
 
-use crate::support::http::{parse_response, read_head, read_ok};
+use crate::support::backend::raw_backend;
+use crate::support::http::{
+    header_value, parse_response, read_head, read_ok, read_request, read_request_head,
+};
 use crate::support::nginx::{Nginx, NginxProtocol};
 use crate::support::{
     Config, Daemon, Etcd, Etcdctl, Listener, Task, dead_addr, eventually, free_addr,
@@ -112,30 +115,22 @@ struct Recorder {
 
 impl Recorder {
     fn start() -> Recorder {
-        let l = TcpListener::bind("127.0.0.1:0").unwrap();
-        let addr = l.local_addr().unwrap();
         let seen = Arc::new(Mutex::new(Vec::new()));
         let seen2 = seen.clone();
-        thread::spawn(move || {
-            for s in l.incoming() {
-                let Ok(mut s) = s else { return };
-                let seen = seen2.clone();
-                thread::spawn(move || {
-                    let mut buf = [0u8; 65536];
-                    let mut pending = Vec::new();
-                    loop {
-                        let n = match s.read(&mut buf) {
-                            Ok(0) | Err(_) => return,
-                            Ok(n) => n,
-                        };
-                        seen.lock().unwrap().extend_from_slice(&buf[..n]);
-                        pending.extend_from_slice(&buf[..n]);
-                        while let Some(i) = pending.windows(4).position(|w| w == b"\r\n\r\n") {
-                            pending.drain(..i + 4);
-                            let _ = s.write_all(b"HTTP/1.1 200 OK\r\nContent-Length: 2\r\n\r\nok");
-                        }
-                    }
-                });
+        let addr = raw_backend(move |mut s| {
+            let mut buf = [0u8; 65536];
+            let mut pending = Vec::new();
+            loop {
+                let n = match s.read(&mut buf) {
+                    Ok(0) | Err(_) => return,
+                    Ok(n) => n,
+                };
+                seen2.lock().unwrap().extend_from_slice(&buf[..n]);
+                pending.extend_from_slice(&buf[..n]);
+                while let Some(i) = pending.windows(4).position(|w| w == b"\r\n\r\n") {
+                    pending.drain(..i + 4);
+                    let _ = s.write_all(b"HTTP/1.1 200 OK\r\nContent-Length: 2\r\n\r\nok");
+                }
             }
         });
         Recorder { addr, seen }
@@ -144,51 +139,6 @@ impl Recorder {
     fn seen(&self) -> String {
         String::from_utf8_lossy(&self.seen.lock().unwrap()).into_owned()
     }
-}
-
-/// Reads one request head from `s`, byte by byte (nothing past it); `None` at EOF.
-fn read_request_head(s: &mut TcpStream) -> Option<String> {
-    let mut head = Vec::new();
-    let mut b = [0u8; 1];
-    while !head.ends_with(b"\r\n\r\n") {
-        match s.read(&mut b) {
-            Ok(1) => head.push(b[0]),
-            _ => return None,
-        }
-    }
-    Some(String::from_utf8_lossy(&head).into_owned())
-}
-
-/// The value of header `name` in a request head ("" when absent).
-fn header_value(head: &str, name: &str) -> String {
-    head.lines()
-        .find_map(|l| {
-            let (k, v) = l.split_once(':')?;
-            k.eq_ignore_ascii_case(name).then(|| v.trim().to_string())
-        })
-        .unwrap_or_default()
-}
-
-/// Reads one request head and its Content-Length body from `s`; `None` at EOF.
-fn read_request(s: &mut TcpStream) -> Option<(String, Vec<u8>)> {
-    let head = read_request_head(s)?;
-    let len = header_value(&head, "content-length").parse().unwrap_or(0);
-    let mut body = vec![0u8; len];
-    s.read_exact(&mut body).ok()?;
-    Some((head, body))
-}
-
-/// A raw backend on a free loopback port: `serve` runs on its own thread per connection.
-fn raw_backend(serve: fn(TcpStream)) -> SocketAddr {
-    let l = TcpListener::bind("127.0.0.1:0").unwrap();
-    let addr = l.local_addr().unwrap();
-    thread::spawn(move || {
-        for s in l.incoming() {
-            let Ok(s) = s else { return };
-            thread::spawn(move || serve(s));
-        }
-    });
-    addr
 }
 
 #[derive(Clone, Copy)]
@@ -714,39 +664,32 @@ fn routing_follows_task_changes_in_etcd() {
 fn streams_100_mib_each_way_with_bounded_memory() {
     const SIZE: usize = 100 << 20;
     // Backend: POST /up counts the body; GET /down sends SIZE bytes.
-    let l = TcpListener::bind("127.0.0.1:0").unwrap();
-    let backend = l.local_addr().unwrap();
-    thread::spawn(move || {
-        for s in l.incoming() {
-            let Ok(mut s) = s else { return };
-            thread::spawn(move || {
-                let mut buf = vec![0u8; 1 << 16];
-                while let Some(head) = read_request_head(&mut s) {
-                    if head.starts_with("POST") {
-                        let len: usize = header_value(&head, "content-length").parse().unwrap();
-                        let mut left = len;
-                        while left > 0 {
-                            let n = s.read(&mut buf[..left.min(1 << 16)]).unwrap();
-                            assert!(n > 0);
-                            left -= n;
-                        }
-                        let body = format!("got {len}");
-                        let _ = write!(
-                            s,
-                            "HTTP/1.1 200 OK\r\nContent-Length: {}\r\n\r\n{body}",
-                            body.len()
-                        );
-                    } else {
-                        let _ = write!(s, "HTTP/1.1 200 OK\r\nContent-Length: {SIZE}\r\n\r\n");
-                        let chunk = vec![b'z'; 1 << 16];
-                        for _ in 0..SIZE / chunk.len() {
-                            if s.write_all(&chunk).is_err() {
-                                return;
-                            }
-                        }
+    let backend = raw_backend(|mut s| {
+        let mut buf = vec![0u8; 1 << 16];
+        while let Some(head) = read_request_head(&mut s) {
+            if head.starts_with("POST") {
+                let len: usize = header_value(&head, "content-length").parse().unwrap();
+                let mut left = len;
+                while left > 0 {
+                    let n = s.read(&mut buf[..left.min(1 << 16)]).unwrap();
+                    assert!(n > 0);
+                    left -= n;
+                }
+                let body = format!("got {len}");
+                let _ = write!(
+                    s,
+                    "HTTP/1.1 200 OK\r\nContent-Length: {}\r\n\r\n{body}",
+                    body.len()
+                );
+            } else {
+                let _ = write!(s, "HTTP/1.1 200 OK\r\nContent-Length: {SIZE}\r\n\r\n");
+                let chunk = vec![b'z'; 1 << 16];
+                for _ in 0..SIZE / chunk.len() {
+                    if s.write_all(&chunk).is_err() {
+                        return;
                     }
                 }
-            });
+            }
         }
     });
     let listen = free_addr();

@@ -15,6 +15,8 @@ use std::time::{Duration, Instant};
 use tokio_rustls::rustls;
 use tokio_rustls::rustls::pki_types::ServerName;
 
+use crate::support::backend::raw_backend;
+use crate::support::http::read_request;
 use crate::support::nginx::Nginx;
 use crate::support::pki::Pki;
 use crate::support::process::run_bounded;
@@ -408,57 +410,25 @@ fn obs_text_in_x_forwarded_for_is_kept_on_every_transport() {
 // ---------------------------------------------------------------------------------------------
 // one retry rule
 
-/// Reads one request head (and its Content-Length body) from `s`; `None` at EOF.
-fn read_request(s: &mut TcpStream) -> Option<String> {
-    let mut head = Vec::new();
-    let mut b = [0u8; 1];
-    while !head.ends_with(b"\r\n\r\n") {
-        match s.read(&mut b) {
-            Ok(1) => head.push(b[0]),
-            _ => return None,
-        }
-    }
-    let head = String::from_utf8_lossy(&head).into_owned();
-    let len = head
-        .lines()
-        .find_map(|l| {
-            let (k, v) = l.split_once(':')?;
-            k.eq_ignore_ascii_case("content-length")
-                .then(|| v.trim().parse::<usize>().ok())?
-        })
-        .unwrap_or(0);
-    let mut body = vec![0u8; len];
-    s.read_exact(&mut body).ok()?;
-    Some(head)
-}
-
 /// A task that answers the first request of each connection and closes the connection
 /// when a second one arrives on it (a keep-alive timeout racing a request); records every
 /// request line.
 fn closes_kept_connections() -> (SocketAddr, Arc<Mutex<Vec<String>>>) {
-    let l = TcpListener::bind("127.0.0.1:0").unwrap();
-    let addr = l.local_addr().unwrap();
     let lines = Arc::new(Mutex::new(Vec::new()));
     let seen = lines.clone();
-    thread::spawn(move || {
-        for s in l.incoming() {
-            let Ok(mut s) = s else { return };
-            let seen = seen.clone();
-            thread::spawn(move || {
-                let mut n = 0;
-                while let Some(head) = read_request(&mut s) {
-                    n += 1;
-                    seen.lock()
-                        .unwrap()
-                        .push(head.lines().next().unwrap_or("").to_string());
-                    if n == 2 {
-                        return;
-                    }
-                    let _ = s.write_all(
-                        b"HTTP/1.1 200 OK\r\nContent-Length: 6\r\nConnection: keep-alive\r\n\r\nanswer",
-                    );
-                }
-            });
+    let addr = raw_backend(move |mut s| {
+        let mut n = 0;
+        while let Some((head, _)) = read_request(&mut s) {
+            n += 1;
+            seen.lock()
+                .unwrap()
+                .push(head.lines().next().unwrap_or("").to_string());
+            if n == 2 {
+                return;
+            }
+            let _ = s.write_all(
+                b"HTTP/1.1 200 OK\r\nContent-Length: 6\r\nConnection: keep-alive\r\n\r\nanswer",
+            );
         }
     });
     (addr, lines)
@@ -700,33 +670,25 @@ impl<T: Read + Write> ReadWrite for T {}
 
 /// A task that answers an upgrade request with 101 and then echoes every byte.
 fn upgrade_echo() -> SocketAddr {
-    let l = TcpListener::bind("127.0.0.1:0").unwrap();
-    let addr = l.local_addr().unwrap();
-    thread::spawn(move || {
-        for s in l.incoming() {
-            let Ok(mut s) = s else { return };
-            thread::spawn(move || {
-                if read_request(&mut s).is_none() {
-                    return;
-                }
-                let _ = s.write_all(
-                    b"HTTP/1.1 101 Switching Protocols\r\nUpgrade: echo\r\nConnection: Upgrade\r\n\r\n",
-                );
-                let mut buf = [0u8; 4096];
-                loop {
-                    match s.read(&mut buf) {
-                        Ok(0) | Err(_) => return,
-                        Ok(n) => {
-                            if s.write_all(&buf[..n]).is_err() {
-                                return;
-                            }
-                        }
+    raw_backend(|mut s| {
+        if read_request(&mut s).is_none() {
+            return;
+        }
+        let _ = s.write_all(
+            b"HTTP/1.1 101 Switching Protocols\r\nUpgrade: echo\r\nConnection: Upgrade\r\n\r\n",
+        );
+        let mut buf = [0u8; 4096];
+        loop {
+            match s.read(&mut buf) {
+                Ok(0) | Err(_) => return,
+                Ok(n) => {
+                    if s.write_all(&buf[..n]).is_err() {
+                        return;
                     }
                 }
-            });
+            }
         }
-    });
-    addr
+    })
 }
 
 #[test]

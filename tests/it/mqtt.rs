@@ -10,7 +10,9 @@ use std::net::{SocketAddr, TcpStream};
 use std::process::{Command, Output};
 use std::time::{Duration, Instant};
 
+use crate::support::daemon::service_tasks;
 use crate::support::mosquitto::{Mosquitto, mosquitto_bin};
+use crate::support::mqtt_wire::{self, CONNACK_ACCEPTED, DISCONNECT};
 use crate::support::process::run_bounded;
 use crate::support::{
     Config, Daemon, Etcd, Etcdctl, Listener, Task, eventually, free_addr, holds_for,
@@ -22,29 +24,9 @@ const IO_TIMEOUT: Duration = Duration::from_secs(5);
 
 // ---- a minimal raw MQTT 3.1.1 client -------------------------------------------------------
 
-fn put_binary(out: &mut Vec<u8>, b: &[u8]) {
-    out.extend_from_slice(&(b.len() as u16).to_be_bytes());
-    out.extend_from_slice(b);
-}
-
 /// A CONNECT (level 4, clean session, keep-alive 60) with an arbitrary client id.
 fn connect_packet(client_id: &[u8]) -> Vec<u8> {
-    let mut body = Vec::new();
-    put_binary(&mut body, b"MQTT");
-    body.extend_from_slice(&[4, 0x02, 0, 60]);
-    put_binary(&mut body, client_id);
-    let mut out = vec![0x10];
-    let mut n = body.len();
-    loop {
-        let b = (n % 128) as u8;
-        n /= 128;
-        out.push(if n > 0 { b | 0x80 } else { b });
-        if n == 0 {
-            break;
-        }
-    }
-    out.extend_from_slice(&body);
-    out
+    mqtt_wire::connect(client_id, true, 60)
 }
 
 fn dial(addr: SocketAddr) -> TcpStream {
@@ -63,8 +45,8 @@ fn mqtt_session(addr: SocketAddr, client_id: &str) {
     let mut ack = [0u8; 4];
     s.read_exact(&mut ack)
         .unwrap_or_else(|e| panic!("CONNACK for {client_id:?} via {addr}: {e}"));
-    assert_eq!(ack, [0x20, 0x02, 0x00, 0x00], "CONNACK for {client_id:?}");
-    s.write_all(&[0xe0, 0x00]).unwrap();
+    assert_eq!(ack, CONNACK_ACCEPTED, "CONNACK for {client_id:?}");
+    s.write_all(&DISCONNECT).unwrap();
     // Wait for the broker to close, so its log has the session before we look.
     let mut rest = Vec::new();
     let _ = s.read_to_end(&mut rest);
@@ -130,15 +112,7 @@ impl Cluster {
     fn wait_tasks(&self, n: usize) {
         for d in &self.daemons {
             eventually(WAIT, &format!("{n} mqtt tasks in /routes"), || {
-                let routes = d.routes();
-                routes["services"]
-                    .as_array()
-                    .into_iter()
-                    .flatten()
-                    .filter(|s| s["name"] == "mqtt")
-                    .map(|s| s["tasks"].as_array().map_or(0, |t| t.len()))
-                    .sum::<usize>()
-                    == n
+                service_tasks(&d.routes(), "mqtt").len() == n
             });
         }
     }

@@ -13,6 +13,7 @@ use std::time::{Duration, Instant};
 use serde_json::Value;
 
 use crate::support::coap::{self, CoapServer};
+use crate::support::daemon::service_tasks;
 use crate::support::dnsmasq::{Dnsmasq, dig};
 use crate::support::{
     Config, Daemon, Etcd, Listener, Task, UdpEcho, UdpMode, cli_ok, eventually, free_port,
@@ -26,12 +27,8 @@ fn udp_addr() -> SocketAddr {
 
 /// The `udp_sessions` of each task of `service` in `/routes`, by task id.
 fn sessions_by_task(routes: &Value, service: &str) -> Vec<(String, u64)> {
-    routes["services"]
-        .as_array()
-        .into_iter()
-        .flatten()
-        .filter(|s| s["name"] == service)
-        .flat_map(|s| s["tasks"].as_array().cloned().unwrap_or_default())
+    service_tasks(routes, service)
+        .iter()
         .map(|t| {
             (
                 t["id"].as_str().unwrap_or("").to_string(),

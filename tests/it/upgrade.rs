@@ -19,9 +19,10 @@ use std::sync::{Arc, Mutex};
 use std::thread;
 use std::time::{Duration, Instant};
 
-use crate::support::etcd::ETCD_SETUP_HINT;
+use crate::support::etcd::{ETCD_SETUP_HINT, parse_watch_deletes};
 use crate::support::http::try_get as try_http_get;
 use crate::support::mosquitto::Mosquitto;
+use crate::support::mqtt_wire::{self, CONNACK_ACCEPTED, DISCONNECT, parse_packet};
 use crate::support::nginx::Nginx;
 use crate::support::process::require_binary;
 use crate::support::process::tail_file;
@@ -284,13 +285,7 @@ impl Watch {
 
     /// Keys deleted so far.
     fn deleted(&self) -> Vec<String> {
-        let text = self.text();
-        let lines: Vec<&str> = text.lines().collect();
-        lines
-            .windows(2)
-            .filter(|w| w[0] == "DELETE")
-            .map(|w| w[1].to_string())
-            .collect()
+        parse_watch_deletes(&self.text())
     }
 }
 
@@ -313,53 +308,17 @@ fn node_keys_deleted(watch: &Watch) -> Vec<String> {
 
 // ---- MQTT devices and subscribers ------------------------------------------------------------
 
-fn put_str(out: &mut Vec<u8>, b: &[u8]) {
-    out.extend_from_slice(&(b.len() as u16).to_be_bytes());
-    out.extend_from_slice(b);
-}
-
-fn packet(first: u8, body: &[u8]) -> Vec<u8> {
-    let mut out = vec![first];
-    let mut n = body.len();
-    loop {
-        let b = (n % 128) as u8;
-        n /= 128;
-        out.push(if n > 0 { b | 0x80 } else { b });
-        if n == 0 {
-            break;
-        }
-    }
-    out.extend_from_slice(body);
-    out
-}
-
-/// CONNECT, MQTT 3.1.1, clean session, keep-alive off (the test's connections stay quiet
-/// between publishes).
-fn connect_packet(client_id: &str) -> Vec<u8> {
-    let mut body = Vec::new();
-    put_str(&mut body, b"MQTT");
-    body.extend_from_slice(&[4, 0x02, 0, 0]);
-    put_str(&mut body, client_id.as_bytes());
-    packet(0x10, &body)
-}
-
-fn publish_packet(topic: &str, payload: &str) -> Vec<u8> {
-    let mut body = Vec::new();
-    put_str(&mut body, topic.as_bytes());
-    body.extend_from_slice(payload.as_bytes());
-    packet(0x30, &body)
-}
-
-/// Connects with `id` and waits for an accepting CONNACK.
+/// Connects with `id` and waits for an accepting CONNACK. Clean session, keep-alive off (the
+/// test's connections stay quiet between publishes).
 fn mqtt_connect(addr: SocketAddr, id: &str) -> io::Result<TcpStream> {
     let mut s = TcpStream::connect_timeout(&addr, IO_TIMEOUT)?;
     s.set_read_timeout(Some(IO_TIMEOUT))?;
     s.set_write_timeout(Some(IO_TIMEOUT))?;
     s.set_nodelay(true)?;
-    s.write_all(&connect_packet(id))?;
+    s.write_all(&mqtt_wire::connect(id.as_bytes(), true, 0))?;
     let mut ack = [0u8; 4];
     s.read_exact(&mut ack)?;
-    if ack != [0x20, 0x02, 0x00, 0x00] {
+    if ack != CONNACK_ACCEPTED {
         return Err(io::Error::other(format!("CONNACK {ack:?}")));
     }
     Ok(s)
@@ -375,10 +334,7 @@ struct Subscriber {
 impl Subscriber {
     fn start(broker: SocketAddr, id: &str) -> Subscriber {
         let mut s = mqtt_connect(broker, id).expect("subscriber connects to its broker");
-        let mut body = vec![0, 1];
-        put_str(&mut body, b"up/#");
-        body.push(0);
-        s.write_all(&packet(0x82, &body)).unwrap();
+        s.write_all(&mqtt_wire::subscribe(1, "up/#")).unwrap();
         s.set_read_timeout(Some(Duration::from_millis(200)))
             .unwrap();
         let got = Arc::new(Mutex::new(BTreeSet::new()));
@@ -431,24 +387,6 @@ impl Drop for Subscriber {
     }
 }
 
-/// One complete packet at the start of `buf`: (first byte, body, bytes used).
-fn parse_packet(buf: &[u8]) -> Option<(u8, Vec<u8>, usize)> {
-    let mut len = 0usize;
-    let mut mult = 1usize;
-    let mut i = 1;
-    loop {
-        let b = *buf.get(i)?;
-        len += (b & 0x7f) as usize * mult;
-        mult *= 128;
-        i += 1;
-        if b & 0x80 == 0 {
-            break;
-        }
-    }
-    let end = i + len;
-    (buf.len() >= end).then(|| (buf[0], buf[i..end].to_vec(), end))
-}
-
 /// Devices connected through the node, publishing `up/ID SEQ` once a second from one thread.
 struct Devices {
     streams: Arc<Mutex<Vec<(String, TcpStream)>>>,
@@ -487,8 +425,8 @@ impl Devices {
                 }
                 let started = Instant::now();
                 for (id, stream) in s.lock().unwrap().iter_mut() {
-                    if let Err(err) =
-                        stream.write_all(&publish_packet(&format!("up/{id}"), &round.to_string()))
+                    if let Err(err) = stream
+                        .write_all(&mqtt_wire::publish(&format!("up/{id}"), &round.to_string()))
                     {
                         e.lock().unwrap().push(format!("{id} round {round}: {err}"));
                     }
@@ -1310,7 +1248,7 @@ fn connections_opened_at_the_hand_over_are_all_answered() {
         let n = t.load(Ordering::Relaxed);
         let mut s = mqtt_connect(mqtt, &format!("storm-{n}")).map_err(|e| e.to_string())?;
         // DISCONNECT, then the device goes.
-        s.write_all(&[0xe0, 0]).map_err(|e| e.to_string())
+        s.write_all(&DISCONNECT).map_err(|e| e.to_string())
     });
 
     thread::sleep(Duration::from_secs(1));

@@ -15,9 +15,10 @@ use std::thread;
 use std::time::{Duration, Instant};
 
 use crate::support::docker::{
-    DOCKER_TIMEOUT, build_base, build_daemon, docker, docker_raw, images_lock, nginx_image,
-    require_engine, target_dir,
+    DAEMON_RUN_FLAGS, DOCKER_TIMEOUT, build_base, build_daemon, docker, docker_logs, docker_raw,
+    images_lock, nginx_image, require_engine, target_dir,
 };
+use crate::support::etcd::parse_watch_deletes;
 use crate::support::http::try_get as try_http_get;
 use crate::support::process::unique_name;
 use crate::support::tempdir;
@@ -45,12 +46,7 @@ struct Guard {
 
 impl Guard {
     fn logs(&self, c: &str) -> String {
-        let out = docker_raw(&["logs", c], DOCKER_TIMEOUT);
-        format!(
-            "{}{}",
-            String::from_utf8_lossy(&out.stdout),
-            String::from_utf8_lossy(&out.stderr)
-        )
+        docker_logs(c, None)
     }
 }
 
@@ -123,28 +119,11 @@ addr = "{addr}"
     let mount_run = format!("{}:/run/routemesh", guard.volume);
     let run = |cname: &str| {
         guard.containers.lock().unwrap().push(cname.to_string());
-        docker(&[
-            "run",
-            "-d",
-            "--name",
-            cname,
-            "--label",
-            "routemesh-test=1",
-            "--restart",
-            "unless-stopped",
-            "--network",
-            "host",
-            "--cap-drop",
-            "ALL",
-            "--cap-add",
-            "NET_BIND_SERVICE",
-            "--read-only",
-            "-v",
-            &mount_config,
-            "-v",
-            &mount_run,
-            image,
-        ]);
+        let mut args = vec!["run", "-d", "--name", cname, "--label", "routemesh-test=1"];
+        args.extend(["--restart", "unless-stopped"]);
+        args.extend_from_slice(DAEMON_RUN_FLAGS);
+        args.extend(["-v", &mount_config, "-v", &mount_run, image]);
+        docker(&args);
     };
     let (c1, c2) = (format!("{name}-1"), format!("{name}-2"));
     run(&c1);
@@ -274,12 +253,7 @@ fn deletes_since(etcd: &Etcd, rev: i64) -> Vec<String> {
         text.contains("replay-marker"),
         "etcd history not replayed: {text}"
     );
-    let lines: Vec<&str> = text.lines().collect();
-    lines
-        .windows(2)
-        .filter(|w| w[0] == "DELETE")
-        .map(|w| w[1].to_string())
-        .collect()
+    parse_watch_deletes(&text)
 }
 
 /// The daemon on the host with `[docker]`, a labelled container registered under its lease:

@@ -108,6 +108,17 @@ struct Req {
     acme_answer: Option<String>,
 }
 
+/// A request whose service is chosen and whose body's first bytes are held in `out`:
+/// what [`H1::forward_h1`] and [`H1::forward_h2c`] take.
+struct Forward<'a> {
+    svc: &'a Service,
+    meters: &'a ServiceMeters,
+    body: BodyReader,
+    /// The whole body is held.
+    complete: bool,
+    started: Instant,
+}
+
 /// One client connection.
 struct H1<'a> {
     ctx: &'a ListenerCtx,
@@ -375,15 +386,16 @@ impl H1<'_> {
             Err(None) => return Next::Close,
         };
         let meters = self.meters(name);
+        let forward = Forward {
+            svc: &svc,
+            meters: &meters,
+            body,
+            complete,
+            started,
+        };
         match svc.settings.upstream_protocol {
-            UpstreamProtocol::Http1 => {
-                self.forward_h1(&req, &svc, &meters, body, complete, started)
-                    .await
-            }
-            UpstreamProtocol::H2c => {
-                self.forward_h2c(&mut req, &svc, &meters, body, complete, started)
-                    .await
-            }
+            UpstreamProtocol::Http1 => self.forward_h1(&req, forward).await,
+            UpstreamProtocol::H2c => self.forward_h2c(&mut req, forward).await,
         }
     }
 
@@ -464,15 +476,9 @@ impl H1<'_> {
 
     /// Sends the request in `out` (and the rest of a streaming body) to an HTTP/1.1 task,
     /// then relays the response.
-    async fn forward_h1(
-        &mut self,
-        req: &Req,
-        svc: &Service,
-        meters: &ServiceMeters,
-        mut body: BodyReader,
-        complete: bool,
-        started: Instant,
-    ) -> Next {
+    async fn forward_h1(&mut self, req: &Req, forward: Forward<'_>) -> Next {
+        let Forward { svc, meters, .. } = forward;
+        let (mut body, complete, started) = (forward.body, forward.complete, forward.started);
         let ctx = self.ctx;
         let name = svc.name.as_str();
         let limit = ctx.http.max_body_bytes;
@@ -652,15 +658,9 @@ impl H1<'_> {
 
     /// Sends the request to an h2c task through hyper (body held, or pumped from the
     /// client as it arrives), then writes the response for this HTTP/1.x client.
-    async fn forward_h2c(
-        &mut self,
-        req: &mut Req,
-        svc: &Service,
-        meters: &ServiceMeters,
-        mut body: BodyReader,
-        complete: bool,
-        started: Instant,
-    ) -> Next {
+    async fn forward_h2c(&mut self, req: &mut Req, forward: Forward<'_>) -> Next {
+        let Forward { svc, meters, .. } = forward;
+        let (mut body, complete, started) = (forward.body, forward.complete, forward.started);
         let ctx = self.ctx;
         let name = svc.name.as_str();
         let settings = &svc.settings;

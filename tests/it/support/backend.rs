@@ -404,3 +404,19 @@ impl Drop for UdpEcho {
         }
     }
 }
+
+/// A raw backend on a free loopback port: `serve` runs on its own thread for each
+/// connection (the accept loop ends with the test process, or at an accept error).
+pub fn raw_backend(serve: impl Fn(TcpStream) + Send + Sync + 'static) -> SocketAddr {
+    let l = TcpListener::bind("127.0.0.1:0").unwrap();
+    let addr = l.local_addr().unwrap();
+    let serve = Arc::new(serve);
+    thread::spawn(move || {
+        for s in l.incoming() {
+            let Ok(s) = s else { return };
+            let serve = serve.clone();
+            thread::spawn(move || serve(s));
+        }
+    });
+    addr
+}

@@ -421,3 +421,14 @@ pub fn cli(args: &[&str]) -> Output {
     run_bounded(&mut cmd, None, CLI_TIMEOUT)
         .unwrap_or_else(|e| panic!("routemesh {args:?} failed to run: {e}"))
 }
+
+/// The tasks of `service` in a `GET /routes` answer (none when it is not listed).
+pub fn service_tasks(routes: &serde_json::Value, service: &str) -> Vec<serde_json::Value> {
+    routes["services"]
+        .as_array()
+        .into_iter()
+        .flatten()
+        .filter(|s| s["name"] == service)
+        .flat_map(|s| s["tasks"].as_array().cloned().unwrap_or_default())
+        .collect()
+}

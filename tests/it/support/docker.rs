@@ -42,6 +42,34 @@ pub fn docker(args: &[&str]) -> String {
     String::from_utf8_lossy(&out.stdout).trim().to_string()
 }
 
+/// The README's flags for routemesh's container: the host network, no capability but
+/// binding low ports, a read-only root.
+pub const DAEMON_RUN_FLAGS: &[&str] = &[
+    "--network",
+    "host",
+    "--cap-drop",
+    "ALL",
+    "--cap-add",
+    "NET_BIND_SERVICE",
+    "--read-only",
+];
+
+/// What `container` wrote (stdout, then stderr); its last `tail` lines only when given.
+pub fn docker_logs(container: &str, tail: Option<usize>) -> String {
+    let tail = tail.map(|n| n.to_string());
+    let mut args = vec!["logs"];
+    if let Some(n) = &tail {
+        args.extend(["--tail", n]);
+    }
+    args.push(container);
+    let out = docker_raw(&args, DOCKER_TIMEOUT);
+    format!(
+        "{}{}",
+        String::from_utf8_lossy(&out.stdout),
+        String::from_utf8_lossy(&out.stderr)
+    )
+}
+
 /// Panics with a clear message when the engine is not reachable.
 pub fn require_engine() {
     static CHECKED: OnceLock<Result<String, String>> = OnceLock::new();

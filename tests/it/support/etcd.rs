@@ -566,6 +566,16 @@ pub fn parse_lease_grant(out: &str) -> Option<String> {
         .then(|| id.to_string())
 }
 
+/// The keys `etcdctl watch` output reports deleted (a `DELETE` line, then the key), in order.
+pub fn parse_watch_deletes(out: &str) -> Vec<String> {
+    let lines: Vec<&str> = out.lines().collect();
+    lines
+        .windows(2)
+        .filter(|w| w[0] == "DELETE")
+        .map(|w| w[1].to_string())
+        .collect()
+}
+
 /// Parse `etcdctl get -w json` output into (key, value) pairs (base64-decoded).
 pub fn parse_get_json(out: &str) -> Vec<(String, String)> {
     let v: serde_json::Value =

@@ -303,3 +303,35 @@ pub fn read_to_end_lenient(s: &mut (impl Read + ?Sized)) -> Vec<u8> {
     }
     out
 }
+
+/// Reads one request head from `s`, byte by byte (nothing past it); `None` at EOF.
+pub fn read_request_head(s: &mut TcpStream) -> Option<String> {
+    let mut head = Vec::new();
+    let mut b = [0u8; 1];
+    while !head.ends_with(b"\r\n\r\n") {
+        match s.read(&mut b) {
+            Ok(1) => head.push(b[0]),
+            _ => return None,
+        }
+    }
+    Some(String::from_utf8_lossy(&head).into_owned())
+}
+
+/// The value of header `name` in a request head ("" when absent).
+pub fn header_value(head: &str, name: &str) -> String {
+    head.lines()
+        .find_map(|l| {
+            let (k, v) = l.split_once(':')?;
+            k.eq_ignore_ascii_case(name).then(|| v.trim().to_string())
+        })
+        .unwrap_or_default()
+}
+
+/// Reads one request head and its Content-Length body from `s`; `None` at EOF.
+pub fn read_request(s: &mut TcpStream) -> Option<(String, Vec<u8>)> {
+    let head = read_request_head(s)?;
+    let len = header_value(&head, "content-length").parse().unwrap_or(0);
+    let mut body = vec![0u8; len];
+    s.read_exact(&mut body).ok()?;
+    Some((head, body))
+}

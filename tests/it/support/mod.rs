@@ -7,7 +7,8 @@
 //! - `daemon`, `config`: the routemesh daemon and CLI, and a builder for their TOML
 //! - `http`, `load`: the one HTTP test client, and a steady load generator
 //! - `etcd`, `pki`: etcd members (plain, TLS, auth, clusters) and etcdctl; a test CA
-//! - `backend`, `nginx`, `mosquitto`, `tls`: the tasks a daemon routes to (and curl over TLS)
+//! - `backend`, `nginx`, `mosquitto`, `tls`: the tasks a daemon routes to (and curl over TLS);
+//!   `mqtt_wire`: MQTT 3.1.1 packets as bytes
 //! - `pebble`: the ACME test CA, a test DNS server for its validation, a verifying TLS client
 //! - `coap`, `dnsmasq`: the UDP tasks (libcoap's server and client, dnsmasq and dig)
 //! - `docker`: the local engine and the test images; `lab`: the network-namespace cluster
@@ -27,6 +28,7 @@ pub mod http;
 pub mod lab;
 pub mod load;
 pub mod mosquitto;
+pub mod mqtt_wire;
 pub mod net;
 pub mod nginx;
 pub mod pebble;

@@ -137,6 +137,21 @@ impl Lab {
         String::from_utf8_lossy(&out.stdout).into_owned()
     }
 
+    /// `routemesh task add SERVICE ADDR --node nNODE --id ID`: a task under node `node`'s
+    /// lease.
+    pub fn add_task(&self, service: &str, addr: SocketAddr, node: usize, id: &str) {
+        self.cli_ok(&[
+            "task",
+            "add",
+            service,
+            &addr.to_string(),
+            "--node",
+            &format!("n{node}"),
+            "--id",
+            id,
+        ]);
+    }
+
     // ---- the daemon ----
 
     /// The daemon config of node `i`, with its `tasks`.
