@@ -140,13 +140,17 @@ struct H1<'a> {
 /// Serves HTTP/1.x requests on `client` until it closes; `buf` holds bytes already read,
 /// the connection was accepted at `accepted` (the first head is due within
 /// `header_read_timeout` of it).
-pub async fn serve(
-    ctx: &ListenerCtx,
+///
+/// Not an `async fn`: the connection's state is built first and the future holds it once
+/// (an `async fn` would keep its arguments beside the state built from them, for the
+/// connection's whole life).
+pub fn serve<'a>(
+    ctx: &'a ListenerCtx,
     client: Client,
     hop: ClientHop,
     buf: BytesMut,
     accepted: Instant,
-) {
+) -> impl std::future::Future<Output = ()> + Send + 'a {
     let mut c = H1 {
         ctx,
         client,
@@ -159,13 +163,15 @@ pub async fn serve(
         held: None,
         meters: None,
     };
-    let next = c.run(accepted).await;
-    if let Some(h) = c.held.take() {
-        h.release();
-    }
-    match next {
-        Next::Linger => c.client.linger_close().await,
-        _ => c.client.finish().await,
+    async move {
+        let next = c.run(accepted).await;
+        if let Some(h) = c.held.take() {
+            h.release();
+        }
+        match next {
+            Next::Linger => c.client.linger_close().await,
+            _ => c.client.finish().await,
+        }
     }
 }
 
@@ -228,7 +234,7 @@ impl H1<'_> {
                 match read {
                     Err(_) if partial && !self.buf.is_empty() => {
                         let e = ProxyError::HeadTimeout(ctx.http.header_read_timeout);
-                        return self.refuse(e, head_started.unwrap_or(deadline)).await;
+                        return Box::pin(self.refuse(e, head_started.unwrap_or(deadline))).await;
                     }
                     Err(_) | Ok(Ok(0)) | Ok(Err(_)) => return Next::Close,
                     Ok(Ok(_)) => {
@@ -240,33 +246,38 @@ impl H1<'_> {
                 continue;
             }
             let started = head_started.unwrap_or_else(Instant::now);
-            // The head, parsed once: everything the exchange needs is taken from it.
-            let prepared = {
-                let mut stack =
-                    [const { MaybeUninit::<httparse::Header<'_>>::uninit() }; STACK_FIELDS];
-                let mut heap;
-                let storage: &mut [MaybeUninit<httparse::Header<'_>>] =
-                    if limits.max_headers <= STACK_FIELDS {
-                        &mut stack[..limits.max_headers]
-                    } else {
-                        heap = request::storage(limits.max_headers);
-                        &mut heap
-                    };
-                buffers::take_write(&mut self.out);
-                match request::parse(&self.buf, &limits, storage) {
-                    Ok(Some(head)) => Ok(prepare(ctx, &self.hop, &head, &mut self.out)),
-                    Ok(None) => Err(None),
-                    Err(e) => Err(Some(ProxyError::from(e))),
+            // The head, parsed once: everything the exchange needs is taken from it. In a block
+            // of its own, so that the parse's room is not kept in the connection's future
+            // while the exchange runs.
+            let req = {
+                let prepared = {
+                    let mut stack =
+                        [const { MaybeUninit::<httparse::Header<'_>>::uninit() }; STACK_FIELDS];
+                    let mut heap;
+                    let storage: &mut [MaybeUninit<httparse::Header<'_>>] =
+                        if limits.max_headers <= STACK_FIELDS {
+                            &mut stack[..limits.max_headers]
+                        } else {
+                            heap = request::storage(limits.max_headers);
+                            &mut heap
+                        };
+                    buffers::take_write(&mut self.out);
+                    match request::parse(&self.buf, &limits, storage) {
+                        Ok(Some(head)) => Ok(prepare(ctx, &self.hop, &head, &mut self.out)),
+                        Ok(None) => Err(None),
+                        Err(e) => Err(Some(ProxyError::from(e))),
+                    }
+                };
+                match prepared {
+                    Ok(r) => r,
+                    // A blank line the head does not end at (leading empty lines): read on.
+                    Err(None) => {
+                        scanned = self.buf.len();
+                        continue;
+                    }
+                    // Boxed: a refusal's state is not held by every connection's future.
+                    Err(Some(e)) => return Box::pin(self.refuse(e, started)).await,
                 }
-            };
-            let req = match prepared {
-                Ok(r) => r,
-                // A blank line the head does not end at (leading empty lines): read on.
-                Err(None) => {
-                    scanned = self.buf.len();
-                    continue;
-                }
-                Err(Some(e)) => return self.refuse(e, started).await,
             };
             scanned = 0;
             buffers::take_write(&mut self.resp);

@@ -71,16 +71,23 @@ async fn serve(
     let accepted = Instant::now();
     let hop = ClientHop::new(peer, local, client.is_tls());
     if h2 {
-        return h2::serve(ctx, client, hop, BytesMut::new()).await;
+        return serve_h2(ctx, client, hop, BytesMut::new()).await;
     }
     let Some((initial, h2)) = preface(&ctx, &mut client, accepted).await else {
         return;
     };
     if h2 {
-        h2::serve(ctx, client, hop, initial).await
+        serve_h2(ctx, client, hop, initial).await
     } else {
         h1::serve(&ctx, client, hop, initial, accepted).await
     }
+}
+
+/// [`h2::serve`], boxed: an HTTP/2 connection's state (hyper's) is several times an HTTP/1.1
+/// one's, and held inline it would size every connection's future, idle HTTP/1.1 ones too.
+async fn serve_h2(ctx: Arc<ListenerCtx>, client: Client, hop: ClientHop, initial: BytesMut) {
+    let serving = Box::pin(h2::serve(ctx, client, hop, initial));
+    serving.await
 }
 
 /// Reads until the HTTP/2 preface matches or cannot match: the bytes read, and whether the
