@@ -13,13 +13,20 @@
 //! latency, the proxy's CPU (utime+stime of the process and its children, /proc) per
 //! datagram proxied (two per exchange), the losses, then the routemesh/nginx ratios.
 //!
+//! Then a flood as spoofed sources make it: one datagram from each of `UDP_BENCH_FLOOD`
+//! (20,000) distinct source addresses against a listener with `max_sessions = 5000`. It
+//! prints the RSS before, once the 5,000 sessions are open (bytes per session), and after the
+//! rest of the flood was refused (growth past `max_sessions`: none is the contract), with the
+//! sessions gauge and the `max_sessions` drops.
+//!
 //! Everything runs on 127.0.0.1 (on a shared machine the figures are noisy: compare within
 //! one run), is bounded in time, and every process it starts is stopped by PID on drop.
 //!
 //! Run (release build; about two minutes with the defaults):
 //!     cargo bench --bench udp
 //! Knobs (environment): UDP_BENCH_SECS=3 (per round) UDP_BENCH_ROUNDS=3
-//!     UDP_BENCH_THREADS=1,2 UDP_BENCH_CLIENTS=64 UDP_BENCH_SIZES=64,1024.
+//!     UDP_BENCH_THREADS=1,2 UDP_BENCH_CLIENTS=64 UDP_BENCH_SIZES=64,1024 UDP_BENCH_FLOOD=20000
+//!     (0: no flood).
 //!     A quick check that everything works: UDP_BENCH_SECS=1 UDP_BENCH_ROUNDS=1
 
 // The integration tests' harness; a bench uses a slice of it, the rest is unused here.
@@ -29,7 +36,7 @@ mod support;
 
 #[path = "common/proc.rs"]
 mod proc_;
-use proc_::{Proc, cpu_secs, loopback};
+use proc_::{Proc, cpu_secs, loopback, rss_bytes};
 #[path = "common/daemon.rs"]
 mod daemon;
 #[path = "common/stats.rs"]
@@ -61,6 +68,7 @@ struct Opts {
     threads: Vec<usize>,
     clients: usize,
     sizes: Vec<usize>,
+    flood: usize,
 }
 
 impl Opts {
@@ -71,6 +79,7 @@ impl Opts {
             threads: env_threads("UDP_BENCH_THREADS", "1,2"),
             clients: env_or("UDP_BENCH_CLIENTS", 64),
             sizes: env_threads("UDP_BENCH_SIZES", "64,1024"),
+            flood: env_or("UDP_BENCH_FLOOD", 20_000),
         }
     }
 }
@@ -221,6 +230,83 @@ addr = "{echo}"
     let d = daemon::start(&body, threads, &[]);
     wait_answering(loopback(port), "routemesh", || {});
     d
+}
+
+// ---------------------------------------------------------------------------------------------
+// A flood from spoofed-looking sources
+
+/// Sessions a flooded listener may hold.
+const FLOOD_MAX_SESSIONS: usize = 5000;
+
+/// One datagram from each of `n` new source addresses (a fresh socket, so a fresh port, each).
+fn send_from_new_sources(to: SocketAddr, n: usize) {
+    for i in 0..n {
+        let s = UdpSocket::bind("127.0.0.1:0").unwrap();
+        // Bounded: a full socket buffer drops, as the network would; the flood goes on.
+        let _ = s.send_to(&(i as u32).to_be_bytes(), to);
+    }
+}
+
+/// The flood row: RSS per session up to `max_sessions`, and what the rest of the flood adds.
+fn flood(report: &mut String, echo: SocketAddr, n: usize) {
+    let port = free_port();
+    let body = format!(
+        r#"[[listener]]
+name = "flood"
+listen = "127.0.0.1:{port}"
+protocol = "udp"
+service = "echo"
+max_sessions = {FLOOD_MAX_SESSIONS}
+
+[service.echo]
+udp_idle_timeout = "60s"
+
+[[task]]
+service = "echo"
+addr = "{echo}"
+"#
+    );
+    let d = daemon::start(&body, 1, &[]);
+    let to = loopback(port);
+    wait_answering(to, "routemesh", || {});
+    thread::sleep(Duration::from_millis(500));
+    let before = rss_bytes(d.pid());
+    // Up to max_sessions first (the kernel drops some of a burst at the listener's socket
+    // buffer: top up, bounded), so that the rest of the flood finds the table full.
+    let first = FLOOD_MAX_SESSIONS.min(n);
+    let mut sent = 0;
+    let mut open = 0.0;
+    for _ in 0..20 {
+        let more = first.saturating_sub(open as usize);
+        send_from_new_sources(to, more);
+        sent += more;
+        thread::sleep(Duration::from_millis(300));
+        open = d.metric_sum("routemesh_udp_sessions");
+        if open as usize >= first {
+            break;
+        }
+    }
+    thread::sleep(Duration::from_millis(700));
+    let at_max = rss_bytes(d.pid());
+    send_from_new_sources(to, n.saturating_sub(sent));
+    thread::sleep(Duration::from_secs(1));
+    let after = rss_bytes(d.pid());
+    let refused =
+        d.metric_sum("routemesh_udp_dropped_total{listener=\"flood\",reason=\"max_sessions\"}");
+    let mib = |b: u64| b as f64 / (1024.0 * 1024.0);
+    let _ = writeln!(
+        report,
+        "\n=== flood: one datagram from each of {n} distinct source addresses, max_sessions = \
+         {FLOOD_MAX_SESSIONS}, 1 thread ===\n  RSS {:.1} MiB before, {:.1} MiB with {open:.0} \
+         sessions open ({:.0} bytes per session), {:.1} MiB after the rest of the flood \
+         ({:+.2} MiB past max_sessions); {refused:.0} datagrams refused (max_sessions), the \
+         others of the burst dropped by the kernel at the listener's socket buffer",
+        mib(before),
+        mib(at_max),
+        at_max.saturating_sub(before) as f64 / open.max(1.0),
+        mib(after),
+        mib(after) - mib(at_max),
+    );
 }
 
 // ---------------------------------------------------------------------------------------------
@@ -420,6 +506,9 @@ fn main() {
         drop(nginx);
         drop(rm0);
         drop(rm1);
+    }
+    if opts.flood > 0 {
+        flood(&mut report, echo.addr, opts.flood);
     }
     drop(echo);
     let _ = writeln!(
