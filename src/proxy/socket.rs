@@ -30,14 +30,20 @@ const MIN_SPARE: usize = 2048;
 pub async fn read_some(s: &TcpStream, buf: &mut BytesMut, grow: usize) -> io::Result<usize> {
     loop {
         s.readable().await?;
-        if buf.capacity() == 0 && grow <= buffers::READ_SIZE {
-            buffers::take_read(buf);
-        } else if buf.capacity() - buf.len() < MIN_SPARE {
-            buf.reserve(grow.max(MIN_SPARE));
-        }
+        make_room(buf, grow);
         if let Some(r) = try_read_some(s, buf) {
             return r;
         }
+    }
+}
+
+/// Room for a read in `buf`: a pooled buffer when it has none (an idle connection's released
+/// buffer) and `grow` fits one, else `grow` more when less than [`MIN_SPARE`] is left.
+pub fn make_room(buf: &mut BytesMut, grow: usize) {
+    if buf.capacity() == 0 && grow <= buffers::READ_SIZE {
+        buffers::take_read(buf);
+    } else if buf.capacity() - buf.len() < MIN_SPARE {
+        buf.reserve(grow.max(MIN_SPARE));
     }
 }
 

@@ -258,24 +258,49 @@ where
     }
 }
 
-/// Waits for the direction still open after the other's EOF, re-arming the timer as long as
-/// bytes move (either way) within each `timeout`.
+/// Waits for the direction still open after the other's EOF, as long as [`HalfCloseTimer`]
+/// allows.
 async fn half_closed<F>(mut rest: Pin<&mut F>, moved: &AtomicU64, timeout: Duration) -> End
 where
     F: Future<Output = io::Result<()>>,
 {
-    let mut seen = moved.load(Ordering::Relaxed);
-    loop {
-        tokio::select! {
-            r = rest.as_mut() => return if r.is_ok() { End::Closed } else { End::Failed },
-            _ = tokio::time::sleep(timeout) => {
-                let now = moved.load(Ordering::Relaxed);
-                if now == seen {
-                    return End::HalfCloseExpired;
-                }
-                seen = now;
-            }
+    let mut timer = HalfCloseTimer::start(timeout, moved);
+    tokio::select! {
+        r = rest.as_mut() => if r.is_ok() { End::Closed } else { End::Failed },
+        _ = std::future::poll_fn(|cx| timer.poll_expired(cx, moved)) => End::HalfCloseExpired,
+    }
+}
+
+/// The half-close rule's clock, armed at the first EOF: it runs out once a whole `timeout`
+/// passes without a byte moved either way (`moved` unchanged), and re-arms while bytes move.
+struct HalfCloseTimer {
+    sleep: Pin<Box<tokio::time::Sleep>>,
+    timeout: Duration,
+    /// `moved` when the timer was last armed.
+    seen: u64,
+}
+
+impl HalfCloseTimer {
+    fn start(timeout: Duration, moved: &AtomicU64) -> HalfCloseTimer {
+        HalfCloseTimer {
+            sleep: Box::pin(tokio::time::sleep(timeout)),
+            timeout,
+            seen: moved.load(Ordering::Relaxed),
         }
+    }
+
+    /// `Ready` when the timer has run out; `Pending` (woken at the next deadline) otherwise.
+    fn poll_expired(&mut self, cx: &mut Context<'_>, moved: &AtomicU64) -> Poll<()> {
+        while self.sleep.as_mut().poll(cx).is_ready() {
+            let now = moved.load(Ordering::Relaxed);
+            if now == self.seen {
+                return Poll::Ready(());
+            }
+            self.seen = now;
+            let next = tokio::time::Instant::now() + self.timeout;
+            self.sleep.as_mut().reset(next);
+        }
+        Poll::Pending
     }
 }
 
@@ -329,8 +354,8 @@ struct Relay<'a> {
     /// sockets close right after and close sends the FIN itself (one system call less).
     ended: bool,
     timeout: Duration,
-    /// After the first EOF: the timer and the `moved` count it was armed at.
-    half_closed: Option<(Pin<Box<tokio::time::Sleep>>, u64)>,
+    /// After the first EOF.
+    half_closed: Option<HalfCloseTimer>,
 }
 
 /// A bulk flow's splice(2) forwarding, boxed: allocated while it flows, not held by every
@@ -484,19 +509,11 @@ impl Future for Relay<'_> {
         }
         // Half-closed: the open direction must end, or move a byte, within each `timeout`.
         let (timeout, moved) = (r.timeout, r.moved);
-        let (timer, seen) = r.half_closed.get_or_insert_with(|| {
-            let seen = moved.load(Ordering::Relaxed);
-            (Box::pin(tokio::time::sleep(timeout)), seen)
-        });
-        while timer.as_mut().poll(cx).is_ready() {
-            let now = moved.load(Ordering::Relaxed);
-            if now == *seen {
-                return Poll::Ready(End::HalfCloseExpired);
-            }
-            *seen = now;
-            timer.as_mut().reset(tokio::time::Instant::now() + timeout);
-        }
-        Poll::Pending
+        let timer = r
+            .half_closed
+            .get_or_insert_with(|| HalfCloseTimer::start(timeout, moved));
+        ready!(timer.poll_expired(cx, moved));
+        Poll::Ready(End::HalfCloseExpired)
     }
 }
 

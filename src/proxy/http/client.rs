@@ -37,11 +37,7 @@ impl Client {
         match self {
             Client::Tcp(s) => socket::read_some(s, buf, grow).await,
             Client::Tls(s) => {
-                if buf.capacity() == 0 && grow <= crate::proxy::buffers::READ_SIZE {
-                    crate::proxy::buffers::take_read(buf);
-                } else if buf.capacity() - buf.len() < 2048 {
-                    buf.reserve(grow.max(2048));
-                }
+                socket::make_room(buf, grow);
                 s.read_buf(buf).await
             }
         }
