@@ -23,12 +23,14 @@
 //! with the same id must find its session, i.e. reach the same broker) proves that both really
 //! hash on the client id instead of falling back to round robin.
 //!
-//! The reconnect storm (issue 16), per thread count, on a fresh routemesh and a fresh HAProxy
-//! each: `MQTT_BENCH_STORM` (9,000) clients connect at once (one tokio task each, in this
-//! process) and stay connected after their CONNACK; printed: the time from the first SYN to
-//! the last CONNACK, failed connects, p50/p99 connect → CONNACK, the proxy's RSS growth per
-//! idle connection once all are up, then, after every client has closed, its RSS each second
-//! for 30 s and when it came back within 20 % of the pre-storm figure.
+//! The reconnect storm (issue 16), per thread count, straight to the brokers (the floor), then
+//! on a fresh routemesh and a fresh HAProxy each: `MQTT_BENCH_STORM` (9,000) clients connect
+//! at once (one tokio task each, in this process) and stay connected after their CONNACK;
+//! printed: the time from the first SYN to the last CONNACK, failed connects, p50/p99 connect
+//! → CONNACK, the kernel's accept-queue overflows and retransmitted SYNs over the storm, the
+//! proxy's CPU time, its RSS growth per idle connection once all are up, then, after every
+//! client has closed, its RSS each second for 30 s and when it came back within 20 % of the
+//! pre-storm figure.
 //!
 //! Everything runs on 127.0.0.1, is bounded in time, and every process it starts is stopped
 //! by PID when it ends (or panics).
@@ -38,7 +40,8 @@
 //! Knobs (environment): MQTT_BENCH_SECS=5 (per round) MQTT_BENCH_ROUNDS=3
 //!     MQTT_BENCH_THREADS=1,2 MQTT_BENCH_CLIENTS=32 (client threads per proxy thread).
 //!     MQTT_BENCH_STORM=9000 (storm clients; 0: no storm) MQTT_BENCH_STORM_ONLY=1 (skip the
-//!     rate rounds). A quick check that everything works: MQTT_BENCH_SECS=1
+//!     rate rounds) MQTT_BENCH_AFTER_SECS=30 (how long RSS is watched after a storm).
+//!     A quick check that everything works: MQTT_BENCH_SECS=1
 //!     MQTT_BENCH_ROUNDS=1 MQTT_BENCH_STORM=500
 
 // The integration tests' harness; a bench uses a slice of it, the rest is unused here.
@@ -48,7 +51,7 @@ mod support;
 
 #[path = "common/proc.rs"]
 mod proc_;
-use proc_::{Proc, cpu_secs, loopback, rss_bytes};
+use proc_::{Proc, cpu_secs, loopback, rss_bytes, tcp_ext};
 #[path = "common/daemon.rs"]
 mod daemon;
 #[path = "common/stats.rs"]
@@ -415,6 +418,11 @@ struct StormResult {
     rss_held: u64,
     /// RSS each second after the clients closed, for 30 s.
     rss_after: Vec<u64>,
+    /// Kernel counters over the storm: accept queues found full, SYNs sent again.
+    listen_overflows: u64,
+    syn_retrans: u64,
+    /// The proxy's CPU time (all threads) from the first SYN until every client is through.
+    cpu_secs: f64,
 }
 
 impl StormResult {
@@ -439,11 +447,18 @@ async fn storm_client(addr: SocketAddr, id: String) -> io::Result<tokio::net::Tc
     Ok(s)
 }
 
-/// `n` clients at once through `proxy` (process `pid`), held until all are through, then
-/// closed; RSS before, while held, and for 30 s after.
-fn storm(proxy: SocketAddr, pid: u32, n: usize, tag: &str) -> StormResult {
+/// Kernel counters a storm reads before and after (see [`tcp_ext`]).
+const STORM_COUNTERS: [&str; 2] = ["ListenOverflows", "TCPSynRetrans"];
+
+/// `n` clients at once, client i to `addrs[i % len]` (one proxy, or the brokers directly),
+/// held until all are through, then closed; the proxy's (process `pid`) RSS before, while
+/// held, and for 30 s after.
+fn storm(addrs: &[SocketAddr], pid: Option<u32>, n: usize, tag: &str) -> StormResult {
     thread::sleep(Duration::from_millis(500));
-    let rss_before = rss_bytes(pid);
+    let rss = |pid: Option<u32>| pid.map_or(0, rss_bytes);
+    let rss_before = rss(pid);
+    let counters0 = tcp_ext(&STORM_COUNTERS);
+    let cpu0 = pid.map_or(0.0, cpu_secs);
     let rt = tokio::runtime::Builder::new_current_thread()
         .enable_all()
         .build()
@@ -453,6 +468,7 @@ fn storm(proxy: SocketAddr, pid: u32, n: usize, tag: &str) -> StormResult {
         let tasks: Vec<_> = (0..n)
             .map(|i| {
                 let id = format!("storm-{tag}-{i}");
+                let proxy = addrs[i % addrs.len()];
                 tokio::spawn(async move {
                     let t0 = tokio::time::Instant::now();
                     let r = tokio::time::timeout(Duration::from_secs(30), storm_client(proxy, id))
@@ -473,6 +489,9 @@ fn storm(proxy: SocketAddr, pid: u32, n: usize, tag: &str) -> StormResult {
             rss_before,
             rss_held: 0,
             rss_after: Vec::new(),
+            listen_overflows: 0,
+            syn_retrans: 0,
+            cpu_secs: 0.0,
         };
         for t in tasks {
             let (latency, done, result) = t.await.expect("storm client panicked");
@@ -491,16 +510,25 @@ fn storm(proxy: SocketAddr, pid: u32, n: usize, tag: &str) -> StormResult {
             }
         }
         r.total = last - start;
+        let counters = tcp_ext(&STORM_COUNTERS);
+        r.listen_overflows = counters[0] - counters0[0];
+        r.syn_retrans = counters[1] - counters0[1];
+        r.cpu_secs = pid.map_or(0.0, cpu_secs) - cpu0;
         // Every connection idle now: let the proxy settle, then read its RSS.
         tokio::time::sleep(Duration::from_secs(2)).await;
-        r.rss_held = rss_bytes(pid);
+        r.rss_held = rss(pid);
         drop(held);
         r
     });
     r.latencies_us.sort_unstable();
-    for _ in 0..30 {
-        thread::sleep(Duration::from_secs(1));
-        r.rss_after.push(rss_bytes(pid));
+    if pid.is_some() {
+        for _ in 0..env_or("MQTT_BENCH_AFTER_SECS", 30) {
+            thread::sleep(Duration::from_secs(1));
+            r.rss_after.push(rss(pid));
+        }
+    } else {
+        // Let the brokers finish with the closed sessions before the next storm.
+        thread::sleep(Duration::from_secs(3));
     }
     r
 }
@@ -523,9 +551,15 @@ fn storm_section(
          distinct ids), held after CONNACK, then closed; fresh proxies ==="
     );
     let mut results = Vec::new();
-    // routemesh as shipped, routemesh with its allocator trimming off (what the trimming
-    // gives back), HAProxy.
-    for (label, which) in [("routemesh", 0), ("rm no trim", 1), ("HAProxy", 2)] {
+    // The brokers without a proxy (the floor: what the brokers themselves take), routemesh
+    // as shipped, routemesh with its allocator trimming off (what the trimming gives back),
+    // HAProxy.
+    for (label, which) in [
+        ("direct", 3),
+        ("routemesh", 0),
+        ("rm no trim", 1),
+        ("HAProxy", 2),
+    ] {
         let port = free_port();
         let addr = loopback(port);
         let tag = format!("s{which}t{threads}");
@@ -539,13 +573,14 @@ fn storm_section(
                 };
                 let d = start_routemesh_with(port, brokers, threads, env);
                 let check = affinity_check(addr, brokers, &tag, 12);
-                (storm(addr, d.pid(), n, &tag), check)
+                (storm(&[addr], Some(d.pid()), n, &tag), check)
             }
-            _ => {
+            2 => {
                 let p = start_haproxy(dir, port, brokers, threads, n + 500);
                 let check = affinity_check(addr, brokers, &tag, 12);
-                (storm(addr, p.pid(), n, &tag), check)
+                (storm(&[addr], Some(p.pid()), n, &tag), check)
             }
+            _ => (storm(brokers, None, n, &tag), "— (no proxy)".to_string()),
         };
         let per_conn = r.rss_held.saturating_sub(r.rss_before) as f64 / r.ok.max(1) as f64;
         eprintln!("  storm {label} done: {:.2} s", r.total.as_secs_f64());
@@ -564,6 +599,20 @@ fn storm_section(
             fmt_us(percentile(&r.latencies_us, 0.50)),
             fmt_us(percentile(&r.latencies_us, 0.99)),
         );
+        let _ = writeln!(
+            report,
+            "  {:<10} kernel over the storm: {} accept-queue overflows, {} SYNs sent again; \
+             proxy CPU {:.0} ms ({:.1} µs per connection)",
+            label,
+            r.listen_overflows,
+            r.syn_retrans,
+            r.cpu_secs * 1e3,
+            r.cpu_secs * 1e6 / n as f64
+        );
+        if which == 3 {
+            results.push((r, 0.0));
+            continue;
+        }
         let after = |s: usize| r.rss_after.get(s - 1).copied().unwrap_or(0);
         let _ = writeln!(
             report,
@@ -583,7 +632,7 @@ fn storm_section(
         );
         results.push((r, per_conn));
     }
-    let (rm, ha) = (&results[0], &results[2]);
+    let (direct, rm, ha) = (&results[0], &results[1], &results[3]);
     let _ = writeln!(
         report,
         "  routemesh/HAProxy: storm time {} (target ≤ 0.8×), p99 {}, RSS per idle connection {}",
@@ -593,6 +642,12 @@ fn storm_section(
             percentile(&ha.0.latencies_us, 0.99)
         ),
         ratio(rm.1, ha.1),
+    );
+    let _ = writeln!(
+        report,
+        "  storm time / direct: routemesh {}, HAProxy {}",
+        ratio(rm.0.total.as_secs_f64(), direct.0.total.as_secs_f64()),
+        ratio(ha.0.total.as_secs_f64(), direct.0.total.as_secs_f64()),
     );
 }
 

@@ -109,3 +109,25 @@ pub fn clock_ticks() -> f64 {
             .unwrap_or(100.0)
     })
 }
+
+/// Counters of `/proc/net/netstat` (`TcpExt` row) by name, for this network namespace: e.g.
+/// `ListenOverflows` (a listener's accept queue was full: the SYN or the handshake's last ACK
+/// was dropped) and `TCPSynRetrans` (SYNs sent again after a timeout). 0 for a name not there.
+#[allow(dead_code)] // read by the MQTT storm only
+pub fn tcp_ext(names: &[&str]) -> Vec<u64> {
+    let text = std::fs::read_to_string("/proc/net/netstat").unwrap_or_default();
+    let mut lines = text.lines().filter(|l| l.starts_with("TcpExt:"));
+    let (Some(head), Some(values)) = (lines.next(), lines.next()) else {
+        return vec![0; names.len()];
+    };
+    let pairs: Vec<(&str, u64)> = head
+        .split_whitespace()
+        .zip(values.split_whitespace())
+        .skip(1)
+        .map(|(k, v)| (k, v.parse().unwrap_or(0)))
+        .collect();
+    names
+        .iter()
+        .map(|n| pairs.iter().find(|(k, _)| k == n).map_or(0, |(_, v)| *v))
+        .collect()
+}

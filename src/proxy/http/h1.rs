@@ -308,17 +308,30 @@ impl H1<'_> {
     async fn refuse(&mut self, e: ProxyError, started: Instant) -> Next {
         let service = self.ctx.service_label().to_string();
         let _ = self.client.write_all(&e.http1(&service, true)).await;
-        let meters = self.meters(&service);
+        self.account_answer(&service, &e, started, None, &AccessInfo::default());
+        Next::Linger
+    }
+
+    /// Counts and logs the proxy's own answer `e` to a request (or a refused head).
+    fn account_answer(
+        &mut self,
+        service: &str,
+        e: &ProxyError,
+        started: Instant,
+        task: Option<&Task>,
+        info: &AccessInfo,
+    ) {
+        let meters = self.meters(service);
+        let status = e.status().as_u16();
         account(
             self.ctx,
             &meters,
             self.hop.peer,
-            e.status().as_u16(),
+            status,
             started,
-            None,
-            &AccessInfo::default(),
+            task,
+            info,
         );
-        Next::Linger
     }
 
     /// Answers `e` for a request whose head was taken (body perhaps unread): closes when
@@ -339,16 +352,7 @@ impl H1<'_> {
             .write_all(&e.http1(service, close))
             .await
             .is_ok();
-        let meters = self.meters(service);
-        account(
-            self.ctx,
-            &meters,
-            self.hop.peer,
-            e.status().as_u16(),
-            started,
-            task,
-            &req.info,
-        );
+        self.account_answer(service, &e, started, task, &req.info);
         match (ok, close) {
             (true, false) => Next::Keep,
             (true, true) if !body_read || e.closes() => Next::Linger,
