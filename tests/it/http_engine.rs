@@ -408,6 +408,91 @@ fn obs_text_in_x_forwarded_for_is_kept_on_every_transport() {
 }
 
 // ---------------------------------------------------------------------------------------------
+// response bodies of every size
+
+/// Byte `i` of the test bodies (not a repeating pattern a short run could fake).
+fn body_byte(i: usize) -> u8 {
+    (i * 31 % 251) as u8
+}
+
+/// A keep-alive task answering `GET /N/cl` and `GET /N/chunked` with an N-byte body, with a
+/// Content-Length or in chunks of 1,000 bytes.
+fn sized_bodies() -> SocketAddr {
+    raw_backend(|mut s| {
+        while let Some((head, _)) = read_request(&mut s) {
+            let target = head.split_whitespace().nth(1).unwrap_or("/").to_string();
+            let mut parts = target.trim_start_matches('/').split('/');
+            let n: usize = parts.next().and_then(|n| n.parse().ok()).unwrap_or(0);
+            let body: Vec<u8> = (0..n).map(body_byte).collect();
+            let mut out = Vec::new();
+            if parts.next() == Some("chunked") {
+                out.extend_from_slice(b"HTTP/1.1 200 OK\r\nTransfer-Encoding: chunked\r\n\r\n");
+                for c in body.chunks(1000) {
+                    out.extend_from_slice(format!("{:x}\r\n", c.len()).as_bytes());
+                    out.extend_from_slice(c);
+                    out.extend_from_slice(b"\r\n");
+                }
+                out.extend_from_slice(b"0\r\n\r\n");
+            } else {
+                out.extend_from_slice(
+                    format!("HTTP/1.1 200 OK\r\nContent-Length: {n}\r\n\r\n").as_bytes(),
+                );
+                out.extend_from_slice(&body);
+            }
+            if s.write_all(&out).is_err() {
+                return;
+            }
+        }
+    })
+}
+
+/// The data of a chunked HTTP/1.1 body (no extensions, no trailers).
+fn dechunk(mut raw: &[u8]) -> Vec<u8> {
+    let mut out = Vec::new();
+    loop {
+        let line_end = raw
+            .windows(2)
+            .position(|w| w == b"\r\n")
+            .expect("chunk size line");
+        let size = usize::from_str_radix(std::str::from_utf8(&raw[..line_end]).unwrap(), 16)
+            .expect("hex chunk size");
+        raw = &raw[line_end + 2..];
+        if size == 0 {
+            return out;
+        }
+        out.extend_from_slice(&raw[..size]);
+        raw = &raw[size + 2..];
+    }
+}
+
+#[test]
+fn response_bodies_of_every_size_arrive_whole_on_every_transport() {
+    let pki = pki();
+    let web = sized_bodies();
+    let (plain, tls) = (free_addr(), free_addr());
+    let _d = daemon(plain, tls, &pki, "", &task("web", "web-0", web));
+    // Around the HTTP/2 path's copy limit (8 KiB) and its 32 KiB read buffer, and past both.
+    for n in [0, 1, 8191, 8192, 8193, 32_768, 65_537, 300_000] {
+        let want: Vec<u8> = (0..n).map(body_byte).collect();
+        for framing in ["cl", "chunked"] {
+            for t in TRANSPORTS {
+                let path = format!("/{n}/{framing}");
+                let (status, mut body) = request(t, plain, tls, &pki.ca(), "GET", &path, &[], b"");
+                assert_eq!(status, 200, "{t:?} {path}");
+                if framing == "chunked" && matches!(t, Transport::Plain | Transport::Tls) {
+                    body = dechunk(&body);
+                }
+                assert!(
+                    body == want,
+                    "{t:?} {path}: {} bytes, not the task's {n}",
+                    body.len()
+                );
+            }
+        }
+    }
+}
+
+// ---------------------------------------------------------------------------------------------
 // one retry rule
 
 /// A task that answers the first request of each connection and closes the connection

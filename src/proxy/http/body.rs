@@ -24,6 +24,7 @@ use tokio::sync::mpsc;
 
 use super::pool::Pool;
 use crate::protocol::http1::{BodyReader, Framing};
+use crate::proxy::buffers;
 
 pub type BoxError = Box<dyn std::error::Error + Send + Sync>;
 
@@ -94,8 +95,14 @@ impl TaskBody {
         {
             Pool::global().checkin_h1(self.addr, s);
         }
+        // The read buffer goes back to the worker's pool (unless a frame still shares it).
+        buffers::give_read(&mut self.buf);
     }
 }
+
+/// Body bytes up to this size are copied into their frame, so the pooled read buffer stays
+/// unshared and goes back to the pool at the end; larger runs are split off without a copy.
+const COPY_MAX: usize = 8 * 1024;
 
 impl hyper::body::Body for TaskBody {
     type Data = Bytes;
@@ -128,7 +135,13 @@ impl hyper::body::Body for TaskBody {
                     data.freeze()
                 } else {
                     let n = this.reader.relay(&this.buf).unwrap_or(0);
-                    this.buf.split_to(n).freeze()
+                    if n <= COPY_MAX {
+                        let data = Bytes::copy_from_slice(&this.buf[..n]);
+                        this.buf.advance(n);
+                        data
+                    } else {
+                        this.buf.split_to(n).freeze()
+                    }
                 };
                 if !data.is_empty() {
                     this.tx.inc_by(data.len() as u64);
@@ -185,6 +198,7 @@ impl Drop for TaskBody {
         if self.reader.is_done() {
             self.end(true);
         }
+        buffers::give_read(&mut self.buf);
     }
 }
 
