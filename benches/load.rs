@@ -44,7 +44,7 @@ mod support;
 
 #[path = "common/proc.rs"]
 mod proc_;
-use proc_::{Proc, children, cpu_secs, loopback, proc_stat, rss_bytes};
+use proc_::{Proc, cpu_secs, loopback, rss_bytes};
 #[path = "common/daemon.rs"]
 mod daemon;
 #[path = "common/stats.rs"]
@@ -62,11 +62,8 @@ use std::sync::atomic::{AtomicBool, Ordering};
 use std::thread;
 use std::time::{Duration, Instant};
 
-use support::process::{run_bounded, send_signal, tempdir, which};
+use support::process::{run_bounded, tempdir, which};
 use support::{Daemon, free_port};
-
-const SIGTERM: i32 = 15;
-const SIGKILL: i32 = 9;
 
 struct Opts {
     round_secs: u64,
@@ -126,30 +123,6 @@ impl Proc {
                 self.name,
                 std::fs::read_to_string(&self.log).unwrap_or_default()
             );
-        }
-    }
-}
-
-impl Drop for Proc {
-    fn drop(&mut self) {
-        if let Ok(Some(_)) = self.child.try_wait() {
-            return;
-        }
-        let kids = children(self.pid());
-        let _ = send_signal(self.pid(), SIGTERM);
-        let deadline = Instant::now() + Duration::from_secs(5);
-        while Instant::now() < deadline {
-            if let Ok(Some(_)) = self.child.try_wait() {
-                break;
-            }
-            thread::sleep(Duration::from_millis(20));
-        }
-        self.kill();
-        // nginx workers outlive a killed master; they were ours, stop them too.
-        for k in kids {
-            if proc_stat(k).is_some() {
-                let _ = send_signal(k, SIGKILL);
-            }
         }
     }
 }

@@ -137,12 +137,6 @@ impl Proc {
     }
 }
 
-impl Drop for Proc {
-    fn drop(&mut self) {
-        self.kill();
-    }
-}
-
 fn start_broker(dir: &Path, i: usize) -> (Proc, SocketAddr) {
     let port = free_port();
     let conf = dir.join(format!("mosquitto-{i}.conf"));

@@ -134,12 +134,6 @@ impl Drop for Echo {
 // ---------------------------------------------------------------------------------------------
 // The proxies
 
-impl Drop for Proc {
-    fn drop(&mut self) {
-        self.kill();
-    }
-}
-
 /// Waits until one echo exchange through `addr` works.
 fn wait_answering(addr: SocketAddr, what: &str, mut alive: impl FnMut()) {
     let s = UdpSocket::bind("127.0.0.1:0").unwrap();

@@ -1,9 +1,13 @@
-//! A child process a bench starts (backend, proxy, broker), with its log file. Each bench
-//! adds its own start checks and its own `Drop` (they stop their processes differently).
+//! A child process a bench starts (backend, proxy, broker), with its log file, stopped when
+//! dropped: SIGTERM, up to 5 s to exit, then SIGKILL, and SIGKILL for children it left (nginx
+//! workers outlive a killed master). Each bench adds its own start checks.
 
 use std::net::SocketAddr;
 use std::path::PathBuf;
 use std::process::{Child, Command, Stdio};
+use std::time::{Duration, Instant};
+
+use crate::support::process::send_signal;
 
 /// A child process started by a bench; stopped by PID in the bench's `Drop`.
 pub struct Proc {
@@ -40,6 +44,33 @@ impl Proc {
         let _ = self.child.wait();
     }
 }
+
+impl Drop for Proc {
+    fn drop(&mut self) {
+        if let Ok(Some(_)) = self.child.try_wait() {
+            return;
+        }
+        let kids = children(self.pid());
+        let _ = send_signal(self.pid(), SIGTERM);
+        let deadline = Instant::now() + Duration::from_secs(5);
+        while Instant::now() < deadline {
+            if let Ok(Some(_)) = self.child.try_wait() {
+                break;
+            }
+            std::thread::sleep(Duration::from_millis(20));
+        }
+        self.kill();
+        // nginx workers outlive a killed master; they were ours, stop them too.
+        for k in kids {
+            if proc_stat(k).is_some() {
+                let _ = send_signal(k, SIGKILL);
+            }
+        }
+    }
+}
+
+const SIGTERM: i32 = 15;
+const SIGKILL: i32 = 9;
 
 /// `127.0.0.1:port`, where every process a bench starts listens.
 pub fn loopback(port: u16) -> SocketAddr {
