@@ -100,11 +100,18 @@ pub fn route_request(
     host: Option<&str>,
     path: &str,
 ) -> Result<Arc<Service>, (ProxyError, String)> {
-    let host = host.and_then(route::normalize_host);
-    let Some(name) = route::route(&ctx.routes, ctx.service.as_ref(), host.as_deref(), path) else {
+    // Without host or path routes every request goes to the default service: the host is
+    // not looked at (nor normalised, which allocates).
+    let routed = if ctx.routes.is_empty() {
+        ctx.service.as_ref()
+    } else {
+        let host = host.and_then(route::normalize_host);
+        route::route(&ctx.routes, ctx.service.as_ref(), host.as_deref(), path)
+    };
+    let Some(name) = routed else {
         return Err((
             ProxyError::NoRoute {
-                host: host.unwrap_or_default(),
+                host: host.and_then(route::normalize_host).unwrap_or_default(),
             },
             String::new(),
         ));

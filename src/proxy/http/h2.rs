@@ -398,7 +398,8 @@ async fn to_h1(
             ended: false,
         },
     };
-    let mut headers = HeaderMap::new();
+    // A task's response head: room for a typical one without growing.
+    let mut headers = HeaderMap::with_capacity(16);
     let mut rbuf = BytesMut::new();
     let sent = exchange::to_h1_task(
         svc,
