@@ -541,6 +541,7 @@ impl Listeners {
             edge: cfg.edge.clone(),
             drain: conns.drain.clone(),
             http_meters: Default::default(),
+            bound: tcp.local_addr().ok().filter(|a| !a.ip().is_unspecified()),
         });
         // Limits and PROXY headers are checked before any protocol handler runs.
         let admission = Admission::new(

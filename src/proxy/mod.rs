@@ -15,6 +15,7 @@ pub mod tls;
 pub mod udp;
 pub mod upstream;
 
+use std::net::SocketAddr;
 use std::sync::Arc;
 use std::time::Duration;
 
@@ -44,6 +45,9 @@ pub struct ListenerCtx {
     pub drain: tokio_util::sync::CancellationToken,
     /// HTTP listeners: metric handles per service, resolved once.
     pub http_meters: Arc<http::ListenerMeters>,
+    /// The address every connection of the listener reached when it is bound to one IP;
+    /// `None` on a wildcard bind, where each connection is asked (a system call).
+    pub bound: Option<SocketAddr>,
 }
 
 impl ListenerCtx {
@@ -59,6 +63,13 @@ impl ListenerCtx {
     pub async fn drain_grace_over(&self) {
         self.drain.cancelled().await;
         tokio::time::sleep(FIRST_BYTES_GRACE).await;
+    }
+
+    /// The address `client` (from `peer`) reached on this node.
+    pub fn local_of(&self, client: &tokio::net::TcpStream, peer: SocketAddr) -> SocketAddr {
+        self.bound
+            .or_else(|| client.local_addr().ok())
+            .unwrap_or(peer)
     }
 }
 

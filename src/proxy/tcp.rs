@@ -108,7 +108,7 @@ pub async fn handle(ctx: Arc<ListenerCtx>, client: TcpStream, peer: SocketAddr) 
     if let Some(version) = send_proxy {
         // `peer` is the client (from an accepted PROXY header too); the destination is the
         // address the client reached on this node.
-        let local = client.local_addr().unwrap_or(peer);
+        let local = ctx.local_of(&client, peer);
         let header = crate::protocol::proxy_protocol::encode(version, peer, local);
         first.splice(0..0, header);
     }

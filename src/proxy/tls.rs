@@ -280,7 +280,7 @@ pub async fn terminate(
     client: TcpStream,
     peer: SocketAddr,
 ) {
-    let local = client.local_addr().unwrap_or(peer);
+    let local = ctx.local_of(&client, peer);
     let handshake = async {
         let start = LazyConfigAcceptor::new(rustls::server::Acceptor::default(), client).await?;
         let config = term.config_for(&start.client_hello());

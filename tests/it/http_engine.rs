@@ -408,6 +408,34 @@ fn obs_text_in_x_forwarded_for_is_kept_on_every_transport() {
 }
 
 // ---------------------------------------------------------------------------------------------
+// the address the client reached
+
+#[test]
+fn a_request_without_host_gets_the_address_the_client_reached_on_every_bind() {
+    let pki = pki();
+    let web = Nginx::start("web");
+    let (plain, tls) = (free_addr(), free_addr());
+    // A wildcard bind asks each connection for its local address; a bind to one IP knows it.
+    let wildcard = SocketAddr::from(([0, 0, 0, 0], free_addr().port()));
+    let extra = format!(
+        "[[listener]]\nname = \"any\"\nlisten = \"{wildcard}\"\nprotocol = \"http\"\nservice = \"web\"\n\n{}",
+        task("web", "web-0", web.addr())
+    );
+    let _d = daemon(plain, tls, &pki, "", &extra);
+    let reached = SocketAddr::from(([127, 0, 0, 1], wildcard.port()));
+    for (connect, want) in [(plain, plain), (reached, reached)] {
+        let (status, body) = status_body(&plain_exchange(connect, b"GET / HTTP/1.0\r\n\r\n"));
+        assert_eq!(status, 200, "{connect}: {}", text(&body));
+        let host = format!("host={want}\n");
+        assert!(
+            text(&body).contains(&host),
+            "{connect}: the task sees {host:?}: {}",
+            text(&body)
+        );
+    }
+}
+
+// ---------------------------------------------------------------------------------------------
 // response bodies of every size
 
 /// Byte `i` of the test bodies (not a repeating pattern a short run could fake).

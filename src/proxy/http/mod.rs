@@ -42,7 +42,7 @@ const H2_PREFACE: &[u8] = b"PRI * HTTP/2.0\r\n\r\nSM\r\n\r\n";
 
 /// Handles one plain-TCP connection of an http listener.
 pub async fn handle(ctx: Arc<ListenerCtx>, client: TcpStream, peer: SocketAddr) {
-    let local = client.local_addr().unwrap_or(peer);
+    let local = ctx.local_of(&client, peer);
     serve(ctx, Client::Tcp(client), peer, local, false).await
 }
 
