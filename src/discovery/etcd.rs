@@ -38,7 +38,16 @@ pub enum DiscoveryError {
     /// No member answered: each member with why.
     #[error("{}", members_line(.0))]
     Unreachable(Vec<(String, DiscoveryError)>),
+    /// An https:// member closed or reset the connection before answering. A plain-text
+    /// member does so on our TLS handshake, sometimes with an EOF the TLS library names, and
+    /// sometimes with a reset that says nothing of TLS: both are said the same way.
+    #[error("{}", Cause::Tls(TLS_CLOSED.into()))]
+    TlsClosed,
 }
+
+/// The detail of [`DiscoveryError::TlsClosed`].
+const TLS_CLOSED: &str =
+    "the member closed the connection; a plain-text member behind an https:// URL does";
 
 impl DiscoveryError {
     /// The cause in plain words (of the last member tried, when none answered).
@@ -48,6 +57,7 @@ impl DiscoveryError {
             DiscoveryError::Timeout(d) => Cause::TimedOut(Some(*d)),
             DiscoveryError::Credentials(d) => Cause::Credentials(d.clone()),
             DiscoveryError::Closed => Cause::Closed,
+            DiscoveryError::TlsClosed => Cause::Tls(TLS_CLOSED.into()),
             DiscoveryError::Unreachable(all) => {
                 all.last().map(|(_, e)| e.cause()).unwrap_or(Cause::Closed)
             }
@@ -118,7 +128,17 @@ async fn connect_one(
     tokio::time::timeout(bound, attempt)
         .await
         .map_err(|_| DiscoveryError::Timeout(bound))?
-        .map_err(DiscoveryError::from)
+        .map_err(|e| over_tls(endpoint, DiscoveryError::from(e)))
+}
+
+/// A connection to an https:// member that closed before it answered is told as the TLS
+/// failure it most likely is (see [`DiscoveryError::TlsClosed`]).
+fn over_tls(endpoint: &str, e: DiscoveryError) -> DiscoveryError {
+    if endpoint.starts_with("https://") && e.cause() == Cause::Closed {
+        DiscoveryError::TlsClosed
+    } else {
+        e
+    }
 }
 
 /// Failover over the members of a cluster: each connect tries the members in turn, starting
@@ -322,5 +342,24 @@ async fn sync_and_watch(
             }
             _ = &mut relist => return Ok(()),
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn a_closed_connection_to_an_https_member_is_told_as_tls() {
+        let e = over_tls("https://127.0.0.1:2379", DiscoveryError::Closed);
+        assert!(matches!(e, DiscoveryError::TlsClosed));
+        assert!(matches!(e.cause(), Cause::Tls(_)));
+        let line = DiscoveryError::Unreachable(vec![("https://127.0.0.1:2379".into(), e)])
+            .explain("https://127.0.0.1:2379", true);
+        assert!(line.contains("TLS handshake failed"), "{line}");
+        assert!(line.contains("URL scheme"), "{line}");
+        // Over plain text a closed connection is just that.
+        let e = over_tls("http://127.0.0.1:2379", DiscoveryError::Closed);
+        assert!(matches!(e, DiscoveryError::Closed));
     }
 }
