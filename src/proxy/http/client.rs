@@ -31,6 +31,14 @@ impl Client {
         matches!(self, Client::Tls(_))
     }
 
+    /// The address the client reached on this node (a system call).
+    pub fn local_addr(&self) -> Option<std::net::SocketAddr> {
+        match self {
+            Client::Tcp(s) => s.local_addr().ok(),
+            Client::Tls(s) => s.get_ref().0.local_addr().ok(),
+        }
+    }
+
     /// Waits for bytes and appends what is there to `buf` (grown by `grow` when nearly
     /// full). `Ok(0)`: the client closed.
     pub async fn read_some(&mut self, buf: &mut BytesMut, grow: usize) -> io::Result<usize> {

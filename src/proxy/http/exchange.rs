@@ -41,8 +41,9 @@ pub const READ_CHUNK: usize = 32 * 1024;
 /// Who the client is, as the forwarding fields and PROXY headers say it.
 pub struct ClientHop {
     pub peer: SocketAddr,
-    /// The address the client reached on this node.
-    pub local: SocketAddr,
+    /// The address the client reached on this node; `None` until asked for (a system call
+    /// on a wildcard bind, made only for a request that needs it: see [`ClientHop::resolve_local`]).
+    local: Option<SocketAddr>,
     /// Arrived over TLS terminated here: `https`.
     pub tls: bool,
     xff: Vec<u8>,
@@ -50,7 +51,7 @@ pub struct ClientHop {
 }
 
 impl ClientHop {
-    pub fn new(peer: SocketAddr, local: SocketAddr, tls: bool) -> ClientHop {
+    pub fn new(peer: SocketAddr, local: Option<SocketAddr>, tls: bool) -> ClientHop {
         let ip = client_ip(peer);
         ClientHop {
             peer,
@@ -80,11 +81,27 @@ impl ClientHop {
         }
     }
 
+    /// Learns the address the client reached, from `ask` (the client's socket), unless it is
+    /// known. Called before anything that needs it: a Host for a request without one, a
+    /// PROXY header for a task.
+    pub fn resolve_local(&mut self, ask: impl FnOnce() -> Option<SocketAddr>) {
+        if self.local.is_none() {
+            self.local = ask();
+        }
+    }
+
+    /// The address the client reached ([`ClientHop::resolve_local`] first; the client's own
+    /// address if it could not be had).
+    pub fn local(&self) -> SocketAddr {
+        debug_assert!(self.local.is_some(), "resolve_local before local");
+        self.local.unwrap_or(self.peer)
+    }
+
     /// The PROXY header of `send_proxy` for this client's task connections.
     pub fn proxy_header(&self, settings: &ServiceSettings) -> Option<Vec<u8>> {
         settings
             .send_proxy
-            .map(|v| crate::protocol::proxy_protocol::encode(v, self.peer, self.local))
+            .map(|v| crate::protocol::proxy_protocol::encode(v, self.peer, self.local()))
     }
 }
 

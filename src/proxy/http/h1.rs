@@ -263,7 +263,21 @@ impl H1<'_> {
                         };
                     buffers::take_write(&mut self.out);
                     match request::parse(&self.buf, &limits, storage) {
-                        Ok(Some(head)) => Ok(prepare(ctx, &self.hop, &head, &mut self.out)),
+                        Ok(Some(head)) => {
+                            let client = &self.client;
+                            if head.host.is_none() && head.target_authority().is_none() {
+                                self.hop.resolve_local(|| client.local_addr());
+                            }
+                            let req = prepare(ctx, &self.hop, &head, &mut self.out);
+                            if req
+                                .svc
+                                .as_ref()
+                                .is_ok_and(|s| s.settings.send_proxy.is_some())
+                            {
+                                self.hop.resolve_local(|| client.local_addr());
+                            }
+                            Ok(req)
+                        }
                         Ok(None) => Err(None),
                         Err(e) => Err(Some(ProxyError::from(e))),
                     }
@@ -1009,7 +1023,7 @@ fn prepare(
             editor::request_fields(head.fields(), &fwd, out);
             if head.host.is_none() && authority.is_none() {
                 // HTTP/1.0 without Host: HTTP/1.1 needs one; the address the client reached.
-                out.field(b"host", hop.local.to_string().as_bytes());
+                out.field(b"host", hop.local().to_string().as_bytes());
             }
             if head.framing == Framing::Chunked {
                 out.field(b"transfer-encoding", b"chunked");

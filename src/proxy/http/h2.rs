@@ -362,7 +362,7 @@ async fn to_h1(
         &mut out,
     );
     if fwd_host.is_none() {
-        out.field(b"host", conn.hop.local.to_string().as_bytes());
+        out.field(b"host", conn.hop.local().to_string().as_bytes());
     }
     let chunked = length.is_none();
     match length {

@@ -42,7 +42,9 @@ const H2_PREFACE: &[u8] = b"PRI * HTTP/2.0\r\n\r\nSM\r\n\r\n";
 
 /// Handles one plain-TCP connection of an http listener.
 pub async fn handle(ctx: Arc<ListenerCtx>, client: TcpStream, peer: SocketAddr) {
-    let local = ctx.local_of(&client, peer);
+    // The address the client reached: known on a bind to one IP, else asked for only by a
+    // request that needs it.
+    let local = ctx.bound;
     serve(ctx, Client::Tcp(client), peer, local, false).await
 }
 
@@ -55,14 +57,14 @@ pub async fn handle_tls(
     local: SocketAddr,
 ) {
     let h2 = stream.get_ref().1.alpn_protocol() == Some(b"h2");
-    serve(ctx, Client::Tls(Box::new(stream)), peer, local, h2).await
+    serve(ctx, Client::Tls(Box::new(stream)), peer, Some(local), h2).await
 }
 
 async fn serve(
     ctx: Arc<ListenerCtx>,
     mut client: Client,
     peer: SocketAddr,
-    local: SocketAddr,
+    local: Option<SocketAddr>,
     h2: bool,
 ) {
     let _open = ctx
@@ -85,7 +87,9 @@ async fn serve(
 
 /// [`h2::serve`], boxed: an HTTP/2 connection's state (hyper's) is several times an HTTP/1.1
 /// one's, and held inline it would size every connection's future, idle HTTP/1.1 ones too.
-async fn serve_h2(ctx: Arc<ListenerCtx>, client: Client, hop: ClientHop, initial: BytesMut) {
+async fn serve_h2(ctx: Arc<ListenerCtx>, client: Client, mut hop: ClientHop, initial: BytesMut) {
+    // Streams run apart from the connection's socket: learn the address now, once.
+    hop.resolve_local(|| client.local_addr());
     let serving = Box::pin(h2::serve(ctx, client, hop, initial));
     serving.await
 }
