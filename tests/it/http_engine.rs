@@ -417,9 +417,18 @@ fn a_request_without_host_gets_the_address_the_client_reached_on_every_bind() {
     let (plain, tls) = (free_addr(), free_addr());
     // A wildcard bind asks each connection for its local address; a bind to one IP knows it.
     let wildcard = SocketAddr::from(([0, 0, 0, 0], free_addr().port()));
+    // And a service whose task takes a PROXY header (which carries that address too).
+    let pp = Nginx::start_with(
+        "pp",
+        crate::support::nginx::NginxProtocol::ProxyProtocol,
+        "",
+    );
     let extra = format!(
-        "[[listener]]\nname = \"any\"\nlisten = \"{wildcard}\"\nprotocol = \"http\"\nservice = \"web\"\n\n{}",
-        task("web", "web-0", web.addr())
+        "[[listener]]\nname = \"any\"\nlisten = \"{wildcard}\"\nprotocol = \"http\"\nservice = \"web\"\n\
+         [[listener.route]]\npath_prefix = \"/pp\"\nservice = \"pp\"\n\n\
+         [service.pp]\nsend_proxy = \"v1\"\n\n{}{}",
+        task("web", "web-0", web.addr()),
+        task("pp", "pp-0", pp.addr())
     );
     let _d = daemon(plain, tls, &pki, "", &extra);
     let reached = SocketAddr::from(([127, 0, 0, 1], wildcard.port()));
@@ -433,6 +442,12 @@ fn a_request_without_host_gets_the_address_the_client_reached_on_every_bind() {
             text(&body)
         );
     }
+    let (status, body) = status_body(&plain_exchange(
+        reached,
+        b"GET /pp HTTP/1.1\r\nHost: a.example\r\nConnection: close\r\n\r\n",
+    ));
+    assert_eq!(status, 200, "{}", text(&body));
+    assert!(text(&body).starts_with("127.0.0.1:"), "{}", text(&body));
 }
 
 // ---------------------------------------------------------------------------------------------
