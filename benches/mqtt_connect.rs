@@ -596,12 +596,19 @@ fn storm_section(
         let _ = writeln!(
             report,
             "  {:<10} kernel over the storm: {} accept-queue overflows, {} SYNs sent again; \
-             proxy CPU {:.0} ms ({:.1} µs per connection)",
+             proxy CPU {}",
             label,
             r.listen_overflows,
             r.syn_retrans,
-            r.cpu_secs * 1e3,
-            r.cpu_secs * 1e6 / n as f64
+            if which == 3 {
+                "— (no proxy)".to_string()
+            } else {
+                format!(
+                    "{:.0} ms ({:.1} µs per connection)",
+                    r.cpu_secs * 1e3,
+                    r.cpu_secs * 1e6 / n as f64
+                )
+            }
         );
         if which == 3 {
             results.push((r, 0.0));
