@@ -27,7 +27,7 @@ use tokio::io::{AsyncRead, AsyncReadExt, AsyncWrite, AsyncWriteExt};
 use tokio::net::TcpStream;
 
 use super::buffers;
-use super::socket::{try_read_some, write_all};
+use super::socket::{try_read_some, try_read_with, write_all};
 use super::splice;
 use super::upstream::{self, ConnectError};
 use super::{ListenerCtx, OpenConnection};
@@ -196,10 +196,10 @@ async fn read_some(from: &TcpStream, buf: &mut Vec<u8>, cap: usize) -> io::Resul
         from.readable().await?;
         buf.reserve(want);
         let mut limited = bytes::BufMut::limit(&mut *buf, want);
-        match from.try_read_buf(&mut limited) {
-            Ok(n) => return Ok(n),
-            Err(e) if e.kind() == io::ErrorKind::WouldBlock => continue,
-            Err(e) => return Err(e),
+        // A short read clears the readiness (the socket is drained), so the relay's first
+        // read after the CONNECT waits for epoll instead of learning EAGAIN.
+        if let Some(r) = try_read_with(from, want, || from.try_read_buf(&mut limited)) {
+            return r;
         }
     }
 }
