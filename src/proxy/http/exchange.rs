@@ -118,17 +118,21 @@ pub fn route_request(
     path: &str,
 ) -> Result<Arc<Service>, (ProxyError, String)> {
     // Without host or path routes every request goes to the default service: the host is
-    // not looked at (nor normalised, which allocates).
-    let routed = if ctx.routes.is_empty() {
-        ctx.service.as_ref()
-    } else {
-        let host = host.and_then(route::normalize_host);
-        route::route(&ctx.routes, ctx.service.as_ref(), host.as_deref(), path)
-    };
-    let Some(name) = routed else {
+    // not looked at (nor normalised, which allocates) unless no service takes it.
+    let normalized = (!ctx.routes.is_empty())
+        .then(|| host.and_then(route::normalize_host))
+        .flatten();
+    let Some(name) = route::route(
+        &ctx.routes,
+        ctx.service.as_ref(),
+        normalized.as_deref(),
+        path,
+    ) else {
         return Err((
             ProxyError::NoRoute {
-                host: host.and_then(route::normalize_host).unwrap_or_default(),
+                host: normalized
+                    .or_else(|| host.and_then(route::normalize_host))
+                    .unwrap_or_default(),
             },
             String::new(),
         ));
