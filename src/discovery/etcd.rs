@@ -46,8 +46,7 @@ pub enum DiscoveryError {
 }
 
 /// The detail of [`DiscoveryError::TlsClosed`].
-const TLS_CLOSED: &str =
-    "the member closed the connection; a plain-text member behind an https:// URL does";
+const TLS_CLOSED: &str = "closed by the member: is it plain text?";
 
 impl DiscoveryError {
     /// The cause in plain words (of the last member tried, when none answered).
@@ -351,13 +350,19 @@ mod tests {
 
     #[test]
     fn a_closed_connection_to_an_https_member_is_told_as_tls() {
-        let e = over_tls("https://127.0.0.1:2379", DiscoveryError::Closed);
+        let e = over_tls("https://127.0.0.1:43831", DiscoveryError::Closed);
         assert!(matches!(e, DiscoveryError::TlsClosed));
         assert!(matches!(e.cause(), Cause::Tls(_)));
-        let line = DiscoveryError::Unreachable(vec![("https://127.0.0.1:2379".into(), e)])
-            .explain("https://127.0.0.1:2379", true);
+        let line = DiscoveryError::Unreachable(vec![("https://127.0.0.1:43831".into(), e)])
+            .explain("https://127.0.0.1:43831", true);
         assert!(line.contains("TLS handshake failed"), "{line}");
         assert!(line.contains("URL scheme"), "{line}");
+        // The command line's one-line error stays short (tests/it/etcd_errors.rs: ≤ 200).
+        assert!(
+            line.len() + "error: ".len() <= 200,
+            "{} chars: {line}",
+            line.len()
+        );
         // Over plain text a closed connection is just that.
         let e = over_tls("http://127.0.0.1:2379", DiscoveryError::Closed);
         assert!(matches!(e, DiscoveryError::Closed));
