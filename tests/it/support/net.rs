@@ -1,28 +1,74 @@
 //! Loopback addresses for the things a test starts, and a check that a peer hung up.
 
-use std::collections::HashSet;
 use std::io::{self, Read};
 use std::net::{Ipv4Addr, SocketAddr, TcpListener, TcpStream};
 use std::sync::Mutex;
 use std::time::Duration;
 
-/// Ports already handed out by this process; never hand out the same one twice.
-static HANDED_OUT: Mutex<Option<HashSet<u16>>> = Mutex::new(None);
+/// Ports this process holds a claim on (an open, locked file each), so that no other test
+/// process (nextest runs one per test) is handed the same port while this one lives.
+static CLAIMED: Mutex<Vec<(u16, std::fs::File)>> = Mutex::new(Vec::new());
 
-/// A loopback TCP port that was free a moment ago (bind 127.0.0.1:0, read, drop).
-/// Never returns the same port twice within one test process.
+/// Where the claims live: one lock file per port, shared by every test process on the machine.
+const CLAIMS_DIR: &str = "/tmp/routemesh-test-ports";
+
+/// A loopback port, free a moment ago for TCP (on every address) and UDP, picked below the
+/// kernel's ephemeral range so that no outgoing connection of another test can take it
+/// between this call and the bind, and claimed for the life of this process (an exclusive
+/// lock on `CLAIMS_DIR/PORT`, released by the kernel when the process exits), so that no
+/// other test process gets it either. Never returns the same port twice.
 pub fn free_port() -> u16 {
-    for _ in 0..200 {
-        let listener = TcpListener::bind((Ipv4Addr::LOCALHOST, 0))
-            .unwrap_or_else(|e| panic!("free_port: cannot bind 127.0.0.1:0: {e}"));
-        let port = listener.local_addr().expect("free_port: local_addr").port();
-        drop(listener);
-        let mut guard = HANDED_OUT.lock().unwrap_or_else(|p| p.into_inner());
-        if guard.get_or_insert_with(HashSet::new).insert(port) {
-            return port;
+    let (low, high) = unclaimed_range();
+    let span = u32::from(high - low);
+    // Start where the process id says, so parallel test processes rarely probe the same ports.
+    let start = std::process::id().wrapping_mul(7919) % span;
+    std::fs::create_dir_all(CLAIMS_DIR)
+        .unwrap_or_else(|e| panic!("free_port: cannot create {CLAIMS_DIR}: {e}"));
+    for i in 0..span {
+        let port = low + ((start + i) % span) as u16;
+        if !bindable(port) {
+            continue;
         }
+        let Ok(file) = std::fs::OpenOptions::new()
+            .create(true)
+            .truncate(false)
+            .write(true)
+            .open(format!("{CLAIMS_DIR}/{port}"))
+        else {
+            continue;
+        };
+        if file.try_lock().is_err() {
+            continue; // another test process (or this one) holds it
+        }
+        let mut claimed = CLAIMED.lock().unwrap_or_else(|p| p.into_inner());
+        if claimed.iter().any(|(p, _)| *p == port) {
+            continue;
+        }
+        claimed.push((port, file));
+        return port;
     }
-    panic!("free_port: could not find an unused loopback port after 200 attempts");
+    panic!("free_port: no unclaimed loopback port in {low}..{high}");
+}
+
+/// Ports from 10000 up to the start of `net.ipv4.ip_local_port_range` (Linux default 32768).
+fn unclaimed_range() -> (u16, u16) {
+    let low_ephemeral = std::fs::read_to_string("/proc/sys/net/ipv4/ip_local_port_range")
+        .ok()
+        .and_then(|s| s.split_whitespace().next()?.parse::<u16>().ok())
+        .unwrap_or(32768);
+    assert!(
+        low_ephemeral > 11000,
+        "free_port: net.ipv4.ip_local_port_range starts at {low_ephemeral}; tests need ports \
+         below it (set it to \"32768 60999\")"
+    );
+    (10000, low_ephemeral)
+}
+
+/// Whether nothing holds `port`: a TCP listener on 0.0.0.0 (which any listener on any local
+/// address would refuse) and a UDP socket on 127.0.0.1 both bind.
+fn bindable(port: u16) -> bool {
+    TcpListener::bind((Ipv4Addr::UNSPECIFIED, port)).is_ok()
+        && std::net::UdpSocket::bind((Ipv4Addr::LOCALHOST, port)).is_ok()
 }
 
 /// `127.0.0.1:<free_port()>`.
