@@ -217,6 +217,17 @@ async fn attempt(at: Attempt<'_>, client: &mut Client) -> Result<(), etcd_client
     result.and(release.map(|_| ()))
 }
 
+/// The record at `key`, or None when it is absent or does not parse (a malformed record is
+/// as good as none: the certificate is ordered again).
+async fn read_record<T, E>(
+    client: &mut Client,
+    key: &str,
+    parse: impl Fn(&[u8]) -> Result<T, E>,
+) -> Result<Option<T>, etcd_client::Error> {
+    let got = client.get(key, None).await?;
+    Ok(got.kvs().first().and_then(|kv| parse(kv.value()).ok()))
+}
+
 /// With the lock held: re-check against etcd, order, record.
 async fn holding(at: Attempt<'_>, client: &mut Client) -> Result<(), etcd_client::Error> {
     let Attempt {
@@ -228,18 +239,8 @@ async fn holding(at: Attempt<'_>, client: &mut Client) -> Result<(), etcd_client
     let prefix = task.discovery.prefix.as_str();
     let ck = cert_key(prefix, &w.name);
     let sk = status_key(prefix, &w.name);
-    let cert = client
-        .get(ck.as_str(), None)
-        .await?
-        .kvs()
-        .first()
-        .and_then(|kv| CertRecord::parse(kv.value()).ok());
-    let status = client
-        .get(sk.as_str(), None)
-        .await?
-        .kvs()
-        .first()
-        .and_then(|kv| StatusRecord::parse(kv.value()).ok());
+    let cert = read_record(client, &ck, CertRecord::parse).await?;
+    let status = read_record(client, &sk, StatusRecord::parse).await?;
     let now = unix_now();
     let k = known(w, cert.as_ref(), status.as_ref());
     if schedule::due_at(&w.name, k, task.acme.renew_before) > now {

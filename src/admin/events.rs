@@ -310,8 +310,9 @@ pub fn diff(prev: &View, next: &View, at_ms: u64) -> Vec<Event> {
             ));
             continue;
         };
+        let mut changes = Vec::new();
         if p.status != t.status {
-            let message = match (t.status, reason) {
+            changes.push(match (t.status, reason) {
                 (TaskStatus::Healthy, _)
                     if matches!(p.status, TaskStatus::Drained | TaskStatus::NodeDown) =>
                 {
@@ -320,24 +321,16 @@ pub fn diff(prev: &View, next: &View, at_ms: u64) -> Vec<Event> {
                 (TaskStatus::Healthy, _) => format!("task {subject} healthy again"),
                 (s, Some(why)) => format!("task {subject} {}: {why}", s.as_str()),
                 (s, None) => format!("task {subject} {}", s.as_str()),
-            };
-            out.push(ev(EventKind::Task, &subject, state, message));
+            });
         }
         if p.weight != t.weight {
-            out.push(ev(
-                EventKind::Task,
-                &subject,
-                state,
-                format!("task {subject} weight {} → {}", p.weight, t.weight),
-            ));
+            changes.push(format!("task {subject} weight {} → {}", p.weight, t.weight));
         }
         if p.addr != t.addr {
-            out.push(ev(
-                EventKind::Task,
-                &subject,
-                state,
-                format!("task {subject} moved: {} → {}", p.addr, t.addr),
-            ));
+            changes.push(format!("task {subject} moved: {} → {}", p.addr, t.addr));
+        }
+        for message in changes {
+            out.push(ev(EventKind::Task, &subject, state, message));
         }
     }
     for (svc, id) in prev.tasks.keys().filter(|k| !next.tasks.contains_key(*k)) {

@@ -194,6 +194,27 @@ impl Members {
     pub fn rotate(&mut self) {
         self.next = (self.next + 1) % self.endpoints.len().max(1);
     }
+
+    /// After a failed round of `what` ("etcd discovery", "node lease keeper"): warns in one
+    /// line (`what interrupted{after}: why`, the error chain at debug), leaves the member in
+    /// use and waits the backoff's next delay. False when `shutdown` came first.
+    pub async fn pause_after(
+        &mut self,
+        err: &DiscoveryError,
+        (what, after): (&str, &str),
+        backoff: &mut Backoff,
+        shutdown: &CancellationToken,
+    ) -> bool {
+        let why = err.explain(self.current(), false);
+        self.rotate();
+        let delay = backoff.next_delay();
+        tracing::debug!(error = %err.chain(), "{what} error chain");
+        tracing::warn!(retry_in = ?delay, "{what} interrupted{after}: {why}");
+        tokio::select! {
+            _ = tokio::time::sleep(delay) => true,
+            _ = shutdown.cancelled() => false,
+        }
+    }
 }
 
 /// Connects to the first answering member of `endpoints` (used by the CLI); returns the
@@ -238,16 +259,11 @@ pub async fn run(
             Ok(()) => tracing::debug!("periodic re-list of etcd"),
             Err(e) => {
                 publisher.status().set_up(false);
-                let why = e.explain(members.current(), false);
                 // Reconnect, starting with another member.
                 client = None;
-                members.rotate();
-                let delay = backoff.next_delay();
-                tracing::debug!(error = %e.chain(), "etcd discovery error chain");
-                tracing::warn!(retry_in = ?delay, "etcd discovery interrupted, serving the last routing snapshot: {why}");
-                tokio::select! {
-                    _ = tokio::time::sleep(delay) => {}
-                    _ = shutdown.cancelled() => return,
+                let what = ("etcd discovery", ", serving the last routing snapshot");
+                if !members.pause_after(&e, what, &mut backoff, &shutdown).await {
+                    return;
                 }
             }
         }

@@ -167,15 +167,13 @@ pub async fn run(
             e = round => e,
             _ = shutdown.cancelled() => break,
         };
-        let why = err.explain(members.current(), false);
         client = None;
-        members.rotate();
-        let delay = backoff.next_delay();
-        tracing::debug!(error = %err.chain(), "node lease keeper error chain");
-        tracing::warn!(retry_in = ?delay, "node lease keeper interrupted: {why}");
-        tokio::select! {
-            _ = tokio::time::sleep(delay) => {}
-            _ = shutdown.cancelled() => break,
+        let what = ("node lease keeper", "");
+        if !members
+            .pause_after(&err, what, &mut backoff, &shutdown)
+            .await
+        {
+            break;
         }
     }
     if handle.keep.load(Ordering::Acquire) || adoption.waiting.is_some() {

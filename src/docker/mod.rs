@@ -356,7 +356,12 @@ async fn apply_event(
 }
 
 fn publish(tracker: &Tracker, out: &watch::Sender<Arc<Vec<TaskConfig>>>) {
-    let tasks = tracker.tasks();
+    publish_tasks(tracker.tasks(), out);
+}
+
+/// Sends `tasks` to the routing writer, only when they differ from what it has (both the
+/// container and the swarm sources publish this way).
+pub(crate) fn publish_tasks(tasks: Vec<TaskConfig>, out: &watch::Sender<Arc<Vec<TaskConfig>>>) {
     out.send_if_modified(|cur| {
         let changed = **cur != tasks;
         if changed {

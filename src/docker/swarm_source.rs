@@ -359,14 +359,7 @@ fn percent_encode(s: &str) -> String {
 }
 
 fn publish(tracker: &SwarmTracker, out: &watch::Sender<Arc<Vec<TaskConfig>>>) {
-    let tasks = tracker.tasks();
-    out.send_if_modified(|cur| {
-        let changed = **cur != tasks;
-        if changed {
-            *cur = Arc::new(tasks);
-        }
-        changed
-    });
+    super::publish_tasks(tracker.tasks(), out);
 }
 
 fn log(n: &SwarmNotice) {
