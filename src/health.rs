@@ -268,31 +268,29 @@ mod tests {
             ..HealthSettings::default()
         };
         let mut s = Streak::default();
-        assert_eq!(
-            s.record(false, Health::Unknown, &hs),
-            None,
-            "one failure is not enough"
-        );
-        assert_eq!(s.record(true, Health::Unknown, &hs), None);
-        assert_eq!(
-            s.record(false, Health::Unknown, &hs),
-            None,
-            "streak was reset"
-        );
-        assert_eq!(
-            s.record(false, Health::Unknown, &hs),
-            Some(Health::Unhealthy)
-        );
-        assert_eq!(
-            s.record(false, Health::Unhealthy, &hs),
-            None,
-            "no repeated transitions"
-        );
-        assert_eq!(s.record(true, Health::Unhealthy, &hs), None);
-        assert_eq!(
-            s.record(true, Health::Unhealthy, &hs),
-            Some(Health::Healthy)
-        );
+        // (probe passed, current health, transition expected, why)
+        let steps = [
+            (false, Health::Unknown, None, "one failure is not enough"),
+            (true, Health::Unknown, None, "a success resets the streak"),
+            (false, Health::Unknown, None, "streak was reset"),
+            (
+                false,
+                Health::Unknown,
+                Some(Health::Unhealthy),
+                "two failures",
+            ),
+            (false, Health::Unhealthy, None, "no repeated transitions"),
+            (true, Health::Unhealthy, None, "one success is not enough"),
+            (
+                true,
+                Health::Unhealthy,
+                Some(Health::Healthy),
+                "two successes",
+            ),
+        ];
+        for (i, (ok, now, want, why)) in steps.into_iter().enumerate() {
+            assert_eq!(s.record(ok, now, &hs), want, "step {i}: {why}");
+        }
     }
 
     #[tokio::test]

@@ -420,15 +420,7 @@ mod tests {
     use crate::util::clock::now_ms;
 
     fn table(entries: &[(&str, &str)]) -> RoutingTable {
-        let mut t = RoutingTable::new("/rm");
-        t.apply(Update::Reset {
-            revision: 7,
-            kvs: entries
-                .iter()
-                .map(|(k, v)| (k.as_bytes().to_vec(), v.as_bytes().to_vec()))
-                .collect(),
-        });
-        t
+        RoutingTable::of_entries(7, entries)
     }
 
     fn web() -> ServiceName {

@@ -188,27 +188,22 @@ mod tests {
     fn keys_round_trip() {
         let p = "/rm";
         let rest = |k: String| k.strip_prefix(&acme_prefix(p)).unwrap().to_string();
-        assert_eq!(AcmeKey::parse(&rest(account_key(p))), Ok(AcmeKey::Account));
-        assert_eq!(
-            AcmeKey::parse(&rest(cert_key(p, "www.example.com"))),
-            Ok(AcmeKey::Cert("www.example.com".into()))
-        );
-        assert_eq!(
-            AcmeKey::parse(&rest(status_key(p, "a.b"))),
-            Ok(AcmeKey::Status("a.b".into()))
-        );
-        assert_eq!(
-            AcmeKey::parse(&rest(challenge_key(p, "tok_EN-1"))),
-            Ok(AcmeKey::Challenge("tok_EN-1".into()))
-        );
-        assert_eq!(
-            AcmeKey::parse(&rest(lock_key(p, "a.b"))),
-            Ok(AcmeKey::Lock("a.b".into()))
-        );
-        assert_eq!(
-            AcmeKey::parse("locks/a.b/694d7b1a"),
-            Ok(AcmeKey::Lock("a.b".into()))
-        );
+        for (key, want) in [
+            (rest(account_key(p)), AcmeKey::Account),
+            (
+                rest(cert_key(p, "www.example.com")),
+                AcmeKey::Cert("www.example.com".into()),
+            ),
+            (rest(status_key(p, "a.b")), AcmeKey::Status("a.b".into())),
+            (
+                rest(challenge_key(p, "tok_EN-1")),
+                AcmeKey::Challenge("tok_EN-1".into()),
+            ),
+            (rest(lock_key(p, "a.b")), AcmeKey::Lock("a.b".into())),
+            ("locks/a.b/694d7b1a".into(), AcmeKey::Lock("a.b".into())),
+        ] {
+            assert_eq!(AcmeKey::parse(&key), Ok(want), "{key}");
+        }
         assert!(AcmeKey::parse("certs/A B").is_err());
         assert!(AcmeKey::parse("challenges/a.b").is_err());
         assert!(AcmeKey::parse("other").is_err());

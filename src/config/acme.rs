@@ -216,11 +216,7 @@ pub(super) fn validate(
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::config::Config;
-
-    fn parse_in(dir: &Path, src: &str) -> Result<Config, String> {
-        Config::parse(&dir.join("t.toml"), src).map_err(|e| e.to_string())
-    }
+    use crate::config::testing::parse_in;
 
     #[test]
     fn key_text() {

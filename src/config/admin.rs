@@ -128,15 +128,8 @@ pub(super) fn validate(
 mod tests {
     use std::time::Duration;
 
-    use std::path::Path;
-
     use super::*;
-    use crate::config::Config;
-    use crate::config::testing::{err, parse, parse_etc};
-
-    fn parse_in(dir: &Path, src: &str) -> Result<Config, String> {
-        Config::parse(&dir.join("t.toml"), src).map_err(|e| e.to_string())
-    }
+    use crate::config::testing::{err, parse, parse_etc, parse_in};
 
     #[test]
     fn token_file_is_resolved_and_checked() {

@@ -631,7 +631,7 @@ fn limit(issues: &mut Issues, v: &Option<S<i64>>, key: &str) -> Option<usize> {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::config::testing::{err, parse_etc as parse};
+    use crate::config::testing::{errors_hold, parse_etc as parse};
     use crate::config::{Config, Password, ProxyVersion};
 
     /// A self-signed EC certificate for test.invalid (valid until 2126) and its key; test
@@ -653,35 +653,19 @@ mod tests {
 
     #[test]
     fn cidr() {
-        let c = Cidr::parse("10.0.0.0/8").unwrap();
-        assert!(c.contains("10.1.2.3".parse().unwrap()));
-        assert!(c.contains("::ffff:10.1.2.3".parse().unwrap()));
-        assert!(!c.contains("11.0.0.1".parse().unwrap()));
-        assert!(
-            Cidr::parse("0.0.0.0/0")
-                .unwrap()
-                .contains("1.2.3.4".parse().unwrap())
-        );
-        assert!(
-            Cidr::parse("::/0")
-                .unwrap()
-                .contains("::1".parse().unwrap())
-        );
-        assert!(
-            Cidr::parse("127.0.0.1")
-                .unwrap()
-                .contains("127.0.0.1".parse().unwrap())
-        );
-        assert!(
-            !Cidr::parse("127.0.0.1")
-                .unwrap()
-                .contains("127.0.0.2".parse().unwrap())
-        );
-        assert!(
-            Cidr::parse("fd00::/8")
-                .unwrap()
-                .contains("fd12::1".parse().unwrap())
-        );
+        for (cidr, addr, inside) in [
+            ("10.0.0.0/8", "10.1.2.3", true),
+            ("10.0.0.0/8", "::ffff:10.1.2.3", true),
+            ("10.0.0.0/8", "11.0.0.1", false),
+            ("0.0.0.0/0", "1.2.3.4", true),
+            ("::/0", "::1", true),
+            ("127.0.0.1", "127.0.0.1", true),
+            ("127.0.0.1", "127.0.0.2", false),
+            ("fd00::/8", "fd12::1", true),
+        ] {
+            let c = Cidr::parse(cidr).unwrap();
+            assert_eq!(c.contains(addr.parse().unwrap()), inside, "{cidr} {addr}");
+        }
         assert_eq!(Cidr::parse("10.0.0.0/33"), None);
         assert_eq!(Cidr::parse("nope"), None);
     }
@@ -756,75 +740,71 @@ send_proxy = "v2"
 
     #[test]
     fn bad_edge_keys_are_positioned() {
-        let text =
-            err("[[listener]]\nlisten = \"0.0.0.0:80\"\nservice = \"w\"\naccept_proxy = true\n");
-        assert!(
-            text.contains("t.toml:4:16:") && text.contains("trusted_proxies"),
-            "{text}"
-        );
-        let text = err(
-            "[[listener]]\nlisten = \"0.0.0.0:80\"\nservice = \"w\"\naccept_proxy = true\ntrusted_proxies = [\"10.0.0.0/99\"]\n",
-        );
-        assert!(text.contains("t.toml:5:20:"), "{text}");
-        let text = err(
-            "[[listener]]\nlisten = \"0.0.0.0:80\"\nservice = \"w\"\ntrusted_proxies = [\"10.0.0.0/8\"]\n",
-        );
-        assert!(text.contains("needs accept_proxy = true"), "{text}");
-        let text =
-            err("[[listener]]\nlisten = \"0.0.0.0:80\"\nservice = \"w\"\nmax_connections = -1\n");
-        assert!(text.contains("t.toml:4:19:"), "{text}");
-        let text = err("[service.w]\nsend_proxy = \"v3\"\n");
-        assert!(
-            text.contains("t.toml:2:14:") && text.contains("\"v1\" or \"v2\""),
-            "{text}"
-        );
-        let text = err(
-            "[[listener]]\nlisten = \"0.0.0.0:80\"\nservice = \"w\"\nhandshake_timeout = \"0s\"\n",
-        );
-        assert!(text.contains("t.toml:4:21:"), "{text}");
+        errors_hold(&[
+            (
+                "[[listener]]\nlisten = \"0.0.0.0:80\"\nservice = \"w\"\naccept_proxy = true\n",
+                &["t.toml:4:16:", "trusted_proxies"],
+            ),
+            (
+                "[[listener]]\nlisten = \"0.0.0.0:80\"\nservice = \"w\"\naccept_proxy = true\ntrusted_proxies = [\"10.0.0.0/99\"]\n",
+                &["t.toml:5:20:"],
+            ),
+            (
+                "[[listener]]\nlisten = \"0.0.0.0:80\"\nservice = \"w\"\ntrusted_proxies = [\"10.0.0.0/8\"]\n",
+                &["needs accept_proxy = true"],
+            ),
+            (
+                "[[listener]]\nlisten = \"0.0.0.0:80\"\nservice = \"w\"\nmax_connections = -1\n",
+                &["t.toml:4:19:"],
+            ),
+            (
+                "[service.w]\nsend_proxy = \"v3\"\n",
+                &["t.toml:2:14:", "\"v1\" or \"v2\""],
+            ),
+            (
+                "[[listener]]\nlisten = \"0.0.0.0:80\"\nservice = \"w\"\nhandshake_timeout = \"0s\"\n",
+                &["t.toml:4:21:"],
+            ),
+        ]);
     }
 
     #[test]
     fn bad_tls_keys() {
         // tls on a tcp listener
-        let text = err(
-            "[[listener]]\nlisten = \"0.0.0.0:80\"\nservice = \"w\"\ntls = { cert = \"a\", key = \"b\" }\n",
-        );
-        assert!(text.contains("protocol = \"http\""), "{text}");
-        // missing key
-        let text = err(
-            "[[listener]]\nlisten = \"0.0.0.0:80\"\nprotocol = \"http\"\nservice = \"w\"\ntls = { cert = \"a\" }\n",
-        );
-        assert!(text.contains("needs `key`"), "{text}");
-        // second cert without sni
-        let text = err(
-            "[[listener]]\nlisten = \"0.0.0.0:80\"\nprotocol = \"http\"\nservice = \"w\"\n[[listener.tls.cert]]\ncert = \"a\"\nkey = \"b\"\n[[listener.tls.cert]]\ncert = \"c\"\nkey = \"d\"\n",
-        );
-        assert!(
-            text.contains("#2") && text.contains("needs `sni`"),
-            "{text}"
-        );
-        // unknown key in a cert table
-        let text = err(
-            "[[listener]]\nlisten = \"0.0.0.0:80\"\nprotocol = \"http\"\nservice = \"w\"\n[[listener.tls.cert]]\ncert = \"a\"\nkey = \"b\"\nbogus = 1\n",
-        );
-        assert!(text.contains("bogus"), "{text}");
-        // sni route on an http listener, host route on a tls listener, bad sni
-        let text = err(
-            "[[listener]]\nlisten = \"0.0.0.0:80\"\nprotocol = \"http\"\nservice = \"w\"\n[[listener.route]]\nsni = \"a.b\"\nservice = \"x\"\n",
-        );
-        assert!(
-            text.contains("t.toml:6:7:") && text.contains("only for protocol = \"tls\""),
-            "{text}"
-        );
-        let text = err(
-            "[[listener]]\nlisten = \"0.0.0.0:443\"\nprotocol = \"tls\"\nservice = \"w\"\n[[listener.route]]\nhost = \"a.b\"\nservice = \"x\"\n",
-        );
-        assert!(text.contains("route by `sni`"), "{text}");
-        let text = err(
-            "[[listener]]\nlisten = \"0.0.0.0:443\"\nprotocol = \"tls\"\nservice = \"w\"\n[[listener.route]]\nsni = \"a b\"\nservice = \"x\"\n",
-        );
-        assert!(text.contains("t.toml:6:7:"), "{text}");
+        errors_hold(&[
+            (
+                "[[listener]]\nlisten = \"0.0.0.0:80\"\nservice = \"w\"\ntls = { cert = \"a\", key = \"b\" }\n",
+                &["protocol = \"http\""],
+            ),
+            // missing key
+            (
+                "[[listener]]\nlisten = \"0.0.0.0:80\"\nprotocol = \"http\"\nservice = \"w\"\ntls = { cert = \"a\" }\n",
+                &["needs `key`"],
+            ),
+            // second cert without sni
+            (
+                "[[listener]]\nlisten = \"0.0.0.0:80\"\nprotocol = \"http\"\nservice = \"w\"\n[[listener.tls.cert]]\ncert = \"a\"\nkey = \"b\"\n[[listener.tls.cert]]\ncert = \"c\"\nkey = \"d\"\n",
+                &["#2", "needs `sni`"],
+            ),
+            // unknown key in a cert table
+            (
+                "[[listener]]\nlisten = \"0.0.0.0:80\"\nprotocol = \"http\"\nservice = \"w\"\n[[listener.tls.cert]]\ncert = \"a\"\nkey = \"b\"\nbogus = 1\n",
+                &["bogus"],
+            ),
+            // sni route on an http listener, host route on a tls listener, bad sni
+            (
+                "[[listener]]\nlisten = \"0.0.0.0:80\"\nprotocol = \"http\"\nservice = \"w\"\n[[listener.route]]\nsni = \"a.b\"\nservice = \"x\"\n",
+                &["t.toml:6:7:", "only for protocol = \"tls\""],
+            ),
+            (
+                "[[listener]]\nlisten = \"0.0.0.0:443\"\nprotocol = \"tls\"\nservice = \"w\"\n[[listener.route]]\nhost = \"a.b\"\nservice = \"x\"\n",
+                &["route by `sni`"],
+            ),
+            (
+                "[[listener]]\nlisten = \"0.0.0.0:443\"\nprotocol = \"tls\"\nservice = \"w\"\n[[listener.route]]\nsni = \"a b\"\nservice = \"x\"\n",
+                &["t.toml:6:7:"],
+            ),
+        ]);
     }
 
     #[test]
@@ -1013,37 +993,32 @@ send_proxy = "v2"
         assert_eq!(dns.udp_responses, 1);
         assert_eq!(dns.udp_idle_timeout, Duration::from_secs(60));
         // Two udp listeners on one address clash; udp needs a service; tcp keys are refused.
-        let text = err(
-            "[[listener]]\nlisten = \"0.0.0.0:53\"\nprotocol = \"udp\"\nservice = \"a\"\n[[listener]]\nname = \"b\"\nlisten = \"0.0.0.0:53\"\nprotocol = \"udp\"\nservice = \"b\"\n",
-        );
-        assert!(
-            text.contains("t.toml:7:10:") && text.contains("two listeners bind"),
-            "{text}"
-        );
-        let text = err("[[listener]]\nlisten = \"0.0.0.0:53\"\nprotocol = \"udp\"\n");
-        assert!(text.contains("needs `service`"), "{text}");
-        let text = err(
-            "[[listener]]\nlisten = \"0.0.0.0:53\"\nprotocol = \"udp\"\nservice = \"a\"\nmax_connections = 5\n",
-        );
-        assert!(
-            text.contains("t.toml:5:19:") && text.contains("does not apply to protocol = \"udp\""),
-            "{text}"
-        );
-        let text =
-            err("[[listener]]\nlisten = \"0.0.0.0:80\"\nservice = \"a\"\nmax_sessions = 5\n");
-        assert!(text.contains("only for protocol = \"udp\""), "{text}");
-        let text = err(
-            "[[listener]]\nlisten = \"0.0.0.0:53\"\nprotocol = \"udp\"\nservice = \"a\"\nmax_sessions = 0\n",
-        );
-        assert!(
-            text.contains("t.toml:5:16:") && text.contains("1 to 10000000"),
-            "{text}"
-        );
-        let text = err("[service.a]\nudp_idle_timeout = \"0s\"\nudp_responses = -1\n");
-        assert!(
-            text.contains("t.toml:2:20:") && text.contains("t.toml:3:17:"),
-            "{text}"
-        );
+        errors_hold(&[
+            (
+                "[[listener]]\nlisten = \"0.0.0.0:53\"\nprotocol = \"udp\"\nservice = \"a\"\n[[listener]]\nname = \"b\"\nlisten = \"0.0.0.0:53\"\nprotocol = \"udp\"\nservice = \"b\"\n",
+                &["t.toml:7:10:", "two listeners bind"],
+            ),
+            (
+                "[[listener]]\nlisten = \"0.0.0.0:53\"\nprotocol = \"udp\"\n",
+                &["needs `service`"],
+            ),
+            (
+                "[[listener]]\nlisten = \"0.0.0.0:53\"\nprotocol = \"udp\"\nservice = \"a\"\nmax_connections = 5\n",
+                &["t.toml:5:19:", "does not apply to protocol = \"udp\""],
+            ),
+            (
+                "[[listener]]\nlisten = \"0.0.0.0:80\"\nservice = \"a\"\nmax_sessions = 5\n",
+                &["only for protocol = \"udp\""],
+            ),
+            (
+                "[[listener]]\nlisten = \"0.0.0.0:53\"\nprotocol = \"udp\"\nservice = \"a\"\nmax_sessions = 0\n",
+                &["t.toml:5:16:", "1 to 10000000"],
+            ),
+            (
+                "[service.a]\nudp_idle_timeout = \"0s\"\nudp_responses = -1\n",
+                &["t.toml:2:20:", "t.toml:3:17:"],
+            ),
+        ]);
         // Published as JSON, the same.
         let l = json(r#"{"listen": "0.0.0.0:5683", "protocol": "udp", "service": "coap", "max_sessions": 10}"#)
             .unwrap_or_else(|e| panic!("{e}"));

@@ -207,6 +207,21 @@ pub(crate) mod testing {
     pub(crate) fn err(src: &str) -> String {
         parse_etc(src).unwrap_err().to_string()
     }
+
+    /// Validates `src` as `DIR/t.toml` (for files named relative to it), errors rendered.
+    pub(crate) fn parse_in(dir: &Path, src: &str) -> Result<Config, String> {
+        Config::parse(&dir.join("t.toml"), src).map_err(|e| e.to_string())
+    }
+
+    /// Each case's source gives an error whose text holds every one of its needles.
+    pub(crate) fn errors_hold(cases: &[(&str, &[&str])]) {
+        for (src, needles) in cases {
+            let text = err(src);
+            for needle in *needles {
+                assert!(text.contains(needle), "{src:?}: no {needle:?} in {text}");
+            }
+        }
+    }
 }
 
 #[cfg(test)]

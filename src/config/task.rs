@@ -31,6 +31,20 @@ pub struct TaskConfig {
     pub publish: Vec<super::PublishSpec>,
 }
 
+/// A task of service `web` for unit tests (weight 1, nothing published).
+#[cfg(test)]
+impl TaskConfig {
+    pub fn web(id: &str, addr: &str) -> TaskConfig {
+        TaskConfig {
+            service: ServiceName::new("web").unwrap(),
+            addr: addr.parse().unwrap(),
+            id: TaskId::new(id).unwrap(),
+            weight: 1,
+            publish: vec![],
+        }
+    }
+}
+
 /// Validates the `[[task]]` tables. A task without `id` gets one derived from its address
 /// (and, with the etcd backend, from this node's name, since it is registered under its lease).
 pub(super) fn validate(

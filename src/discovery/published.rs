@@ -228,18 +228,9 @@ pub fn published(table: &RoutingTable) -> Vec<Published> {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::discovery::table::Update;
 
     fn table(entries: &[(&str, &str)]) -> RoutingTable {
-        let mut t = RoutingTable::new("/rm");
-        t.apply(Update::Reset {
-            revision: 1,
-            kvs: entries
-                .iter()
-                .map(|(k, v)| (k.as_bytes().to_vec(), v.as_bytes().to_vec()))
-                .collect(),
-        });
-        t
+        RoutingTable::of_entries(1, entries)
     }
 
     fn decisions(t: &RoutingTable) -> Vec<(String, Source, Decision)> {

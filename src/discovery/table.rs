@@ -285,6 +285,22 @@ impl RoutingTable {
     }
 }
 
+/// Test tables: what a full read under `/rm` gives, from `(key, value)` text pairs.
+#[cfg(test)]
+impl RoutingTable {
+    pub fn of_entries(revision: i64, entries: &[(&str, &str)]) -> Self {
+        let mut t = RoutingTable::new("/rm");
+        t.apply(Update::Reset {
+            revision,
+            kvs: entries
+                .iter()
+                .map(|(k, v)| (k.as_bytes().to_vec(), v.as_bytes().to_vec()))
+                .collect(),
+        });
+        t
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;

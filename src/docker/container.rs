@@ -441,25 +441,37 @@ pub(crate) mod tests {
 
     use super::*;
 
-    fn web(name: &str) -> Container {
+    /// A running container labelled for service `web` on `port`, with one network and its IP.
+    pub(crate) fn labelled(id: &str, name: &str, port: &str, network: &str, ip: &str) -> Container {
         Container {
-            id: format!("id-{name}"),
+            id: id.into(),
             name: name.into(),
             labels: [
                 (LABEL_SERVICE.to_string(), "web".to_string()),
-                (LABEL_PORT.to_string(), "8080".to_string()),
+                (LABEL_PORT.to_string(), port.to_string()),
             ]
             .into_iter()
             .collect(),
             running: true,
-            paused: false,
-            health: None,
-            network_mode: "app-net".into(),
-            networks: [("app-net".to_string(), Some("172.20.0.5".parse().unwrap()))]
+            network_mode: network.into(),
+            networks: [(network.to_string(), Some(ip.parse().unwrap()))]
                 .into_iter()
                 .collect(),
-            published: vec![],
+            ..Default::default()
         }
+    }
+
+    fn web(name: &str) -> Container {
+        labelled(&format!("id-{name}"), name, "8080", "app-net", "172.20.0.5")
+    }
+
+    /// Where `c` is registered by a node that advertises 192.0.2.1.
+    fn addr_on_advertising_node(c: &Container) -> std::net::SocketAddr {
+        let sel = Selection {
+            network: None,
+            advertise: Some("192.0.2.1".parse().unwrap()),
+        };
+        task_of(c, &sel).unwrap().task.addr
     }
 
     fn auto() -> Selection {
@@ -604,37 +616,33 @@ pub(crate) mod tests {
             matches!(&err, Skip::NoAddress(m) if m.contains("advertise")),
             "{err}"
         );
-        let sel = Selection {
-            network: None,
-            advertise: Some("192.0.2.1".parse().unwrap()),
-        };
         assert_eq!(
-            task_of(&c, &sel).unwrap().task.addr,
+            addr_on_advertising_node(&c),
             "192.0.2.1:18080".parse().unwrap()
         );
     }
 
+    /// `web("w")` in network mode `mode` (which is also its one network, without an address).
+    fn in_mode(mode: &str) -> Container {
+        let mut c = web("w");
+        c.network_mode = mode.into();
+        c.networks = [(mode.to_string(), None)].into_iter().collect();
+        c
+    }
+
     #[test]
     fn host_network_uses_the_node_address() {
-        let mut c = web("w");
-        c.network_mode = "host".into();
-        c.networks = [("host".to_string(), None)].into_iter().collect();
+        let c = in_mode("host");
         assert!(matches!(task_of(&c, &auto()), Err(Skip::NoAddress(_))));
-        let sel = Selection {
-            network: None,
-            advertise: Some("192.0.2.1".parse().unwrap()),
-        };
         assert_eq!(
-            task_of(&c, &sel).unwrap().task.addr,
+            addr_on_advertising_node(&c),
             "192.0.2.1:8080".parse().unwrap()
         );
     }
 
     #[test]
     fn no_network_no_task() {
-        let mut c = web("w");
-        c.network_mode = "none".into();
-        c.networks = [("none".to_string(), None)].into_iter().collect();
+        let c = in_mode("none");
         assert!(matches!(task_of(&c, &auto()), Err(Skip::NoAddress(_))));
     }
 

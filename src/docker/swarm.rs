@@ -840,13 +840,7 @@ mod tests {
 
     #[test]
     fn union_prefers_container_tasks() {
-        let t = |id: &str, addr: &str| TaskConfig {
-            service: ServiceName::new("web").unwrap(),
-            addr: addr.parse().unwrap(),
-            id: TaskId::new(id).unwrap(),
-            weight: 1,
-            publish: vec![],
-        };
+        let t = TaskConfig::web;
         let u = union(
             &[t("web.1.a", "10.0.0.1:80")],
             &[t("web.1.a", "10.0.1.1:80"), t("web.2.b", "10.0.1.2:80")],

@@ -136,26 +136,12 @@ pub fn merged(config: &Registration, docker: &[TaskConfig]) -> (Registration, Ve
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::config::{NodeName, ServiceName, TaskId};
-    use crate::docker::container::{Health, LABEL_PORT, LABEL_SERVICE};
+    use crate::config::NodeName;
+    use crate::docker::container::tests::labelled;
+    use crate::docker::container::{Health, LABEL_PORT};
 
     fn c(id: &str, name: &str, ip: &str) -> Container {
-        Container {
-            id: id.into(),
-            name: name.into(),
-            labels: [
-                (LABEL_SERVICE.to_string(), "web".to_string()),
-                (LABEL_PORT.to_string(), "80".to_string()),
-            ]
-            .into_iter()
-            .collect(),
-            running: true,
-            network_mode: "n".into(),
-            networks: [("n".to_string(), Some(ip.parse().unwrap()))]
-                .into_iter()
-                .collect(),
-            ..Default::default()
-        }
+        labelled(id, name, "80", "n", ip)
     }
 
     fn ids(t: &Tracker) -> Vec<String> {
@@ -219,13 +205,7 @@ mod tests {
 
     #[test]
     fn merge_keeps_config_tasks_first_and_wins_on_clash() {
-        let task = |id: &str, addr: &str| TaskConfig {
-            service: ServiceName::new("web").unwrap(),
-            addr: addr.parse().unwrap(),
-            id: TaskId::new(id).unwrap(),
-            weight: 1,
-            publish: vec![],
-        };
+        let task = TaskConfig::web;
         let reg = Registration {
             node: NodeName::new("n1").unwrap(),
             record: Default::default(),
