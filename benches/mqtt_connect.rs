@@ -41,6 +41,7 @@
 //!     MQTT_BENCH_THREADS=1,2 MQTT_BENCH_CLIENTS=32 (client threads per proxy thread).
 //!     MQTT_BENCH_STORM=9000 (storm clients; 0: no storm) MQTT_BENCH_STORM_ONLY=1 (skip the
 //!     rate rounds) MQTT_BENCH_AFTER_SECS=30 (how long RSS is watched after a storm).
+//!     MQTT_BENCH_PACE=0 (routemesh's `max_pending_connects`; 0: no pacing, the default).
 //!     A quick check that everything works: MQTT_BENCH_SECS=1
 //!     MQTT_BENCH_ROUNDS=1 MQTT_BENCH_STORM=500
 
@@ -222,6 +223,8 @@ fn start_routemesh_with(
         .iter()
         .map(|b| format!("[[task]]\nservice = \"mqtt\"\naddr = \"{b}\"\n\n"))
         .collect();
+    // `max_pending_connects` (0: none, the default).
+    let pace: u32 = env_or("MQTT_BENCH_PACE", 0);
     let body = format!(
         r#"[[listener]]
 name = "mqtt"
@@ -234,6 +237,7 @@ balance = "maglev"
 hash_key = "mqtt_client_id"
 peek_timeout = "5s"
 connect_timeout = "1s"
+max_pending_connects = {pace}
 
 [service.mqtt.health]
 interval = "1h"

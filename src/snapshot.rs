@@ -51,6 +51,10 @@ pub struct TaskState {
     failures: AtomicU64,
     /// UDP sessions open on this task now (src/proxy/udp/; /routes shows it).
     udp_sessions: AtomicU32,
+    /// Connections opened to this task that it has not answered yet (`max_pending_connects`).
+    unanswered: AtomicU32,
+    /// Woken when one of those is answered (or given up on).
+    answered: tokio::sync::Notify,
     /// Why the last check or connect failed (shown by /routes and the status page). Swapped,
     /// not locked: readers never wait on the data path's writes.
     last_error: ArcSwapOption<String>,
@@ -63,6 +67,18 @@ pub struct InFlight(Arc<TaskState>);
 impl Drop for InFlight {
     fn drop(&mut self) {
         self.0.in_flight.fetch_sub(1, Ordering::Relaxed);
+    }
+}
+
+/// One connection to a task still waiting for the task's first answer; frees its place in
+/// the task's `max_pending_connects` when dropped.
+#[derive(Debug)]
+pub struct Unanswered(Arc<TaskState>);
+
+impl Drop for Unanswered {
+    fn drop(&mut self) {
+        self.0.unanswered.fetch_sub(1, Ordering::AcqRel);
+        self.0.answered.notify_one();
     }
 }
 
@@ -91,6 +107,39 @@ impl TaskState {
         self.in_flight.fetch_add(1, Ordering::Relaxed);
         self.attempts.fetch_add(1, Ordering::Relaxed);
         InFlight(self.clone())
+    }
+
+    /// A place among the at most `limit` connections to this task that await its first
+    /// answer, waiting for one to free up for at most `wait` (then the place is taken
+    /// anyway: pacing is a courtesy to the task, never a reason to fail a client).
+    pub async fn unanswered_place(self: &Arc<Self>, limit: u32, wait: Duration) -> Unanswered {
+        let deadline = tokio::time::Instant::now() + wait;
+        loop {
+            let freed = self.answered.notified();
+            tokio::pin!(freed);
+            freed.as_mut().enable();
+            let now = self.unanswered.load(Ordering::Acquire);
+            if now < limit
+                && self
+                    .unanswered
+                    .compare_exchange(now, now + 1, Ordering::AcqRel, Ordering::Acquire)
+                    .is_ok()
+            {
+                return Unanswered(self.clone());
+            }
+            if now < limit {
+                continue; // another connection took it between the load and the exchange
+            }
+            if tokio::time::timeout_at(deadline, freed).await.is_err() {
+                self.unanswered.fetch_add(1, Ordering::AcqRel);
+                return Unanswered(self.clone());
+            }
+        }
+    }
+
+    /// Connections to this task waiting for its first answer now.
+    pub fn unanswered(&self) -> u32 {
+        self.unanswered.load(Ordering::Relaxed)
     }
 
     /// Counts a UDP session on this task (and in flight) until the guard drops.

@@ -25,6 +25,7 @@ pub struct RawService {
     pub udp_idle_timeout: Option<S<String>>,
     pub udp_responses: Option<S<i64>>,
     pub half_close_timeout: Option<S<String>>,
+    pub max_pending_connects: Option<S<i64>>,
     pub health: Option<S<RawHealth>>,
 }
 
@@ -149,6 +150,10 @@ pub struct ServiceSettings {
     /// are closed (HAProxy's `timeout client-fin` / `server-fin`). Read by `proxy::tcp`.
     #[serde(with = "humantime_serde_compat")]
     pub half_close_timeout: Duration,
+    /// MQTT client-id routing: at most this many connections per task (on this node) whose
+    /// CONNECT the task has not answered yet; more wait for a place (0 = no limit). Keeps a
+    /// broker's accept queue from overflowing in a reconnect storm. Read by `proxy::tcp`.
+    pub max_pending_connects: u32,
     pub health: HealthSettings,
     /// Whether `[service.NAME.health]` is written: services reached only through udp
     /// listeners are actively checked only then (no default TCP probe for them).
@@ -170,6 +175,7 @@ impl Default for ServiceSettings {
             udp_idle_timeout: Duration::from_secs(60),
             udp_responses: 0,
             half_close_timeout: Duration::from_secs(60),
+            max_pending_connects: 0,
             health: HealthSettings::default(),
             health_configured: false,
         }
@@ -279,6 +285,13 @@ fn settings(issues: &mut Issues, s: &RawService) -> ServiceSettings {
             def.half_close_timeout,
             "service.half_close_timeout",
         ),
+        max_pending_connects: int_in(
+            issues,
+            &s.max_pending_connects,
+            0,
+            0..=1_000_000,
+            "service.max_pending_connects",
+        ) as u32,
         health: health_settings(issues, s.health.as_ref()),
         health_configured: s.health.is_some(),
     };
@@ -288,6 +301,14 @@ fn settings(issues: &mut Issues, s: &RawService) -> ServiceSettings {
         issues.at(
             span(v),
             "`service.hash_key` only applies to balance = \"maglev\": set the balance or remove the key",
+        );
+    }
+    if let Some(v) = &s.max_pending_connects
+        && settings.hash_key != HashKey::MqttClientId
+    {
+        issues.at(
+            span(v),
+            "`service.max_pending_connects` only applies to hash_key = \"mqtt_client_id\" (the CONNECT a broker answers): set the hash key or remove the key",
         );
     }
     settings
@@ -408,5 +429,36 @@ fn health_settings(issues: &mut Issues, raw: Option<&S<RawHealth>>) -> HealthSet
             1..=100,
             "health.healthy_threshold",
         ) as u32,
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use crate::config::testing::{errors_hold, parse};
+    use crate::config::{ServiceName, ServiceSettings};
+
+    #[test]
+    fn max_pending_connects_paces_mqtt_client_id_services_only() {
+        let c = parse(
+            "[service.mqtt]\nbalance = \"maglev\"\nhash_key = \"mqtt_client_id\"\nmax_pending_connects = 64\n",
+        )
+        .unwrap();
+        let mqtt = c.service_settings(&ServiceName::new("mqtt").unwrap());
+        assert_eq!(mqtt.max_pending_connects, 64);
+        assert_eq!(
+            ServiceSettings::default().max_pending_connects,
+            0,
+            "no limit"
+        );
+        errors_hold(&[
+            (
+                "[service.web]\nmax_pending_connects = 8\n",
+                &["t.toml:2:24:", "hash_key = \"mqtt_client_id\""],
+            ),
+            (
+                "[service.mqtt]\nbalance = \"maglev\"\nhash_key = \"mqtt_client_id\"\nmax_pending_connects = -1\n",
+                &["t.toml:4:24:", "max_pending_connects"],
+            ),
+        ]);
     }
 }

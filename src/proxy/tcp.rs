@@ -32,7 +32,7 @@ use super::splice;
 use super::upstream::{self, ConnectError};
 use super::{ListenerCtx, OpenConnection};
 use crate::balance::{ip_hash, key_hash};
-use crate::config::{Balance, HashKey};
+use crate::config::{Balance, HashKey, ServiceName};
 use crate::metrics::Metrics;
 use crate::protocol::mqtt::{self, Parse};
 use crate::ratelimit::LogLimiter;
@@ -74,7 +74,12 @@ pub async fn handle(ctx: Arc<ListenerCtx>, client: TcpStream, peer: SocketAddr) 
             };
             // Boxed: the connect's state lives only while connecting, not in every
             // connection's future for its whole life.
-            let connecting = Box::pin(upstream::connect(&svc, &ctx.metrics, hash));
+            let connecting = Box::pin(upstream::connect(
+                &svc,
+                &ctx.metrics,
+                hash,
+                pace(&svc, &first),
+            ));
             connecting.await
         }
         None => {
@@ -87,7 +92,7 @@ pub async fn handle(ctx: Arc<ListenerCtx>, client: TcpStream, peer: SocketAddr) 
             })
         }
     };
-    let up = match up {
+    let mut up = match up {
         Ok(up) => up,
         Err(e) => {
             if let Some(suppressed) = NO_TASK_LOG.allow() {
@@ -120,6 +125,13 @@ pub async fn handle(ctx: Arc<ListenerCtx>, client: TcpStream, peer: SocketAddr) 
         rx.inc_by(first.len() as u64);
     }
     drop(first); // the CONNECT's bytes are gone: keep no buffer while the connection idles
+    if let Some(place) = up.unanswered.take() {
+        // Paced (`max_pending_connects`): the place frees up when the broker answers the
+        // CONNECT (or closes), or after connect_timeout, whichever comes first.
+        let wait = answer_wait(&ctx, &name);
+        let _ = tokio::time::timeout(wait, up.stream.readable()).await;
+        drop(place);
+    }
     let hc = HalfClose {
         timeout: half_close_timeout,
         metrics: &ctx.metrics,
@@ -127,6 +139,26 @@ pub async fn handle(ctx: Arc<ListenerCtx>, client: TcpStream, peer: SocketAddr) 
         service: name.as_str(),
     };
     splice_streams(&client, &up.stream, &rx, &tx, &hc).await;
+}
+
+/// Pacing of the connect for a connection routed by its MQTT CONNECT (`first`), when the
+/// service sets `max_pending_connects`: a place waits at most `peek_timeout`.
+fn pace(svc: &Service, first: &[u8]) -> Option<upstream::Pace> {
+    let limit = svc.settings.max_pending_connects;
+    (limit > 0 && !first.is_empty()).then_some(upstream::Pace {
+        limit,
+        wait: svc.settings.peek_timeout,
+    })
+}
+
+/// How long a paced connection keeps its place waiting for the task's first answer: the
+/// service's `connect_timeout` (read again from the snapshot, so that no connection carries
+/// it for its whole life).
+fn answer_wait(ctx: &ListenerCtx, name: &ServiceName) -> Duration {
+    ctx.snapshot
+        .load()
+        .service(name)
+        .map_or(Duration::from_secs(1), |s| s.settings.connect_timeout)
 }
 
 /// The key hash this connection is routed by (`None`: the service does not hash). For

@@ -5,6 +5,7 @@
 
 use std::io;
 use std::sync::Arc;
+use std::time::Duration;
 
 use tokio::net::TcpStream;
 
@@ -12,7 +13,7 @@ use crate::util::net::dial;
 
 use crate::metrics::Metrics;
 use crate::ratelimit::LogLimiter;
-use crate::snapshot::{InFlight, Service, Task};
+use crate::snapshot::{InFlight, Service, Task, Unanswered};
 use crate::util::clock::now_ms;
 
 /// Why no upstream connection could be made.
@@ -36,6 +37,17 @@ pub struct Upstream {
     pub in_flight: InFlight,
     /// Attempts it took (1 = first try).
     pub attempts: usize,
+    /// Its place among the task's connections awaiting a first answer (`pace` given to
+    /// [`connect`]); the caller drops it once the task answered.
+    pub unanswered: Option<Unanswered>,
+}
+
+/// Pacing for [`connect`]: at most `limit` connections per task awaiting its first answer,
+/// waiting at most `wait` for a place.
+#[derive(Debug, Clone, Copy)]
+pub struct Pace {
+    pub limit: u32,
+    pub wait: Duration,
 }
 
 static CONNECT_FAILED_LOG: LogLimiter = LogLimiter::new(1000);
@@ -349,9 +361,14 @@ pub async fn connect(
     svc: &Service,
     metrics: &Metrics,
     hash: Option<u64>,
+    pace: Option<Pace>,
 ) -> Result<Upstream, ConnectError> {
     let mut attempts = Attempts::new(svc, metrics, hash);
     while let Some((task, in_flight)) = attempts.pick() {
+        let unanswered = match pace {
+            Some(p) => Some(task.state.unanswered_place(p.limit, p.wait).await),
+            None => None,
+        };
         match dial(task.addr, svc.settings.connect_timeout).await {
             Ok(stream) => {
                 attempts.connected(&task);
@@ -360,10 +377,11 @@ pub async fn connect(
                     task,
                     in_flight,
                     attempts: attempts.count(),
+                    unanswered,
                 });
             }
             Err(e) => {
-                drop(in_flight);
+                drop((in_flight, unanswered));
                 attempts.connect_failed(&task, e);
             }
         }

@@ -530,3 +530,83 @@ fn a_dead_broker_fails_over_identically_on_every_node() {
         },
     );
 }
+
+/// `max_pending_connects`: a broker that is slow to accept never finds more than that many
+/// connections from the proxy waiting for its CONNACK (its accept queue cannot overflow in
+/// a storm), and every client still gets its CONNACK.
+#[test]
+fn paced_connects_never_queue_more_than_max_pending_connects_at_a_broker() {
+    use std::net::TcpListener;
+    use std::sync::mpsc;
+
+    const CLIENTS: usize = 12;
+    const LIMIT: usize = 3;
+    let broker = TcpListener::bind("127.0.0.1:0").unwrap();
+    let broker_addr = broker.local_addr().unwrap();
+    broker.set_nonblocking(true).unwrap();
+    let (batches_tx, batches) = mpsc::channel::<usize>();
+    // The broker: every 200 ms it takes all the connections queued at it, reads each CONNECT
+    // and answers CONNACK; it keeps them open until the test ends.
+    let broker_thread = std::thread::spawn(move || {
+        let mut held = Vec::new();
+        let until = Instant::now() + Duration::from_secs(30);
+        while held.len() < CLIENTS && Instant::now() < until {
+            std::thread::sleep(Duration::from_millis(200));
+            let mut batch = Vec::new();
+            while let Ok((s, _)) = broker.accept() {
+                batch.push(s);
+            }
+            if batch.is_empty() {
+                continue;
+            }
+            batches_tx.send(batch.len()).unwrap();
+            for mut s in batch {
+                s.set_nonblocking(false).unwrap();
+                s.set_read_timeout(Some(IO_TIMEOUT)).unwrap();
+                let mut head = [0u8; 2];
+                s.read_exact(&mut head).unwrap();
+                let mut rest = vec![0u8; head[1] as usize];
+                s.read_exact(&mut rest).unwrap();
+                s.write_all(&CONNACK_ACCEPTED).unwrap();
+                held.push(s);
+            }
+        }
+        held.len()
+    });
+    let listen = free_addr();
+    let _d = mqtt_config(Config::static_tasks().node("n1"), listen, 65536)
+        .set("service.mqtt.max_pending_connects", LIMIT as i64)
+        .set("service.mqtt.peek_timeout", "20s")
+        .set("service.mqtt.connect_timeout", "20s")
+        .task(Task::new("mqtt", broker_addr).id("slow-broker"))
+        .start();
+    let clients: Vec<_> = (0..CLIENTS)
+        .map(|i| {
+            std::thread::spawn(move || {
+                let mut s = dial(listen);
+                s.set_read_timeout(Some(Duration::from_secs(20))).unwrap();
+                s.write_all(&connect_packet(format!("paced-{i}").as_bytes()))
+                    .unwrap();
+                let mut ack = [0u8; 4];
+                s.read_exact(&mut ack)
+                    .unwrap_or_else(|e| panic!("CONNACK for paced-{i}: {e}"));
+                assert_eq!(ack, CONNACK_ACCEPTED, "paced-{i}");
+                s
+            })
+        })
+        .collect();
+    let connected: Vec<TcpStream> = clients.into_iter().map(|c| c.join().unwrap()).collect();
+    assert_eq!(connected.len(), CLIENTS);
+    assert_eq!(
+        broker_thread.join().unwrap(),
+        CLIENTS,
+        "the broker saw every client"
+    );
+    let seen: Vec<usize> = batches.try_iter().collect();
+    assert_eq!(seen.iter().sum::<usize>(), CLIENTS, "{seen:?}");
+    assert!(
+        seen.iter().all(|&n| n <= LIMIT),
+        "at most {LIMIT} connections queued at the broker at once: {seen:?}"
+    );
+    assert!(seen.len() >= CLIENTS / LIMIT, "{seen:?}");
+}
