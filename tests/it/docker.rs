@@ -538,12 +538,7 @@ fn a_container_publishes_its_own_port() {
         .get(&format!("{}/nodes/{}/alive", lab.prefix, lab.name))
         .unwrap();
     let alive: Value = serde_json::from_str(&alive).unwrap();
-    let mine = alive["listeners"]
-        .as_array()
-        .unwrap()
-        .iter()
-        .find(|l| l["name"] == name.as_str())
-        .unwrap_or_else(|| panic!("{alive}"));
+    let mine = crate::support::daemon::listener_named(&alive, &name);
     assert_eq!(mine["state"], "bound");
     assert_eq!(mine["source"], "tasks");
     docker(&["stop", &c]);

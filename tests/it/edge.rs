@@ -390,12 +390,7 @@ fn fd_exhaustion_backs_off_without_spinning_and_recovers() {
     let pid = d.pid();
     // Room for a few connections only (each costs two descriptors).
     let limit = open_fds(pid) + 6;
-    let out = Command::new("prlimit")
-        .arg(format!("--pid={pid}"))
-        .arg(format!("--nofile={limit}:{limit}"))
-        .output()
-        .expect("prlimit (util-linux)");
-    assert!(out.status.success(), "{out:?}");
+    crate::support::process::limit_nofile(pid, &format!("{limit}:{limit}"));
 
     let mut held = Vec::new();
     for _ in 0..12 {

@@ -7,7 +7,6 @@
 use std::io::{Read, Write};
 use std::net::{SocketAddr, TcpListener, TcpStream};
 use std::path::Path;
-use std::process::Command;
 use std::sync::{Arc, Mutex};
 use std::thread;
 use std::time::{Duration, Instant};
@@ -19,7 +18,7 @@ use crate::support::backend::raw_backend;
 use crate::support::http::read_request;
 use crate::support::nginx::Nginx;
 use crate::support::pki::Pki;
-use crate::support::process::run_bounded;
+use crate::support::tls::TlsConn;
 use crate::support::{Daemon, eventually, free_addr};
 
 const IO_TIMEOUT: Duration = Duration::from_secs(10);
@@ -123,19 +122,10 @@ fn client_config(ca: &Path, alpn: &[&[u8]]) -> Arc<rustls::ClientConfig> {
     Arc::new(crate::support::tls::client_config(ca, alpn))
 }
 
-type TlsConn = rustls::StreamOwned<rustls::ClientConnection, TcpStream>;
-
 /// A TLS connection to `addr` (handshake done) and the protocol ALPN selected.
 fn tls_connect(addr: SocketAddr, cfg: &Arc<rustls::ClientConfig>) -> (TlsConn, Option<Vec<u8>>) {
-    let tcp = TcpStream::connect(addr).unwrap();
-    tcp.set_read_timeout(Some(IO_TIMEOUT)).unwrap();
-    let conn =
-        rustls::ClientConnection::new(cfg.clone(), ServerName::try_from(NAME.to_string()).unwrap())
-            .unwrap();
-    let mut s = rustls::StreamOwned::new(conn, tcp);
-    while s.conn.is_handshaking() {
-        s.conn.complete_io(&mut s.sock).unwrap();
-    }
+    let s = crate::support::tls::tls_connect(addr, NAME, cfg);
+    s.sock.set_read_timeout(Some(IO_TIMEOUT)).unwrap();
     let alpn = s.conn.alpn_protocol().map(<[u8]>::to_vec);
     (s, alpn)
 }
@@ -290,13 +280,8 @@ fn lowest_free_fd(pid: u32) -> usize {
 }
 
 fn prlimit_nofile(pid: u32, limit: usize) {
-    let out = Command::new("prlimit")
-        .arg(format!("--pid={pid}"))
-        // The soft limit only: raising a hard limit back needs CAP_SYS_RESOURCE.
-        .arg(format!("--nofile={limit}:"))
-        .output()
-        .expect("prlimit (util-linux; bash .ci/install-deps)");
-    assert!(out.status.success(), "{out:?}");
+    // The soft limit only: raising a hard limit back needs CAP_SYS_RESOURCE.
+    crate::support::process::limit_nofile(pid, &format!("{limit}:"));
 }
 
 /// Out of descriptors, a connect to a task fails with EMFILE: the request gets a 502 and
@@ -694,19 +679,7 @@ fn body_over_the_limit_is_413_and_the_connection_closes_at_once() {
 // ALPN
 
 fn curl_tls(addr: SocketAddr, ca: &Path, args: &[&str]) -> Result<String, String> {
-    let mut cmd = Command::new("curl");
-    cmd.args(["-sS", "--max-time", "5", "--cacert"])
-        .arg(ca)
-        .args(args)
-        .arg("--resolve")
-        .arg(format!("{NAME}:{}:127.0.0.1", addr.port()))
-        .arg(format!("https://{NAME}:{}/alpn", addr.port()));
-    let out = run_bounded(&mut cmd, None, Duration::from_secs(10)).map_err(|e| e.to_string())?;
-    if out.status.success() {
-        Ok(String::from_utf8_lossy(&out.stdout).into_owned())
-    } else {
-        Err(String::from_utf8_lossy(&out.stderr).into_owned())
-    }
+    crate::support::tls::curl_https(addr, NAME, "/alpn", ca, args)
 }
 
 /// Old HTTP/1.0 clients offer ALPN `http/1.0`, others a protocol nobody here speaks: the

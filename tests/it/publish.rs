@@ -351,12 +351,7 @@ fn a_published_port_is_bound_live_changed_in_place_and_removed() {
         [("n1".to_string(), "bound".to_string())]
     );
     let routes = d.routes();
-    let mine = routes["listeners"]
-        .as_array()
-        .unwrap()
-        .iter()
-        .find(|l| l["name"] == name.as_str())
-        .unwrap_or_else(|| panic!("{routes}"));
+    let mine = crate::support::daemon::listener_named(&routes, &name);
     assert_eq!(mine["state"], "bound");
     assert_eq!(mine["source"], "etcd");
 

@@ -9,15 +9,15 @@ use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use tokio_rustls::rustls;
+use tokio_rustls::rustls::pki_types::CertificateDer;
 use tokio_rustls::rustls::pki_types::pem::PemObject;
-use tokio_rustls::rustls::pki_types::{CertificateDer, ServerName};
 
 use crate::support::http::{parse_response, read_ok};
 use crate::support::net::{closed_within, time_to_close};
 use crate::support::nginx::Nginx;
 use crate::support::pki::Pki;
 use crate::support::process::run_bounded;
-use crate::support::tls::{TlsServer, curl_https as curl};
+use crate::support::tls::{TlsConn, TlsServer, curl_https as curl, tls_connect};
 use crate::support::{Config, Listener, Task, cli, eventually, free_addr, output_text, tempdir};
 
 // ---------------------------------------------------------------------------------------------
@@ -297,22 +297,6 @@ fn client_config(ca: &Path) -> Arc<rustls::ClientConfig> {
     // handshake, so each connection shows what the daemon serves now.
     cfg.resumption = rustls::client::Resumption::disabled();
     Arc::new(cfg)
-}
-
-type TlsConn = rustls::StreamOwned<rustls::ClientConnection, TcpStream>;
-
-/// A TLS connection to `addr` for `name`, handshake done.
-fn tls_connect(addr: SocketAddr, name: &str, cfg: &Arc<rustls::ClientConfig>) -> TlsConn {
-    let tcp = TcpStream::connect(addr).unwrap();
-    tcp.set_read_timeout(Some(Duration::from_secs(5))).unwrap();
-    let conn =
-        rustls::ClientConnection::new(cfg.clone(), ServerName::try_from(name.to_string()).unwrap())
-            .unwrap();
-    let mut s = rustls::StreamOwned::new(conn, tcp);
-    while s.conn.is_handshaking() {
-        s.conn.complete_io(&mut s.sock).unwrap();
-    }
-    s
 }
 
 /// The leaf certificate the server sent.

@@ -432,3 +432,14 @@ pub fn service_tasks(routes: &serde_json::Value, service: &str) -> Vec<serde_jso
         .flat_map(|s| s["tasks"].as_array().cloned().unwrap_or_default())
         .collect()
 }
+
+/// The listener named `name` in a `/routes` document or a node's alive record (its
+/// `listeners` list); panics with the document when it is not there.
+pub fn listener_named<'a>(doc: &'a serde_json::Value, name: &str) -> &'a serde_json::Value {
+    doc["listeners"]
+        .as_array()
+        .into_iter()
+        .flatten()
+        .find(|l| l["name"] == name)
+        .unwrap_or_else(|| panic!("no listener {name:?} in {doc}"))
+}

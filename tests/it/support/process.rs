@@ -221,3 +221,13 @@ pub fn tempdir(prefix: &str) -> tempfile::TempDir {
     }
     dir
 }
+
+/// Sets process `pid`'s descriptor limit (`prlimit --nofile=SOFT:HARD`, either may be empty).
+pub fn limit_nofile(pid: u32, soft_hard: &str) {
+    let out = std::process::Command::new("prlimit")
+        .arg(format!("--pid={pid}"))
+        .arg(format!("--nofile={soft_hard}"))
+        .output()
+        .expect("prlimit (util-linux; bash .ci/install-deps)");
+    assert!(out.status.success(), "{out:?}");
+}

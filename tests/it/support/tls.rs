@@ -75,6 +75,22 @@ pub fn curl_https(
     }
 }
 
+/// A blocking TLS client connection.
+pub type TlsConn = rustls::StreamOwned<rustls::ClientConnection, TcpStream>;
+
+/// A TLS connection to `addr` for `name` with `cfg`, handshake done (reads time out after 5 s).
+pub fn tls_connect(addr: SocketAddr, name: &str, cfg: &Arc<rustls::ClientConfig>) -> TlsConn {
+    let tcp = TcpStream::connect(addr).unwrap();
+    tcp.set_read_timeout(Some(Duration::from_secs(5))).unwrap();
+    let server_name = rustls::pki_types::ServerName::try_from(name.to_string()).unwrap();
+    let conn = rustls::ClientConnection::new(cfg.clone(), server_name).unwrap();
+    let mut s = rustls::StreamOwned::new(conn, tcp);
+    while s.conn.is_handshaking() {
+        s.conn.complete_io(&mut s.sock).unwrap();
+    }
+    s
+}
+
 /// A blocking-client rustls config trusting the PEM roots in `ca`, offering `alpn`.
 pub fn client_config(ca: &Path, alpn: &[&[u8]]) -> rustls::ClientConfig {
     let mut roots = rustls::RootCertStore::empty();
