@@ -12,7 +12,8 @@ use crate::snapshot::{Service, Snapshot, Task, TaskStatus};
 use crate::util::clock::now_ms;
 
 /// One task: `id`, `addr`, `node`, `weight`, `state`, `routable`, `in_flight`,
-/// `udp_sessions` (open UDP sessions on it), `last_error`.
+/// `udp_sessions` (open UDP sessions on it), `unanswered` (connections awaiting its first
+/// answer, paced by `max_pending_connects`), `last_error`.
 /// `now` is [`now_ms`] (ejections are deadlines on that clock).
 pub fn task_json(t: &Task, now: u64) -> Value {
     let status = t.status(now);
@@ -25,6 +26,7 @@ pub fn task_json(t: &Task, now: u64) -> Value {
         "routable": status == TaskStatus::Healthy,
         "in_flight": t.state.in_flight(),
         "udp_sessions": t.state.udp_sessions(),
+        "unanswered": t.state.unanswered(),
         "last_error": t.state.last_error(),
     })
 }

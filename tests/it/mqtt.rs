@@ -574,7 +574,7 @@ fn paced_connects_never_queue_more_than_max_pending_connects_at_a_broker() {
         held.len()
     });
     let listen = free_addr();
-    let _d = mqtt_config(Config::static_tasks().node("n1"), listen, 65536)
+    let d = mqtt_config(Config::static_tasks().node("n1"), listen, 65536)
         .set("service.mqtt.max_pending_connects", LIMIT as i64)
         .set("service.mqtt.peek_timeout", "20s")
         .set("service.mqtt.connect_timeout", "20s")
@@ -595,6 +595,21 @@ fn paced_connects_never_queue_more_than_max_pending_connects_at_a_broker() {
             })
         })
         .collect();
+    // /routes shows the paced connections as the task's `unanswered`: never above the limit.
+    let unanswered = || -> u64 {
+        service_tasks(&d.routes(), "mqtt")[0]["unanswered"]
+            .as_u64()
+            .unwrap_or(u64::MAX)
+    };
+    let mut most = 0;
+    while !clients.iter().all(|c| c.is_finished()) {
+        most = most.max(unanswered());
+        std::thread::sleep(Duration::from_millis(20));
+    }
+    assert!(most <= LIMIT as u64, "{most} unanswered at once");
+    eventually(WAIT, "every CONNACK answered in /routes", || {
+        unanswered() == 0
+    });
     let connected: Vec<TcpStream> = clients.into_iter().map(|c| c.join().unwrap()).collect();
     assert_eq!(connected.len(), CLIENTS);
     assert_eq!(
