@@ -63,42 +63,46 @@ pub async fn handle(ctx: Arc<ListenerCtx>, client: TcpStream, peer: SocketAddr) 
         .as_ref()
         .map_or(Duration::from_secs(60), |s| s.settings.half_close_timeout);
     let mut first = Vec::new();
-    let up = match service {
-        Some(svc) => {
-            // Boxed in a statement of its own (a temporary lives to the end of its
-            // statement, across the await, in the connection's future).
-            let routing = Box::pin(route_hash(&ctx, &svc, &client, peer, &mut first));
-            let routed = routing.await;
-            let Some(hash) = routed else {
-                return; // bad or missing first packet: counted; no upstream was opened
-            };
-            // Boxed: the connect's state lives only while connecting, not in every
-            // connection's future for its whole life.
-            let connecting = Box::pin(upstream::connect(
-                &svc,
-                &ctx.metrics,
-                hash,
-                pace(&svc, &first),
-            ));
-            connecting.await
-        }
-        None => {
-            ctx.metrics
-                .no_live_task_total
-                .with_label_values(&[name.as_str()])
-                .inc();
-            Err(ConnectError::NoLiveTask {
-                service: name.to_string(),
-            })
-        }
-    };
-    let mut up = match up {
-        Ok(up) => up,
-        Err(e) => {
-            if let Some(suppressed) = NO_TASK_LOG.allow() {
-                tracing::warn!(listener = %ctx.name, client = %peer, error = %e, suppressed, "closing client: no live task");
+    // In a block of its own, so that the connect's result does not keep a second slot in the
+    // connection's future beside the upstream taken out of it.
+    let mut up = {
+        let connected = match service {
+            Some(svc) => {
+                // Boxed in a statement of its own (a temporary lives to the end of its
+                // statement, across the await, in the connection's future).
+                let routing = Box::pin(route_hash(&ctx, &svc, &client, peer, &mut first));
+                let routed = routing.await;
+                let Some(hash) = routed else {
+                    return; // bad or missing first packet: counted; no upstream was opened
+                };
+                // Boxed: the connect's state lives only while connecting, not in every
+                // connection's future for its whole life.
+                let connecting = Box::pin(upstream::connect(
+                    &svc,
+                    &ctx.metrics,
+                    hash,
+                    paced(&svc, &first),
+                ));
+                connecting.await
             }
-            return; // dropping the client closes it at once
+            None => {
+                ctx.metrics
+                    .no_live_task_total
+                    .with_label_values(&[name.as_str()])
+                    .inc();
+                Err(ConnectError::NoLiveTask {
+                    service: name.to_string(),
+                })
+            }
+        };
+        match connected {
+            Ok(up) => up,
+            Err(e) => {
+                if let Some(suppressed) = NO_TASK_LOG.allow() {
+                    tracing::warn!(listener = %ctx.name, client = %peer, error = %e, suppressed, "closing client: no live task");
+                }
+                return; // dropping the client closes it at once
+            }
         }
     };
     tracing::debug!(listener = %ctx.name, client = %peer, task = %up.task.id, "connected");
@@ -128,8 +132,13 @@ pub async fn handle(ctx: Arc<ListenerCtx>, client: TcpStream, peer: SocketAddr) 
     if let Some(place) = up.unanswered.take() {
         // Paced (`max_pending_connects`): the place frees up when the broker answers the
         // CONNECT (or closes), or after connect_timeout, whichever comes first.
-        let wait = answer_wait(&ctx, &name);
-        let _ = tokio::time::timeout(wait, up.stream.readable()).await;
+        // Boxed in a statement of its own: the timer lives only while paced, not in every
+        // connection's future.
+        let answered = Box::pin(tokio::time::timeout(
+            answer_wait(&ctx, &name),
+            up.stream.readable(),
+        ));
+        let _ = answered.await;
         drop(place);
     }
     let hc = HalfClose {
@@ -141,14 +150,10 @@ pub async fn handle(ctx: Arc<ListenerCtx>, client: TcpStream, peer: SocketAddr) 
     splice_streams(&client, &up.stream, &rx, &tx, &hc).await;
 }
 
-/// Pacing of the connect for a connection routed by its MQTT CONNECT (`first`), when the
-/// service sets `max_pending_connects`: a place waits at most `peek_timeout`.
-fn pace(svc: &Service, first: &[u8]) -> Option<upstream::Pace> {
-    let limit = svc.settings.max_pending_connects;
-    (limit > 0 && !first.is_empty()).then_some(upstream::Pace {
-        limit,
-        wait: svc.settings.peek_timeout,
-    })
+/// Whether the connect for a connection routed by its MQTT CONNECT (`first`) is paced: the
+/// service sets `max_pending_connects`.
+fn paced(svc: &Service, first: &[u8]) -> bool {
+    svc.settings.max_pending_connects > 0 && !first.is_empty()
 }
 
 /// How long a paced connection keeps its place waiting for the task's first answer: the

@@ -5,7 +5,6 @@
 
 use std::io;
 use std::sync::Arc;
-use std::time::Duration;
 
 use tokio::net::TcpStream;
 
@@ -37,17 +36,9 @@ pub struct Upstream {
     pub in_flight: InFlight,
     /// Attempts it took (1 = first try).
     pub attempts: usize,
-    /// Its place among the task's connections awaiting a first answer (`pace` given to
-    /// [`connect`]); the caller drops it once the task answered.
+    /// Its place among the task's connections awaiting a first answer (a `paced` [`connect`]);
+    /// the caller drops it once the task answered.
     pub unanswered: Option<Unanswered>,
-}
-
-/// Pacing for [`connect`]: at most `limit` connections per task awaiting its first answer,
-/// waiting at most `wait` for a place.
-#[derive(Debug, Clone, Copy)]
-pub struct Pace {
-    pub limit: u32,
-    pub wait: Duration,
 }
 
 static CONNECT_FAILED_LOG: LogLimiter = LogLimiter::new(1000);
@@ -361,13 +352,20 @@ pub async fn connect(
     svc: &Service,
     metrics: &Metrics,
     hash: Option<u64>,
-    pace: Option<Pace>,
+    paced: bool,
 ) -> Result<Upstream, ConnectError> {
     let mut attempts = Attempts::new(svc, metrics, hash);
     while let Some((task, in_flight)) = attempts.pick() {
-        let unanswered = match pace {
-            Some(p) => Some(task.state.unanswered_place(p.limit, p.wait).await),
-            None => None,
+        let unanswered = if paced {
+            // At most `max_pending_connects` per task; a place is waited for at most
+            // `peek_timeout`. Boxed: only paced connects carry the wait's state.
+            let s = &svc.settings;
+            let place = task
+                .state
+                .unanswered_place(s.max_pending_connects, s.peek_timeout);
+            Some(Box::pin(place).await)
+        } else {
+            None
         };
         match dial(task.addr, svc.settings.connect_timeout).await {
             Ok(stream) => {
