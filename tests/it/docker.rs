@@ -13,7 +13,7 @@
 //! `docker info` fails they fail with that message, never skip.
 
 use std::collections::BTreeMap;
-use std::io::{self, Read, Write};
+use std::io;
 use std::net::SocketAddr;
 use std::os::unix::net::{UnixListener, UnixStream};
 use std::path::{Path, PathBuf};
@@ -197,6 +197,14 @@ impl Lab {
             try_get(addr, "/").is_ok_and(|(s, _)| s == 200)
         });
         cname
+    }
+
+    /// Two replicas, `a` and `b`, both routable.
+    fn two_routable_replicas(&self) -> (String, String) {
+        let a = self.web("a", &[]);
+        let b = self.web("b", &[]);
+        self.wait_routable(&[&a, &b], Duration::from_secs(10), "both replicas routable");
+        (a, b)
     }
 
     /// The IP address of `container` on the lab network.
@@ -465,9 +473,7 @@ fn containerized_routemesh_routes_to_labelled_containers() {
 #[test]
 fn docker_stop_leaves_rotation_before_the_process_exits() {
     let lab = Lab::new(true);
-    let a = lab.web("a", &[]);
-    let b = lab.web("b", &[]);
-    lab.wait_routable(&[&a, &b], Duration::from_secs(10), "both replicas routable");
+    let (a, b) = lab.two_routable_replicas();
     let load = load(lab.proxy);
     eventually(Duration::from_secs(5), "load running", || {
         answered(&load.samples()) > 20
@@ -557,9 +563,7 @@ fn a_container_publishes_its_own_port() {
 #[test]
 fn docker_kill_takes_the_task_out_at_once() {
     let lab = Lab::new(true);
-    let a = lab.web("a", &[]);
-    let b = lab.web("b", &[]);
-    lab.wait_routable(&[&a, &b], Duration::from_secs(10), "both replicas routable");
+    let (a, b) = lab.two_routable_replicas();
     let t0 = Instant::now();
     docker(&["kill", &a]);
     eventually(
@@ -715,17 +719,7 @@ impl EngineRelay {
                     (engine, client),
                 ] {
                     thread::spawn(move || {
-                        let mut buf = [0u8; 16384];
-                        loop {
-                            match from.read(&mut buf) {
-                                Ok(0) | Err(_) => break,
-                                Ok(n) => {
-                                    if to.write_all(&buf[..n]).is_err() {
-                                        break;
-                                    }
-                                }
-                            }
-                        }
+                        let _ = std::io::copy(&mut from, &mut to);
                         let _ = to.shutdown(std::net::Shutdown::Both);
                     });
                 }
@@ -770,9 +764,7 @@ fn engine_outage_keeps_proxying_and_reconciles_on_return() {
     let mut relay = EngineRelay::start(&sock);
     // The daemon on the host this time, so the test can own the socket it talks to.
     let d = Daemon::start(&lab.config(sock.to_str().unwrap()).to_toml());
-    let a = lab.web("a", &[]);
-    let b = lab.web("b", &[]);
-    lab.wait_routable(&[&a, &b], Duration::from_secs(10), "both replicas routable");
+    let (a, b) = lab.two_routable_replicas();
     assert_eq!(lab.metric("routemesh_docker_up"), Some(1.0));
 
     relay.cut();

@@ -778,16 +778,8 @@ fn upgrade_echo() -> SocketAddr {
         let _ = s.write_all(
             b"HTTP/1.1 101 Switching Protocols\r\nUpgrade: echo\r\nConnection: Upgrade\r\n\r\n",
         );
-        let mut buf = [0u8; 4096];
-        loop {
-            match s.read(&mut buf) {
-                Ok(0) | Err(_) => return,
-                Ok(n) => {
-                    if s.write_all(&buf[..n]).is_err() {
-                        return;
-                    }
-                }
-            }
+        if let Ok(mut from) = s.try_clone() {
+            let _ = std::io::copy(&mut from, &mut s);
         }
     })
 }

@@ -65,6 +65,15 @@ fn mqtt_config(config: Config, listen: SocketAddr, max_connect_bytes: i64) -> Co
         .set("service.mqtt.health.interval", "1h")
 }
 
+/// A static node `n1` whose `mqtt` listener (on a free port, returned) fronts the one
+/// broker `broker` (task `broker-0`).
+fn one_broker(broker: SocketAddr, max_connect_bytes: i64) -> (Config, SocketAddr) {
+    let listen = free_addr();
+    let config = mqtt_config(Config::static_tasks().node("n1"), listen, max_connect_bytes)
+        .task(Task::new("mqtt", broker).id("broker-0"));
+    (config, listen)
+}
+
 /// Node `node` on `etcd`: its `mqtt` listener on `listen`.
 fn daemon_config(node: &str, etcd: &Etcd, listen: SocketAddr) -> Config {
     let etcd = Config::etcd(&[etcd.endpoint()])
@@ -353,10 +362,8 @@ fn expect_closed(listen: SocketAddr, bytes: &[u8], within: Duration) -> Duration
 #[test]
 fn a_large_connect_is_read_whole_and_routed() {
     let broker = Mosquitto::start("large");
-    let listen = free_addr();
-    let d = mqtt_config(Config::static_tasks().node("n1"), listen, 65536)
-        .task(Task::new("mqtt", broker.addr()).id("broker-0"))
-        .start();
+    let (config, listen) = one_broker(broker.addr(), 65536);
+    let d = config.start();
     let id = format!("large-{}", "x".repeat(6000));
     for split in [None, Some(300)] {
         let mut s = dial(listen);
@@ -381,10 +388,8 @@ fn a_large_connect_is_read_whole_and_routed() {
 #[test]
 fn bad_first_packets_are_closed_counted_and_never_reach_a_broker() {
     let broker = Mosquitto::start("bad");
-    let listen = free_addr();
-    let d = mqtt_config(Config::static_tasks().node("n1"), listen, 1024)
-        .task(Task::new("mqtt", broker.addr()).id("broker-0"))
-        .start();
+    let (config, listen) = one_broker(broker.addr(), 1024);
+    let d = config.start();
 
     // Control: a good CONNECT arriving in pieces is routed (partial input is not an error).
     let mut s = dial(listen);
@@ -573,12 +578,11 @@ fn paced_connects_never_queue_more_than_max_pending_connects_at_a_broker() {
         }
         held.len()
     });
-    let listen = free_addr();
-    let d = mqtt_config(Config::static_tasks().node("n1"), listen, 65536)
+    let (config, listen) = one_broker(broker_addr, 65536);
+    let d = config
         .set("service.mqtt.max_pending_connects", LIMIT as i64)
         .set("service.mqtt.peek_timeout", "20s")
         .set("service.mqtt.connect_timeout", "20s")
-        .task(Task::new("mqtt", broker_addr).id("slow-broker"))
         .start();
     let clients: Vec<_> = (0..CLIENTS)
         .map(|i| {

@@ -80,6 +80,18 @@ fn promtool_ok(args: &[&str], stdin: Option<&[u8]>, what: &str) -> String {
     text
 }
 
+/// `text` (as parsed into `types`) declares `name` with `# TYPE name kind` and a HELP line.
+fn assert_declared(text: &str, types: &[(String, String)], name: &str, kind: &str, what: &str) {
+    assert!(
+        types.iter().any(|(n, k)| n == name && k == kind),
+        "{what}: lacks `# TYPE {name} {kind}`:\n{text}"
+    );
+    assert!(
+        text.contains(&format!("# HELP {name} ")),
+        "{what}: lacks `# HELP {name}`:\n{text}"
+    );
+}
+
 /// `# TYPE name kind` lines of an exposition.
 fn declared_types(exposition: &str) -> Vec<(String, String)> {
     exposition
@@ -185,14 +197,7 @@ fn metrics_after_tcp_traffic_pass_promtool_and_cover_the_contract() {
         if HTTP_ONLY.contains(&name) {
             continue;
         }
-        assert!(
-            types.iter().any(|(n, k)| n == name && k == kind),
-            "/metrics lacks `# TYPE {name} {kind}` after TCP traffic:\n{body}"
-        );
-        assert!(
-            body.contains(&format!("# HELP {name} ")),
-            "/metrics lacks `# HELP {name}`:\n{body}"
-        );
+        assert_declared(&body, &types, name, kind, "/metrics after TCP traffic");
         assert!(
             samples.contains(name),
             "/metrics has no sample of {name}:\n{body}"
@@ -260,14 +265,7 @@ fn every_metric_family_renders_valid_exposition_in_process() {
         if matches!(name, "routemesh_task_up" | "routemesh_tasks") {
             continue; // derived from the snapshot, which is empty here
         }
-        assert!(
-            types.iter().any(|(n, k)| n == name && k == kind),
-            "Metrics::render lacks `# TYPE {name} {kind}`:\n{text}"
-        );
-        assert!(
-            text.contains(&format!("# HELP {name} ")),
-            "no HELP for {name}"
-        );
+        assert_declared(&text, &types, name, kind, "Metrics::render");
     }
     assert!(text.contains("routemesh_http_request_duration_seconds_bucket{"));
 }

@@ -158,21 +158,25 @@ pub fn build_base(dir: &Path) {
 /// a rebuild with unchanged inputs take a second.
 pub fn build_nginx() {
     let ctx = Path::new(env!("CARGO_MANIFEST_DIR")).join("tests/it/support/images");
-    let out = docker_raw(
+    docker_build(
         &[
-            "build",
-            "-q",
             "-t",
             NGINX_IMAGE,
             "-f",
             ctx.join("nginx.Dockerfile").to_str().unwrap(),
             ctx.to_str().unwrap(),
         ],
-        BUILD_TIMEOUT,
+        &format!("{NGINX_IMAGE} (its RUN apt-get needs the Debian mirror)"),
     );
+}
+
+/// `docker build -q ARGS`; panics naming `what` with the build's output when it fails.
+fn docker_build(args: &[&str], what: &str) {
+    let all: Vec<&str> = ["build", "-q"].iter().chain(args).copied().collect();
+    let out = docker_raw(&all, BUILD_TIMEOUT);
     assert!(
         out.status.success(),
-        "building {NGINX_IMAGE} failed (its RUN apt-get needs the Debian mirror):\n{}",
+        "building {what} failed:\n{}",
         output_text(&out)
     );
 }
@@ -241,10 +245,8 @@ pub fn build_daemon(dir: &Path) -> String {
         &["image", "prune", "-f", "--filter", "label=routemesh-test=1"],
         DOCKER_TIMEOUT,
     );
-    let out = docker_raw(
+    docker_build(
         &[
-            "build",
-            "-q",
             "--label",
             "routemesh-test=1",
             "--build-arg",
@@ -253,12 +255,7 @@ pub fn build_daemon(dir: &Path) -> String {
             DAEMON_IMAGE,
             ctx.to_str().unwrap(),
         ],
-        BUILD_TIMEOUT,
-    );
-    assert!(
-        out.status.success(),
-        "building routemesh's image from deploy/Dockerfile failed:\n{}",
-        output_text(&out)
+        "routemesh's image from deploy/Dockerfile",
     );
     docker(&["image", "inspect", "--format", "{{.Id}}", DAEMON_IMAGE])
 }
