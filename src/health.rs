@@ -268,28 +268,16 @@ mod tests {
             ..HealthSettings::default()
         };
         let mut s = Streak::default();
-        // (probe passed, current health, transition expected, why)
-        let steps = [
-            (false, Health::Unknown, None, "one failure is not enough"),
-            (true, Health::Unknown, None, "a success resets the streak"),
-            (false, Health::Unknown, None, "streak was reset"),
-            (
-                false,
-                Health::Unknown,
-                Some(Health::Unhealthy),
-                "two failures",
-            ),
-            (false, Health::Unhealthy, None, "no repeated transitions"),
-            (true, Health::Unhealthy, None, "one success is not enough"),
-            (
-                true,
-                Health::Unhealthy,
-                Some(Health::Healthy),
-                "two successes",
-            ),
-        ];
-        for (i, (ok, now, want, why)) in steps.into_iter().enumerate() {
-            assert_eq!(s.record(ok, now, &hs), want, "step {i}: {why}");
+        // Two failures make it unhealthy (a success in between resets the streak), two
+        // successes healthy again, and a transition is reported once.
+        let probes = [false, true, false, false, false, true, true];
+        let (sick, well) = (Some(Health::Unhealthy), Some(Health::Healthy));
+        let want = [None, None, None, sick, None, None, well];
+        let mut now = Health::Unknown;
+        for (i, (ok, want)) in probes.into_iter().zip(want).enumerate() {
+            let got = s.record(ok, now, &hs);
+            assert_eq!(got, want, "step {i}: probe ok = {ok}, health {now:?}");
+            now = got.unwrap_or(now);
         }
     }
 
