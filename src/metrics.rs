@@ -17,6 +17,14 @@ use crate::discovery::DiscoveryStatus;
 use crate::snapshot::{Snapshot, TaskStatus};
 use crate::util::clock::now_ms;
 
+/// The `rx` and `tx` children of a `{listener, service, direction}` counter family.
+pub fn rx_tx(family: &IntCounterVec, listener: &str, service: &str) -> (IntCounter, IntCounter) {
+    (
+        family.with_label_values(&[listener, service, "rx"]),
+        family.with_label_values(&[listener, service, "tx"]),
+    )
+}
+
 /// Every metric the daemon exports.
 pub struct Metrics {
     pub registry: Registry,

@@ -54,6 +54,21 @@ struct Target {
     json: bool,
 }
 
+impl Target {
+    /// What a command prints: one JSON document with `--json`, else its text.
+    fn answer(
+        &self,
+        json: impl FnOnce() -> serde_json::Value,
+        text: impl FnOnce() -> String,
+    ) -> String {
+        if self.json {
+            format!("{}\n", json())
+        } else {
+            text()
+        }
+    }
+}
+
 fn target(args: &ClusterArgs) -> Result<Target, CliError> {
     let file = match &args.config {
         Some(path) => Some(Config::load(path)?),
@@ -355,14 +370,10 @@ async fn task_add(t: &Target, task: NewTask<'_>) -> Result<String, CliError> {
         c.put(task_key(&t.prefix, &service, &id), rec.to_json(), options),
     )
     .await?;
-    Ok(if t.json {
-        format!(
-            "{}\n",
-            json!({ "id": id.as_str(), "service": service.as_str() })
-        )
-    } else {
-        format!("{id}\n")
-    })
+    Ok(t.answer(
+        || json!({ "id": id.as_str(), "service": service.as_str() }),
+        || format!("{id}\n"),
+    ))
 }
 
 async fn task_rm(t: &Target, service: &str, id: &str) -> Result<String, CliError> {
@@ -375,11 +386,7 @@ async fn task_rm(t: &Target, service: &str, id: &str) -> Result<String, CliError
             "service {service} has no task {id}: `routemesh service ps {service}` lists them"
         )));
     }
-    Ok(if t.json {
-        format!("{}\n", json!({ "removed": id.as_str() }))
-    } else {
-        format!("{id}\n")
-    })
+    Ok(t.answer(|| json!({ "removed": id.as_str() }), || format!("{id}\n")))
 }
 
 fn node_status(table: &RoutingTable, node: Option<&NodeName>) -> &'static str {
@@ -412,11 +419,10 @@ async fn service_ls(t: &Target) -> Result<String, CliError> {
         ]);
         out.push(json!({ "name": name.as_str(), "tasks": tasks.len(), "routable": routable }));
     }
-    Ok(if t.json {
-        format!("{}\n", serde_json::Value::Array(out))
-    } else {
-        table::render(&["NAME", "TASKS"], &rows)
-    })
+    Ok(t.answer(
+        || serde_json::Value::Array(out),
+        || table::render(&["NAME", "TASKS"], &rows),
+    ))
 }
 
 /// GET /routes from a daemon's admin endpoint (plain HTTP/1.0, bounded).
@@ -545,14 +551,15 @@ async fn node_ls(t: &Target) -> Result<String, CliError> {
             "version": version,
         }));
     }
-    Ok(if t.json {
-        format!("{}\n", serde_json::Value::Array(out))
-    } else {
-        table::render(
-            &["NAME", "ADDRESS", "STATUS", "AVAILABILITY", "VERSION"],
-            &rows,
-        )
-    })
+    Ok(t.answer(
+        || serde_json::Value::Array(out),
+        || {
+            table::render(
+                &["NAME", "ADDRESS", "STATUS", "AVAILABILITY", "VERSION"],
+                &rows,
+            )
+        },
+    ))
 }
 
 async fn node_update(
@@ -572,14 +579,10 @@ async fn node_update(
             OpError::Etcd(e) => etcd_failed(&ep, e),
             other => CliError::Usage(other.to_string()),
         })?;
-    Ok(if t.json {
-        format!(
-            "{}\n",
-            json!({ "node": node.as_str(), "availability": availability.as_str() })
-        )
-    } else {
-        format!("{node}\n")
-    })
+    Ok(t.answer(
+        || json!({ "node": node.as_str(), "availability": availability.as_str() }),
+        || format!("{node}\n"),
+    ))
 }
 
 async fn publish_add(
@@ -643,14 +646,7 @@ async fn publish_add(
     }
     let (mut c, ep) = client(t).await?;
     bounded(&ep, c.put(listener_key(&t.prefix, &name), value, None)).await?;
-    Ok(if t.json {
-        format!(
-            "{}\n",
-            json!({ "name": name, "listen": addr.to_string(), "protocol": spec.protocol.as_str(), "service": service.as_str() })
-        )
-    } else {
-        format!("{name}\n")
-    })
+    Ok(t.answer(|| json!({ "name": name, "listen": addr.to_string(), "protocol": spec.protocol.as_str(), "service": service.as_str() }), || format!("{name}\n")))
 }
 
 async fn publish_rm(t: &Target, name: &str) -> Result<String, CliError> {
@@ -669,11 +665,7 @@ async fn publish_rm(t: &Target, name: &str) -> Result<String, CliError> {
     }
     let (mut c, ep) = client(t).await?;
     bounded(&ep, c.delete(listener_key(&t.prefix, name), None)).await?;
-    Ok(if t.json {
-        format!("{}\n", json!({ "removed": name }))
-    } else {
-        format!("{name}\n")
-    })
+    Ok(t.answer(|| json!({ "removed": name }), || format!("{name}\n")))
 }
 
 /// What each Ready node reports about listener `name` (from its `alive` record).
@@ -722,14 +714,15 @@ async fn publish_ls(t: &Target) -> Result<String, CliError> {
             "source": p.source.as_str(),
         }));
     }
-    Ok(if t.json {
-        format!("{}\n", serde_json::Value::Array(out))
-    } else {
-        table::render(
-            &["NAME", "LISTEN", "PROTOCOL", "SERVICE", "NODES", "SOURCE"],
-            &rows,
-        )
-    })
+    Ok(t.answer(
+        || serde_json::Value::Array(out),
+        || {
+            table::render(
+                &["NAME", "LISTEN", "PROTOCOL", "SERVICE", "NODES", "SOURCE"],
+                &rows,
+            )
+        },
+    ))
 }
 
 async fn publish_ps(t: &Target, name: &str) -> Result<String, CliError> {
@@ -750,9 +743,8 @@ async fn publish_ps(t: &Target, name: &str) -> Result<String, CliError> {
         rows.push(vec![node.to_string(), state.to_string()]);
         out.push(json!({ "node": node.as_str(), "state": state }));
     }
-    Ok(if t.json {
-        format!("{}\n", serde_json::Value::Array(out))
-    } else {
-        table::render(&["NODE", "STATE"], &rows)
-    })
+    Ok(t.answer(
+        || serde_json::Value::Array(out),
+        || table::render(&["NODE", "STATE"], &rows),
+    ))
 }

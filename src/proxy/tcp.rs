@@ -106,14 +106,7 @@ pub async fn handle(ctx: Arc<ListenerCtx>, client: TcpStream, peer: SocketAddr) 
         }
     };
     tracing::debug!(listener = %ctx.name, client = %peer, task = %up.task.id, "connected");
-    let rx = ctx
-        .metrics
-        .bytes_total
-        .with_label_values(&[ctx.name.as_str(), name.as_str(), "rx"]);
-    let tx = ctx
-        .metrics
-        .bytes_total
-        .with_label_values(&[ctx.name.as_str(), name.as_str(), "tx"]);
+    let (rx, tx) = crate::metrics::rx_tx(&ctx.metrics.bytes_total, &ctx.name, name.as_str());
     if let Some(version) = send_proxy {
         // `peer` is the client (from an accepted PROXY header too); the destination is the
         // address the client reached on this node.

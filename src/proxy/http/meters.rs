@@ -80,6 +80,7 @@ impl ListenerMeters {
             return m.clone();
         }
         let labels = [listener, service];
+        let (rx, tx) = crate::metrics::rx_tx(&metrics.bytes_total, listener, service);
         let m = Arc::new(ServiceMeters {
             service: service.to_string(),
             listener: listener.to_string(),
@@ -87,12 +88,8 @@ impl ListenerMeters {
             duration: metrics
                 .http_request_duration_seconds
                 .with_label_values(&labels),
-            rx: metrics
-                .bytes_total
-                .with_label_values(&[listener, service, "rx"]),
-            tx: metrics
-                .bytes_total
-                .with_label_values(&[listener, service, "tx"]),
+            rx,
+            tx,
             codes: (100..600).map(|_| OnceLock::new()).collect(),
         });
         all.push(m.clone());

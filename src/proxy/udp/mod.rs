@@ -48,7 +48,7 @@ use self::pktinfo::Local;
 use self::session::{Activity, SessionTable};
 use crate::balance::{addr_hash, ip_hash};
 use crate::config::{Balance, HashKey, ServiceName};
-use crate::metrics::Metrics;
+use crate::metrics::{Metrics, rx_tx};
 use crate::ratelimit::LogLimiter;
 use crate::snapshot::{Health, Service, SharedSnapshot, Snapshot, Task, UdpSessionCount};
 use crate::util::clock::now_ms;
@@ -97,15 +97,13 @@ struct Meters {
 impl Meters {
     fn new(m: &Metrics, listener: &str, service: &str) -> Meters {
         let dropped = |reason| m.udp_dropped_total.with_label_values(&[listener, reason]);
+        let (rx_datagrams, tx_datagrams) = rx_tx(&m.udp_datagrams_total, listener, service);
+        let (rx_bytes, tx_bytes) = rx_tx(&m.bytes_total, listener, service);
         Meters {
-            rx_datagrams: m
-                .udp_datagrams_total
-                .with_label_values(&[listener, service, "rx"]),
-            tx_datagrams: m
-                .udp_datagrams_total
-                .with_label_values(&[listener, service, "tx"]),
-            rx_bytes: m.bytes_total.with_label_values(&[listener, service, "rx"]),
-            tx_bytes: m.bytes_total.with_label_values(&[listener, service, "tx"]),
+            rx_datagrams,
+            tx_datagrams,
+            rx_bytes,
+            tx_bytes,
             sessions: m.udp_sessions.with_label_values(&[listener, service]),
             dropped_max_sessions: dropped("max_sessions"),
             dropped_no_live_task: dropped("no_live_task"),
