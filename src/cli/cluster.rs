@@ -646,7 +646,15 @@ async fn publish_add(
     }
     let (mut c, ep) = client(t).await?;
     bounded(&ep, c.put(listener_key(&t.prefix, &name), value, None)).await?;
-    Ok(t.answer(|| json!({ "name": name, "listen": addr.to_string(), "protocol": spec.protocol.as_str(), "service": service.as_str() }), || format!("{name}\n")))
+    let record = || {
+        json!({
+            "name": name,
+            "listen": addr.to_string(),
+            "protocol": spec.protocol.as_str(),
+            "service": service.as_str(),
+        })
+    };
+    Ok(t.answer(record, || format!("{name}\n")))
 }
 
 async fn publish_rm(t: &Target, name: &str) -> Result<String, CliError> {

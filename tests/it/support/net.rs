@@ -7,7 +7,7 @@ use std::time::Duration;
 
 /// Ports this process holds a claim on (an open, locked file each), so that no other test
 /// process (nextest runs one per test) is handed the same port while this one lives.
-static CLAIMED: Mutex<Vec<(u16, std::fs::File)>> = Mutex::new(Vec::new());
+static CLAIMED: Mutex<Vec<std::fs::File>> = Mutex::new(Vec::new());
 
 /// Where the claims live: one lock file per port, shared by every test process on the machine.
 const CLAIMS_DIR: &str = "/tmp/routemesh-test-ports";
@@ -37,14 +37,12 @@ pub fn free_port() -> u16 {
         else {
             continue;
         };
+        // A lock on another open file, this process's own included, refuses: a port is
+        // handed out once.
         if file.try_lock().is_err() {
-            continue; // another test process (or this one) holds it
-        }
-        let mut claimed = CLAIMED.lock().unwrap_or_else(|p| p.into_inner());
-        if claimed.iter().any(|(p, _)| *p == port) {
             continue;
         }
-        claimed.push((port, file));
+        CLAIMED.lock().unwrap_or_else(|p| p.into_inner()).push(file);
         return port;
     }
     panic!("free_port: no unclaimed loopback port in {low}..{high}");
