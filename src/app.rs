@@ -247,6 +247,9 @@ pub async fn run(
         listeners.inherit(i.take_listeners(), i.take_udp_listeners());
     }
     listeners.reconcile(&config, &[]).await?;
+    admin_state
+        .config_listeners_bound
+        .store(true, Ordering::Release);
     let (served_tx, served_rx) = watch::channel(Arc::new(listeners.served()));
     let (settings_tx, settings_rx) = watch::channel(settings_of(&config));
     let (registration_tx, registration_rx) =

@@ -51,7 +51,10 @@ pub struct AdminState {
     pub snapshot: SharedSnapshot,
     pub discovery: Arc<DiscoveryStatus>,
     pub metrics: Arc<Metrics>,
-    /// Set once every configured listener is bound.
+    /// Set once the config file's listeners are bound (before discovery has synced).
+    pub config_listeners_bound: AtomicBool,
+    /// Set once every listener is bound: the config file's and, after the first sync, the
+    /// ones published in etcd.
     pub listeners_bound: AtomicBool,
     /// Set when shutdown starts: /readyz turns 503 so load balancers stop sending.
     pub draining: AtomicBool,
@@ -97,6 +100,7 @@ impl AdminState {
             snapshot,
             discovery,
             metrics,
+            config_listeners_bound: Default::default(),
             listeners_bound: Default::default(),
             draining: Default::default(),
             handed_over: Default::default(),
@@ -130,10 +134,12 @@ impl AdminState {
             Some("handed over to a new process (upgrade); draining")
         } else if self.draining.load(Ordering::Relaxed) {
             Some("shutting down")
-        } else if !self.listeners_bound.load(Ordering::Acquire) {
+        } else if !self.config_listeners_bound.load(Ordering::Acquire) {
             Some("listeners not bound yet")
         } else if !self.discovery.synced() {
             Some("discovery has not synced yet")
+        } else if !self.listeners_bound.load(Ordering::Acquire) {
+            Some("published listeners not bound yet")
         } else if !self.own_registration_seen() {
             Some("this node's registration is not in the routing snapshot yet")
         } else if drained() {

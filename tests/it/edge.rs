@@ -9,6 +9,7 @@ use std::process::{Child, Command, Stdio};
 use std::thread;
 use std::time::Duration;
 
+use crate::support::daemon::listeners_bound;
 use crate::support::etcd::Security;
 use crate::support::http::{self, parse_response};
 use crate::support::net::{closed_within, time_to_close};
@@ -16,6 +17,7 @@ use crate::support::nginx::{Nginx, NginxProtocol};
 use crate::support::pki::Pki;
 use crate::support::process::{is_root, require_binary, send_signal};
 use crate::support::tls::{TlsServer, curl_https};
+use crate::support::wait::eventually_ok;
 use crate::support::{
     Config, Etcd, Etcdctl, Listener, Task, TcpBackend, bin, cli, connect_and_greet, eventually,
     eventually_value, free_addr, hello, holds_for, output_text, tempdir,
@@ -743,6 +745,9 @@ fn runs_as_nobody_with_only_cap_net_bind_service() {
     {
         eventually(Duration::from_secs(15), "healthz as nobody", || {
             http::try_get(admin, "/healthz").is_ok_and(|(s, _)| s == 200)
+        });
+        eventually_ok(Duration::from_secs(15), "listeners bound as nobody", || {
+            listeners_bound(admin)
         });
         let name = hello(SocketAddr::from(([127, 0, 0, 1], low))).unwrap();
         assert_eq!(name, "b");

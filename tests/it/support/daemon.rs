@@ -107,8 +107,24 @@ impl Daemon {
 
     /// Wait until `GET /healthz` is 200 (≤ 15 s). Panics with exit status and
     /// log tail if the daemon dies or never becomes healthy.
+    /// Then until its listeners are bound (admin answers first, while the listeners are still
+    /// being bound), so a test's first connection never meets a port nobody holds yet.
     pub fn wait_healthy(&mut self) {
         self.wait_admin_200("/healthz", HEALTHY_TIMEOUT);
+        let admin = self.admin;
+        eventually_ok(
+            HEALTHY_TIMEOUT,
+            &format!("listeners bound (GET /readyz on {admin})"),
+            || {
+                if !self.is_running() {
+                    panic!(
+                        "routemesh exited ({}) while binding its listeners",
+                        self.exit_description()
+                    );
+                }
+                listeners_bound(admin)
+            },
+        );
     }
 
     /// Wait until `GET /readyz` is 200 (≤ 15 s).
@@ -442,4 +458,14 @@ pub fn listener_named<'a>(doc: &'a serde_json::Value, name: &str) -> &'a serde_j
         .flatten()
         .find(|l| l["name"] == name)
         .unwrap_or_else(|| panic!("no listener {name:?} in {doc}"))
+}
+
+/// `Ok` once the daemon behind `admin` has bound its listeners: `/readyz` answers anything
+/// but "listeners not bound yet" (it may still wait for discovery or be drained).
+pub fn listeners_bound(admin: SocketAddr) -> Result<(), String> {
+    match try_get(admin, "/readyz") {
+        Ok((_, body)) if body.contains("listeners not bound yet") => Err(body),
+        Ok(_) => Ok(()),
+        Err(e) => Err(format!("error: {e}")),
+    }
 }
