@@ -4,10 +4,10 @@
 //! against a member with another CA, and etcd's own authentication.
 
 use std::fs;
-use std::net::TcpListener;
 use std::time::Duration;
 
 use crate::support::etcd::Security;
+use crate::support::net::tcp_listener;
 use crate::support::pki::Pki;
 use crate::support::process::run_bounded;
 use crate::support::{Daemon, Etcd, bin, cli, dead_addr, output_text, tempdir};
@@ -61,7 +61,7 @@ fn connection_refused_names_the_endpoint_and_the_flags() {
 #[test]
 fn a_port_that_never_answers_is_timed_out() {
     // Accepts TCP (the kernel does) but never speaks HTTP/2.
-    let silent = TcpListener::bind("127.0.0.1:0").unwrap();
+    let silent = tcp_listener();
     let url = format!("http://{}", silent.local_addr().unwrap());
     let line = one_line_error(&["node", "ls", "--etcd", &url], &[]);
     assert!(line.contains(&url) && line.contains("timed out"), "{line}");

@@ -2,13 +2,14 @@
 //! and a long etcd outage with zero data-plane errors.
 
 use std::io::{Read, Write};
-use std::net::{SocketAddr, TcpListener};
+use std::net::SocketAddr;
 use std::sync::Arc;
 use std::sync::atomic::{AtomicBool, AtomicU16, AtomicUsize, Ordering};
 use std::time::{Duration, Instant};
 
 use crate::support::http;
 use crate::support::load::Load;
+use crate::support::net::tcp_listener;
 use crate::support::{
     Config, Daemon, Etcd, Etcdctl, Listener, Task, TcpBackend, connect_and_greet, eventually,
     free_addr, hello, holds_for,
@@ -43,7 +44,7 @@ struct HttpBackend {
 
 impl HttpBackend {
     fn start(name: &'static str) -> HttpBackend {
-        let listener = TcpListener::bind("127.0.0.1:0").unwrap();
+        let listener = tcp_listener();
         let addr = listener.local_addr().unwrap();
         let status = Arc::new(AtomicU16::new(200));
         let stop = Arc::new(AtomicBool::new(false));
@@ -299,7 +300,7 @@ fn a_minute_without_etcd_costs_no_request_and_keeps_the_registration() {
 #[test]
 fn sigterm_finishes_in_flight_http_requests_and_closes_idle_ones() {
     // A backend that takes 1.5 s to answer; it counts the requests it received.
-    let listener = TcpListener::bind("127.0.0.1:0").unwrap();
+    let listener = tcp_listener();
     let slow = listener.local_addr().unwrap();
     let received = Arc::new(AtomicUsize::new(0));
     let counter = received.clone();

@@ -4,7 +4,7 @@
 //! of the HTTP issue, each with raw bytes on a TCP socket.
 
 use std::io::{Read, Write};
-use std::net::{Shutdown, SocketAddr, TcpListener, TcpStream};
+use std::net::{Shutdown, SocketAddr, TcpStream};
 use std::process::Command;
 use std::sync::{Arc, Mutex};
 use std::thread;
@@ -14,6 +14,7 @@ use crate::support::backend::raw_backend;
 use crate::support::http::{
     header_value, parse_response, read_head, read_ok, read_request, read_request_head,
 };
+use crate::support::net::tcp_listener;
 use crate::support::nginx::{Nginx, NginxProtocol};
 use crate::support::{
     Config, Daemon, Etcd, Etcdctl, Listener, Task, dead_addr, eventually, free_addr,
@@ -155,7 +156,7 @@ enum Misbehaviour {
 
 /// A raw backend that misbehaves on purpose; records each request line it received.
 fn misbehaving(kind: Misbehaviour) -> (SocketAddr, Arc<Mutex<Vec<String>>>) {
-    let l = TcpListener::bind("127.0.0.1:0").unwrap();
+    let l = tcp_listener();
     let addr = l.local_addr().unwrap();
     let lines = Arc::new(Mutex::new(Vec::new()));
     let lines2 = lines.clone();

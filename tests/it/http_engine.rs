@@ -5,7 +5,7 @@
 //! offering only ALPN http/1.0 (or a protocol nobody knows) are served.
 
 use std::io::{Read, Write};
-use std::net::{SocketAddr, TcpListener, TcpStream};
+use std::net::{SocketAddr, TcpStream};
 use std::path::Path;
 use std::sync::{Arc, Mutex};
 use std::thread;
@@ -16,6 +16,7 @@ use tokio_rustls::rustls::pki_types::ServerName;
 
 use crate::support::backend::raw_backend;
 use crate::support::http::read_request;
+use crate::support::net::tcp_listener;
 use crate::support::nginx::Nginx;
 use crate::support::pki::Pki;
 use crate::support::tls::TlsConn;
@@ -817,7 +818,7 @@ fn upgrades_switch_then_bytes_go_both_ways_on_both_transports() {
 /// An upgrade task that answers 101, reads until the client's EOF, tells `saw_eof`, and then
 /// never closes its side.
 fn upgrade_that_never_closes(saw_eof: std::sync::mpsc::Sender<()>) -> SocketAddr {
-    let l = TcpListener::bind("127.0.0.1:0").unwrap();
+    let l = tcp_listener();
     let addr = l.local_addr().unwrap();
     thread::spawn(move || {
         let mut kept = Vec::new();

@@ -13,6 +13,7 @@ use std::time::{Duration, Instant};
 use crate::support::daemon::service_tasks;
 use crate::support::mosquitto::{Mosquitto, mosquitto_bin};
 use crate::support::mqtt_wire::{self, CONNACK_ACCEPTED, DISCONNECT};
+use crate::support::net::tcp_listener;
 use crate::support::process::run_bounded;
 use crate::support::{
     Config, Daemon, Etcd, Etcdctl, Listener, Task, eventually, free_addr, holds_for,
@@ -541,12 +542,11 @@ fn a_dead_broker_fails_over_identically_on_every_node() {
 /// a storm), and every client still gets its CONNACK.
 #[test]
 fn paced_connects_never_queue_more_than_max_pending_connects_at_a_broker() {
-    use std::net::TcpListener;
     use std::sync::mpsc;
 
     const CLIENTS: usize = 12;
     const LIMIT: usize = 3;
-    let broker = TcpListener::bind("127.0.0.1:0").unwrap();
+    let broker = tcp_listener();
     let broker_addr = broker.local_addr().unwrap();
     broker.set_nonblocking(true).unwrap();
     let (batches_tx, batches) = mpsc::channel::<usize>();

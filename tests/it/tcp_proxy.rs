@@ -2,9 +2,10 @@
 //! balancing and failover, against real TCP backends and the real daemon.
 
 use std::io::{Read, Write};
-use std::net::{Shutdown, SocketAddr, TcpListener, TcpStream};
+use std::net::{Shutdown, SocketAddr, TcpStream};
 use std::time::{Duration, Instant};
 
+use crate::support::net::tcp_listener;
 use crate::support::{
     Blackhole, Config, Daemon, Listener, Task, TcpBackend, connect_and_greet, dead_addr,
     eventually, free_addr, hello, holds_for,
@@ -174,7 +175,7 @@ fn no_live_task_closes_the_client_at_once() {
 
 #[test]
 fn client_abort_resets_the_backend_side() {
-    let upstream = TcpListener::bind("127.0.0.1:0").unwrap();
+    let upstream = tcp_listener();
     let up_addr = upstream.local_addr().unwrap();
     let listen = free_addr();
     let _d = echo_config(listen, &[up_addr]).start();
@@ -249,7 +250,7 @@ fn peer_closed(s: &TcpStream) -> bool {
 
 #[test]
 fn half_close_timeout_closes_both_sides_when_the_task_never_closes() {
-    let upstream = TcpListener::bind("127.0.0.1:0").unwrap();
+    let upstream = tcp_listener();
     let listen = free_addr();
     let d = half_close_config(listen, upstream.local_addr().unwrap(), "1s");
     let mut client = TcpStream::connect(listen).unwrap();
@@ -291,7 +292,7 @@ fn half_close_timeout_closes_both_sides_when_the_task_never_closes() {
 
 #[test]
 fn half_close_timeout_closes_both_sides_when_the_client_never_closes() {
-    let upstream = TcpListener::bind("127.0.0.1:0").unwrap();
+    let upstream = tcp_listener();
     let listen = free_addr();
     let d = half_close_config(listen, upstream.local_addr().unwrap(), "1s");
     let mut client = TcpStream::connect(listen).unwrap();
@@ -328,7 +329,7 @@ fn half_close_timeout_closes_both_sides_when_the_client_never_closes() {
 
 #[test]
 fn half_closed_connection_that_still_moves_bytes_is_not_cut() {
-    let upstream = TcpListener::bind("127.0.0.1:0").unwrap();
+    let upstream = tcp_listener();
     let listen = free_addr();
     let d = half_close_config(listen, upstream.local_addr().unwrap(), "1s");
     let mut client = TcpStream::connect(listen).unwrap();
@@ -358,7 +359,7 @@ fn half_closed_connection_that_still_moves_bytes_is_not_cut() {
 
 #[test]
 fn idle_connection_without_fin_is_never_cut_by_half_close_timeout() {
-    let upstream = TcpListener::bind("127.0.0.1:0").unwrap();
+    let upstream = tcp_listener();
     let listen = free_addr();
     let d = half_close_config(listen, upstream.local_addr().unwrap(), "500ms");
     let mut client = TcpStream::connect(listen).unwrap();

@@ -10,7 +10,7 @@ use std::sync::{Arc, Mutex};
 use std::thread::{self, JoinHandle};
 use std::time::{Duration, Instant};
 
-use super::net::free_port;
+use super::net::{free_addr, free_port, tcp_listener, udp_server};
 use super::wait::eventually_ok;
 
 #[derive(Default)]
@@ -36,8 +36,7 @@ pub struct TcpBackend {
 impl TcpBackend {
     /// Listen on a free loopback port.
     pub fn start(name: &str) -> TcpBackend {
-        let listener = TcpListener::bind((Ipv4Addr::LOCALHOST, 0))
-            .unwrap_or_else(|e| panic!("backend {name}: bind 127.0.0.1:0: {e}"));
+        let listener = tcp_listener();
         Self::from_listener(name, listener)
     }
 
@@ -229,8 +228,8 @@ impl Blackhole {
         use socket2::{Domain, Socket, Type};
         let socket = Socket::new(Domain::IPV4, Type::STREAM, None).expect("blackhole: socket");
         socket
-            .bind(&SocketAddr::from((Ipv4Addr::LOCALHOST, 0)).into())
-            .expect("blackhole: bind 127.0.0.1:0");
+            .bind(&free_addr().into())
+            .expect("blackhole: bind a free loopback port");
         // Accept queue of (effectively) one connection, which we fill below.
         socket.listen(0).expect("blackhole: listen(0)");
         let listener = TcpListener::from(socket);
@@ -345,8 +344,7 @@ pub struct UdpEcho {
 
 impl UdpEcho {
     pub fn start(mode: UdpMode) -> UdpEcho {
-        let socket = std::net::UdpSocket::bind((Ipv4Addr::LOCALHOST, 0))
-            .unwrap_or_else(|e| panic!("udp backend: bind 127.0.0.1:0: {e}"));
+        let socket = udp_server();
         socket
             .set_read_timeout(Some(Duration::from_millis(100)))
             .expect("udp backend: read timeout");
@@ -408,7 +406,7 @@ impl Drop for UdpEcho {
 /// A raw backend on a free loopback port: `serve` runs on its own thread for each
 /// connection (the accept loop ends with the test process, or at an accept error).
 pub fn raw_backend(serve: impl Fn(TcpStream) + Send + Sync + 'static) -> SocketAddr {
-    let l = TcpListener::bind("127.0.0.1:0").unwrap();
+    let l = tcp_listener();
     let addr = l.local_addr().unwrap();
     let serve = Arc::new(serve);
     thread::spawn(move || {

@@ -74,6 +74,22 @@ pub fn free_addr() -> SocketAddr {
     SocketAddr::from((Ipv4Addr::LOCALHOST, free_port()))
 }
 
+/// A TCP listener on a claimed free loopback port ([`free_addr`]). Tests bind their task and
+/// broker stand-ins here rather than on port 0: a port the kernel hands out for `:0` may be one
+/// another test's daemon still dials (a task that test stopped), whose connections would then
+/// reach this listener.
+pub fn tcp_listener() -> TcpListener {
+    let addr = free_addr();
+    TcpListener::bind(addr).unwrap_or_else(|e| panic!("bind {addr}: {e}"))
+}
+
+/// A UDP socket that serves (a backend), on a claimed free loopback port, for the reason
+/// [`tcp_listener`] gives.
+pub fn udp_server() -> std::net::UdpSocket {
+    let addr = free_addr();
+    std::net::UdpSocket::bind(addr).unwrap_or_else(|e| panic!("bind udp {addr}: {e}"))
+}
+
 /// How long until the peer closed `s` (EOF or reset) without sending data; panics unless it
 /// did within `within`.
 pub fn time_to_close(s: &mut TcpStream, within: Duration) -> Duration {
