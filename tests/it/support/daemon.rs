@@ -105,47 +105,40 @@ impl Daemon {
         std::fs::rename(&tmp, &self.config_path).expect("rename config into place");
     }
 
-    /// Wait until `GET /healthz` is 200 (≤ 15 s). Panics with exit status and
-    /// log tail if the daemon dies or never becomes healthy.
-    /// Then until its listeners are bound (admin answers first, while the listeners are still
-    /// being bound), so a test's first connection never meets a port nobody holds yet.
+    /// Wait until `GET /healthz` is 200 (≤ 15 s), then until the listeners are bound (admin
+    /// answers first, while they are still being bound), so a test's first connection never
+    /// meets a port nobody holds yet. Panics with exit status and log tail if the daemon dies
+    /// or never gets there.
     pub fn wait_healthy(&mut self) {
-        self.wait_admin_200("/healthz", HEALTHY_TIMEOUT);
-        let admin = self.admin;
-        eventually_ok(
-            HEALTHY_TIMEOUT,
-            &format!("listeners bound (GET /readyz on {admin})"),
-            || {
-                if !self.is_running() {
-                    panic!(
-                        "routemesh exited ({}) while binding its listeners",
-                        self.exit_description()
-                    );
-                }
-                listeners_bound(admin)
-            },
-        );
+        self.wait_admin("GET /healthz 200", HEALTHY_TIMEOUT, |a| {
+            admin_200(a, "/healthz")
+        });
+        self.wait_admin("listeners bound", HEALTHY_TIMEOUT, listeners_bound);
     }
 
     /// Wait until `GET /readyz` is 200 (≤ 15 s).
     pub fn wait_ready(&mut self) {
-        self.wait_admin_200("/readyz", READY_TIMEOUT);
+        self.wait_admin("GET /readyz 200", READY_TIMEOUT, |a| {
+            admin_200(a, "/readyz")
+        });
     }
 
-    fn wait_admin_200(&mut self, path: &str, timeout: Duration) {
+    /// Waits until `check` of the admin address is `Ok`; panics at once if the daemon exits.
+    fn wait_admin(
+        &mut self,
+        what: &str,
+        timeout: Duration,
+        check: impl Fn(SocketAddr) -> Result<(), String>,
+    ) {
         let admin = self.admin;
-        eventually_ok(timeout, &format!("GET {path} 200 on {admin}"), || {
+        eventually_ok(timeout, &format!("{what} on {admin}"), || {
             if !self.is_running() {
                 panic!(
-                    "routemesh exited ({}) while waiting for {path} 200",
+                    "routemesh exited ({}) while waiting for {what}",
                     self.exit_description()
                 );
             }
-            match try_get(admin, path) {
-                Ok((200, _)) => Ok(()),
-                Ok((status, body)) => Err(format!("status {status}: {body}")),
-                Err(e) => Err(format!("error: {e}")),
-            }
+            check(admin)
         });
     }
 
@@ -460,8 +453,18 @@ pub fn listener_named<'a>(doc: &'a serde_json::Value, name: &str) -> &'a serde_j
         .unwrap_or_else(|| panic!("no listener {name:?} in {doc}"))
 }
 
-/// `Ok` once the daemon behind `admin` has bound its listeners: `/readyz` answers anything
-/// but "listeners not bound yet" (it may still wait for discovery or be drained).
+/// `Ok` once `GET {path}` on `admin` answers 200.
+fn admin_200(admin: SocketAddr, path: &str) -> Result<(), String> {
+    match try_get(admin, path) {
+        Ok((200, _)) => Ok(()),
+        Ok((status, body)) => Err(format!("status {status}: {body}")),
+        Err(e) => Err(format!("error: {e}")),
+    }
+}
+
+/// `Ok` once the daemon behind `admin` has bound its listeners: `/readyz` gives neither
+/// "listeners not bound yet" (the config file's) nor "published listeners not bound yet" (it
+/// may still wait for discovery, or be drained).
 pub fn listeners_bound(admin: SocketAddr) -> Result<(), String> {
     match try_get(admin, "/readyz") {
         Ok((_, body)) if body.contains("listeners not bound yet") => Err(body),
